@@ -1,0 +1,490 @@
+"""Certificate tooling for mptun: a private CA plus server and client certificates.
+
+mptun authenticates both ends of every DTLS session with X.509 certificates
+issued by one private CA; the client certificate's CN is the client's identity.
+This module makes those files with the ``cryptography`` library (no openssl
+binary needed), writes keys so they are never readable by others, and checks a
+certificate/key pair up front so a bad path or mismatched key gives one clear
+error line instead of an OpenSSL traceback at handshake time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import ipaddress
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Union
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = [
+    "CertError",
+    "create_ca",
+    "issue_server",
+    "issue_client",
+    "load_identity",
+    "register",
+]
+
+StrPath = Union[str, "os.PathLike[str]"]
+PrivateKey = Union[ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey]
+
+CA_CERT = "ca.crt"
+CA_KEY = "ca.key"
+KEY_TYPES = ("ec", "rsa")
+RSA_SIZES = (2048, 3072)
+CLOCK_SKEW = dt.timedelta(minutes=5)
+# Names become file names (<name>.crt/.key) and the CN: keep them boring.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+
+
+class CertError(Exception):
+    """A certificate problem, described in one human-readable line."""
+
+
+# --------------------------------------------------------------------------
+# file helpers
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CertError(f"{what} {path} not found") from None
+    except PermissionError:
+        raise CertError(f"{what} {path} is not readable (permission denied)") from None
+    except IsADirectoryError:
+        raise CertError(f"{what} {path} is a directory, not a file") from None
+    except OSError as e:
+        raise CertError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def _load_cert(path: Path, what: str = "certificate") -> x509.Certificate:
+    data = _read(path, what)
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError:
+        raise CertError(f"{what} {path} is not a valid PEM certificate") from None
+
+
+def _load_key(path: Path, what: str = "key") -> PrivateKey:
+    data = _read(path, what)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:  # encrypted key and no password
+        raise CertError(f"{what} {path} is encrypted; mptun needs an unencrypted key") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise CertError(f"{what} {path} is not a valid PEM private key") from None
+    if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+        raise CertError(f"{what} {path} is not an EC or RSA key")
+    return key
+
+
+def _spki(key: x509.Certificate | PrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _prepare_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        raise CertError(f"{path} exists and is not a directory") from None
+    except OSError as e:
+        raise CertError(f"cannot create directory {path}: {e.strerror or e}") from None
+
+
+def _refuse_overwrite(paths: Iterable[Path], force: bool) -> None:
+    if force:
+        return
+    for p in paths:
+        if os.path.lexists(p):
+            raise CertError(f"{p} exists; use --force to overwrite")
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write atomically via a temp file created with `mode`, so a key is never world-readable."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
+            os.fchmod(f.fileno(), mode)  # the umask may have cleared bits we want (0644 certs)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CertError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _save(directory: Path, stem: str, cert: x509.Certificate, key: PrivateKey) -> tuple[Path, Path]:
+    crt_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write(key_path, key_pem, 0o600)
+    _write(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return crt_path, key_path
+
+
+# --------------------------------------------------------------------------
+# certificate building
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise CertError(
+            f"invalid name {name!r}: use 1-64 characters from letters, digits and ._@+- "
+            "starting with a letter or digit (it becomes the file name and CN)"
+        )
+    if name == "ca":
+        raise CertError("the name 'ca' is reserved for the CA's own ca.crt/ca.key")
+    return name
+
+
+def _new_key(key_type: str, rsa_bits: int) -> PrivateKey:
+    if key_type == "ec":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "rsa":
+        if rsa_bits not in RSA_SIZES:
+            raise CertError(f"unsupported RSA key size {rsa_bits}; use one of {RSA_SIZES}")
+        return rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits)
+    raise CertError(f"unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}")
+
+
+def _utc(t: dt.datetime) -> dt.datetime:
+    return t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t.astimezone(dt.timezone.utc)
+
+
+def _validity(
+    days: int, not_before: dt.datetime | None, not_after: dt.datetime | None
+) -> tuple[dt.datetime, dt.datetime]:
+    """Default: valid from now minus clock skew for `days` days; explicit bounds win."""
+    if days < 1:
+        raise CertError(f"--days must be at least 1, not {days}")
+    now = dt.datetime.now(dt.timezone.utc)
+    lifetime = dt.timedelta(days=days)
+    nb = _utc(not_before) if not_before is not None else None
+    na = _utc(not_after) if not_after is not None else None
+    if nb is None:
+        nb = now - CLOCK_SKEW
+        if na is not None and na <= nb:  # asked for an already-expired certificate
+            nb = na - lifetime
+    if na is None:
+        na = max(nb, now) + lifetime
+    if na <= nb:
+        raise CertError(f"not_after ({na:%Y-%m-%d %H:%M}) must be after not_before ({nb:%Y-%m-%d %H:%M})")
+    return nb, na
+
+
+def _cn(name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+
+
+def _key_usage(key: PrivateKey, *, ca: bool) -> x509.KeyUsage:
+    is_ec = isinstance(key, ec.EllipticCurvePrivateKey)
+    return x509.KeyUsage(
+        digital_signature=not ca,
+        content_commitment=False,
+        key_encipherment=not ca and not is_ec,  # RSA key exchange needs it
+        data_encipherment=False,
+        key_agreement=not ca and is_ec,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _san_entry(value: str) -> x509.GeneralName:
+    value = value.strip()
+    if not value:
+        raise CertError("empty subject alternative name")
+    try:
+        return x509.IPAddress(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    try:
+        return x509.DNSName(value)
+    except ValueError:
+        raise CertError(f"invalid DNS name {value!r} in subject alternative names") from None
+
+
+def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, PrivateKey]:
+    crt_path, key_path = ca_dir / CA_CERT, ca_dir / CA_KEY
+    for p in (crt_path, key_path):
+        if not p.exists():
+            raise CertError(f"CA file {p} not found; create a CA first with `mptun certs ca --dir {ca_dir}`")
+    cert = _load_cert(crt_path, "CA certificate")
+    key = _load_key(key_path, "CA key")
+    if _spki(cert) != _spki(key):
+        raise CertError(f"CA key {key_path} does not match CA certificate {crt_path}")
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise CertError(f"{crt_path} is not a CA certificate")
+    return cert, key
+
+
+def create_ca(
+    directory: StrPath,
+    name: str = "mptun CA",
+    days: int = 3650,
+    force: bool = False,
+    *,
+    key_type: str = "ec",
+    rsa_bits: int = 3072,
+) -> tuple[Path, Path]:
+    """Create a self-signed CA as directory/ca.crt and directory/ca.key."""
+    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 64:
+        raise CertError(f"invalid CA name {name!r}: it must be 1-64 characters")
+    not_before, not_after = _validity(days, None, None)
+    out = Path(directory)
+    _refuse_overwrite((out / CA_CERT, out / CA_KEY), force)
+    key = _new_key(key_type, rsa_bits)
+    _prepare_dir(out)
+    public = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_cn(name))
+        .issuer_name(_cn(name))
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(key, ca=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return _save(out, "ca", cert, key)
+
+
+def _issue(
+    directory: StrPath,
+    name: str,
+    sans: list[x509.GeneralName],
+    eku: x509.ObjectIdentifier,
+    days: int,
+    force: bool,
+    ca_dir: StrPath | None,
+    not_before: dt.datetime | None,
+    not_after: dt.datetime | None,
+    key_type: str,
+    rsa_bits: int,
+) -> tuple[Path, Path]:
+    not_before, not_after = _validity(days, not_before, not_after)
+    out = Path(directory)
+    _refuse_overwrite((out / f"{name}.crt", out / f"{name}.key"), force)
+    ca_cert, ca_key = _load_ca(Path(ca_dir) if ca_dir is not None else out)
+    key = _new_key(key_type, rsa_bits)
+    _prepare_dir(out)
+    public = key.public_key()
+    try:
+        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+    except x509.ExtensionNotFound:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_cn(name))
+        .issuer_name(ca_cert.subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(key, ca=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(aki, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return _save(out, name, cert, key)
+
+
+def issue_server(
+    directory: StrPath,
+    name: str,
+    sans: Iterable[str] = (),
+    days: int = 825,
+    force: bool = False,
+    *,
+    ca_dir: StrPath | None = None,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+    key_type: str = "ec",
+    rsa_bits: int = 3072,
+) -> tuple[Path, Path]:
+    """Issue directory/<name>.crt/.key for a server (serverAuth).
+
+    Each SAN is an IP address if it parses as one, else a DNS name; with no SANs
+    the name itself is used. Clients check their `server_name` against these.
+    """
+    _check_name(name)
+    entries = [_san_entry(s) for s in (list(sans) or [name])]
+    return _issue(directory, name, entries, ExtendedKeyUsageOID.SERVER_AUTH, days, force,
+                  ca_dir, not_before, not_after, key_type, rsa_bits)
+
+
+def issue_client(
+    directory: StrPath,
+    name: str,
+    days: int = 825,
+    force: bool = False,
+    *,
+    ca_dir: StrPath | None = None,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+    key_type: str = "ec",
+    rsa_bits: int = 3072,
+) -> tuple[Path, Path]:
+    """Issue directory/<name>.crt/.key for a client (clientAuth); CN=name is its identity."""
+    _check_name(name)
+    return _issue(directory, name, [x509.DNSName(name)], ExtendedKeyUsageOID.CLIENT_AUTH, days,
+                  force, ca_dir, not_before, not_after, key_type, rsa_bits)
+
+
+def load_identity(cert_path: StrPath, key_path: StrPath) -> None:
+    """Check that a certificate and its key exist, parse, and belong together."""
+    cert_path, key_path = Path(cert_path), Path(key_path)
+    cert = _load_cert(cert_path)
+    key = _load_key(key_path)
+    if _spki(cert) != _spki(key):
+        raise CertError(f"key {key_path} does not match certificate {cert_path}")
+
+
+# --------------------------------------------------------------------------
+# CLI
+
+
+_EKU_NAMES = {ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth", ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth"}
+
+
+def _describe(path: Path) -> list[str]:
+    cert = _load_cert(path)
+    lines = [
+        f"file:      {path}",
+        f"subject:   {cert.subject.rfc4514_string()}",
+        f"issuer:    {cert.issuer.rfc4514_string()}",
+        f"serial:    {cert.serial_number:x}",
+        f"valid:     {cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC"
+        f" .. {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
+    ]
+    now = dt.datetime.now(dt.timezone.utc)
+    if now > cert.not_valid_after_utc:
+        lines[-1] += "  (EXPIRED)"
+    elif now < cert.not_valid_before_utc:
+        lines[-1] += "  (NOT YET VALID)"
+    public = cert.public_key()
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        lines.append(f"key:       EC {public.curve.name}")
+    elif isinstance(public, rsa.RSAPublicKey):
+        lines.append(f"key:       RSA {public.key_size}")
+    ext = cert.extensions
+    for cls, label, fmt in (
+        (x509.BasicConstraints, "ca", lambda v: "yes" if v.ca else "no"),
+        (x509.SubjectAlternativeName, "sans", lambda v: ", ".join(str(n.value) for n in v)),
+        (x509.ExtendedKeyUsage, "eku", lambda v: ", ".join(_EKU_NAMES.get(o, o.dotted_string) for o in v)),
+    ):
+        try:
+            lines.append(f"{label + ':':<10} {fmt(ext.get_extension_for_class(cls).value)}")
+        except x509.ExtensionNotFound:
+            pass
+    lines.append(f"sha256:    {cert.fingerprint(hashes.SHA256()).hex(':')}")
+    return lines
+
+
+def _cmd_ca(args: argparse.Namespace) -> list[str]:
+    paths = create_ca(args.dir, args.name, args.days, args.force,
+                      key_type=args.key_type, rsa_bits=args.rsa_bits)
+    return [f"wrote {p}" for p in paths]
+
+
+def _cmd_server(args: argparse.Namespace) -> list[str]:
+    paths = issue_server(args.dir, args.name, args.san or (), args.days, args.force,
+                         key_type=args.key_type, rsa_bits=args.rsa_bits)
+    return [f"wrote {p}" for p in paths]
+
+
+def _cmd_client(args: argparse.Namespace) -> list[str]:
+    paths = issue_client(args.dir, args.name, args.days, args.force,
+                         key_type=args.key_type, rsa_bits=args.rsa_bits)
+    return [f"wrote {p}" for p in paths]
+
+
+def _cmd_show(args: argparse.Namespace) -> list[str]:
+    lines: list[str] = []
+    for i, f in enumerate(args.file):
+        lines += ([""] if i else []) + _describe(Path(f))
+    return lines
+
+
+def _runner(cmd: Callable[[argparse.Namespace], list[str]]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            lines = cmd(args)
+        except CertError as e:
+            print(f"mptun certs: error: {e}", file=sys.stderr)
+            return 2
+        for line in lines:
+            print(line)
+        return 0
+
+    return run
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `certs` sub-command (ca, server, client, show) to an argparse parser."""
+    certs = subparsers.add_parser(
+        "certs",
+        help="create a CA and server/client certificates",
+        description="Create the private CA and the certificates mptun peers authenticate with.",
+    )
+    sub = certs.add_subparsers(dest="certs_command", metavar="COMMAND", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", required=True, metavar="DIR",
+                        help="directory holding ca.crt/ca.key and the issued files")
+    common.add_argument("--force", action="store_true", help="overwrite existing files")
+    common.add_argument("--key-type", choices=KEY_TYPES, default="ec",
+                        help="key algorithm (default: ec, P-256)")
+    common.add_argument("--rsa-bits", type=int, choices=RSA_SIZES, default=3072,
+                        help="RSA key size with --key-type rsa (default: 3072)")
+
+    p = sub.add_parser("ca", parents=[common], help="create the CA (DIR/ca.crt, DIR/ca.key)")
+    p.add_argument("--name", default="mptun CA", help="CA common name (default: %(default)s)")
+    p.add_argument("--days", type=int, default=3650, help="validity in days (default: %(default)s)")
+    p.set_defaults(func=_runner(_cmd_ca))
+
+    p = sub.add_parser("server", parents=[common], help="issue a server certificate")
+    p.add_argument("--name", required=True, help="server name: CN and file name DIR/NAME.crt/.key")
+    p.add_argument("--san", action="append", metavar="S",
+                   help="DNS name or IP clients use as server_name (repeatable; default: NAME)")
+    p.add_argument("--days", type=int, default=825, help="validity in days (default: %(default)s)")
+    p.set_defaults(func=_runner(_cmd_server))
+
+    p = sub.add_parser("client", parents=[common], help="issue a client certificate")
+    p.add_argument("--name", required=True,
+                   help="client name: CN (matches [clients.NAME] on the server) and file name")
+    p.add_argument("--days", type=int, default=825, help="validity in days (default: %(default)s)")
+    p.set_defaults(func=_runner(_cmd_client))
+
+    p = sub.add_parser("show", help="print a certificate's subject, issuer, SANs, EKU and validity")
+    p.add_argument("file", nargs="+", metavar="FILE", help="PEM certificate file")
+    p.set_defaults(func=_runner(_cmd_show))

@@ -1,0 +1,251 @@
+"""Server and client configuration: TOML in, validated dataclasses out.
+
+Every error names the file and the key (``server.toml: [server] listen: ...``)
+so a user can fix it without reading code.  Relative paths are resolved
+against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A configuration problem; str() is one line naming file and key."""
+
+
+@dataclass
+class ServerConfig:
+    path: Path
+    listen: list[tuple[str, int]]
+    certificate: Path
+    key: Path
+    ca: Path
+    address: ipaddress.IPv4Interface
+    pool_first: Optional[ipaddress.IPv4Address] = None
+    pool_last: Optional[ipaddress.IPv4Address] = None
+    tun: str = "mptun0"
+    mtu: Optional[int] = None
+    routes: list = field(default_factory=list)
+    keepalive: float = 1.0
+    timeout: float = 5.0
+    allow_unlisted_clients: bool = True
+    log_level: str = "info"
+    clients: dict[str, ipaddress.IPv4Address] = field(default_factory=dict)
+    control: Optional[Path] = None
+
+
+@dataclass
+class ClientConfig:
+    path: Path
+    server: tuple[str, int]
+    server_name: str
+    certificate: Path
+    key: Path
+    ca: Path
+    tun: str = "mptun0"
+    keepalive: float = 1.0
+    timeout: float = 5.0
+    log_level: str = "info"
+    control: Optional[Path] = None
+
+
+class _Section:
+    """Reads keys of one table, remembering which were used, with errors that say where."""
+
+    def __init__(self, path: Path, name: str, table: Any):
+        self.path, self.name = path, name
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table")
+        self.table = table
+        self.used: set[str] = set()
+
+    def error(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.path}: [{self.name}] {key}: {msg}")
+
+    def get(self, key: str, kind, default: Any = ..., what: str = ""):
+        self.used.add(key)
+        if key not in self.table:
+            if default is ...:
+                raise self.error(key, "missing (required)")
+            return default
+        value = self.table[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.error(key, f"expected {what or getattr(kind, '__name__', kind)}, got {value!r}")
+        return value
+
+    def file(self, key: str) -> Path:
+        value = self.get(key, str, what="a file path")
+        p = Path(value)
+        if not p.is_absolute():
+            p = self.path.parent / p
+        if not p.exists():
+            raise self.error(key, f"file {p} not found")
+        if not os.access(p, os.R_OK):
+            raise self.error(key, f"file {p} is not readable")
+        return p
+
+    def seconds(self, key: str, default: float) -> float:
+        v = self.get(key, float, default, what="seconds (a number)")
+        if not 0.01 <= v <= 3600:
+            raise self.error(key, f"{v} is out of range (0.01 to 3600 seconds)")
+        return v
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _load(path: str | Path) -> tuple[Path, dict]:
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            return p, tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: file not found") from None
+    except PermissionError:
+        raise ConfigError(f"{p}: not readable") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+
+
+def _endpoint(sec: _Section, key: str, value: Any) -> tuple[str, int]:
+    if not isinstance(value, str) or ":" not in value:
+        raise sec.error(key, f"expected \"host:port\", got {value!r}")
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not host:
+            raise sec.error(key, f"no host in {value!r}") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise sec.error(key, f"bad port in {value!r}")
+    return host, int(port)
+
+
+def _common(sec: _Section) -> dict:
+    level = sec.get("log_level", str, "info")
+    if level not in LOG_LEVELS:
+        raise sec.error("log_level", f"{level!r} is not one of {', '.join(LOG_LEVELS)}")
+    tun = sec.get("tun", str, "mptun0")
+    if not 0 < len(tun) <= 15 or "/" in tun or " " in tun:
+        raise sec.error("tun", f"{tun!r} is not a valid interface name (1-15 chars)")
+    control = sec.get("control", str, None)
+    return {
+        "certificate": sec.file("certificate"),
+        "key": sec.file("key"),
+        "ca": sec.file("ca"),
+        "tun": tun,
+        "keepalive": sec.seconds("keepalive", 1.0),
+        "timeout": sec.seconds("timeout", 5.0),
+        "log_level": level,
+        "control": Path(control) if control else None,
+    }
+
+
+def _only_tables(path: Path, data: dict, allowed: set[str]) -> None:
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(f"{path}: unknown table or key '{key}' (expected {', '.join(sorted(allowed))})")
+
+
+def load_server_config(path: str | Path) -> ServerConfig:
+    p, data = _load(path)
+    _only_tables(p, data, {"server", "clients"})
+    if "server" not in data:
+        raise ConfigError(f"{p}: missing [server] table")
+    sec = _Section(p, "server", data["server"])
+    listen_raw = sec.get("listen", (str, list), what='"host:port" or a list of them')
+    listen = [_endpoint(sec, "listen", v) for v in (listen_raw if isinstance(listen_raw, list) else [listen_raw])]
+    if not listen:
+        raise sec.error("listen", "empty list")
+    addr_raw = sec.get("address", str, what='an inner address with prefix, like "100.64.0.1/24"')
+    try:
+        address = ipaddress.IPv4Interface(addr_raw)
+    except ValueError as exc:
+        raise sec.error("address", str(exc)) from None
+    if address.network.prefixlen > 30:
+        raise sec.error("address", f"{address.network} has no room for clients")
+    first = last = None
+    pool = sec.get("pool", str, None)
+    if pool is not None:
+        try:
+            lo, _, hi = pool.partition("-")
+            first, last = ipaddress.IPv4Address(lo.strip()), ipaddress.IPv4Address(hi.strip())
+        except ValueError:
+            raise sec.error("pool", f'expected "FIRST-LAST" addresses, got {pool!r}') from None
+        if first not in address.network or last not in address.network or first > last:
+            raise sec.error("pool", f"{pool} is not a range inside {address.network}")
+    mtu = sec.get("mtu", int, None)
+    if mtu is not None and not 576 <= mtu <= 65535:
+        raise sec.error("mtu", f"{mtu} is out of range (576 to 65535)")
+    routes = []
+    for r in sec.get("routes", list, []):
+        try:
+            routes.append(ipaddress.IPv4Network(r))
+        except (ValueError, TypeError) as exc:
+            raise sec.error("routes", f"{r!r}: {exc}") from None
+    allow = sec.get("allow_unlisted_clients", bool, True)
+    common = _common(sec)
+    sec.finish()
+
+    clients: dict[str, ipaddress.IPv4Address] = {}
+    ctable = data.get("clients", {})
+    if not isinstance(ctable, dict):
+        raise ConfigError(f"{p}: [clients] must be a table of [clients.NAME] tables")
+    for name, entry in ctable.items():
+        csec = _Section(p, f"clients.{name}", entry)
+        raw = csec.get("address", str, None)
+        if raw is not None:
+            try:
+                a = ipaddress.IPv4Address(raw)
+            except ValueError as exc:
+                raise csec.error("address", str(exc)) from None
+            if a not in address.network or a == address.ip:
+                raise csec.error("address", f"{a} is not a free host address of {address.network}")
+            if a in clients.values():
+                raise csec.error("address", f"{a} is given to another client too")
+            clients[name] = a
+        csec.finish()
+    return ServerConfig(
+        path=p,
+        listen=listen,
+        address=address,
+        pool_first=first,
+        pool_last=last,
+        mtu=mtu,
+        routes=routes,
+        allow_unlisted_clients=allow,
+        clients=clients,
+        **common,
+    )
+
+
+def load_client_config(path: str | Path) -> ClientConfig:
+    p, data = _load(path)
+    _only_tables(p, data, {"client"})
+    if "client" not in data:
+        raise ConfigError(f"{p}: missing [client] table")
+    sec = _Section(p, "client", data["client"])
+    server = _endpoint(sec, "server", sec.get("server", str, what='"host:port"'))
+    name = sec.get("server_name", str, what="the name in the server certificate")
+    if not name:
+        raise sec.error("server_name", "empty")
+    common = _common(sec)
+    sec.finish()
+    return ClientConfig(path=p, server=server, server_name=name, **common)

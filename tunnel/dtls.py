@@ -1,0 +1,449 @@
+"""Sans-IO DTLS 1.2 over pyOpenSSL memory BIOs.
+
+Datagrams go in, datagrams and plaintext records come out; no socket is touched.
+Timers are relative (``DTLSv1_get_timeout``) and turned into absolute deadlines
+with the ``now`` the caller passes, so the shell owns the clock.  OpenSSL itself
+still reads the real clock inside ``DTLSv1_handle_timeout`` (retransmission of a
+handshake flight); that is the one place where time is not injected.
+
+Policy enforced here, in one place:
+- DTLS 1.2 only, ECDHE key exchange with AEAD ciphers only, renegotiation off;
+- mutual authentication: the server requires a client certificate from its CA
+  with the clientAuth usage, the client checks the server's CA, serverAuth usage
+  and that the certificate names ``server_name``;
+- the server answers a ClientHello with a stateless HMAC cookie
+  (HelloVerifyRequest) and keeps no state before the cookie comes back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi, lib as _lib  # error strings and the fast record path
+
+DTLS1_2_VERSION = 0xFEFD
+CIPHERS = (
+    b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+    b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-AES128-GCM-SHA256:"
+    b"ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-CHACHA20-POLY1305"
+)
+# Worst-case bytes a DTLS 1.2 AEAD record adds: 13 header + 8 explicit nonce + 16 tag (AES-GCM).
+RECORD_OVERHEAD = 37
+DTLS_HEADER = 13
+CT_APPLICATION_DATA = 23
+COOKIE_LIFETIME = 60.0  # seconds a cookie secret stays current (the previous one is also accepted)
+
+HANDSHAKING, ESTABLISHED, CLOSED, FAILED = "handshaking", "established", "closed", "failed"
+
+
+class DtlsError(Exception):
+    """Configuration of the DTLS layer is wrong (bad key, certificate or CA file)."""
+
+
+def _verify_error_string(errno: int) -> str:
+    return _ffi.string(_lib.X509_verify_cert_error_string(errno)).decode()
+
+
+def _names(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(n) for n in san.get_values_for_type(x509.DNSName)] + [
+        str(n) for n in san.get_values_for_type(x509.IPAddress)
+    ]
+
+
+def _has_usage(cert: x509.Certificate, oid) -> bool:
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True  # no EKU extension means any usage (RFC 5280 4.2.1.12)
+    return oid in eku
+
+
+def _name_matches(cert: x509.Certificate, name: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        ip = None
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    if ip is not None:
+        return ip in san.get_values_for_type(x509.IPAddress)
+    want = name.lower().rstrip(".")
+    for dns in san.get_values_for_type(x509.DNSName):
+        dns = dns.lower().rstrip(".")
+        if dns == want:
+            return True
+        if dns.startswith("*.") and "." in want and want.split(".", 1)[1] == dns[2:]:
+            return True
+    return False
+
+
+def common_name(cert: x509.Certificate) -> str:
+    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else ""
+
+
+@dataclass
+class VerifyResult:
+    """Why the peer certificate was refused (filled in by the verify callback)."""
+
+    reason: str = ""
+
+
+def make_context(
+    role: str,
+    certificate: str | Path,
+    key: str | Path,
+    ca: str | Path,
+    server_name: str | None = None,
+) -> SSL.Context:
+    """Build a DTLS 1.2 context for ``role`` ("client" or "server").
+
+    Raises DtlsError with the offending file named.
+    """
+    ctx = SSL.Context(SSL.DTLS_METHOD)
+    ctx.set_min_proto_version(DTLS1_2_VERSION)
+    ctx.set_max_proto_version(DTLS1_2_VERSION)
+    ctx.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET)
+    ctx.set_cipher_list(CIPHERS)
+    for what, path, load in (
+        ("certificate", certificate, ctx.use_certificate_chain_file),
+        ("key", key, lambda p: ctx.use_privatekey_file(p)),
+        ("CA", ca, ctx.load_verify_locations),
+    ):
+        p = str(path)
+        if not os.path.exists(p):
+            raise DtlsError(f"{what} file {p}: not found")
+        try:
+            load(p)
+        except (SSL.Error, OSError) as exc:
+            raise DtlsError(f"{what} file {p}: cannot load ({_first_error(exc)})") from None
+    try:
+        ctx.check_privatekey()
+    except SSL.Error:
+        raise DtlsError(f"key file {key} does not match certificate {certificate}") from None
+    if role == "server":
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify_callback)
+    ctx._mptun_role = role  # type: ignore[attr-defined]
+    ctx._mptun_server_name = server_name  # type: ignore[attr-defined]
+    return ctx
+
+
+def _first_error(exc: Exception) -> str:
+    args = getattr(exc, "args", ())
+    if args and isinstance(args[0], list) and args[0]:
+        return str(args[0][0][-1])
+    return str(exc) or type(exc).__name__
+
+
+def _verify_callback(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+    result: VerifyResult = conn.get_app_data().verify
+    if not ok:
+        subject = cert.get_subject().CN or "?"
+        result.reason = f"certificate '{subject}' (depth {depth}): {_verify_error_string(errno)}"
+        return False
+    if depth != 0:
+        return True
+    ctx = conn.get_context()
+    leaf = cert.to_cryptography()
+    if ctx._mptun_role == "server":
+        if not _has_usage(leaf, ExtendedKeyUsageOID.CLIENT_AUTH):
+            result.reason = f"client certificate '{common_name(leaf)}' lacks the clientAuth key usage"
+            return False
+    else:
+        if not _has_usage(leaf, ExtendedKeyUsageOID.SERVER_AUTH):
+            result.reason = f"server certificate '{common_name(leaf)}' lacks the serverAuth key usage"
+            return False
+        want = ctx._mptun_server_name
+        if want and not _name_matches(leaf, want):
+            result.reason = (
+                f"server certificate names {_names(leaf) or [common_name(leaf)]}, "
+                f"not the expected server_name '{want}'"
+            )
+            return False
+    return True
+
+
+def split_records(blob: bytes) -> list[bytes]:
+    """Split concatenated DTLS records (what a memory BIO hands out for a flight)."""
+    out, i, n = [], 0, len(blob)
+    while i + DTLS_HEADER <= n:
+        end = i + DTLS_HEADER + int.from_bytes(blob[i + 11 : i + 13], "big")
+        out.append(blob[i:end])
+        i = end
+    return out
+
+
+def pack_datagrams(records: list[bytes], mtu: int) -> list[bytes]:
+    """Pack whole records into datagrams of at most ``mtu`` bytes."""
+    out: list[bytes] = []
+    cur = b""
+    for rec in records:
+        if cur and len(cur) + len(rec) > mtu:
+            out.append(cur)
+            cur = b""
+        cur += rec
+    if cur:
+        out.append(cur)
+    return out
+
+
+class _ConnState:
+    """Per-connection data the OpenSSL callbacks need (stored as app data)."""
+
+    __slots__ = ("verify", "addr")
+
+    def __init__(self, addr=None):
+        self.verify = VerifyResult()
+        self.addr = addr
+
+
+class DtlsSession:
+    """One DTLS 1.2 association, client or server side, without I/O.
+
+    Feed it with :meth:`receive_datagram`; write with :meth:`send` (returns the
+    datagram for one record); collect handshake output with
+    :meth:`datagrams_to_send`; drive retransmission with :meth:`get_timer` and
+    :meth:`handle_timer`.
+    """
+
+    def __init__(self, conn: SSL.Connection, is_client: bool, mtu: int, now: float):
+        self._conn = conn
+        self.is_client = is_client
+        self.mtu = mtu  # ciphertext datagram size limit (UDP payload)
+        self.state = HANDSHAKING
+        self.error = ""  # why the session failed or closed
+        self.records_dropped = 0  # records that decrypted to nothing (bad MAC, replays, junk)
+        self._out: list[bytes] = []
+        self._timer: Optional[float] = None
+        self._ssl = conn._ssl  # type: ignore[attr-defined]
+        self._wbio = conn._from_ssl  # type: ignore[attr-defined]
+        self._rbuf = _ffi.new("char[]", 65536)
+        self._wbuf = _ffi.new("char[]", 65536)
+        conn.set_ciphertext_mtu(mtu)
+        if is_client:
+            self._handshake(now)
+
+    # -- construction -------------------------------------------------
+    @classmethod
+    def client(cls, ctx: SSL.Context, mtu: int, now: float) -> "DtlsSession":
+        conn = SSL.Connection(ctx, None)
+        conn.set_app_data(_ConnState())
+        conn.set_connect_state()
+        return cls(conn, True, mtu, now)
+
+    # -- properties ---------------------------------------------------
+    @property
+    def peer_certificate(self) -> Optional[x509.Certificate]:
+        cert = self._conn.get_peer_certificate()
+        return cert.to_cryptography() if cert is not None else None
+
+    @property
+    def cipher(self) -> str:
+        return self._conn.get_cipher_name() or ""
+
+    @property
+    def cleartext_mtu(self) -> int:
+        return self._conn.get_cleartext_mtu()
+
+    def get_timer(self) -> Optional[float]:
+        return self._timer
+
+    # -- input --------------------------------------------------------
+    def receive_datagram(self, data: bytes, now: float) -> list[bytes]:
+        """Process one datagram; return the application records it carried."""
+        if self.state in (CLOSED, FAILED):
+            return []
+        self._conn.bio_write(data)
+        if self.state == HANDSHAKING:
+            self._handshake(now)
+            if self.state != ESTABLISHED:
+                return []
+            return self._read_records()
+        out = self._read_records()
+        if not out and data[0] == CT_APPLICATION_DATA:
+            self.records_dropped += 1  # bad MAC, replay or junk: DTLS drops it silently
+        return out
+
+    def _read_records(self) -> list[bytes]:
+        out = []
+        ssl, buf = self._ssl, self._rbuf
+        while True:
+            n = _lib.SSL_read(ssl, buf, 65536)
+            if n > 0:
+                out.append(_ffi.buffer(buf, n)[:])
+                continue
+            err = _lib.SSL_get_error(ssl, n)
+            if err == _lib.SSL_ERROR_WANT_READ:
+                break
+            if err == _lib.SSL_ERROR_ZERO_RETURN:
+                self._fail(CLOSED, "peer sent close_notify")
+                break
+            self._fail(FAILED, f"DTLS error: {self._ssl_error_text()}")
+            break
+        self._collect()
+        return out
+
+    def _handshake(self, now: float) -> None:
+        try:
+            self._conn.do_handshake()
+        except SSL.WantReadError:
+            pass
+        except SSL.Error as exc:
+            reason = self._conn.get_app_data().verify.reason or _first_error(exc)
+            self._collect()  # the alert, if any
+            self._fail(FAILED, f"handshake failed: {reason}")
+            return
+        else:
+            self.state = ESTABLISHED
+        self._collect()
+        self._update_timer(now)
+
+    def _ssl_error_text(self) -> str:
+        code = _lib.ERR_get_error()
+        _lib.ERR_clear_error()
+        if not code:
+            return "unknown"
+        return _ffi.string(_lib.ERR_reason_error_string(code) or _ffi.new("char[]", b"?")).decode()
+
+    # -- output -------------------------------------------------------
+    def send(self, data: bytes) -> Optional[bytes]:
+        """Encrypt one record; return the datagram to send (None if not possible)."""
+        if self.state != ESTABLISHED:
+            return None
+        ssl = self._ssl
+        n = _lib.SSL_write(ssl, data, len(data))
+        if n <= 0:
+            _lib.ERR_clear_error()
+            return None
+        n = _lib.BIO_read(self._wbio, self._wbuf, 65536)
+        return _ffi.buffer(self._wbuf, n)[:] if n > 0 else None
+
+    def datagrams_to_send(self) -> list[bytes]:
+        out, self._out = self._out, []
+        return out
+
+    def _collect(self) -> None:
+        chunks = []
+        while True:
+            n = _lib.BIO_read(self._wbio, self._wbuf, 65536)
+            if n <= 0:
+                break
+            chunks.append(_ffi.buffer(self._wbuf, n)[:])
+        if chunks:
+            self._out.extend(pack_datagrams(split_records(b"".join(chunks)), self.mtu))
+
+    # -- timers -------------------------------------------------------
+    def _update_timer(self, now: float) -> None:
+        if self.state != HANDSHAKING:
+            self._timer = None
+            return
+        t = self._conn.DTLSv1_get_timeout()
+        self._timer = None if t is None else now + t
+
+    def handle_timer(self, now: float) -> None:
+        if self.state != HANDSHAKING or self._timer is None or now < self._timer:
+            return
+        try:
+            self._conn.DTLSv1_handle_timeout()
+        except SSL.Error as exc:
+            self._fail(FAILED, f"handshake failed: {_first_error(exc)}")
+            return
+        self._collect()
+        self._update_timer(now)
+
+    # -- teardown -----------------------------------------------------
+    def close(self) -> None:
+        """Send close_notify (collected by datagrams_to_send) and stop."""
+        if self.state == ESTABLISHED:
+            try:
+                self._conn.shutdown()
+            except SSL.Error:
+                pass
+            self._collect()
+        if self.state not in (CLOSED, FAILED):
+            self._fail(CLOSED, "closed locally")
+
+    def _fail(self, state: str, reason: str) -> None:
+        if self.state not in (CLOSED, FAILED):
+            self.state = state
+            self.error = reason
+        self._timer = None
+
+
+class CookieFactory:
+    """Stateless HelloVerifyRequest cookies: HMAC(secret, peer address), secret rotated."""
+
+    def __init__(self, secret: bytes | None = None):
+        self._secrets = [secret or os.urandom(32)] * 2
+        self._rotated_at: Optional[float] = None
+
+    def rotate(self, now: float) -> None:
+        if self._rotated_at is None:
+            self._rotated_at = now
+        elif now - self._rotated_at >= COOKIE_LIFETIME:
+            self._secrets = [os.urandom(32), self._secrets[0]]
+            self._rotated_at = now
+
+    def make(self, addr, secret: bytes | None = None) -> bytes:
+        msg = f"{addr[0]}|{addr[1]}".encode()
+        return hmac.new(secret or self._secrets[0], msg, hashlib.sha256).digest()[:20]
+
+    def check(self, addr, cookie: bytes) -> bool:
+        return any(hmac.compare_digest(self.make(addr, s), cookie) for s in self._secrets)
+
+
+class DtlsListener:
+    """Server side: turns the first datagrams from an address into a session.
+
+    :meth:`accept` keeps no state for an address until its ClientHello carries
+    a valid cookie; until then it only returns the HelloVerifyRequest.
+    """
+
+    def __init__(self, ctx: SSL.Context, mtu: int, cookies: CookieFactory | None = None):
+        self._ctx = ctx
+        self.mtu = mtu
+        self.cookies = cookies or CookieFactory()
+        ctx.set_cookie_generate_callback(lambda conn: self.cookies.make(conn.get_app_data().addr))
+        ctx.set_cookie_verify_callback(
+            lambda conn, cookie: self.cookies.check(conn.get_app_data().addr, cookie)
+        )
+
+    def accept(self, data: bytes, addr, now: float) -> tuple[Optional[DtlsSession], list[bytes]]:
+        """Return (session or None, datagrams to send back to ``addr``)."""
+        # Only a DTLS handshake record (content type 22) can start a session.
+        if len(data) < DTLS_HEADER or data[0] != 22:
+            return None, []
+        self.cookies.rotate(now)
+        conn = SSL.Connection(self._ctx, None)
+        conn.set_app_data(_ConnState(addr))
+        conn.set_accept_state()
+        conn.bio_write(data)
+        try:
+            conn.DTLSv1_listen()
+        except SSL.WantReadError:
+            try:
+                reply = conn.bio_read(65536)
+            except SSL.Error:
+                reply = b""
+            return None, [reply] if reply else []
+        except SSL.Error:
+            return None, []
+        session = DtlsSession(conn, False, self.mtu, now)
+        session._handshake(now)
+        return session, session.datagrams_to_send()

@@ -1,0 +1,204 @@
+"""Tunnel frames: what one DTLS record's plaintext carries (see docs/PROTOCOL.md).
+
+Every record holds exactly one frame: a QUIC varint frame type, then the
+frame's fields.  Varints use aioquic's Buffer.  Parsing never raises anything
+but :class:`FrameError`; the receiver counts those and drops the record.
+DATA is the hot path: :func:`encode_data` and the fast branch in
+:func:`parse` avoid building objects where they can.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Union
+
+from aioquic.buffer import Buffer, BufferReadError, encode_uint_var, size_uint_var
+
+PROTOCOL_VERSION = 1
+TUNNEL_ID_LEN = 16
+NEW_TUNNEL = bytes(TUNNEL_ID_LEN)
+
+HELLO, CONFIG, DATA, PING, PONG, CLOSE = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06
+# Largest DATA header: type (1 byte) + sequence number (varint, at most 8 bytes).
+DATA_OVERHEAD = 1 + 8
+
+# CLOSE reason codes
+CLOSE_NORMAL, CLOSE_REFUSED, CLOSE_PROTOCOL, CLOSE_REPLACED, CLOSE_VERSION = 0, 1, 2, 3, 4
+
+MAX_REASON = 200
+MAX_ROUTES = 256
+
+
+class FrameError(ValueError):
+    """A record that is not a valid frame (unknown type, truncated, bad field)."""
+
+
+@dataclass
+class Hello:
+    version: int = PROTOCOL_VERSION
+    tunnel_id: bytes = NEW_TUNNEL  # all-zero: create a new tunnel
+
+
+Prefix = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+Interface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
+
+
+@dataclass
+class Config:
+    tunnel_id: bytes
+    addresses: list[Interface]  # the client's inner addresses with prefix length
+    mtu: int
+    keepalive_ms: int
+    timeout_ms: int
+    routes: list[Prefix] = field(default_factory=list)
+
+
+@dataclass
+class Data:
+    seq: int
+    payload: bytes
+
+
+@dataclass
+class Ping:
+    token: int
+
+
+@dataclass
+class Pong:
+    token: int
+
+
+@dataclass
+class Close:
+    code: int = CLOSE_NORMAL
+    reason: str = ""
+
+
+Frame = Union[Hello, Config, Data, Ping, Pong, Close]
+
+
+# -- encoding ----------------------------------------------------------
+_DATA_TYPE = bytes([DATA])
+
+
+def encode_data(seq: int, payload: bytes) -> bytes:
+    """DATA frame for one inner IP packet (hot path)."""
+    return _DATA_TYPE + encode_uint_var(seq) + payload
+
+
+def _push_prefix(buf: Buffer, version: int, packed: bytes, prefixlen: int) -> None:
+    buf.push_uint8(version)
+    buf.push_bytes(packed)
+    buf.push_uint8(prefixlen)
+
+
+def encode(frame: Frame) -> bytes:
+    """Encode any frame (control frames; DATA may use :func:`encode_data`)."""
+    if isinstance(frame, Data):
+        return encode_data(frame.seq, frame.payload)
+    buf = Buffer(capacity=64 + MAX_REASON + 18 * 2 * MAX_ROUTES)
+    if isinstance(frame, Hello):
+        buf.push_uint_var(HELLO)
+        buf.push_uint_var(frame.version)
+        _push_tunnel_id(buf, frame.tunnel_id)
+    elif isinstance(frame, Config):
+        buf.push_uint_var(CONFIG)
+        _push_tunnel_id(buf, frame.tunnel_id)
+        buf.push_uint_var(len(frame.addresses))
+        for a in frame.addresses:
+            _push_prefix(buf, a.version, a.ip.packed, a.network.prefixlen)
+        buf.push_uint_var(frame.mtu)
+        buf.push_uint_var(frame.keepalive_ms)
+        buf.push_uint_var(frame.timeout_ms)
+        buf.push_uint_var(len(frame.routes))
+        for r in frame.routes:
+            _push_prefix(buf, r.version, r.network_address.packed, r.prefixlen)
+    elif isinstance(frame, (Ping, Pong)):
+        buf.push_uint_var(PING if isinstance(frame, Ping) else PONG)
+        buf.push_uint64(frame.token)
+    elif isinstance(frame, Close):
+        reason = frame.reason.encode()[:MAX_REASON]
+        buf.push_uint_var(CLOSE)
+        buf.push_uint_var(frame.code)
+        buf.push_uint_var(len(reason))
+        buf.push_bytes(reason)
+    else:
+        raise TypeError(f"not a frame: {frame!r}")
+    return buf.data
+
+
+def _push_tunnel_id(buf: Buffer, tid: bytes) -> None:
+    if len(tid) != TUNNEL_ID_LEN:
+        raise ValueError("tunnel id must be 16 bytes")
+    buf.push_bytes(tid)
+
+
+# -- parsing -----------------------------------------------------------
+def parse(data: bytes) -> Frame:
+    """Parse one record's plaintext into a frame, or raise FrameError."""
+    if not data:
+        raise FrameError("empty record")
+    buf = Buffer(data=data)
+    try:
+        ftype = buf.pull_uint_var()
+        if ftype == DATA:
+            seq = buf.pull_uint_var()
+            payload = data[buf.tell() :]
+            if not payload:
+                raise FrameError("DATA frame without a packet")
+            return Data(seq, payload)
+        if ftype == PING or ftype == PONG:
+            token = buf.pull_uint64()
+            frame: Frame = Ping(token) if ftype == PING else Pong(token)
+        elif ftype == HELLO:
+            frame = Hello(buf.pull_uint_var(), buf.pull_bytes(TUNNEL_ID_LEN))
+        elif ftype == CONFIG:
+            tid = buf.pull_bytes(TUNNEL_ID_LEN)
+            addresses = [_pull_interface(buf) for _ in range(_pull_count(buf))]
+            mtu, keepalive, timeout = buf.pull_uint_var(), buf.pull_uint_var(), buf.pull_uint_var()
+            routes = [_pull_interface(buf).network for _ in range(_pull_count(buf))]
+            if not 576 <= mtu <= 65535:
+                raise FrameError(f"CONFIG mtu {mtu} out of range")
+            frame = Config(tid, addresses, mtu, keepalive, timeout, routes)
+        elif ftype == CLOSE:
+            code = buf.pull_uint_var()
+            n = buf.pull_uint_var()
+            if n > MAX_REASON:
+                raise FrameError("CLOSE reason too long")
+            frame = Close(code, buf.pull_bytes(n).decode("utf-8", "replace"))
+        else:
+            raise FrameError(f"unknown frame type {ftype:#x}")
+    except BufferReadError:
+        raise FrameError("truncated frame") from None
+    if not buf.eof():
+        raise FrameError(f"{len(data) - buf.tell()} trailing bytes after frame type {ftype:#x}")
+    return frame
+
+
+def _pull_count(buf: Buffer) -> int:
+    n = buf.pull_uint_var()
+    if n > MAX_ROUTES:
+        raise FrameError(f"list of {n} entries is too long")
+    return n
+
+
+def _pull_interface(buf: Buffer) -> Interface:
+    family = buf.pull_uint8()
+    if family == 4:
+        addr = ipaddress.IPv4Address(buf.pull_bytes(4))
+        limit = 32
+    elif family == 6:
+        addr = ipaddress.IPv6Address(buf.pull_bytes(16))
+        limit = 128
+    else:
+        raise FrameError(f"unknown address family {family}")
+    plen = buf.pull_uint8()
+    if plen > limit:
+        raise FrameError(f"prefix length {plen} > {limit}")
+    return ipaddress.ip_interface(f"{addr}/{plen}")
+
+
+def data_header_size(seq: int) -> int:
+    return 1 + size_uint_var(seq)

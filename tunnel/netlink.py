@@ -1,0 +1,114 @@
+"""Interface configuration over rtnetlink (pyroute2): addresses, MTU, state, routes.
+
+Called at start-up and when the tunnel's CONFIG changes, never per packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Optional
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+
+class NetlinkErrorMsg(Exception):
+    pass
+
+
+_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
+
+
+def _off_loop(fn):
+    """pyroute2's synchronous IPRoute runs its own asyncio loop, which cannot nest inside
+    a running one; from inside the shell's loop, run the call on a worker thread and wait
+    (configuration time only, never per packet)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return fn(*args, **kwargs)
+        return _worker.submit(fn, *args, **kwargs).result()
+
+    return wrapper
+
+
+def _index(ipr: IPRoute, ifname: str) -> int:
+    idx = ipr.link_lookup(ifname=ifname)
+    if not idx:
+        raise NetlinkErrorMsg(f"no interface named {ifname}")
+    return idx[0]
+
+
+@_off_loop
+def configure_interface(
+    ifname: str,
+    addresses: Iterable,
+    mtu: int,
+    routes: Iterable = (),
+) -> None:
+    """Set ``ifname``'s MTU and addresses (replacing old ones), bring it up, add routes."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        ipr.link("set", index=idx, mtu=mtu)
+        wanted = {(str(a.ip), a.network.prefixlen) for a in addresses}
+        for msg in ipr.get_addr(index=idx):
+            have = (msg.get_attr("IFA_ADDRESS"), msg["prefixlen"])
+            if have not in wanted and msg["family"] == socket.AF_INET:
+                ipr.addr("del", index=idx, address=have[0], prefixlen=have[1])
+        present = {(msg.get_attr("IFA_ADDRESS"), msg["prefixlen"]) for msg in ipr.get_addr(index=idx)}
+        for ip, plen in wanted - present:
+            ipr.addr("add", index=idx, address=ip, prefixlen=plen)
+        ipr.link("set", index=idx, state="up")
+        for net in routes:
+            try:
+                ipr.route("replace", dst=str(net.network_address), dst_len=net.prefixlen, oif=idx)
+            except NetlinkError as exc:
+                raise NetlinkErrorMsg(f"route {net} via {ifname}: {exc}") from None
+
+
+@_off_loop
+def route_mtu(dst: str) -> Optional[int]:
+    """MTU of the interface the kernel would use to reach ``dst`` (None if unknown)."""
+    family = socket.AF_INET6 if ipaddress.ip_address(dst).version == 6 else socket.AF_INET
+    with IPRoute() as ipr:
+        try:
+            routes = ipr.route("get", dst=dst, family=family)
+        except NetlinkError:
+            return None
+        if not routes:
+            return None
+        mtu = None
+        metrics = routes[0].get_attr("RTA_METRICS")
+        if metrics is not None:
+            mtu = metrics.get_attr("RTAX_MTU")
+        if mtu:
+            return mtu
+        oif = routes[0].get_attr("RTA_OIF")
+        links = ipr.get_links(oif) if oif else []
+        return links[0].get_attr("IFLA_MTU") if links else None
+
+
+@_off_loop
+def interface_mtu(ifname: str) -> int:
+    with IPRoute() as ipr:
+        return ipr.get_links(_index(ipr, ifname))[0].get_attr("IFLA_MTU")
+
+
+@_off_loop
+def address_mtu(address: str) -> Optional[int]:
+    """MTU of the interface that holds ``address`` (None for a wildcard or unknown address)."""
+    if ipaddress.ip_address(address).is_unspecified:
+        return None
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr(address=address):
+            links = ipr.get_links(msg["index"])
+            if links:
+                return links[0].get_attr("IFLA_MTU")
+    return None

@@ -1,0 +1,61 @@
+"""Inner address assignment: static addresses per client name, the rest from a pool.
+
+A client that comes back gets the address it had (the lease is kept by name
+until the pool runs dry, then the oldest idle lease is reused).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable, Optional
+
+
+class PoolExhausted(Exception):
+    pass
+
+
+class AddressPool:
+    def __init__(
+        self,
+        server: ipaddress.IPv4Interface,
+        static: Optional[dict[str, ipaddress.IPv4Address]] = None,
+        first: Optional[ipaddress.IPv4Address] = None,
+        last: Optional[ipaddress.IPv4Address] = None,
+    ):
+        self.server = server
+        self.network = server.network
+        self.static = dict(static or {})
+        hosts = self.network.hosts()
+        lo = first or self.network.network_address + 1
+        hi = last or self.network.broadcast_address - 1
+        reserved = set(self.static.values()) | {server.ip}
+        self._free = [h for h in hosts if lo <= h <= hi and h not in reserved]
+        self._leases: dict[str, ipaddress.IPv4Address] = {}  # name -> address, kept after disconnect
+        self._in_use: set[str] = set()
+
+    def lease(self, name: str) -> ipaddress.IPv4Interface:
+        if name in self.static:
+            addr = self.static[name]
+        elif name in self._leases:
+            addr = self._leases[name]
+        else:
+            addr = self._take()
+            self._leases[name] = addr
+        self._in_use.add(name)
+        return ipaddress.IPv4Interface(f"{addr}/{self.network.prefixlen}")
+
+    def release(self, name: str) -> None:
+        """The client is gone; its address stays reserved for it while the pool lasts."""
+        self._in_use.discard(name)
+
+    def _take(self) -> ipaddress.IPv4Address:
+        if self._free:
+            return self._free.pop(0)
+        for name in list(self._leases):  # oldest idle lease first (dicts keep insertion order)
+            if name not in self._in_use:
+                return self._leases.pop(name)
+        raise PoolExhausted(f"address pool {self.network} is exhausted")
+
+    @staticmethod
+    def parse_static(items: Iterable[tuple[str, str]]) -> dict[str, ipaddress.IPv4Address]:
+        return {name: ipaddress.IPv4Address(addr) for name, addr in items}

@@ -1,0 +1,92 @@
+"""`mptun server`: config -> DTLS context, TUN, sockets, ServerCore, shell."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+
+from tunnel import events, mtu as mtu_math, netlink
+from tunnel.app import fmt_addr, setup_logging, udp_socket
+from tunnel.config import ServerConfig
+from tunnel.dtls import make_context
+from tunnel.pool import AddressPool
+from tunnel.server_core import ServerCore
+from tunnel.shell import ServerShell
+from tunnel.tun import TunDevice
+
+log = logging.getLogger("mptun")
+DEFAULT_UNDERLAY_MTU = 1500
+
+
+def log_event(ev) -> None:
+    if isinstance(ev, events.PathUp):
+        log.info("path %s up: client '%s', %s", fmt_addr(ev.addr), ev.peer, ev.cipher)
+    elif isinstance(ev, events.Refused):
+        log.warning("refused %s: %s", fmt_addr(ev.addr), ev.reason)
+    elif isinstance(ev, events.ClientConnected):
+        log.info(
+            "client '%s' connected from %s, inner address %s%s",
+            ev.name, fmt_addr(ev.addr), ev.address, " (replaces its previous tunnel)" if ev.replaced else "",
+        )
+    elif isinstance(ev, events.ClientGone):
+        log.info("client '%s' (%s) gone: %s", ev.name, ev.address, ev.reason)
+    elif isinstance(ev, events.PathDown):
+        log.info("path %s down: %s", fmt_addr(ev.addr), ev.reason)
+
+
+def underlay_mtu(cfg: ServerConfig) -> int:
+    mtus = [netlink.address_mtu(host) for host, _ in cfg.listen]
+    known = [m for m in mtus if m]
+    return min(known) if known else DEFAULT_UNDERLAY_MTU
+
+
+def build(cfg: ServerConfig):
+    """Everything that can fail on bad input happens here, before any device exists."""
+    ctx = make_context("server", cfg.certificate, cfg.key, cfg.ca)
+    family = 6 if any(ipaddress.ip_address(h).version == 6 for h, _ in cfg.listen) else 4
+    link_mtu = underlay_mtu(cfg)
+    inner = cfg.mtu or mtu_math.inner_mtu(link_mtu, family)
+    if inner > mtu_math.inner_mtu(link_mtu, family):
+        log.warning("mtu %d is larger than the underlay allows (%d): packets will fragment", inner, mtu_math.inner_mtu(link_mtu, family))
+    pool = AddressPool(cfg.address, cfg.clients, cfg.pool_first, cfg.pool_last)
+    allowed = None if cfg.allow_unlisted_clients else set(cfg.clients)
+    core = ServerCore(
+        ctx,
+        mtu_math.datagram_mtu(link_mtu, family),
+        pool,
+        inner,
+        routes=cfg.routes,
+        keepalive=cfg.keepalive,
+        timeout=cfg.timeout,
+        allowed_clients=allowed,
+    )
+    return core, inner
+
+
+def run(cfg: ServerConfig) -> int:
+    setup_logging("server", cfg.log_level)
+    core, inner = build(cfg)
+    sockets = []
+    for host, port in cfg.listen:
+        fam = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        s = udp_socket(fam)
+        s.bind((host, port))
+        sockets.append(s)
+    tun = TunDevice(cfg.tun)
+    try:
+        netlink.configure_interface(tun.name, [cfg.address], inner)
+        log.info(
+            "listening on %s, tun %s %s mtu %d",
+            ", ".join(f"{h}:{p}" for h, p in cfg.listen), tun.name, cfg.address, inner,
+        )
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        shell = ServerShell(core, tun.fd, sockets, log_event)
+        loop.run_until_complete(shell.run())
+        loop.close()
+        log.info("stopped")
+    finally:
+        tun.close()
+    return 0

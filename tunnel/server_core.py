@@ -1,0 +1,304 @@
+"""Server state machine (sans-IO): DTLS listener, tunnels, inner routing.
+
+Datagrams from an unknown address go to the stateless cookie listener; a
+verified handshake becomes a :class:`Path`; its HELLO creates a tunnel for the
+client named by its certificate (replacing that client's older tunnel), which
+gets an address and a CONFIG.  Packets from the TUN are routed by inner
+destination address; packets from a tunnel must carry that tunnel's inner
+source address (anti-spoofing).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections import deque
+from typing import Callable, Optional
+
+from OpenSSL import SSL
+
+from tunnel import events, frames
+from tunnel.dedup import DedupWindow
+from tunnel.dtls import DTLS_HEADER, DtlsListener, common_name
+from tunnel.path import P_UP, Path
+from tunnel.pool import AddressPool, PoolExhausted
+
+
+class ServerTunnel:
+    """One client's tunnel: identity, inner address, sequence space, paths."""
+
+    __slots__ = ("id", "name", "address", "key", "paths", "seq", "dedup", "spoofed", "malformed")
+
+    def __init__(self, tid: bytes, name: str, address: ipaddress.IPv4Interface, window: int):
+        self.id = tid
+        self.name = name
+        self.address = address
+        self.key = address.ip.packed  # route-table key: inner IPv4 address bytes
+        self.paths: list[Path] = []
+        self.seq = 0
+        self.dedup = DedupWindow(window)
+        self.spoofed = 0
+        self.malformed = 0
+
+    def stats(self) -> dict:
+        return {
+            "name": self.name,
+            "address": str(self.address),
+            "delivered": self.dedup.delivered,
+            "duplicates": self.dedup.duplicates,
+            "too_old": self.dedup.too_old,
+            "spoofed": self.spoofed,
+            "malformed": self.malformed,
+            "paths": [p.stats() for p in self.paths],
+        }
+
+
+class ServerCore:
+    def __init__(
+        self,
+        ctx: SSL.Context,
+        mtu: int,
+        pool: AddressPool,
+        inner_mtu: int,
+        routes: list = (),
+        keepalive: float = 1.0,
+        timeout: float = 5.0,
+        allowed_clients: Optional[set[str]] = None,
+        window: int = 4096,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ):
+        self.listener = DtlsListener(ctx, mtu)
+        self.pool = pool
+        self.inner_mtu = inner_mtu
+        self.routes = list(routes)
+        self.keepalive = keepalive
+        self.timeout = timeout
+        self.allowed = allowed_clients  # None: any client with a certificate from our CA
+        self.window = window
+        self._random = random_bytes
+        self.paths: dict[tuple, Path] = {}  # underlay address -> path
+        self._tunnel_of: dict[tuple, ServerTunnel] = {}  # underlay address -> tunnel (after HELLO)
+        self.tunnels: dict[bytes, ServerTunnel] = {}  # tunnel id -> tunnel
+        self.by_name: dict[str, ServerTunnel] = {}
+        self.routes_v4: dict[bytes, ServerTunnel] = {}  # inner address -> tunnel
+        self.outbox: list[tuple[bytes, tuple]] = []
+        self.to_tun: list[bytes] = []
+        self._events: deque = deque()
+        self.counters = {
+            "junk": 0,  # datagrams from unknown addresses that were no handshake
+            "cookies_sent": 0,
+            "handshakes_failed": 0,
+            "no_route": 0,
+            "not_ipv4": 0,
+        }
+
+    # -- datagrams from the network ----------------------------------
+    def receive_datagram(self, data: bytes, addr: tuple, now: float) -> None:
+        path = self.paths.get(addr)
+        if path is None:
+            self._new_peer(data, addr, now)
+            return
+        was_up = path.state == P_UP
+        records = path.receive(data, now)
+        if path.out:
+            self._flush(path)
+        if not was_up and path.state == P_UP:
+            self._on_established(path)
+        if records:
+            tunnel = self._tunnel_of.get(addr)
+            for rec in records:
+                if rec[0] == frames.DATA and tunnel is not None:
+                    self._on_data(tunnel, rec)
+                else:
+                    self._on_control(path, tunnel, rec, now)
+        if not path.alive:
+            self._drop_path(path, path.reason)
+
+    def _new_peer(self, data: bytes, addr: tuple, now: float) -> None:
+        if len(data) < DTLS_HEADER or data[0] != 22:
+            self.counters["junk"] += 1
+            return
+        try:
+            session, replies = self.listener.accept(data, addr, now)
+        except Exception:  # pyOpenSSL can raise odd errors on garbage; nothing is kept
+            self.counters["junk"] += 1
+            return
+        for r in replies:
+            self.outbox.append((r, addr))
+        if session is None:
+            if replies:
+                self.counters["cookies_sent"] += 1
+            else:
+                self.counters["junk"] += 1
+            return
+        path = Path(session, addr, now, self.keepalive, self.timeout)
+        self.paths[addr] = path
+        if path.out:
+            self._flush(path)
+
+    def _on_established(self, path: Path) -> None:
+        cert = path.dtls.peer_certificate
+        name = common_name(cert) if cert is not None else ""
+        path.peer_name = name  # type: ignore[attr-defined]
+        self._events.append(events.PathUp(path.addr, name, path.dtls.cipher))
+
+    def _on_data(self, tunnel: ServerTunnel, rec: bytes) -> None:
+        try:
+            frame = frames.parse(rec)
+        except frames.FrameError:
+            tunnel.malformed += 1
+            return
+        pkt = frame.payload
+        # anti-spoofing: an IPv4 packet must come from the tunnel's own inner address
+        if len(pkt) < 20 or pkt[0] >> 4 != 4 or pkt[12:16] != tunnel.key:
+            tunnel.spoofed += 1
+            return
+        if tunnel.dedup.accept(frame.seq):
+            self.to_tun.append(pkt)
+
+    def _on_control(self, path: Path, tunnel: Optional[ServerTunnel], rec: bytes, now: float) -> None:
+        try:
+            frame = frames.parse(rec)
+        except frames.FrameError:
+            path.malformed += 1
+            return
+        if isinstance(frame, frames.Hello):
+            self._on_hello(path, frame, now)
+        elif isinstance(frame, frames.Close):
+            path.close(None, now)
+            self._drop_path(path, f"client closed: {frame.reason or frame.code}")
+        else:
+            path.malformed += 1
+
+    def _refuse(self, path: Path, code: int, reason: str, now: float) -> None:
+        self._events.append(events.Refused(path.addr, reason))
+        path.close(frames.encode(frames.Close(code, reason)), now)
+        self._flush(path)
+        self._drop_path(path, reason, quiet=True)
+
+    def _on_hello(self, path: Path, hello: frames.Hello, now: float) -> None:
+        name = getattr(path, "peer_name", "")
+        if hello.version != frames.PROTOCOL_VERSION:
+            return self._refuse(path, frames.CLOSE_VERSION, f"protocol version {hello.version} not supported", now)
+        if self.allowed is not None and name not in self.allowed:
+            return self._refuse(path, frames.CLOSE_REFUSED, f"client '{name}' is not listed in the server config", now)
+        if path.addr in self._tunnel_of:
+            return self._refuse(path, frames.CLOSE_PROTOCOL, "second HELLO on one path", now)
+        if hello.tunnel_id != frames.NEW_TUNNEL:
+            # JOIN of an existing tunnel: the multipath issue adds it; today the client must start anew.
+            return self._refuse(path, frames.CLOSE_REFUSED, "unknown tunnel", now)
+        old = self.by_name.get(name)
+        if old is not None:
+            self._remove_tunnel(old, "replaced by a new connection of the same client", now)
+        try:
+            address = self.pool.lease(name)
+        except PoolExhausted as exc:
+            return self._refuse(path, frames.CLOSE_REFUSED, str(exc), now)
+        tunnel = ServerTunnel(self._random(frames.TUNNEL_ID_LEN), name, address, self.window)
+        tunnel.paths.append(path)
+        self.tunnels[tunnel.id] = tunnel
+        self.by_name[name] = tunnel
+        self.routes_v4[tunnel.key] = tunnel
+        self._tunnel_of[path.addr] = tunnel
+        config = frames.Config(
+            tunnel.id,
+            [address],
+            self.inner_mtu,
+            int(self.keepalive * 1000),
+            int(self.timeout * 1000),
+            self.routes,
+        )
+        path.send(frames.encode(config), now)
+        self._flush(path)
+        self._events.append(events.ClientConnected(name, str(address), path.addr, old is not None))
+
+    # -- packets from the TUN device ----------------------------------
+    def send_packet(self, pkt: bytes, now: float) -> None:
+        if len(pkt) < 20 or pkt[0] >> 4 != 4:
+            self.counters["not_ipv4"] += 1
+            return
+        tunnel = self.routes_v4.get(pkt[16:20])
+        if tunnel is None or not tunnel.paths:
+            self.counters["no_route"] += 1
+            return
+        tunnel.seq += 1
+        path = tunnel.paths[0]
+        if path.send(frames.encode_data(tunnel.seq, pkt), now):
+            self.outbox.append((path.out.pop(), path.addr))
+
+    # -- output -------------------------------------------------------
+    def _flush(self, path: Path) -> None:
+        addr = path.addr
+        for d in path.out:
+            self.outbox.append((d, addr))
+        path.out.clear()
+
+    def datagrams_to_send(self) -> list[tuple[bytes, tuple]]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    def next_event(self):
+        return self._events.popleft() if self._events else None
+
+    # -- timers and teardown -----------------------------------------
+    def handle_timer(self, now: float) -> None:
+        self.listener.cookies.rotate(now)
+        for path in list(self.paths.values()):
+            t = path.get_timer()
+            if t is not None and now >= t:
+                path.handle_timer(now)
+                if path.out:
+                    self._flush(path)
+                if not path.alive:
+                    self._drop_path(path, path.reason)
+
+    def _drop_path(self, path: Path, reason: str, quiet: bool = False) -> None:
+        if self.paths.get(path.addr) is not path:
+            return
+        del self.paths[path.addr]
+        if path.state != P_UP and not getattr(path, "peer_name", None) and path.reason:
+            self.counters["handshakes_failed"] += 1
+            self._events.append(events.Refused(path.addr, path.reason))
+            return
+        if not quiet:
+            self._events.append(events.PathDown(path.addr, reason))
+        tunnel = self._tunnel_of.pop(path.addr, None)
+        if tunnel is not None and path in tunnel.paths:
+            tunnel.paths.remove(path)
+            if not tunnel.paths:
+                self._forget_tunnel(tunnel, reason)
+
+    def _remove_tunnel(self, tunnel: ServerTunnel, reason: str, now: float) -> None:
+        for path in list(tunnel.paths):
+            path.close(frames.encode(frames.Close(frames.CLOSE_REPLACED, reason)), now)
+            self._flush(path)
+            self.paths.pop(path.addr, None)
+            self._tunnel_of.pop(path.addr, None)
+        tunnel.paths.clear()
+        self._forget_tunnel(tunnel, reason)
+
+    def _forget_tunnel(self, tunnel: ServerTunnel, reason: str) -> None:
+        if self.tunnels.pop(tunnel.id, None) is None:
+            return
+        if self.by_name.get(tunnel.name) is tunnel:
+            del self.by_name[tunnel.name]
+        if self.routes_v4.get(tunnel.key) is tunnel:
+            del self.routes_v4[tunnel.key]
+        self.pool.release(tunnel.name)
+        self._events.append(events.ClientGone(tunnel.name, str(tunnel.address), reason))
+
+    def close(self, now: float) -> None:
+        """Tell every client we are going (CLOSE + close_notify)."""
+        for tunnel in list(self.tunnels.values()):
+            self._remove_tunnel(tunnel, "server shutting down", now)
+        for path in list(self.paths.values()):
+            path.close(None, now)
+            self._flush(path)
+        self.paths.clear()
+
+    def stats(self) -> dict:
+        return {
+            "tunnels": [t.stats() for t in self.tunnels.values()],
+            "handshaking": sum(1 for p in self.paths.values() if p.state != P_UP),
+            "counters": dict(self.counters),
+        }

@@ -1,0 +1,248 @@
+"""The I/O shell: asyncio owns the UDP sockets and the TUN fd and feeds the cores.
+
+Each readable fd is drained until EAGAIN in one wakeup (one packet per wakeup
+costs ~1.8x), outputs are flushed in batches, and a periodic tick drives the
+cores' timers.  Nothing here knows the protocol; everything here is I/O.
+Write errors (EAGAIN/ENOBUFS on a full socket or TUN queue) are counted, not
+fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+from typing import Callable, Optional
+
+from tunnel import events
+
+log = logging.getLogger("mptun")
+
+TICK = 0.05  # timer resolution: keepalives, dead-path detection, DTLS retransmits
+BATCH = 64  # flush outputs at least every BATCH packets inside one drain
+READ_SIZE = 65535
+_TRANSIENT = (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
+
+
+class Shell:
+    """Common parts: the loop, the tick, signals, the TUN reader and writer."""
+
+    def __init__(self, core, tun_fd: Optional[int]):
+        self.core = core
+        self.tun_fd = tun_fd
+        self.loop = asyncio.get_event_loop()
+        self.counters = {"send_errors": 0, "tun_write_errors": 0, "recv_errors": 0}
+        self._stop = asyncio.Event()
+        self._tick_handle: Optional[asyncio.TimerHandle] = None
+
+    # -- TUN ----------------------------------------------------------
+    def _on_tun_readable(self) -> None:
+        fd, core, read = self.tun_fd, self.core, os.read
+        now = self.loop.time()
+        n = 0
+        while True:
+            try:
+                pkt = read(fd, READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.counters["recv_errors"] += 1
+                break
+            core.send_packet(pkt, now)
+            n += 1
+            if n % BATCH == 0:
+                self.flush()
+        self.flush()
+
+    def write_tun(self) -> None:
+        pkts = self.core.to_tun
+        if not pkts:
+            return
+        self.core.to_tun = []
+        fd, write = self.tun_fd, os.write
+        for pkt in pkts:
+            try:
+                write(fd, pkt)
+            except OSError:
+                self.counters["tun_write_errors"] += 1
+
+    # -- timers, events, signals --------------------------------------
+    def _tick(self) -> None:
+        self.core.handle_timer(self.loop.time())
+        self.flush()
+        self._tick_handle = self.loop.call_later(TICK, self._tick)
+
+    def handle_events(self) -> None:
+        while (ev := self.core.next_event()) is not None:
+            self.on_event(ev)
+
+    def on_event(self, ev) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.loop.add_signal_handler(sig, self.stop)
+        self.start()
+        self._tick_handle = self.loop.call_later(TICK, self._tick)
+        try:
+            await self._stop.wait()
+        finally:
+            self._tick_handle.cancel()
+            self.core.close(self.loop.time())
+            self.flush()
+            self.shutdown()
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        raise NotImplementedError
+
+
+def _send_all(sendto: Callable, batch, counters: dict) -> None:
+    for dgram, addr in batch:
+        try:
+            sendto(dgram, addr)
+        except OSError as exc:
+            if exc.errno not in _TRANSIENT:
+                log.debug("send to %s failed: %s", addr, exc)
+            counters["send_errors"] += 1
+
+
+class ServerShell(Shell):
+    def __init__(self, core, tun_fd: int, sockets: list[socket.socket], on_event: Callable):
+        super().__init__(core, tun_fd)
+        self.sockets = sockets
+        self._sock_of: dict[tuple, socket.socket] = {}
+        self._on_event = on_event
+
+    def start(self) -> None:
+        for s in self.sockets:
+            s.setblocking(False)
+            self.loop.add_reader(s.fileno(), self._on_sock_readable, s)
+        self.loop.add_reader(self.tun_fd, self._on_tun_readable)
+
+    def _on_sock_readable(self, sock: socket.socket) -> None:
+        core, recv = self.core, sock.recvfrom
+        sock_of = self._sock_of
+        now = self.loop.time()
+        n = 0
+        while True:
+            try:
+                data, addr = recv(READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.counters["recv_errors"] += 1
+                continue
+            if addr not in sock_of:
+                sock_of[addr] = sock
+            core.receive_datagram(data, addr, now)
+            n += 1
+            if n % BATCH == 0:
+                self.flush()
+        self.flush()
+
+    def flush(self) -> None:
+        out = self.core.datagrams_to_send()
+        if out:
+            if len(self.sockets) == 1:
+                _send_all(self.sockets[0].sendto, out, self.counters)
+            else:
+                default = self.sockets[0]
+                for dgram, addr in out:
+                    _send_all(self._sock_of.get(addr, default).sendto, ((dgram, addr),), self.counters)
+        self.write_tun()
+        self.handle_events()
+        if len(self._sock_of) > 4 * len(self.core.paths) + 64:
+            self._sock_of = {a: s for a, s in self._sock_of.items() if a in self.core.paths}
+
+    def on_event(self, ev) -> None:
+        self._on_event(ev)
+
+    def shutdown(self) -> None:
+        for s in self.sockets:
+            self.loop.remove_reader(s.fileno())
+            s.close()
+        self.loop.remove_reader(self.tun_fd)
+
+
+class ClientShell(Shell):
+    """One connected UDP socket per connection attempt (a fresh source port each time,
+    so a stale session the server still holds never swallows the new handshake)."""
+
+    def __init__(self, core, tun_factory: Callable[[], int], make_socket: Callable[[], socket.socket], on_event: Callable):
+        super().__init__(core, None)
+        self._tun_factory = tun_factory
+        self._make_socket = make_socket
+        self._on_event = on_event
+        self.sock: Optional[socket.socket] = None
+
+    def start(self) -> None:
+        self.core.connect(self.loop.time())
+        self.flush()
+
+    def _new_socket(self) -> None:
+        if self.sock is not None:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+        self.sock = self._make_socket()
+        self.sock.setblocking(False)
+        self.loop.add_reader(self.sock.fileno(), self._on_sock_readable)
+
+    def ensure_tun(self) -> None:
+        if self.tun_fd is None:
+            self.tun_fd = self._tun_factory()
+            self.loop.add_reader(self.tun_fd, self._on_tun_readable)
+
+    def _on_sock_readable(self) -> None:
+        core, recv = self.core, self.sock.recv
+        now = self.loop.time()
+        n = 0
+        while True:
+            try:
+                data = recv(READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError:  # ICMP port unreachable on a connected socket: the server is not there (yet)
+                self.counters["recv_errors"] += 1
+                break
+            core.receive_datagram(data, now)
+            n += 1
+            if n % BATCH == 0:
+                self.flush()
+        self.flush()
+
+    def flush(self) -> None:
+        self.handle_events()  # first: a Connecting event swaps the socket, TunnelUp makes the TUN
+        out = self.core.datagrams_to_send()
+        if out:
+            send = self.sock.send
+            for dgram in out:
+                try:
+                    send(dgram)
+                except OSError:
+                    self.counters["send_errors"] += 1
+        if self.tun_fd is not None:
+            self.write_tun()
+
+    def on_event(self, ev) -> None:
+        if isinstance(ev, events.Connecting):
+            self._new_socket()
+        self._on_event(ev)
+
+    def shutdown(self) -> None:
+        if self.sock is not None:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+        if self.tun_fd is not None:
+            self.loop.remove_reader(self.tun_fd)
