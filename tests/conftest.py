@@ -68,3 +68,19 @@ def two_hosts(lab: Lab) -> TwoHosts:
     """
     server, client = lab.add_host("srv"), lab.add_host("cli")
     return TwoHosts(lab, client, server, lab.link(server, client, "198.18.0.0/30"))
+
+
+@pytest.fixture
+def tunnel_stack(two_hosts: TwoHosts, tmp_path):
+    """A running mptun server (in srv) and client (in cli) over the two_hosts link.
+
+    Not started: the test may set overrides first; call ``.start()``.  Always stopped.
+    """
+    from tunnel.lab.stack import TunnelStack
+
+    stack = TunnelStack(two_hosts.server, two_hosts.client, two_hosts.server_addr, workdir=tmp_path / "stack")
+    stack.hosts = two_hosts  # type: ignore[attr-defined]
+    try:
+        yield stack
+    finally:
+        stack.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tunnel import __version__, certs
+from tunnel import __version__, certs, status
 from tunnel.config import ConfigError
 from tunnel.dtls import DtlsError
 
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--check-config", action="store_true", help="validate the config and exit")
         sp.set_defaults(func=func)
     certs.register(sub)
+    status.register(sub)
     lab = sub.add_parser("lab", help="one-machine demo: namespaces, tunnel, ping and iperf3")
     lab.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     lab.add_argument("--duration", type=float, default=3.0, help="seconds of iperf3 (default 3)")

@@ -10,6 +10,7 @@ from tunnel import events, mtu as mtu_math, netlink
 from tunnel.app import fmt_addr, setup_logging, udp_socket
 from tunnel.client_core import ClientCore
 from tunnel.config import ClientConfig, ConfigError
+from tunnel.control import default_path
 from tunnel.dtls import make_context
 from tunnel.shell import ClientShell
 from tunnel.tun import TunDevice
@@ -69,7 +70,7 @@ def run(cfg: ClientConfig) -> int:
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    shell = ClientShell(core, make_tun, make_socket, on_event)
+    shell = ClientShell(core, make_tun, make_socket, on_event, cfg.control or default_path("client", cfg.tun))
     try:
         loop.run_until_complete(shell.run())
     finally:

@@ -56,6 +56,7 @@ class ClientCore:
         self.attempts = 0
         self.malformed = 0
         self.dropped_not_up = 0  # packets from the TUN while the tunnel was down
+        self.not_ipv4 = 0
 
     # -- lifecycle ----------------------------------------------------
     def connect(self, now: float) -> None:
@@ -140,6 +141,9 @@ class ClientCore:
         if self.state != C_UP:
             self.dropped_not_up += 1
             return
+        if packet[0] >> 4 != 4:
+            self.not_ipv4 += 1  # the tunnel carries IPv4 only (for now)
+            return
         self._seq += 1
         self.path.send(frames.encode_data(self._seq, packet), now)
 
@@ -182,5 +186,6 @@ class ClientCore:
             "too_old": self._dedup.too_old,
             "malformed": self.malformed,
             "dropped_not_up": self.dropped_not_up,
+            "not_ipv4": self.not_ipv4,
             "paths": [self.path.stats()] if self.path else [],
         }

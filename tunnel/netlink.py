@@ -53,7 +53,13 @@ def configure_interface(
     mtu: int,
     routes: Iterable = (),
 ) -> None:
-    """Set ``ifname``'s MTU and addresses (replacing old ones), bring it up, add routes."""
+    """Set ``ifname``'s MTU and addresses (replacing old ones), bring it up, add routes.
+
+    IPv6 is switched off on the device: the tunnel carries IPv4 today, and an
+    IPv6-enabled TUN emits link-local chatter (MLD, router solicitations) the
+    peer could only count as junk.
+    """
+    _disable_ipv6(ifname)
     with IPRoute() as ipr:
         idx = _index(ipr, ifname)
         ipr.link("set", index=idx, mtu=mtu)
@@ -71,6 +77,15 @@ def configure_interface(
                 ipr.route("replace", dst=str(net.network_address), dst_len=net.prefixlen, oif=idx)
             except NetlinkError as exc:
                 raise NetlinkErrorMsg(f"route {net} via {ifname}: {exc}") from None
+
+
+def _disable_ipv6(ifname: str) -> None:
+    # a sysctl, not rtnetlink: pyroute2 has no call for it, so write procfs directly
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as f:
+            f.write("1")
+    except OSError:
+        pass  # no IPv6 in this kernel or namespace: nothing to silence
 
 
 @_off_loop

@@ -10,6 +10,7 @@ import socket
 from tunnel import events, mtu as mtu_math, netlink
 from tunnel.app import fmt_addr, setup_logging, udp_socket
 from tunnel.config import ServerConfig
+from tunnel.control import default_path
 from tunnel.dtls import make_context
 from tunnel.pool import AddressPool
 from tunnel.server_core import ServerCore
@@ -83,7 +84,7 @@ def run(cfg: ServerConfig) -> int:
         )
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        shell = ServerShell(core, tun.fd, sockets, log_event)
+        shell = ServerShell(core, tun.fd, sockets, log_event, cfg.control or default_path("server", tun.name))
         loop.run_until_complete(shell.run())
         loop.close()
         log.info("stopped")

@@ -18,6 +18,7 @@ import socket
 from typing import Callable, Optional
 
 from tunnel import events
+from tunnel.control import ControlServer
 
 log = logging.getLogger("mptun")
 
@@ -30,9 +31,10 @@ _TRANSIENT = (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM, errno.ECONNREFUSED, err
 class Shell:
     """Common parts: the loop, the tick, signals, the TUN reader and writer."""
 
-    def __init__(self, core, tun_fd: Optional[int]):
+    def __init__(self, core, tun_fd: Optional[int], control_path=None):
         self.core = core
         self.tun_fd = tun_fd
+        self.control = ControlServer(control_path, self.status) if control_path else None
         self.loop = asyncio.get_event_loop()
         self.counters = {"send_errors": 0, "tun_write_errors": 0, "recv_errors": 0}
         self._stop = asyncio.Event()
@@ -92,14 +94,21 @@ class Shell:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self.stop)
         self.start()
+        if self.control is not None:
+            await self.control.start()
         self._tick_handle = self.loop.call_later(TICK, self._tick)
         try:
             await self._stop.wait()
         finally:
             self._tick_handle.cancel()
+            if self.control is not None:
+                self.control.close()
             self.core.close(self.loop.time())
             self.flush()
             self.shutdown()
+
+    def status(self) -> dict:
+        return {**self.core.stats(), "io": dict(self.counters)}
 
     def start(self) -> None:
         raise NotImplementedError
@@ -119,8 +128,8 @@ def _send_all(sendto: Callable, batch, counters: dict) -> None:
 
 
 class ServerShell(Shell):
-    def __init__(self, core, tun_fd: int, sockets: list[socket.socket], on_event: Callable):
-        super().__init__(core, tun_fd)
+    def __init__(self, core, tun_fd: int, sockets: list[socket.socket], on_event: Callable, control_path=None):
+        super().__init__(core, tun_fd, control_path)
         self.sockets = sockets
         self._sock_of: dict[tuple, socket.socket] = {}
         self._on_event = on_event
@@ -180,8 +189,15 @@ class ClientShell(Shell):
     """One connected UDP socket per connection attempt (a fresh source port each time,
     so a stale session the server still holds never swallows the new handshake)."""
 
-    def __init__(self, core, tun_factory: Callable[[], int], make_socket: Callable[[], socket.socket], on_event: Callable):
-        super().__init__(core, None)
+    def __init__(
+        self,
+        core,
+        tun_factory: Callable[[], int],
+        make_socket: Callable[[], socket.socket],
+        on_event: Callable,
+        control_path=None,
+    ):
+        super().__init__(core, None, control_path)
         self._tun_factory = tun_factory
         self._make_socket = make_socket
         self._on_event = on_event

@@ -1,0 +1,153 @@
+"""End to end: real `mptun server` and `mptun client` processes in network namespaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunnel import certs
+from tunnel.lab.netns import wait_for
+from tunnel.lab.stack import PORT, SERVER_INNER
+
+pytestmark = pytest.mark.netns
+MANGLER = Path(__file__).with_name("udp_mangler.py")
+
+
+def _iperf3(stack, *extra: str) -> dict:
+    server = stack.server_host.popen(["iperf3", "-s", "-1", "-B", SERVER_INNER], stdout=subprocess.DEVNULL)
+    wait_for(lambda: stack.server_host.is_listening(5201), 5, message="iperf3 server did not start")
+    res = stack.client_host.run(["iperf3", "-c", SERVER_INNER, "-t", "2", "-J", *extra], timeout=30)
+    server.wait(10)
+    return json.loads(res.stdout)
+
+
+def test_ping_and_iperf3_tcp_through_the_tunnel(tunnel_stack):
+    tunnel_stack.start()
+    assert tunnel_stack.client_inner() == "100.64.0.2"
+    before = tunnel_stack.server_status()["tunnels"][0]["delivered"]
+    up = _iperf3(tunnel_stack)
+    down = _iperf3(tunnel_stack, "-R")
+    for result in (up, down):
+        assert result["end"]["sum_received"]["bits_per_second"] > 10e6
+    status = tunnel_stack.server_status()
+    tunnel = status["tunnels"][0]
+    # the bytes really went through the tunnel: thousands of DATA frames delivered, none spoofed
+    assert tunnel["delivered"] - before > 1000
+    assert tunnel["spoofed"] == 0
+    assert tunnel["paths"][0]["cipher"].startswith("ECDHE-")
+    client = tunnel_stack.client_status()
+    assert client["state"] == "up" and client["delivered"] > 1000
+
+
+def test_client_with_certificate_from_another_ca_is_refused(tunnel_stack, tmp_path):
+    other = tmp_path / "other"
+    certs.create_ca(other, name="Evil CA")
+    certs.issue_client(other, "mallory")
+    for ext in ("crt", "key"):
+        (tunnel_stack.workdir / f"mallory.{ext}").write_bytes((other / f"mallory.{ext}").read_bytes())
+        os.chmod(tunnel_stack.workdir / f"mallory.{ext}", 0o600)
+    tunnel_stack.client_name = "mallory"
+    tunnel_stack.start_server()
+    tunnel_stack.start_client()
+    wait_for(
+        lambda: "refused" in tunnel_stack.server_log.read_text(),
+        10,
+        message="server did not log the refusal",
+    )
+    line = next(l for l in tunnel_stack.server_log.read_text().splitlines() if "refused" in l)
+    assert "198.18.0.2" in line and "mallory" in line and "unable to get local issuer certificate" in line
+    assert tunnel_stack.server_status()["tunnels"] == []
+    assert "tunnel up" not in tunnel_stack.client_log.read_text()
+
+
+def test_client_refuses_a_server_with_another_name(tunnel_stack):
+    tunnel_stack.client_overrides["server_name"] = "not-our-server"
+    tunnel_stack.start_server()
+    tunnel_stack.start_client()
+    wait_for(
+        lambda: "not the expected server_name" in tunnel_stack.client_log.read_text(),
+        10,
+        message="client did not log why it refused the server",
+    )
+    log = tunnel_stack.client_log.read_text()
+    assert "'not-our-server'" in log and "mptun-server" in log
+    assert "tunnel up" not in log
+    assert tunnel_stack.server_status()["tunnels"] == []
+
+
+def test_flipped_byte_on_the_wire_is_dropped_and_the_tunnel_stays(tunnel_stack):
+    """A relay in the server's namespace flips a bit in every 4th client->server record."""
+    relay_port = PORT + 1
+    count_file = tunnel_stack.workdir / "flipped"
+    tunnel_stack.server_host.popen(
+        [sys.executable, str(MANGLER), tunnel_stack.server_addr, str(relay_port),
+         tunnel_stack.server_addr, str(PORT), "4", str(count_file)]
+    )
+    wait_for(lambda: tunnel_stack.server_host.is_listening(relay_port, udp=True), 5, message="relay not up")
+    tunnel_stack.client_overrides["server"] = f"{tunnel_stack.server_addr}:{relay_port}"
+    tunnel_stack.start()
+    replies = sum(tunnel_stack.client_host.ping(SERVER_INNER, timeout=0.3) for _ in range(24))
+    flipped = int(count_file.read_text())
+    assert flipped >= 5
+    assert replies >= 12  # three in four records pass; pings whose request was flipped are lost
+    # every flipped record was dropped by DTLS and counted; none reached the TUN
+    path = tunnel_stack.server_status()["tunnels"][0]["paths"][0]
+    assert path["dtls_dropped"] == flipped
+    # same tunnel throughout: connected once, never down
+    server_log = tunnel_stack.server_log.read_text()
+    assert server_log.count("connected from") == 1 and "down" not in server_log
+    wait_for(lambda: tunnel_stack.client_host.ping(SERVER_INNER, timeout=0.3), 5, message="tunnel broke")
+
+
+def test_junk_datagrams_are_counted_and_dropped(tunnel_stack):
+    tunnel_stack.start()
+    junk = (
+        "import socket,os\n"
+        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+        f"a=('{tunnel_stack.server_addr}',{PORT})\n"
+        "for i in range(200): s.sendto(os.urandom(i % 90 + 1), a)\n"
+        "for i in range(50): s.sendto(bytes([22,254,253])+os.urandom(60), a)\n"
+        "for i in range(50): s.sendto(bytes([23,254,253])+os.urandom(60), a)\n"
+    )
+    tunnel_stack.client_host.run([sys.executable, "-c", junk])
+    wait_for(
+        lambda: tunnel_stack.server_status()["counters"]["junk"] >= 250,
+        5,
+        message="junk not counted",
+    )
+    status = tunnel_stack.server_status()
+    assert len(status["tunnels"]) == 1 and status["handshaking"] == 0  # no state kept for junk
+    assert "Traceback" not in tunnel_stack.server_log.read_text()
+    assert tunnel_stack.client_host.ping(SERVER_INNER)
+
+
+def test_sigterm_closes_the_tunnel_and_removes_the_tun_device(tunnel_stack):
+    tunnel_stack.start()
+    tunnel_stack.server_proc.send_signal(signal.SIGTERM)
+    assert tunnel_stack.server_proc.wait(10) == 0
+    wait_for(
+        lambda: "server closed the tunnel: server shutting down" in tunnel_stack.client_log.read_text(),
+        5,
+        message="client was not told",
+    )
+    res = tunnel_stack.server_host.run(["ip", "link", "show", "mptun0"], check=False)
+    assert res.returncode != 0  # the TUN device is gone
+    tunnel_stack.client_proc.send_signal(signal.SIGINT)
+    assert tunnel_stack.client_proc.wait(10) == 0
+    assert tunnel_stack.client_host.run(["ip", "link", "show", "mptun0"], check=False).returncode != 0
+
+
+def test_client_reconnects_after_a_server_restart(tunnel_stack):
+    tunnel_stack.start()
+    tunnel_stack.server_proc.kill()  # no CLOSE: the client must notice by itself
+    tunnel_stack.server_proc.wait(5)
+    tunnel_stack.start_server()
+    tunnel_stack.wait_up(timeout=15)
+    assert tunnel_stack.client_inner() == "100.64.0.2"
+    assert len(tunnel_stack.server_status()["tunnels"]) == 1

@@ -1,0 +1,68 @@
+"""`mptun status`: ask running daemons over their control sockets and print a table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tunnel import control
+
+
+def _path_rows(paths: list[dict], indent: str) -> list[str]:
+    rows = []
+    for p in paths:
+        rtt = "-" if p.get("rtt_ms") is None else f"{p['rtt_ms']:.2f} ms"
+        rows.append(
+            f"{indent}path {p['addr']:<22} {p['state']:<11} rtt {rtt:<10} "
+            f"tx {p['tx_packets']} pkts/{p['tx_bytes']} B  rx {p['rx_packets']} pkts/{p['rx_bytes']} B  "
+            f"dtls-dropped {p['dtls_dropped']}  malformed {p['malformed']}"
+        )
+    return rows
+
+
+def format_status(sock: str, st: dict) -> str:
+    lines = [f"{sock}:"]
+    if "tunnels" in st:  # server
+        lines.append(f"  tunnels {len(st['tunnels'])}, handshaking {st['handshaking']}, counters {st['counters']}")
+        for t in st["tunnels"]:
+            lines.append(
+                f"  client {t['name']:<16} {t['address']:<18} delivered {t['delivered']} "
+                f"duplicates {t['duplicates']} too-old {t['too_old']} spoofed {t['spoofed']}"
+            )
+            lines += _path_rows(t["paths"], "    ")
+    else:
+        lines.append(
+            f"  tunnel {st['state']}  address {st.get('address') or '-'}  delivered {st['delivered']} "
+            f"duplicates {st['duplicates']} too-old {st['too_old']}"
+        )
+        lines += _path_rows(st["paths"], "    ")
+    lines.append(f"  io {st.get('io', {})}")
+    return "\n".join(lines)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("status", help="show tunnels and paths of running mptun daemons")
+    p.add_argument("-s", "--socket", action="append", help="control socket (default: all in /run/mptun)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    sockets = args.socket or control.find_sockets()
+    if not sockets:
+        print("mptun status: no running mptun found (no sockets in /run/mptun)", file=sys.stderr)
+        return 1
+    result, code = {}, 0
+    for s in sockets:
+        try:
+            result[s] = control.query(s)
+        except (OSError, ValueError) as exc:
+            print(f"mptun status: {s}: {exc}", file=sys.stderr)
+            code = 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for s, st in result.items():
+            print(format_status(s, st))
+    return code
