@@ -151,3 +151,31 @@ def test_client_reconnects_after_a_server_restart(tunnel_stack):
     tunnel_stack.wait_up(timeout=15)
     assert tunnel_stack.client_inner() == "100.64.0.2"
     assert len(tunnel_stack.server_status()["tunnels"]) == 1
+
+
+def _reassembly_requests(host) -> int:
+    lines = host.run(["cat", "/proc/net/snmp"]).stdout.splitlines()
+    ip = [l.split() for l in lines if l.startswith("Ip:")]
+    return int(ip[1][ip[0].index("ReasmReqds")])
+
+
+def test_inner_mtu_follows_the_underlay_and_nothing_fragments(lab, tmp_path):
+    from tunnel.lab.stack import TunnelStack
+
+    server, client = lab.add_host("srv"), lab.add_host("cli")
+    link = lab.link(server, client, "198.18.0.0/30", mtu=1400)
+    stack = TunnelStack(server, client, link.a_addr, workdir=tmp_path / "stack")
+    stack.server_overrides["routes"] = ["198.19.77.0/24"]
+    try:
+        stack.start()
+        expected = 1400 - 20 - 8 - 37 - 9  # IPv4, UDP, DTLS AEAD record, DATA header
+        for host in (server, client):
+            assert int(host.run(["cat", "/sys/class/net/mptun0/mtu"]).stdout) == expected
+        # the pushed route points into the tunnel on the client
+        assert "dev mptun0" in client.run(["ip", "route", "show", "198.19.77.0/24"]).stdout
+        before = _reassembly_requests(server) + _reassembly_requests(client)
+        _iperf3(stack)
+        _iperf3(stack, "-R")
+        assert _reassembly_requests(server) + _reassembly_requests(client) == before
+    finally:
+        stack.stop()

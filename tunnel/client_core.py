@@ -47,6 +47,7 @@ class ClientCore:
         self.config: Optional[frames.Config] = None
         self.tunnel_id = frames.NEW_TUNNEL
         self.to_tun: list[bytes] = []
+        self.outbox: list[bytes] = []  # encrypted DATA datagrams
         self._events: deque = deque()
         self._seq = 0
         self._dedup = DedupWindow(window)
@@ -83,12 +84,12 @@ class ClientCore:
         for rec in records:
             if rec[0] == frames.DATA and self.state == C_UP:
                 try:
-                    frame = frames.parse(rec)
+                    seq, payload = frames.parse_data(rec)
                 except frames.FrameError:
                     self.malformed += 1
                     continue
-                if self._dedup.accept(frame.seq):
-                    self.to_tun.append(frame.payload)
+                if self._dedup.accept(seq):
+                    self.to_tun.append(payload)
             else:
                 self._on_control(rec, now)
         if not path.alive:
@@ -144,14 +145,19 @@ class ClientCore:
         if packet[0] >> 4 != 4:
             self.not_ipv4 += 1  # the tunnel carries IPv4 only (for now)
             return
-        self._seq += 1
-        self.path.send(frames.encode_data(self._seq, packet), now)
+        self._seq = seq = self._seq + 1
+        dgram = self.path.encrypt(frames.encode_data(seq, packet), now)
+        if dgram is not None:
+            self.outbox.append(dgram)
 
     def datagrams_to_send(self) -> list[bytes]:
         path = self.path
-        if path is None or not path.out:
-            return []
-        out, path.out = path.out, []
+        if path is not None and path.out:  # control and handshake datagrams go first
+            out, path.out = path.out, []
+            out.extend(self.outbox)
+            self.outbox = []
+            return out
+        out, self.outbox = self.outbox, []
         return out
 
     def next_event(self):

@@ -44,6 +44,13 @@ COOKIE_LIFETIME = 60.0  # seconds a cookie secret stays current (the previous on
 
 HANDSHAKING, ESTABLISHED, CLOSED, FAILED = "handshaking", "established", "closed", "failed"
 
+# The record path calls OpenSSL through pyOpenSSL's cffi binding directly: the
+# Python wrappers (Connection.send/recv/bio_read/bio_write) allocate and check per
+# call, ~2 us per record.  Everything else goes through the public API.
+_SSL_read, _SSL_write = _lib.SSL_read, _lib.SSL_write
+_BIO_read, _BIO_write = _lib.BIO_read, _lib.BIO_write
+_unpack = _ffi.unpack
+
 
 class DtlsError(Exception):
     """Configuration of the DTLS layer is wrong (bad key, certificate or CA file)."""
@@ -131,7 +138,10 @@ def make_context(
         try:
             load(p)
         except (SSL.Error, OSError) as exc:
-            raise DtlsError(f"{what} file {p}: cannot load ({_first_error(exc)})") from None
+            reason = _first_error(exc)
+            if what == "key" and "mismatch" in reason:
+                raise DtlsError(f"key file {p} does not match certificate {certificate}") from None
+            raise DtlsError(f"{what} file {p}: cannot load ({reason})") from None
     try:
         ctx.check_privatekey()
     except SSL.Error:
@@ -153,14 +163,14 @@ def _first_error(exc: Exception) -> str:
 
 def _verify_callback(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
     result: VerifyResult = conn.get_app_data().verify
+    leaf = cert.to_cryptography()
     if not ok:
-        subject = cert.get_subject().CN or "?"
+        subject = common_name(leaf) or "?"
         result.reason = f"certificate '{subject}' (depth {depth}): {_verify_error_string(errno)}"
         return False
     if depth != 0:
         return True
     ctx = conn.get_context()
-    leaf = cert.to_cryptography()
     if ctx._mptun_role == "server":
         if not _has_usage(leaf, ExtendedKeyUsageOID.CLIENT_AUTH):
             result.reason = f"client certificate '{common_name(leaf)}' lacks the clientAuth key usage"
@@ -233,6 +243,7 @@ class DtlsSession:
         self._timer: Optional[float] = None
         self._ssl = conn._ssl  # type: ignore[attr-defined]
         self._wbio = conn._from_ssl  # type: ignore[attr-defined]
+        self._rbio = conn._into_ssl  # type: ignore[attr-defined]
         self._rbuf = _ffi.new("char[]", 65536)
         self._wbuf = _ffi.new("char[]", 65536)
         conn.set_ciphertext_mtu(mtu)
@@ -267,37 +278,46 @@ class DtlsSession:
     # -- input --------------------------------------------------------
     def receive_datagram(self, data: bytes, now: float) -> list[bytes]:
         """Process one datagram; return the application records it carried."""
-        if self.state in (CLOSED, FAILED):
+        if self.state is ESTABLISHED:
+            size = len(data)
+            _BIO_write(self._rbio, data, size)
+            # Fast path: a datagram that is exactly one record (what mptun peers send
+            # after the handshake) needs one SSL_read, not a second one to see WANT_READ.
+            if size >= DTLS_HEADER and size == DTLS_HEADER + ((data[11] << 8) | data[12]):
+                n = _SSL_read(self._ssl, self._rbuf, 65536)
+                if n > 0:
+                    return [_unpack(self._rbuf, n)]
+                out = self._read_error(n)
+            else:
+                out = self._read_records()
+            if not out and data[0] == CT_APPLICATION_DATA:
+                self.records_dropped += 1  # bad MAC, replay or junk: DTLS drops it silently
+            return out
+        if self.state != HANDSHAKING:
             return []
-        self._conn.bio_write(data)
-        if self.state == HANDSHAKING:
-            self._handshake(now)
-            if self.state != ESTABLISHED:
-                return []
-            return self._read_records()
-        out = self._read_records()
-        if not out and data[0] == CT_APPLICATION_DATA:
-            self.records_dropped += 1  # bad MAC, replay or junk: DTLS drops it silently
-        return out
+        _BIO_write(self._rbio, data, len(data))
+        self._handshake(now)
+        if self.state != ESTABLISHED:
+            return []
+        return self._read_records()
 
     def _read_records(self) -> list[bytes]:
         out = []
         ssl, buf = self._ssl, self._rbuf
         while True:
-            n = _lib.SSL_read(ssl, buf, 65536)
-            if n > 0:
-                out.append(_ffi.buffer(buf, n)[:])
-                continue
-            err = _lib.SSL_get_error(ssl, n)
-            if err == _lib.SSL_ERROR_WANT_READ:
-                break
-            if err == _lib.SSL_ERROR_ZERO_RETURN:
-                self._fail(CLOSED, "peer sent close_notify")
-                break
+            n = _SSL_read(ssl, buf, 65536)
+            if n <= 0:
+                self._read_error(n)
+                return out
+            out.append(_unpack(buf, n))
+
+    def _read_error(self, n: int) -> list:
+        err = _lib.SSL_get_error(self._ssl, n)
+        if err == _lib.SSL_ERROR_ZERO_RETURN:
+            self._fail(CLOSED, "peer sent close_notify")
+        elif err != _lib.SSL_ERROR_WANT_READ:
             self._fail(FAILED, f"DTLS error: {self._ssl_error_text()}")
-            break
-        self._collect()
-        return out
+        return []
 
     def _handshake(self, now: float) -> None:
         try:
@@ -324,15 +344,13 @@ class DtlsSession:
     # -- output -------------------------------------------------------
     def send(self, data: bytes) -> Optional[bytes]:
         """Encrypt one record; return the datagram to send (None if not possible)."""
-        if self.state != ESTABLISHED:
+        if self.state is not ESTABLISHED:
             return None
-        ssl = self._ssl
-        n = _lib.SSL_write(ssl, data, len(data))
-        if n <= 0:
+        if _SSL_write(self._ssl, data, len(data)) <= 0:
             _lib.ERR_clear_error()
             return None
-        n = _lib.BIO_read(self._wbio, self._wbuf, 65536)
-        return _ffi.buffer(self._wbuf, n)[:] if n > 0 else None
+        n = _BIO_read(self._wbio, self._wbuf, 65536)
+        return _unpack(self._wbuf, n) if n > 0 else None
 
     def datagrams_to_send(self) -> list[bytes]:
         out, self._out = self._out, []
@@ -341,10 +359,10 @@ class DtlsSession:
     def _collect(self) -> None:
         chunks = []
         while True:
-            n = _lib.BIO_read(self._wbio, self._wbuf, 65536)
+            n = _BIO_read(self._wbio, self._wbuf, 65536)
             if n <= 0:
                 break
-            chunks.append(_ffi.buffer(self._wbuf, n)[:])
+            chunks.append(_unpack(self._wbuf, n))
         if chunks:
             self._out.extend(pack_datagrams(split_records(b"".join(chunks)), self.mtu))
 

@@ -89,14 +89,20 @@ class Path:
     # -- output -------------------------------------------------------
     def send(self, record: bytes, now: float) -> bool:
         """Encrypt one record into ``out``; False if the path cannot send."""
-        dgram = self.dtls.send(record)
+        dgram = self.encrypt(record, now)
         if dgram is None:
             return False
         self.out.append(dgram)
-        self.last_tx = now
-        self.tx_packets += 1
-        self.tx_bytes += len(record)
         return True
+
+    def encrypt(self, record: bytes, now: float) -> Optional[bytes]:
+        """Encrypt one record and return the datagram (hot path: the caller sends it)."""
+        dgram = self.dtls.send(record)
+        if dgram is not None:
+            self.last_tx = now
+            self.tx_packets += 1
+            self.tx_bytes += len(record)
+        return dgram
 
     def ping(self, now: float) -> None:
         self.last_ping = now

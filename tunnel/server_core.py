@@ -144,16 +144,15 @@ class ServerCore:
 
     def _on_data(self, tunnel: ServerTunnel, rec: bytes) -> None:
         try:
-            frame = frames.parse(rec)
+            seq, pkt = frames.parse_data(rec)
         except frames.FrameError:
             tunnel.malformed += 1
             return
-        pkt = frame.payload
         # anti-spoofing: an IPv4 packet must come from the tunnel's own inner address
         if len(pkt) < 20 or pkt[0] >> 4 != 4 or pkt[12:16] != tunnel.key:
             tunnel.spoofed += 1
             return
-        if tunnel.dedup.accept(frame.seq):
+        if tunnel.dedup.accept(seq):
             self.to_tun.append(pkt)
 
     def _on_control(self, path: Path, tunnel: Optional[ServerTunnel], rec: bytes, now: float) -> None:
@@ -221,10 +220,11 @@ class ServerCore:
         if tunnel is None or not tunnel.paths:
             self.counters["no_route"] += 1
             return
-        tunnel.seq += 1
+        tunnel.seq = seq = tunnel.seq + 1
         path = tunnel.paths[0]
-        if path.send(frames.encode_data(tunnel.seq, pkt), now):
-            self.outbox.append((path.out.pop(), path.addr))
+        dgram = path.encrypt(frames.encode_data(seq, pkt), now)
+        if dgram is not None:
+            self.outbox.append((dgram, path.addr))
 
     # -- output -------------------------------------------------------
     def _flush(self, path: Path) -> None:

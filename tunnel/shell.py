@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 from tunnel import events
 from tunnel.control import ControlServer
+from tunnel.udp import BatchSocket
 
 log = logging.getLogger("mptun")
 
@@ -90,6 +91,11 @@ class Shell:
     def stop(self) -> None:
         self._stop.set()
 
+    def _send_error(self, exc: OSError) -> None:
+        if exc.errno not in _TRANSIENT:
+            log.debug("send failed: %s", exc)
+        self.counters["send_errors"] += 1
+
     async def run(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self.stop)
@@ -117,37 +123,27 @@ class Shell:
         raise NotImplementedError
 
 
-def _send_all(sendto: Callable, batch, counters: dict) -> None:
-    for dgram, addr in batch:
-        try:
-            sendto(dgram, addr)
-        except OSError as exc:
-            if exc.errno not in _TRANSIENT:
-                log.debug("send to %s failed: %s", addr, exc)
-            counters["send_errors"] += 1
-
-
 class ServerShell(Shell):
     def __init__(self, core, tun_fd: int, sockets: list[socket.socket], on_event: Callable, control_path=None):
         super().__init__(core, tun_fd, control_path)
-        self.sockets = sockets
-        self._sock_of: dict[tuple, socket.socket] = {}
+        self.sockets = [BatchSocket(s) for s in sockets]
+        self._sock_of: dict[tuple, BatchSocket] = {}
         self._on_event = on_event
 
     def start(self) -> None:
         for s in self.sockets:
-            s.setblocking(False)
+            s.sock.setblocking(False)
             self.loop.add_reader(s.fileno(), self._on_sock_readable, s)
         self.loop.add_reader(self.tun_fd, self._on_tun_readable)
 
-    def _on_sock_readable(self, sock: socket.socket) -> None:
-        core, recv = self.core, sock.recvfrom
+    def _on_sock_readable(self, sock: BatchSocket) -> None:
+        receive, recv = self.core.receive_datagram, sock.recv_batch
         sock_of = self._sock_of
         now = self.loop.time()
         n = 0
         while True:
             try:
-                data, addr = recv(READ_SIZE)
+                dgrams, addr = recv()
             except BlockingIOError:
                 break
             except OSError:
@@ -155,21 +151,20 @@ class ServerShell(Shell):
                 continue
             if addr not in sock_of:
                 sock_of[addr] = sock
-            core.receive_datagram(data, addr, now)
-            n += 1
-            if n % BATCH == 0:
+            for data in dgrams:
+                receive(data, addr, now)
+            n += len(dgrams)
+            if n >= BATCH:
                 self.flush()
+                n = 0
         self.flush()
 
     def flush(self) -> None:
         out = self.core.datagrams_to_send()
         if out:
-            if len(self.sockets) == 1:
-                _send_all(self.sockets[0].sendto, out, self.counters)
-            else:
-                default = self.sockets[0]
-                for dgram, addr in out:
-                    _send_all(self._sock_of.get(addr, default).sendto, ((dgram, addr),), self.counters)
+            default, sock_of = self.sockets[0], self._sock_of
+            for addr, dgrams in _by_destination(out):
+                sock_of.get(addr, default).send_batch(dgrams, addr, self._send_error)
         self.write_tun()
         self.handle_events()
         if len(self._sock_of) > 4 * len(self.core.paths) + 64:
@@ -183,6 +178,20 @@ class ServerShell(Shell):
             self.loop.remove_reader(s.fileno())
             s.close()
         self.loop.remove_reader(self.tun_fd)
+
+
+def _by_destination(out: list[tuple[bytes, tuple]]):
+    """Consecutive runs of datagrams to the same address (order kept)."""
+    run: list[bytes] = []
+    last = None
+    for dgram, addr in out:
+        if addr != last and run:
+            yield last, run
+            run = []
+        last = addr
+        run.append(dgram)
+    if run:
+        yield last, run
 
 
 class ClientShell(Shell):
@@ -201,7 +210,7 @@ class ClientShell(Shell):
         self._tun_factory = tun_factory
         self._make_socket = make_socket
         self._on_event = on_event
-        self.sock: Optional[socket.socket] = None
+        self.sock: Optional[BatchSocket] = None
 
     def start(self) -> None:
         self.core.connect(self.loop.time())
@@ -211,8 +220,8 @@ class ClientShell(Shell):
         if self.sock is not None:
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
-        self.sock = self._make_socket()
-        self.sock.setblocking(False)
+        self.sock = BatchSocket(self._make_socket())
+        self.sock.sock.setblocking(False)
         self.loop.add_reader(self.sock.fileno(), self._on_sock_readable)
 
     def ensure_tun(self) -> None:
@@ -221,33 +230,30 @@ class ClientShell(Shell):
             self.loop.add_reader(self.tun_fd, self._on_tun_readable)
 
     def _on_sock_readable(self) -> None:
-        core, recv = self.core, self.sock.recv
+        receive, recv = self.core.receive_datagram, self.sock.recv_batch
         now = self.loop.time()
         n = 0
         while True:
             try:
-                data = recv(READ_SIZE)
+                dgrams, _ = recv()
             except BlockingIOError:
                 break
             except OSError:  # ICMP port unreachable on a connected socket: the server is not there (yet)
                 self.counters["recv_errors"] += 1
                 break
-            core.receive_datagram(data, now)
-            n += 1
-            if n % BATCH == 0:
+            for data in dgrams:
+                receive(data, now)
+            n += len(dgrams)
+            if n >= BATCH:
                 self.flush()
+                n = 0
         self.flush()
 
     def flush(self) -> None:
         self.handle_events()  # first: a Connecting event swaps the socket, TunnelUp makes the TUN
         out = self.core.datagrams_to_send()
         if out:
-            send = self.sock.send
-            for dgram in out:
-                try:
-                    send(dgram)
-                except OSError:
-                    self.counters["send_errors"] += 1
+            self.sock.send_batch(out, None, self._send_error)
         if self.tun_fd is not None:
             self.write_tun()
 
