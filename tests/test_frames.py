@@ -146,23 +146,38 @@ def test_frame_type_numbers() -> None:
 SEQ_BOUNDARIES = [0, 1, 63, 64, 16383, 16384, 2**30 - 1, 2**30, 2**62 - 1]
 
 
+def v8(value: int) -> bytes:
+    """The 8-byte QUIC varint form (two top bits 11), which mptun's encode_data always uses."""
+    return (value | 0xC000_0000_0000_0000).to_bytes(8, "big")
+
+
 @pytest.mark.parametrize("seq", SEQ_BOUNDARIES)
 def test_data_round_trip_at_varint_boundaries(seq: int) -> None:
     packet = b"\x45" + bytes(range(40))
     wire = frames.encode_data(seq, packet)
-    assert wire == b"\x03" + v(seq) + packet
+    assert wire == b"\x03" + v8(seq) + packet  # constant 9-byte header
+    assert len(wire) == DATA_OVERHEAD + len(packet)
     assert frames.encode(Data(seq, packet)) == wire
-    assert len(wire) == frames.data_header_size(seq) + len(packet)
-    assert frames.data_header_size(seq) <= DATA_OVERHEAD
     assert frames.parse(wire) == Data(seq, packet)
+    assert frames.parse_data(wire) == (seq, packet)
 
 
-def test_data_header_sizes() -> None:
-    sizes = {s: frames.data_header_size(s) for s in SEQ_BOUNDARIES}
-    assert sizes == {
-        0: 2, 1: 2, 63: 2, 64: 3, 16383: 3, 16384: 5, 2**30 - 1: 5, 2**30: 9, 2**62 - 1: 9,
-    }
-    assert DATA_OVERHEAD == max(sizes.values())
+@pytest.mark.parametrize("seq", SEQ_BOUNDARIES)
+def test_data_minimal_varint_also_accepted(seq: int) -> None:
+    """Receivers accept every varint length (RFC 9000 section 16), not only the 8-byte form."""
+    packet = b"\x45" * 20
+    wire = b"\x03" + v(seq) + packet
+    assert frames.parse(wire) == Data(seq, packet)
+    assert frames.parse_data(wire) == (seq, packet)
+    for n in (1, 2, 4):  # every longer form of a small number too
+        if seq < 1 << (8 * n - 2):
+            longer = (seq | {1: 0, 2: 0x4000, 4: 0x8000_0000}[n]).to_bytes(n, "big")
+            assert frames.parse_data(b"\x03" + longer + packet) == (seq, packet)
+
+
+def test_data_overhead_constant() -> None:
+    assert DATA_OVERHEAD == 9
+    assert all(len(frames.encode_data(s, b"x")) == DATA_OVERHEAD + 1 for s in SEQ_BOUNDARIES)
 
 
 def test_data_seq_beyond_varint_range_cannot_be_encoded() -> None:
@@ -174,10 +189,13 @@ def test_data_payload_is_everything_after_seq() -> None:
     # a payload that itself looks like frames is not interpreted
     payload = frames.encode(Close(1, "x")) + b"\x00\x00"
     assert frames.parse(frames.encode_data(7, payload)) == Data(7, payload)
+    assert frames.parse_data(frames.encode_data(7, payload)) == (7, payload)
 
 
 def test_data_one_byte_payload_accepted() -> None:
     assert frames.parse(b"\x03\x00\x00") == Data(0, b"\x00")
+    assert frames.parse_data(b"\x03\x00\x00") == (0, b"\x00")
+    assert frames.parse_data(b"\x03" + v8(5) + b"\x00") == (5, b"\x00")
 
 
 # -- rejection --------------------------------------------------------------
@@ -204,16 +222,21 @@ def test_empty_record_rejected() -> None:
 
 @pytest.mark.parametrize("seq", [0, 64, 16384, 2**30, 2**62 - 1])
 def test_data_without_payload_rejected(seq: int) -> None:
-    with pytest.raises(FrameError, match="without a packet"):
-        frames.parse(b"\x03" + v(seq))
+    for wire in (b"\x03" + v(seq), b"\x03" + v8(seq)):
+        with pytest.raises(FrameError, match="without a packet"):
+            frames.parse(wire)
+        with pytest.raises(FrameError, match="without a packet"):
+            frames.parse_data(wire)
 
 
 @pytest.mark.parametrize("seq", [64, 16384, 2**30])
 def test_data_truncated_seq_rejected(seq: int) -> None:
-    wire = b"\x03" + v(seq)
-    for n in range(1, len(wire)):
-        with pytest.raises(FrameError):
-            frames.parse(wire[:n])
+    for wire in (b"\x03" + v(seq), b"\x03" + v8(seq)):
+        for n in range(1, len(wire)):
+            with pytest.raises(FrameError):
+                frames.parse(wire[:n])
+            with pytest.raises(FrameError):
+                frames.parse_data(wire[:n])
 
 
 @pytest.mark.parametrize(
@@ -337,6 +360,19 @@ def test_parse_random_bytes(data: bytes) -> None:
     _parse_or_frame_error(data)
 
 
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=40))
+def test_parse_data_agrees_with_parse(body: bytes) -> None:
+    data = b"\x03" + body
+    try:
+        expected = frames.parse(data)
+    except FrameError:
+        with pytest.raises(FrameError):
+            frames.parse_data(data)
+    else:
+        assert frames.parse_data(data) == (expected.seq, expected.payload)
+
+
 @settings(max_examples=600, deadline=None)
 @given(st.sampled_from([HELLO, CONFIG, DATA, PING, PONG, CLOSE]), st.binary(max_size=120))
 def test_parse_random_bytes_after_valid_type(ftype: int, body: bytes) -> None:
@@ -386,3 +422,34 @@ _frames = st.one_of(
 @given(_frames)
 def test_round_trip_property(frame) -> None:
     assert frames.parse(frames.encode(frame)) == frame
+
+
+# -- docs/PROTOCOL.md examples match the code -------------------------------------
+def _doc() -> str:
+    from pathlib import Path
+
+    return (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text()
+
+
+def test_protocol_doc_config_example() -> None:
+    doc = _doc()
+    block = doc.split("Example (tunnel id 1", 1)[1].split("```", 2)[1]
+    hex_bytes = "".join(line.split("  ")[0] for line in block.strip().splitlines())
+    example = Config(
+        (1).to_bytes(16, "big"),
+        [ipaddress.ip_interface("100.64.0.2/24")],
+        1426,
+        1000,
+        5000,
+        [ipaddress.ip_network("10.9.0.0/16")],
+    )
+    assert bytes.fromhex(hex_bytes) == frames.encode(example)
+    assert f"{len(frames.encode(example))} bytes" in doc.split("Example (tunnel id 1", 1)[1].split("```")[0]
+
+
+def test_protocol_doc_small_examples() -> None:
+    doc = _doc()
+    assert frames.encode_data(1, b"\x45").hex(" ") + " ..." in doc
+    assert "With version 1 a HELLO is 18 bytes" in doc and len(frames.encode(Hello())) == 18
+    for code, name in ((0, "CLOSE_NORMAL"), (1, "CLOSE_REFUSED"), (2, "CLOSE_PROTOCOL"), (3, "CLOSE_REPLACED"), (4, "CLOSE_VERSION")):
+        assert getattr(frames, name) == code and f"| {code}    | `{name}`" in doc

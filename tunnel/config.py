@@ -42,8 +42,12 @@ class ServerConfig:
     timeout: float = 5.0
     allow_unlisted_clients: bool = True
     log_level: str = "info"
-    clients: dict[str, ipaddress.IPv4Address] = field(default_factory=dict)
+    clients: dict[str, Optional[ipaddress.IPv4Address]] = field(default_factory=dict)  # name -> static address
     control: Optional[Path] = None
+
+    @property
+    def static_addresses(self) -> dict[str, ipaddress.IPv4Address]:
+        return {name: a for name, a in self.clients.items() if a is not None}
 
 
 @dataclass
@@ -174,6 +178,11 @@ def load_server_config(path: str | Path) -> ServerConfig:
     listen = [_endpoint(sec, "listen", v) for v in (listen_raw if isinstance(listen_raw, list) else [listen_raw])]
     if not listen:
         raise sec.error("listen", "empty list")
+    for host, _ in listen:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise sec.error("listen", f"{host!r} is not an IP address (the server binds to addresses)") from None
     addr_raw = sec.get("address", str, what='an inner address with prefix, like "100.64.0.1/24"')
     try:
         address = ipaddress.IPv4Interface(addr_raw)
@@ -204,19 +213,24 @@ def load_server_config(path: str | Path) -> ServerConfig:
     common = _common(sec)
     sec.finish()
 
-    clients: dict[str, ipaddress.IPv4Address] = {}
+    clients: dict[str, Optional[ipaddress.IPv4Address]] = {}
     ctable = data.get("clients", {})
     if not isinstance(ctable, dict):
         raise ConfigError(f"{p}: [clients] must be a table of [clients.NAME] tables")
     for name, entry in ctable.items():
         csec = _Section(p, f"clients.{name}", entry)
         raw = csec.get("address", str, None)
+        clients[name] = None
         if raw is not None:
             try:
                 a = ipaddress.IPv4Address(raw)
             except ValueError as exc:
                 raise csec.error("address", str(exc)) from None
-            if a not in address.network or a == address.ip:
+            if (
+                a not in address.network
+                or a == address.ip
+                or a in (address.network.network_address, address.network.broadcast_address)
+            ):
                 raise csec.error("address", f"{a} is not a free host address of {address.network}")
             if a in clients.values():
                 raise csec.error("address", f"{a} is given to another client too")

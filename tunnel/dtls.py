@@ -278,6 +278,8 @@ class DtlsSession:
     # -- input --------------------------------------------------------
     def receive_datagram(self, data: bytes, now: float) -> list[bytes]:
         """Process one datagram; return the application records it carried."""
+        if not data:
+            return []
         if self.state is ESTABLISHED:
             size = len(data)
             _BIO_write(self._rbio, data, size)

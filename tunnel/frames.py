@@ -91,6 +91,8 @@ def encode_data(seq: int, payload: bytes) -> bytes:
     The sequence number always takes the 8-byte varint form (RFC 9000 allows
     non-minimal encodings): one struct call, and a constant 9-byte header.
     """
+    if seq >> 62:
+        raise ValueError(f"sequence number {seq} does not fit a varint")
     return _DATA_HEADER(DATA, _VARINT_8 | seq) + payload
 
 

@@ -51,7 +51,7 @@ def build(cfg: ServerConfig):
     inner = cfg.mtu or mtu_math.inner_mtu(link_mtu, family)
     if inner > mtu_math.inner_mtu(link_mtu, family):
         log.warning("mtu %d is larger than the underlay allows (%d): packets will fragment", inner, mtu_math.inner_mtu(link_mtu, family))
-    pool = AddressPool(cfg.address, cfg.clients, cfg.pool_first, cfg.pool_last)
+    pool = AddressPool(cfg.address, cfg.static_addresses, cfg.pool_first, cfg.pool_last)
     allowed = None if cfg.allow_unlisted_clients else set(cfg.clients)
     core = ServerCore(
         ctx,

@@ -111,6 +111,8 @@ class ServerCore:
                     self._on_data(tunnel, rec)
                 else:
                     self._on_control(path, tunnel, rec, now)
+                    if not path.alive:  # refused or closed: ignore the rest of the datagram
+                        break
         if not path.alive:
             self._drop_path(path, path.reason)
 
@@ -188,7 +190,7 @@ class ServerCore:
             return self._refuse(path, frames.CLOSE_REFUSED, "unknown tunnel", now)
         old = self.by_name.get(name)
         if old is not None:
-            self._remove_tunnel(old, "replaced by a new connection of the same client", now)
+            self._remove_tunnel(old, "replaced by a new connection of the same client", now, frames.CLOSE_REPLACED)
         try:
             address = self.pool.lease(name)
         except PoolExhausted as exc:
@@ -268,9 +270,9 @@ class ServerCore:
             if not tunnel.paths:
                 self._forget_tunnel(tunnel, reason)
 
-    def _remove_tunnel(self, tunnel: ServerTunnel, reason: str, now: float) -> None:
+    def _remove_tunnel(self, tunnel: ServerTunnel, reason: str, now: float, code: int) -> None:
         for path in list(tunnel.paths):
-            path.close(frames.encode(frames.Close(frames.CLOSE_REPLACED, reason)), now)
+            path.close(frames.encode(frames.Close(code, reason)), now)
             self._flush(path)
             self.paths.pop(path.addr, None)
             self._tunnel_of.pop(path.addr, None)
@@ -290,7 +292,7 @@ class ServerCore:
     def close(self, now: float) -> None:
         """Tell every client we are going (CLOSE + close_notify)."""
         for tunnel in list(self.tunnels.values()):
-            self._remove_tunnel(tunnel, "server shutting down", now)
+            self._remove_tunnel(tunnel, "server shutting down", now, frames.CLOSE_NORMAL)
         for path in list(self.paths.values()):
             path.close(None, now)
             self._flush(path)
