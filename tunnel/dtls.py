@@ -239,7 +239,7 @@ class DtlsSession:
         self.state = HANDSHAKING
         self.error = ""  # why the session failed or closed
         self.records_dropped = 0  # records that decrypted to nothing (bad MAC, replays, junk)
-        self._out: list[bytes] = []
+        self.out: list[bytes] = []
         self._timer: Optional[float] = None
         self._ssl = conn._ssl  # type: ignore[attr-defined]
         self._wbio = conn._from_ssl  # type: ignore[attr-defined]
@@ -283,15 +283,19 @@ class DtlsSession:
         if self.state is ESTABLISHED:
             size = len(data)
             _BIO_write(self._rbio, data, size)
-            # Fast path: a datagram that is exactly one record (what mptun peers send
-            # after the handshake) needs one SSL_read, not a second one to see WANT_READ.
-            if size >= DTLS_HEADER and size == DTLS_HEADER + ((data[11] << 8) | data[12]):
+            # Fast path: a datagram that is exactly one application-data record (what
+            # mptun peers send after the handshake) needs one SSL_read, not a second
+            # one to see WANT_READ, and cannot make OpenSSL write anything.
+            if data[0] == CT_APPLICATION_DATA and size >= DTLS_HEADER and size == DTLS_HEADER + (
+                (data[11] << 8) | data[12]
+            ):
                 n = _SSL_read(self._ssl, self._rbuf, 65536)
                 if n > 0:
                     return [_unpack(self._rbuf, n)]
                 out = self._read_error(n)
             else:
                 out = self._read_records()
+                self._collect()  # a retransmitted flight or an alert may need an answer
             if not out and data[0] == CT_APPLICATION_DATA:
                 self.records_dropped += 1  # bad MAC, replay or junk: DTLS drops it silently
             return out
@@ -355,7 +359,7 @@ class DtlsSession:
         return _unpack(self._wbuf, n) if n > 0 else None
 
     def datagrams_to_send(self) -> list[bytes]:
-        out, self._out = self._out, []
+        out, self.out = self.out, []
         return out
 
     def _collect(self) -> None:
@@ -366,7 +370,7 @@ class DtlsSession:
                 break
             chunks.append(_unpack(self._wbuf, n))
         if chunks:
-            self._out.extend(pack_datagrams(split_records(b"".join(chunks)), self.mtu))
+            self.out.extend(pack_datagrams(split_records(b"".join(chunks)), self.mtu))
 
     # -- timers -------------------------------------------------------
     def _update_timer(self, now: float) -> None:

@@ -44,18 +44,23 @@ class Path:
     # -- input --------------------------------------------------------
     def receive(self, data: bytes, now: float) -> list[bytes]:
         """Feed one datagram; return the records the tunnel core must handle."""
-        records = self.dtls.receive_datagram(data, now)
-        self._pull_dtls_output()
-        if self.state == P_HANDSHAKING:
-            if self.dtls.state == ESTABLISHED:
-                self.state = P_UP
-            elif self.dtls.state in (FAILED, CLOSED):
-                self._end(P_CLOSED, self.dtls.error)
-        elif self.dtls.state in (FAILED, CLOSED) and self.state == P_UP:
-            self._end(P_CLOSED, self.dtls.error)
+        dtls = self.dtls
+        records = dtls.receive_datagram(data, now)
+        if dtls.out:
+            self._pull_dtls_output()
+        if self.state is not P_UP or dtls.state is not ESTABLISHED:
+            self._follow_dtls_state()
         if not records:
             return records
         self.last_rx = now
+        if len(records) == 1:  # the common case: one record, usually DATA
+            rec = records[0]
+            self.rx_packets += 1
+            self.rx_bytes += len(rec)
+            if rec[0] == _PING_TYPE or rec[0] == _PONG_TYPE:
+                self._on_ping_pong(rec, now)
+                return []
+            return records
         self.rx_packets += len(records)
         out = []
         for rec in records:
@@ -66,6 +71,16 @@ class Path:
             else:
                 out.append(rec)
         return out
+
+    def _follow_dtls_state(self) -> None:
+        dtls = self.dtls
+        if self.state == P_HANDSHAKING:
+            if dtls.state == ESTABLISHED:
+                self.state = P_UP
+            elif dtls.state in (FAILED, CLOSED):
+                self._end(P_CLOSED, dtls.error)
+        elif self.state == P_UP and dtls.state in (FAILED, CLOSED):
+            self._end(P_CLOSED, dtls.error)
 
     def _on_ping_pong(self, rec: bytes, now: float) -> None:
         try:

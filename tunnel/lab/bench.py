@@ -326,7 +326,10 @@ def echo_client(addr: str, port: int, seconds: float, rate: float, size: int = E
         while len(rtts) < count:
             now = time.perf_counter()
             if sent < count and now >= start + sent * interval:
-                sock.send(_ECHO_HEADER.pack(sent, now).ljust(size, b"\0"))
+                try:
+                    sock.send(_ECHO_HEADER.pack(sent, now).ljust(size, b"\0"))
+                except OSError:  # a pending ICMP error from an earlier datagram: this one is lost
+                    pass
                 sent += 1
                 continue
             if sent == count and now >= deadline:
@@ -759,6 +762,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         progress("interrupted; labs torn down, nothing written")
         return 130
+    end_commit = _commit()
+    if end_commit != meta["commit"]:  # someone committed or edited tunnel/ meanwhile
+        meta["commit"] = f"{meta['commit']} at start, {end_commit} at end"
     report = Report(meta, runs, ciphers)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(render(report))
