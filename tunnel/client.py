@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 
@@ -68,13 +67,10 @@ def run(cfg: ClientConfig) -> int:
         elif isinstance(ev, events.Connecting):
             log.debug("connecting to %s (attempt %d)", fmt_addr(ev.addr), ev.attempt)
 
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
     shell = ClientShell(core, make_tun, make_socket, on_event, cfg.control or default_path("client", cfg.tun))
     try:
-        loop.run_until_complete(shell.run())
+        shell.run()
     finally:
-        loop.close()
         for tun in tun_holder:
             tun.close()
         log.info("stopped")

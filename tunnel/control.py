@@ -6,7 +6,6 @@ shows client names and addresses.
 
 from __future__ import annotations
 
-import asyncio
 import glob
 import json
 import os
@@ -22,39 +21,76 @@ def default_path(role: str, tun: str) -> Path:
 
 
 class ControlServer:
+    """Serves status requests from inside the shell's event loop (never blocks it)."""
+
+    MAX_REQUEST = 1024
+
     def __init__(self, path: Path, status: Callable[[], dict]):
         self.path = Path(path)
         self._status = status
-        self._server: Optional[asyncio.AbstractServer] = None
+        self._loop = None
+        self._sock: Optional[socket.socket] = None
+        self._conns: dict[int, tuple[socket.socket, bytearray]] = {}
 
-    async def start(self) -> None:
+    def start(self, loop) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
+            sock.bind(str(self.path))
         finally:
             os.umask(old)
+        sock.listen(8)
+        sock.setblocking(False)
+        self._sock, self._loop = sock, loop
+        loop.add_reader(sock.fileno(), self._accept)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept(self) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            cmd = line.decode(errors="replace").strip()
-            if cmd == "status":
-                reply = {"ok": True, "status": self._status()}
-            else:
-                reply = {"ok": False, "error": f"unknown command {cmd!r}"}
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
+            conn, _ = self._sock.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(False)
+        self._conns[conn.fileno()] = (conn, bytearray())
+        self._loop.add_reader(conn.fileno(), self._read, conn.fileno())
+
+    def _read(self, fd: int) -> None:
+        conn, buf = self._conns[fd]
+        try:
+            chunk = conn.recv(self.MAX_REQUEST)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        buf += chunk
+        if chunk and b"\n" not in buf and len(buf) < self.MAX_REQUEST:
+            return
+        cmd = bytes(buf).split(b"\n", 1)[0].decode(errors="replace").strip()
+        if cmd == "status":
+            reply = {"ok": True, "status": self._status()}
+        else:
+            reply = {"ok": False, "error": f"unknown command {cmd!r}"}
+        try:
+            conn.setblocking(True)
+            conn.settimeout(1.0)  # the reply is small; a reader that stalls loses it
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+        except OSError:
             pass
-        finally:
-            writer.close()
+        self._drop(fd)
+
+    def _drop(self, fd: int) -> None:
+        conn, _ = self._conns.pop(fd)
+        self._loop.remove_reader(fd)
+        conn.close()
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for fd in list(self._conns):
+            self._drop(fd)
+        if self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
         try:
             self.path.unlink()
         except FileNotFoundError:

@@ -5,11 +5,8 @@ Called at start-up and when the tunnel's CONFIG changes, never per packet.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import ipaddress
 import socket
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Optional
 
 from pyroute2 import IPRoute
@@ -20,25 +17,6 @@ class NetlinkErrorMsg(Exception):
     pass
 
 
-_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
-
-
-def _off_loop(fn):
-    """pyroute2's synchronous IPRoute runs its own asyncio loop, which cannot nest inside
-    a running one; from inside the shell's loop, run the call on a worker thread and wait
-    (configuration time only, never per packet)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return fn(*args, **kwargs)
-        return _worker.submit(fn, *args, **kwargs).result()
-
-    return wrapper
-
-
 def _index(ipr: IPRoute, ifname: str) -> int:
     idx = ipr.link_lookup(ifname=ifname)
     if not idx:
@@ -46,7 +24,6 @@ def _index(ipr: IPRoute, ifname: str) -> int:
     return idx[0]
 
 
-@_off_loop
 def configure_interface(
     ifname: str,
     addresses: Iterable,
@@ -88,7 +65,6 @@ def _disable_ipv6(ifname: str) -> None:
         pass  # no IPv6 in this kernel or namespace: nothing to silence
 
 
-@_off_loop
 def route_mtu(dst: str) -> Optional[int]:
     """MTU of the interface the kernel would use to reach ``dst`` (None if unknown)."""
     family = socket.AF_INET6 if ipaddress.ip_address(dst).version == 6 else socket.AF_INET
@@ -110,13 +86,11 @@ def route_mtu(dst: str) -> Optional[int]:
         return links[0].get_attr("IFLA_MTU") if links else None
 
 
-@_off_loop
 def interface_mtu(ifname: str) -> int:
     with IPRoute() as ipr:
         return ipr.get_links(_index(ipr, ifname))[0].get_attr("IFLA_MTU")
 
 
-@_off_loop
 def address_mtu(address: str) -> Optional[int]:
     """MTU of the interface that holds ``address`` (None for a wildcard or unknown address)."""
     if ipaddress.ip_address(address).is_unspecified:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import socket
@@ -82,11 +81,8 @@ def run(cfg: ServerConfig) -> int:
             "listening on %s, tun %s %s mtu %d",
             ", ".join(f"{h}:{p}" for h, p in cfg.listen), tun.name, cfg.address, inner,
         )
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
         shell = ServerShell(core, tun.fd, sockets, log_event, cfg.control or default_path("server", tun.name))
-        loop.run_until_complete(shell.run())
-        loop.close()
+        shell.run()
         log.info("stopped")
     finally:
         tun.close()

@@ -1,4 +1,4 @@
-"""The I/O shell: asyncio owns the UDP sockets and the TUN fd and feeds the cores.
+"""The I/O shell: an epoll loop owns the UDP sockets and the TUN fd and feeds the cores.
 
 Each readable fd is drained until EAGAIN in one wakeup (one packet per wakeup
 costs ~1.8x), outputs are flushed in batches, and a periodic tick drives the
@@ -9,7 +9,6 @@ fatal.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import os
@@ -19,6 +18,7 @@ from typing import Callable, Optional
 
 from tunnel import events
 from tunnel.control import ControlServer
+from tunnel.loop import EventLoop, TimerHandle
 from tunnel.udp import BatchSocket
 
 log = logging.getLogger("mptun")
@@ -36,10 +36,9 @@ class Shell:
         self.core = core
         self.tun_fd = tun_fd
         self.control = ControlServer(control_path, self.status) if control_path else None
-        self.loop = asyncio.get_event_loop()
+        self.loop = EventLoop()
         self.counters = {"send_errors": 0, "tun_write_errors": 0, "recv_errors": 0}
-        self._stop = asyncio.Event()
-        self._tick_handle: Optional[asyncio.TimerHandle] = None
+        self._tick_handle: Optional[TimerHandle] = None
 
     # -- TUN ----------------------------------------------------------
     def _on_tun_readable(self) -> None:
@@ -56,7 +55,9 @@ class Shell:
                 break
             core.send_packet(pkt, now)
             n += 1
-            if n % BATCH == 0:
+            if n == 1:
+                self.send_out()  # latency: the first packet leaves before we look for more
+            elif n % BATCH == 0:
                 self.flush()
         self.flush()
 
@@ -86,25 +87,31 @@ class Shell:
         raise NotImplementedError
 
     def flush(self) -> None:
+        """Send what the core produced, write to the TUN, handle events."""
+        raise NotImplementedError
+
+    def send_out(self) -> None:
+        """Send the datagrams the core produced (and nothing else)."""
         raise NotImplementedError
 
     def stop(self) -> None:
-        self._stop.set()
+        self.loop.stop()
 
     def _send_error(self, exc: OSError) -> None:
         if exc.errno not in _TRANSIENT:
             log.debug("send failed: %s", exc)
         self.counters["send_errors"] += 1
 
-    async def run(self) -> None:
+    def run(self) -> None:
+        """Run until SIGINT/SIGTERM, then tell the peer and release everything."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self.stop)
         self.start()
         if self.control is not None:
-            await self.control.start()
+            self.control.start(self.loop)
         self._tick_handle = self.loop.call_later(TICK, self._tick)
         try:
-            await self._stop.wait()
+            self.loop.run_forever()
         finally:
             self._tick_handle.cancel()
             if self.control is not None:
@@ -112,6 +119,7 @@ class Shell:
             self.core.close(self.loop.time())
             self.flush()
             self.shutdown()
+            self.loop.close()
 
     def status(self) -> dict:
         return {**self.core.stats(), "io": dict(self.counters)}
@@ -153,18 +161,23 @@ class ServerShell(Shell):
                 sock_of[addr] = sock
             for data in dgrams:
                 receive(data, addr, now)
+            if n == 0:
+                self.write_tun()  # latency: the first packet is delivered before we look for more
             n += len(dgrams)
             if n >= BATCH:
                 self.flush()
-                n = 0
+                n = 1
         self.flush()
 
-    def flush(self) -> None:
+    def send_out(self) -> None:
         out = self.core.datagrams_to_send()
         if out:
             default, sock_of = self.sockets[0], self._sock_of
             for addr, dgrams in _by_destination(out):
                 sock_of.get(addr, default).send_batch(dgrams, addr, self._send_error)
+
+    def flush(self) -> None:
+        self.send_out()
         self.write_tun()
         self.handle_events()
         if len(self._sock_of) > 4 * len(self.core.paths) + 64:
@@ -243,19 +256,24 @@ class ClientShell(Shell):
                 break
             for data in dgrams:
                 receive(data, now)
+            if n == 0 and self.tun_fd is not None:
+                self.write_tun()  # latency: the first packet is delivered before we look for more
             n += len(dgrams)
             if n >= BATCH:
                 self.flush()
-                n = 0
+                n = 1
         self.flush()
 
     def flush(self) -> None:
         self.handle_events()  # first: a Connecting event swaps the socket, TunnelUp makes the TUN
+        self.send_out()
+        if self.tun_fd is not None:
+            self.write_tun()
+
+    def send_out(self) -> None:
         out = self.core.datagrams_to_send()
         if out:
             self.sock.send_batch(out, None, self._send_error)
-        if self.tun_fd is not None:
-            self.write_tun()
 
     def on_event(self, ev) -> None:
         if isinstance(ev, events.Connecting):
