@@ -132,7 +132,7 @@ def test_sigterm_closes_the_tunnel_and_removes_the_tun_device(tunnel_stack):
     tunnel_stack.server_proc.send_signal(signal.SIGTERM)
     assert tunnel_stack.server_proc.wait(10) == 0
     wait_for(
-        lambda: "server closed the tunnel: server shutting down" in tunnel_stack.client_log.read_text(),
+        lambda: "server closed the path: server shutting down" in tunnel_stack.client_log.read_text(),
         5,
         message="client was not told",
     )

@@ -1,4 +1,5 @@
-"""`mptun client`: config -> DTLS context, ClientCore, shell; TUN made on first CONFIG."""
+"""`mptun client`: config -> DTLS context, ClientCore, shell; one path per usable
+interface and server address; TUN made on the first CONFIG."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 import socket
 
 from tunnel import events, mtu as mtu_math, netlink
-from tunnel.app import fmt_addr, setup_logging, udp_socket
+from tunnel.app import setup_logging, udp_socket
 from tunnel.client_core import ClientCore
 from tunnel.config import ClientConfig, ConfigError
 from tunnel.control import default_path
@@ -15,59 +16,124 @@ from tunnel.shell import ClientShell
 from tunnel.tun import TunDevice
 
 log = logging.getLogger("mptun")
-DEFAULT_UNDERLAY_MTU = 1500
 
 
-def resolve(cfg: ClientConfig) -> tuple[int, tuple]:
-    host, port = cfg.server
-    try:
-        info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
-    except socket.gaierror as exc:
-        raise ConfigError(f"{cfg.path}: [client] server: cannot resolve {host}: {exc.strerror}") from None
-    return info[0], info[4][:2]
+def resolve(cfg: ClientConfig) -> list[tuple[int, tuple]]:
+    """(address family, (ip, port)) of each configured server address."""
+    out = []
+    for host, port in cfg.servers:
+        try:
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        except socket.gaierror as exc:
+            raise ConfigError(f"{cfg.path}: [client] server: cannot resolve {host}: {exc.strerror}") from None
+        out.append((info[0], info[4][:2]))
+    return out
+
+
+def path_label(key) -> str:
+    ifname, local, server = key
+    return f"{ifname} {local} -> {server[0]}:{server[1]}"
+
+
+class PathFinder:
+    """Which paths the client should run now: interface x server address pairs
+    where the interface is up, has an IPv4 address and a route to the server."""
+
+    def __init__(self, cfg: ClientConfig, servers: list[tuple[int, tuple]]):
+        self.cfg = cfg
+        self.servers = [addr for family, addr in servers if family == socket.AF_INET]
+        self.inner_mtu: dict = {}
+
+    def __call__(self) -> dict:
+        found = netlink.usable_interfaces(exclude=[self.cfg.tun])
+        if self.cfg.interfaces:
+            order = {name: i for i, name in enumerate(self.cfg.interfaces)}
+            found = sorted((f for f in found if f[0] in order), key=lambda f: order[f[0]])
+        wanted = {}
+        for priority, (name, index, addr, link_mtu) in enumerate(found):
+            for server in self.servers:
+                if netlink.reachable_via(server[0], index):
+                    key = (name, addr, server)
+                    wanted[key] = (server, name, priority, mtu_math.datagram_mtu(link_mtu))
+                    self.inner_mtu[key] = mtu_math.inner_mtu(link_mtu)
+        return wanted
+
+
+def make_socket(key) -> socket.socket:
+    """A UDP socket bound to the path's interface and address, connected to the server."""
+    ifname, local, server = key
+    s = udp_socket(socket.AF_INET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+    s.bind((local, 0))
+    s.connect(server)
+    return s
 
 
 def run(cfg: ClientConfig) -> int:
     setup_logging("client", cfg.log_level)
     ctx = make_context("client", cfg.certificate, cfg.key, cfg.ca, server_name=cfg.server_name)
-    family, server = resolve(cfg)
-    fam = 6 if family == socket.AF_INET6 else 4
-    link_mtu = netlink.route_mtu(server[0]) or DEFAULT_UNDERLAY_MTU
-    own_inner = mtu_math.inner_mtu(link_mtu, fam)
-    core = ClientCore(ctx, server, mtu_math.datagram_mtu(link_mtu, fam), cfg.keepalive, cfg.timeout)
+    finder = PathFinder(cfg, resolve(cfg))
+    if not finder.servers:
+        raise ConfigError(f"{cfg.path}: [client] server: no IPv4 server address (IPv6 underlay is not supported yet)")
+    core = ClientCore(
+        ctx,
+        mode=cfg.mode,
+        redundancy=cfg.redundancy,
+        pin_flows=cfg.pin_flows,
+        probe_interval=cfg.probe_interval,
+        dead_interval=cfg.dead_interval,
+        timeout=cfg.timeout,
+        window=cfg.dedup_window,
+    )
     tun_holder: list[TunDevice] = []
+    state = {"mtu": None}
 
     def make_tun() -> int:
         tun = TunDevice(cfg.tun)
         tun_holder.append(tun)
         return tun.fd
 
-    def make_socket() -> socket.socket:
-        s = udp_socket(family)
-        s.connect(server)
-        return s
+    def tun_mtu(config_mtu: int) -> int:
+        own = [m for k, m in finder.inner_mtu.items() if k in core.slots]
+        return min([config_mtu] + own)
 
     def on_event(ev) -> None:
         if isinstance(ev, events.TunnelUp):
             c = ev.config
             shell.ensure_tun()
-            mtu = min(c.mtu, own_inner)
+            state["mtu"] = mtu = tun_mtu(c.mtu)
             netlink.configure_interface(tun_holder[0].name, c.addresses, mtu, c.routes)
             log.info(
-                "tunnel up: %s address %s mtu %d%s",
-                tun_holder[0].name, ", ".join(map(str, c.addresses)), mtu,
+                "tunnel up: %s address %s mtu %d mode %s%s",
+                tun_holder[0].name, ", ".join(map(str, c.addresses)), mtu, cfg.mode,
                 (" routes " + ", ".join(map(str, c.routes))) if c.routes else "",
             )
+        elif isinstance(ev, events.PathJoined):
+            log.info("path %s joined the tunnel", path_label(ev.key))
+            if state["mtu"] is not None and core.config is not None and tun_mtu(core.config.mtu) < state["mtu"]:
+                state["mtu"] = tun_mtu(core.config.mtu)
+                netlink.configure_interface(tun_holder[0].name, core.config.addresses, state["mtu"], core.config.routes)
+                log.info("tunnel mtu lowered to %d for the new path", state["mtu"])
         elif isinstance(ev, events.TunnelDown):
             log.warning("tunnel down: %s; reconnecting", ev.reason)
         elif isinstance(ev, events.PathUp):
-            log.info("connected to %s: server '%s', %s", fmt_addr(ev.addr), ev.peer, ev.cipher)
+            log.info("path %s: connected to server '%s', %s", path_label(ev.addr), ev.peer, ev.cipher)
+        elif isinstance(ev, events.PathState):
+            log.info("path %s is %s", path_label(ev.key), ev.state)
         elif isinstance(ev, events.PathDown):
-            log.warning("path to %s down: %s", fmt_addr(ev.addr), ev.reason)
+            log.warning("path %s down: %s", path_label(ev.addr), ev.reason)
         elif isinstance(ev, events.Connecting):
-            log.debug("connecting to %s (attempt %d)", fmt_addr(ev.addr), ev.attempt)
+            log.debug("path %s: connecting (attempt %d)", path_label(ev.key), ev.attempt)
 
-    shell = ClientShell(core, make_tun, make_socket, on_event, cfg.control or default_path("client", cfg.tun))
+    shell = ClientShell(
+        core,
+        make_tun,
+        make_socket,
+        finder,
+        on_event,
+        cfg.control or default_path("client", cfg.tun),
+        watcher=netlink.LinkWatcher(),
+    )
     try:
         shell.run()
     finally:

@@ -1,88 +1,138 @@
-"""Client tunnel state machine (sans-IO).
+"""Client tunnel state machine (sans-IO): one tunnel over any number of paths.
 
-connect -> DTLS handshake -> HELLO -> CONFIG -> up; DATA both ways.  When the
-path dies (timeout, DTLS failure, CLOSE from the server) the client reconnects
-with exponential backoff, keeping its TUN device, so applications only see a
-pause.  Inputs: :meth:`receive_datagram`, :meth:`send_packet`,
-:meth:`handle_timer`; outputs: :meth:`datagrams_to_send`, ``to_tun``,
+Each path (one local interface towards one server address, named by a
+hashable ``key`` the shell chooses) runs its own DTLS session.  The first
+path to finish its handshake sends HELLO with tunnel id 0 and gets CONFIG
+with the tunnel id; every other path then JOINs that id (HELLO with the id).
+A path that dies reconnects with exponential backoff and JOINs again; the
+tunnel, its TUN device and its sequence space live on.  If the server no
+longer knows the tunnel (it restarted), the client starts a new one.
+
+Inputs: :meth:`add_path`, :meth:`remove_path`, :meth:`receive_datagram`,
+:meth:`send_packet`, :meth:`handle_timer`.  Outputs:
+:meth:`datagrams_to_send` (``(key, datagram)`` pairs), ``to_tun``,
 :meth:`next_event`.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional
+from typing import Hashable, Optional
 
 from OpenSSL import SSL
 
 from tunnel import events, frames
-from tunnel.dedup import DedupWindow
+from tunnel.dedup import DEFAULT_WINDOW, DedupWindow
 from tunnel.dtls import DtlsSession, common_name
-from tunnel.path import P_UP, Path
+from tunnel.path import P_CLOSED, P_HANDSHAKING, Path
+from tunnel.scheduler import MODES, Scheduler
 
 BACKOFF_MIN = 0.25
 BACKOFF_MAX = 5.0
 BACKOFF_REFUSED = 10.0  # after the server refused us, retry slowly
 
-C_IDLE, C_CONNECTING, C_HELLO_SENT, C_UP, C_CLOSED = "idle", "connecting", "hello-sent", "up", "closed"
+C_CONNECTING, C_UP, C_CLOSED = "connecting", "up", "closed"
+
+
+class PathSlot:
+    """A configured path: where it goes, and its current session (if any)."""
+
+    __slots__ = ("key", "server", "name", "priority", "mtu", "path", "retry_at", "backoff", "hello_sent", "joined", "attempts")
+
+    def __init__(self, key: Hashable, server: tuple, name: str, priority: int, mtu: int):
+        self.key, self.server, self.name, self.priority, self.mtu = key, server, name, priority, mtu
+        self.path: Optional[Path] = None
+        self.retry_at: Optional[float] = None
+        self.backoff = BACKOFF_MIN
+        self.hello_sent = False
+        self.joined = False
+        self.attempts = 0
 
 
 class ClientCore:
     def __init__(
         self,
         ctx: SSL.Context,
-        server: tuple,
-        mtu: int,
-        keepalive: float = 1.0,
-        timeout: float = 5.0,
-        window: int = 4096,
+        mode: str = "duplicate",
+        redundancy: int = 2,
+        pin_flows: bool = False,
+        probe_interval: float = 0.1,
+        dead_interval: float = 0.3,
+        timeout: float = 3.0,
+        window: int = DEFAULT_WINDOW,
     ):
         self.ctx = ctx
-        self.server = server
-        self.mtu = mtu  # ciphertext MTU: the UDP payload size that fits the underlay
-        self.keepalive = keepalive
+        self.scheduler = Scheduler(mode, redundancy, pin_flows)
+        self.hello_mode = MODES.index(mode) + 1
+        self.redundancy = redundancy
+        self.probe_interval = probe_interval
+        self.dead_interval = dead_interval
         self.timeout = timeout
-        self.state = C_IDLE
-        self.path: Optional[Path] = None
+        self.window = window
+        self.state = C_CONNECTING
+        self.slots: dict[Hashable, PathSlot] = {}
         self.config: Optional[frames.Config] = None
         self.tunnel_id = frames.NEW_TUNNEL
         self.to_tun: list[bytes] = []
-        self.outbox: list[bytes] = []  # encrypted DATA datagrams
+        self.outbox: list[tuple[Hashable, bytes]] = []  # encrypted DATA datagrams
         self._events: deque = deque()
+        self._creating: Optional[PathSlot] = None  # the slot whose HELLO(0) is in flight
+        self._joined: list[Path] = []  # paths that carry the tunnel
         self._seq = 0
         self._dedup = DedupWindow(window)
-        self._window = window
-        self._retry_at: Optional[float] = None
-        self._backoff = BACKOFF_MIN
-        self.attempts = 0
         self.malformed = 0
-        self.dropped_not_up = 0  # packets from the TUN while the tunnel was down
+        self.dropped_no_path = 0  # packets from the TUN while no path carried the tunnel
         self.not_ipv4 = 0
 
-    # -- lifecycle ----------------------------------------------------
-    def connect(self, now: float) -> None:
-        self.attempts += 1
-        self._events.append(events.Connecting(self.server, self.attempts))
-        self.path = Path(DtlsSession.client(self.ctx, self.mtu, now), self.server, now, self.keepalive, self.timeout)
-        self.state = C_CONNECTING
-        self._retry_at = None
+    # -- paths --------------------------------------------------------
+    def add_path(self, key: Hashable, server: tuple, now: float, name: str = "", priority: int = 0, mtu: int = 1472) -> None:
+        """Start a path (``mtu``: the UDP payload size that fits its underlay)."""
+        if key in self.slots or self.state == C_CLOSED:
+            return
+        slot = PathSlot(key, server, name, priority, mtu)
+        self.slots[key] = slot
+        self._connect(slot, now)
+
+    def remove_path(self, key: Hashable, now: float, reason: str = "interface gone") -> None:
+        slot = self.slots.pop(key, None)
+        if slot is None:
+            return
+        if slot.path is not None and slot.path.alive:
+            slot.path.close(frames.encode(frames.Close(frames.CLOSE_NORMAL, reason)), now)
+            self._collect(slot.path)
+        self._lost(slot, reason, now, reconnect=False)
+
+    def _connect(self, slot: PathSlot, now: float) -> None:
+        slot.attempts += 1
+        slot.retry_at = None
+        slot.hello_sent = slot.joined = False
+        self._events.append(events.Connecting(slot.key, slot.attempts))
+        dtls = DtlsSession.client(self.ctx, slot.mtu, now)
+        slot.path = Path(
+            dtls, slot.server, now, self.probe_interval, self.dead_interval, self.timeout, key=slot.key, name=slot.name
+        )
+        slot.path.priority = slot.priority
+        self._collect(slot.path)
 
     def close(self, now: float) -> None:
-        if self.path is not None and self.path.alive:
-            self.path.close(frames.encode(frames.Close(frames.CLOSE_NORMAL, "client shutting down")), now)
+        for slot in self.slots.values():
+            if slot.path is not None and slot.path.alive:
+                slot.path.close(frames.encode(frames.Close(frames.CLOSE_NORMAL, "client shutting down")), now)
+                self._collect(slot.path)
         self.state = C_CLOSED
 
     # -- input --------------------------------------------------------
-    def receive_datagram(self, data: bytes, now: float) -> None:
-        path = self.path
-        if path is None or not path.alive:
+    def receive_datagram(self, key: Hashable, data: bytes, now: float) -> None:
+        slot = self.slots.get(key)
+        if slot is None or slot.path is None or not slot.path.alive:
             return
-        was_up = path.state == P_UP
+        path = slot.path
+        handshaking = path.state == P_HANDSHAKING
         records = path.receive(data, now)
-        if not was_up and path.state == P_UP:
-            self._on_path_established(now)
+        if handshaking and path.established:
+            self._on_established(slot, now)
         for rec in records:
-            if rec[0] == frames.DATA and self.state == C_UP:
+            if rec[0] == frames.DATA and slot.joined:
                 try:
                     seq, payload = frames.parse_data(rec)
                 except frames.FrameError:
@@ -91,72 +141,139 @@ class ClientCore:
                 if self._dedup.accept(seq):
                     self.to_tun.append(payload)
             else:
-                self._on_control(rec, now)
-        if not path.alive:
-            self._path_lost(path.reason, now)
+                self._on_control(slot, rec, now)
+        if path.out:
+            self._collect(path)
+        if path.changed and slot.path is path:
+            self._path_changed(slot, now)
 
-    def _on_path_established(self, now: float) -> None:
-        path = self.path
+    def _on_established(self, slot: PathSlot, now: float) -> None:
+        path = slot.path
         cert = path.dtls.peer_certificate
-        self._events.append(events.PathUp(path.addr, common_name(cert) if cert else "?", path.dtls.cipher))
-        path.send(frames.encode(frames.Hello(frames.PROTOCOL_VERSION, frames.NEW_TUNNEL)), now)
-        self.state = C_HELLO_SENT
+        self._events.append(events.PathUp(slot.key, common_name(cert) if cert else "?", path.dtls.cipher))
+        self._send_hello(slot, now)
 
-    def _on_control(self, rec: bytes, now: float) -> None:
+    def _send_hello(self, slot: PathSlot, now: float) -> None:
+        path = slot.path
+        if slot.hello_sent or path is None or not path.established:
+            return
+        if self.tunnel_id == frames.NEW_TUNNEL:
+            creating = self._creating
+            if creating is not None and creating is not slot and creating.path is not None and creating.path.alive:
+                return  # another path is creating the tunnel: JOIN once CONFIG is here
+            self._creating = slot
+        hello = frames.Hello(frames.PROTOCOL_VERSION, self.tunnel_id, self.hello_mode, self.redundancy, slot.priority)
+        path.send(frames.encode(hello), now)
+        slot.hello_sent = True
+
+    def _on_control(self, slot: PathSlot, rec: bytes, now: float) -> None:
         try:
             frame = frames.parse(rec)
         except frames.FrameError:
             self.malformed += 1
             return
         if isinstance(frame, frames.Config):
-            if self.tunnel_id != frame.tunnel_id:
-                self._seq = 0
-                self._dedup = DedupWindow(self._window)
-            self.tunnel_id = frame.tunnel_id
-            self.config = frame
-            self.state = C_UP
-            self._backoff = BACKOFF_MIN
-            self._events.append(events.TunnelUp(frame))
+            self._on_config(slot, frame, now)
         elif isinstance(frame, frames.Close):
-            self.path.close(None, now)
-            backoff = BACKOFF_REFUSED if frame.code == frames.CLOSE_REFUSED else None
-            self._path_lost(f"server closed the tunnel: {frame.reason or frame.code}", now, backoff)
+            slot.path.close(None, now)
+            backoff = None
+            if frame.code == frames.CLOSE_REFUSED:
+                backoff = BACKOFF_REFUSED
+            elif frame.code == frames.CLOSE_UNKNOWN_TUNNEL:
+                self._forget_tunnel()
+                backoff = 0.0
+            self._lost(slot, f"server closed the path: {frame.reason or frame.code}", now, backoff=backoff)
         else:
-            self.malformed += 1  # HELLO or an unexpected DATA: not for a client
+            self.malformed += 1  # HELLO, or DATA before the path joined: not for a client
 
-    def _path_lost(self, reason: str, now: float, backoff: Optional[float] = None) -> None:
-        if self.state == C_CLOSED or self._retry_at is not None:
+    def _on_config(self, slot: PathSlot, config: frames.Config, now: float) -> None:
+        new_tunnel = config.tunnel_id != self.tunnel_id
+        if new_tunnel:
+            self._seq = 0
+            self._dedup = DedupWindow(self.window)
+            for other in self.slots.values():  # joined to a tunnel that is gone
+                if other is not slot and other.joined:
+                    other.joined = other.hello_sent = False
+            self._joined = []
+        self.tunnel_id = config.tunnel_id
+        self._creating = None
+        slot.joined = True
+        slot.backoff = BACKOFF_MIN
+        self._joined.append(slot.path)
+        self.scheduler.refresh(self._joined)
+        if new_tunnel or self.state != C_UP:
+            self.config = config
+            self.state = C_UP
+            self._events.append(events.TunnelUp(config))
+        self._events.append(events.PathJoined(slot.key, slot.name))
+        for other in self.slots.values():
+            self._send_hello(other, now)
+
+    def _forget_tunnel(self) -> None:
+        self.tunnel_id = frames.NEW_TUNNEL
+        for s in self.slots.values():
+            s.joined = s.hello_sent = False
+        self._joined = []
+        self.scheduler.refresh(self._joined)
+
+    def _path_changed(self, slot: PathSlot, now: float) -> None:
+        path = slot.path
+        path.changed = False
+        if not path.alive:
+            self._lost(slot, path.reason, now)
             return
-        was_up = self.state == C_UP
-        self._events.append(events.PathDown(self.server, reason))
-        if was_up:
+        if slot.joined:
+            self.scheduler.refresh(self._joined)
+            self._events.append(events.PathState(slot.key, slot.name, path.state))
+
+    def _lost(self, slot: PathSlot, reason: str, now: float, backoff: Optional[float] = None, reconnect: bool = True) -> None:
+        path = slot.path
+        if path is not None and path in self._joined:
+            self._joined.remove(path)
+            self.scheduler.refresh(self._joined)
+        was_joined = slot.joined
+        slot.joined = slot.hello_sent = False
+        if self._creating is slot:
+            self._creating = None
+            for other in self.slots.values():  # let another path create the tunnel
+                self._send_hello(other, now)
+        self._events.append(events.PathDown(slot.key, reason))
+        if was_joined and not self._joined and self.state == C_UP:
+            self.state = C_CONNECTING
             self._events.append(events.TunnelDown(reason))
-        self.state = C_CONNECTING
-        delay = backoff if backoff is not None else self._backoff
-        self._retry_at = now + delay
-        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+        if reconnect and self.state != C_CLOSED and slot.key in self.slots:
+            delay = backoff if backoff is not None else slot.backoff
+            slot.retry_at = now + delay
+            slot.backoff = min(slot.backoff * 2, BACKOFF_MAX)
+        if path is not None:
+            path.changed = False
+        slot.path = None
 
     # -- output -------------------------------------------------------
     def send_packet(self, packet: bytes, now: float) -> None:
         """An IP packet read from the TUN device."""
-        if self.state != C_UP:
-            self.dropped_not_up += 1
+        paths = self.scheduler.select(packet)
+        if not paths or self.state != C_UP:
+            self.dropped_no_path += 1
             return
         if packet[0] >> 4 != 4:
             self.not_ipv4 += 1  # the tunnel carries IPv4 only (for now)
             return
         self._seq = seq = self._seq + 1
-        dgram = self.path.encrypt(frames.encode_data(seq, packet), now)
-        if dgram is not None:
-            self.outbox.append(dgram)
+        record = frames.encode_data(seq, packet)
+        outbox = self.outbox
+        for path in paths:
+            dgram = path.encrypt(record, now)
+            if dgram is not None:
+                outbox.append((path.key, dgram))
 
-    def datagrams_to_send(self) -> list[bytes]:
-        path = self.path
-        if path is not None and path.out:  # control and handshake datagrams go first
-            out, path.out = path.out, []
-            out.extend(self.outbox)
-            self.outbox = []
-            return out
+    def _collect(self, path: Path) -> None:
+        key = path.key
+        for d in path.out:
+            self.outbox.append((key, d))
+        path.out.clear()
+
+    def datagrams_to_send(self) -> list[tuple[Hashable, bytes]]:
         out, self.outbox = self.outbox, []
         return out
 
@@ -165,33 +282,53 @@ class ClientCore:
 
     # -- timers -------------------------------------------------------
     def get_timer(self) -> Optional[float]:
-        if self._retry_at is not None:
-            return self._retry_at
-        return self.path.get_timer() if self.path is not None else None
+        timers = []
+        for slot in self.slots.values():
+            if slot.retry_at is not None:
+                timers.append(slot.retry_at)
+            elif slot.path is not None:
+                t = slot.path.get_timer()
+                if t is not None:
+                    timers.append(t)
+        return min(timers) if timers else None
 
     def handle_timer(self, now: float) -> None:
         if self.state == C_CLOSED:
             return
-        if self._retry_at is not None:
-            if now >= self._retry_at:
-                self.connect(now)
-            return
-        path = self.path
-        if path is None:
-            return
-        path.handle_timer(now)
-        if not path.alive:
-            self._path_lost(path.reason, now)
+        for slot in list(self.slots.values()):
+            if slot.retry_at is not None:
+                if now >= slot.retry_at:
+                    self._connect(slot, now)
+                continue
+            path = slot.path
+            if path is None:
+                continue
+            t = path.get_timer()
+            if t is not None and now >= t:
+                path.handle_timer(now)
+                if path.out:
+                    self._collect(path)
+                if path.changed and slot.path is path:
+                    self._path_changed(slot, now)
 
     def stats(self) -> dict:
+        paths = []
+        for slot in self.slots.values():
+            if slot.path is not None:
+                st = slot.path.stats()
+            else:
+                st = {"addr": f"{slot.server[0]}:{slot.server[1]}", "name": slot.name, "state": "reconnecting"}
+            st["joined"] = slot.joined
+            paths.append(st)
         return {
             "state": self.state,
+            "mode": self.scheduler.mode,
             "address": str(self.config.addresses[0]) if self.config else None,
             "delivered": self._dedup.delivered,
             "duplicates": self._dedup.duplicates,
             "too_old": self._dedup.too_old,
             "malformed": self.malformed,
-            "dropped_not_up": self.dropped_not_up,
+            "dropped_no_path": self.dropped_no_path,
             "not_ipv4": self.not_ipv4,
-            "paths": [self.path.stats()] if self.path else [],
+            "paths": paths,
         }

@@ -18,6 +18,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from tunnel.scheduler import MODES
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -38,8 +40,12 @@ class ServerConfig:
     tun: str = "mptun0"
     mtu: Optional[int] = None
     routes: list = field(default_factory=list)
-    keepalive: float = 1.0
-    timeout: float = 5.0
+    mode: str = "client"
+    probe_interval: float = 0.1
+    dead_interval: float = 0.3
+    timeout: float = 3.0
+    linger: float = 30.0
+    dedup_window: int = 4096
     allow_unlisted_clients: bool = True
     log_level: str = "info"
     clients: dict[str, Optional[ipaddress.IPv4Address]] = field(default_factory=dict)  # name -> static address
@@ -53,14 +59,20 @@ class ServerConfig:
 @dataclass
 class ClientConfig:
     path: Path
-    server: tuple[str, int]
+    servers: list[tuple[str, int]]
     server_name: str
     certificate: Path
     key: Path
     ca: Path
     tun: str = "mptun0"
-    keepalive: float = 1.0
-    timeout: float = 5.0
+    interfaces: list[str] = field(default_factory=list)  # empty: every usable interface
+    mode: str = "duplicate"
+    redundancy: int = 2
+    pin_flows: bool = False
+    probe_interval: float = 0.1
+    dead_interval: float = 0.3
+    timeout: float = 3.0
+    dedup_window: int = 4096
     log_level: str = "info"
     control: Optional[Path] = None
 
@@ -108,6 +120,18 @@ class _Section:
             raise self.error(key, f"{v} is out of range (0.01 to 3600 seconds)")
         return v
 
+    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
+        v = self.get(key, int, default, what="an integer")
+        if not lo <= v <= hi:
+            raise self.error(key, f"{v} is out of range ({lo} to {hi})")
+        return v
+
+    def choice(self, key: str, default: str, choices: tuple) -> str:
+        v = self.get(key, str, default)
+        if v not in choices:
+            raise self.error(key, f"{v!r} is not one of {', '.join(choices)}")
+        return v
+
     def finish(self) -> None:
         unknown = sorted(set(self.table) - self.used)
         if unknown:
@@ -150,13 +174,22 @@ def _common(sec: _Section) -> dict:
     if not 0 < len(tun) <= 15 or "/" in tun or " " in tun:
         raise sec.error("tun", f"{tun!r} is not a valid interface name (1-15 chars)")
     control = sec.get("control", str, None)
+    probe = sec.seconds("probe_interval", 0.1)
+    dead = sec.seconds("dead_interval", 0.3)
+    if dead < 2 * probe:
+        raise sec.error("dead_interval", f"{dead} s must be at least twice probe_interval ({probe} s)")
+    timeout = sec.seconds("timeout", 3.0)
+    if timeout < dead:
+        raise sec.error("timeout", f"{timeout} s must not be shorter than dead_interval ({dead} s)")
     return {
         "certificate": sec.file("certificate"),
         "key": sec.file("key"),
         "ca": sec.file("ca"),
         "tun": tun,
-        "keepalive": sec.seconds("keepalive", 1.0),
-        "timeout": sec.seconds("timeout", 5.0),
+        "probe_interval": probe,
+        "dead_interval": dead,
+        "timeout": timeout,
+        "dedup_window": sec.integer("dedup_window", 4096, 64, 1 << 20),
         "log_level": level,
         "control": Path(control) if control else None,
     }
@@ -210,6 +243,8 @@ def load_server_config(path: str | Path) -> ServerConfig:
         except (ValueError, TypeError) as exc:
             raise sec.error("routes", f"{r!r}: {exc}") from None
     allow = sec.get("allow_unlisted_clients", bool, True)
+    mode = sec.choice("mode", "client", ("client",) + MODES)
+    linger = sec.seconds("linger", 30.0)
     common = _common(sec)
     sec.finish()
 
@@ -245,6 +280,8 @@ def load_server_config(path: str | Path) -> ServerConfig:
         mtu=mtu,
         routes=routes,
         allow_unlisted_clients=allow,
+        mode=mode,
+        linger=linger,
         clients=clients,
         **common,
     )
@@ -256,10 +293,29 @@ def load_client_config(path: str | Path) -> ClientConfig:
     if "client" not in data:
         raise ConfigError(f"{p}: missing [client] table")
     sec = _Section(p, "client", data["client"])
-    server = _endpoint(sec, "server", sec.get("server", str, what='"host:port"'))
+    raw = sec.get("server", (str, list), what='"host:port" or a list of them')
+    servers = [_endpoint(sec, "server", v) for v in (raw if isinstance(raw, list) else [raw])]
+    if not servers:
+        raise sec.error("server", "empty list")
     name = sec.get("server_name", str, what="the name in the server certificate")
     if not name:
         raise sec.error("server_name", "empty")
+    interfaces = sec.get("interfaces", list, [])
+    for ifname in interfaces:
+        if not isinstance(ifname, str) or not 0 < len(ifname) <= 15:
+            raise sec.error("interfaces", f"{ifname!r} is not an interface name")
+    mode = sec.choice("mode", "duplicate", MODES)
+    redundancy = sec.integer("redundancy", 2, 1, 16)
+    pin_flows = sec.get("pin_flows", bool, False)
     common = _common(sec)
     sec.finish()
-    return ClientConfig(path=p, server=server, server_name=name, **common)
+    return ClientConfig(
+        path=p,
+        servers=servers,
+        server_name=name,
+        interfaces=interfaces,
+        mode=mode,
+        redundancy=redundancy,
+        pin_flows=pin_flows,
+        **common,
+    )

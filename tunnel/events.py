@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Hashable
 
 from tunnel.frames import Config
 
@@ -23,22 +24,39 @@ class TunnelDown:
 
 @dataclass
 class Connecting:
-    """Client: a new connection attempt starts (the shell opens a fresh socket)."""
+    """Client: a path starts a new session (the shell opens a fresh socket for ``key``)."""
 
-    addr: tuple
+    key: Hashable
     attempt: int
 
 
 @dataclass
+class PathJoined:
+    """Client: a path carries the tunnel now (CONFIG arrived on it)."""
+
+    key: Hashable
+    name: str
+
+
+@dataclass
+class PathState:
+    """A joined path changed state (up, degraded, down)."""
+
+    key: Hashable
+    name: str
+    state: str
+
+
+@dataclass
 class PathUp:
-    addr: tuple
+    addr: Hashable  # client: the path key; server: the peer address
     peer: str  # the peer certificate's common name
     cipher: str
 
 
 @dataclass
 class PathDown:
-    addr: tuple
+    addr: Hashable
     reason: str
 
 

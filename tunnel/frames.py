@@ -25,7 +25,7 @@ HELLO, CONFIG, DATA, PING, PONG, CLOSE = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06
 DATA_OVERHEAD = 1 + 8
 
 # CLOSE reason codes
-CLOSE_NORMAL, CLOSE_REFUSED, CLOSE_PROTOCOL, CLOSE_REPLACED, CLOSE_VERSION = 0, 1, 2, 3, 4
+CLOSE_NORMAL, CLOSE_REFUSED, CLOSE_PROTOCOL, CLOSE_REPLACED, CLOSE_VERSION, CLOSE_UNKNOWN_TUNNEL = 0, 1, 2, 3, 4, 5
 
 MAX_REASON = 200
 MAX_ROUTES = 256
@@ -38,7 +38,10 @@ class FrameError(ValueError):
 @dataclass
 class Hello:
     version: int = PROTOCOL_VERSION
-    tunnel_id: bytes = NEW_TUNNEL  # all-zero: create a new tunnel
+    tunnel_id: bytes = NEW_TUNNEL  # all-zero: create a new tunnel; else JOIN this one
+    mode: int = 0  # scheduling mode the client asks for (0: the server's choice, else MODES index + 1)
+    redundancy: int = 0  # k for the redundant mode (0: default)
+    priority: int = 0  # this path's rank for backup mode (0 = first choice)
 
 
 Prefix = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -69,6 +72,8 @@ class Ping:
 @dataclass
 class Pong:
     token: int
+    rx_records: int = 0  # records the PONG's sender received on this path so far (PING included)
+    rx_bytes: int = 0  # and their plaintext bytes
 
 
 @dataclass
@@ -119,6 +124,9 @@ def encode(frame: Frame) -> bytes:
         buf.push_uint_var(HELLO)
         buf.push_uint_var(frame.version)
         _push_tunnel_id(buf, frame.tunnel_id)
+        buf.push_uint_var(frame.mode)
+        buf.push_uint_var(frame.redundancy)
+        buf.push_uint_var(frame.priority)
     elif isinstance(frame, Config):
         buf.push_uint_var(CONFIG)
         _push_tunnel_id(buf, frame.tunnel_id)
@@ -131,9 +139,14 @@ def encode(frame: Frame) -> bytes:
         buf.push_uint_var(len(frame.routes))
         for r in frame.routes:
             _push_prefix(buf, r.version, r.network_address.packed, r.prefixlen)
-    elif isinstance(frame, (Ping, Pong)):
-        buf.push_uint_var(PING if isinstance(frame, Ping) else PONG)
+    elif isinstance(frame, Ping):
+        buf.push_uint_var(PING)
         buf.push_uint64(frame.token)
+    elif isinstance(frame, Pong):
+        buf.push_uint_var(PONG)
+        buf.push_uint64(frame.token)
+        buf.push_uint_var(frame.rx_records)
+        buf.push_uint_var(frame.rx_bytes)
     elif isinstance(frame, Close):
         reason = frame.reason.encode()[:MAX_REASON]
         buf.push_uint_var(CLOSE)
@@ -165,11 +178,13 @@ def parse(data: bytes) -> Frame:
             if not payload:
                 raise FrameError("DATA frame without a packet")
             return Data(seq, payload)
-        if ftype == PING or ftype == PONG:
-            token = buf.pull_uint64()
-            frame: Frame = Ping(token) if ftype == PING else Pong(token)
+        if ftype == PING:
+            frame: Frame = Ping(buf.pull_uint64())
+        elif ftype == PONG:
+            frame = Pong(buf.pull_uint64(), buf.pull_uint_var(), buf.pull_uint_var())
         elif ftype == HELLO:
-            frame = Hello(buf.pull_uint_var(), buf.pull_bytes(TUNNEL_ID_LEN))
+            version, tid = buf.pull_uint_var(), buf.pull_bytes(TUNNEL_ID_LEN)
+            frame = Hello(version, tid, buf.pull_uint_var(), buf.pull_uint_var(), buf.pull_uint_var())
         elif ftype == CONFIG:
             tid = buf.pull_bytes(TUNNEL_ID_LEN)
             addresses = [_pull_interface(buf) for _ in range(_pull_count(buf))]

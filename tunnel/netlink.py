@@ -101,3 +101,69 @@ def address_mtu(address: str) -> Optional[int]:
             if links:
                 return links[0].get_attr("IFLA_MTU")
     return None
+
+
+def usable_interfaces(exclude: Iterable[str] = ()) -> list[tuple[str, int, str, int]]:
+    """(name, index, first IPv4 address, MTU) of each interface that is up and has an address.
+
+    Loopback and the names in ``exclude`` (our own TUN) are left out.
+    """
+    skip = set(exclude) | {"lo"}
+    out = []
+    with IPRoute() as ipr:
+        addrs: dict[int, str] = {}
+        for msg in ipr.get_addr(family=socket.AF_INET):
+            addrs.setdefault(msg["index"], msg.get_attr("IFA_ADDRESS"))
+        for link in ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME")
+            up = link["flags"] & 1 and link.get_attr("IFLA_OPERSTATE") in ("UP", "UNKNOWN")
+            if name in skip or not up or link["index"] not in addrs:
+                continue
+            out.append((name, link["index"], addrs[link["index"]], link.get_attr("IFLA_MTU")))
+    return out
+
+
+def reachable_via(dst: str, ifindex: int) -> bool:
+    """Would a socket bound to interface ``ifindex`` have a route to ``dst``?"""
+    with IPRoute() as ipr:
+        try:
+            return bool(ipr.route("get", dst=dst, oif=ifindex))
+        except NetlinkError:
+            return False
+
+
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV4_ROUTE = 0x40
+
+
+class LinkWatcher:
+    """Tells the shell that links, addresses or routes changed (so it rescans).
+
+    A bare NETLINK_ROUTE socket subscribed to the link/address/route groups:
+    only its readability is used, the messages are drained unparsed and the
+    shell rescans with pyroute2.  (pyroute2 0.9's IPRoute runs its own
+    asyncio machinery and cannot be polled from the shell's epoll loop.)
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE))
+        self.sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def drain(self) -> int:
+        n = 0
+        while True:
+            try:
+                self.sock.recv(65536)
+            except BlockingIOError:
+                return n
+            except OSError:  # ENOBUFS: we missed messages; a rescan covers them anyway
+                return n + 1
+            n += 1
+
+    def close(self) -> None:
+        self.sock.close()

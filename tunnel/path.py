@@ -1,45 +1,80 @@
 """One path: a DTLS session over one underlay address pair, plus its liveness.
 
-A path answers PINGs itself, measures RTT from PONGs (RFC 6298 smoothing),
-sends a keepalive PING when it has been quiet, and declares itself dead when
-nothing arrived for ``timeout`` seconds.  Every other record goes up to the
-tunnel core.  Sans-IO: datagrams in, datagrams out, ``now`` passed in.
+A path answers PINGs itself (the PONG carries this side's receive counters),
+probes the peer every ``probe_interval``, feeds the estimator, and mirrors the
+estimator's up/degraded/down state in ``state``.  A path that has heard
+nothing for ``timeout`` seconds ends its session (closed).  Every record that
+is not PING/PONG goes up to the tunnel core.  Sans-IO: datagrams in,
+datagrams out, ``now`` passed in.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Hashable, Optional
 
 from tunnel import frames
-from tunnel.dtls import CLOSED, ESTABLISHED, FAILED, HANDSHAKING, DtlsSession
+from tunnel.dtls import CLOSED, ESTABLISHED, FAILED, DtlsSession
+from tunnel.estimator import DEGRADED, DOWN, UP, PathEstimator
 
-# path states
-P_HANDSHAKING, P_UP, P_DEAD, P_CLOSED = "handshaking", "up", "dead", "closed"
+# path states: handshaking, then the estimator's up/degraded/down, then closed
+P_HANDSHAKING, P_UP, P_DEGRADED, P_DOWN, P_CLOSED = "handshaking", UP, DEGRADED, DOWN, "closed"
+LIVE = (P_UP, P_DEGRADED, P_DOWN)  # established sessions
 HANDSHAKE_TIMEOUT = 10.0
 _PING_TYPE = frames.PING
 _PONG_TYPE = frames.PONG
 
 
 class Path:
-    def __init__(self, dtls: DtlsSession, addr, now: float, keepalive: float = 1.0, timeout: float = 5.0):
+    def __init__(
+        self,
+        dtls: DtlsSession,
+        addr,
+        now: float,
+        probe_interval: float = 0.1,
+        dead_interval: float = 0.3,
+        timeout: float = 10.0,
+        key: Hashable = None,
+        name: str = "",
+    ):
         self.dtls = dtls
-        self.addr = addr
-        self.keepalive = keepalive
+        self.addr = addr  # the peer's underlay address
+        self.key = key if key is not None else addr  # how the shell knows which socket
+        self.name = name  # e.g. the client interface
+        self.probe_interval = probe_interval
+        self.dead_interval = dead_interval
         self.timeout = timeout
         self.created = now
-        self.last_rx = now
-        self.last_tx = now
-        self.last_ping = now
         self.state = P_HANDSHAKING
         self.reason = ""
-        self.out: list[bytes] = []  # datagrams to send to ``addr``
-        self.srtt: Optional[float] = None
-        self.rttvar = 0.0
-        self._pings: dict[int, float] = {}
+        self.priority = 0
+        self.est: Optional[PathEstimator] = None
+        self.changed = False  # state changed since the owner last looked (scheduler refresh)
+        self.out: list[bytes] = []  # control and handshake datagrams to send to ``addr``
         self._token = 0
-        self.tx_packets = self.rx_packets = self.tx_bytes = self.rx_bytes = 0
+        self.tx_records = self.rx_records = self.tx_bytes = self.rx_bytes = 0
         self.malformed = 0  # records that were not valid frames
         self._pull_dtls_output()
+
+    # -- estimator views (what the scheduler reads) -------------------
+    @property
+    def srtt(self) -> Optional[float]:
+        return self.est.srtt if self.est else None
+
+    @property
+    def loss(self) -> float:
+        return self.est.loss if self.est else 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.est.rate if self.est else 0.0
+
+    @property
+    def alive(self) -> bool:
+        return self.state != P_CLOSED
+
+    @property
+    def established(self) -> bool:
+        return self.state in LIVE
 
     # -- input --------------------------------------------------------
     def receive(self, data: bytes, now: float) -> list[bytes]:
@@ -48,39 +83,36 @@ class Path:
         records = dtls.receive_datagram(data, now)
         if dtls.out:
             self._pull_dtls_output()
-        if self.state is not P_UP or dtls.state is not ESTABLISHED:
-            self._follow_dtls_state()
+        if self.state == P_HANDSHAKING or dtls.state is not ESTABLISHED:
+            self._follow_dtls_state(now)
         if not records:
             return records
-        self.last_rx = now
+        self.est.last_rx = now  # PathEstimator.on_receive, inlined: this runs per packet
         if len(records) == 1:  # the common case: one record, usually DATA
             rec = records[0]
-            self.rx_packets += 1
+            self.rx_records += 1
             self.rx_bytes += len(rec)
             if rec[0] == _PING_TYPE or rec[0] == _PONG_TYPE:
                 self._on_ping_pong(rec, now)
                 return []
             return records
-        self.rx_packets += len(records)
         out = []
         for rec in records:
+            self.rx_records += 1
             self.rx_bytes += len(rec)
-            t = rec[0]
-            if t == _PING_TYPE or t == _PONG_TYPE:
+            if rec[0] == _PING_TYPE or rec[0] == _PONG_TYPE:
                 self._on_ping_pong(rec, now)
             else:
                 out.append(rec)
         return out
 
-    def _follow_dtls_state(self) -> None:
+    def _follow_dtls_state(self, now: float) -> None:
         dtls = self.dtls
-        if self.state == P_HANDSHAKING:
-            if dtls.state == ESTABLISHED:
-                self.state = P_UP
-            elif dtls.state in (FAILED, CLOSED):
-                self._end(P_CLOSED, dtls.error)
-        elif self.state == P_UP and dtls.state in (FAILED, CLOSED):
-            self._end(P_CLOSED, dtls.error)
+        if self.state == P_HANDSHAKING and dtls.state == ESTABLISHED:
+            self.est = PathEstimator(now, self.probe_interval, self.dead_interval)
+            self._set(P_UP)
+        elif dtls.state in (FAILED, CLOSED):
+            self._end(dtls.error)
 
     def _on_ping_pong(self, rec: bytes, now: float) -> None:
         try:
@@ -89,17 +121,10 @@ class Path:
             self.malformed += 1
             return
         if isinstance(frame, frames.Ping):
-            self.send(frames.encode(frames.Pong(frame.token)), now)
-            return
-        sent = self._pings.pop(frame.token, None)
-        if sent is None:
-            return
-        rtt = now - sent
-        if self.srtt is None:
-            self.srtt, self.rttvar = rtt, rtt / 2
+            self.send(frames.encode(frames.Pong(frame.token, self.rx_records, self.rx_bytes)), now)
         else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
-            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+            self.est.on_pong(frame.token, now, frame.rx_records, frame.rx_bytes)
+            self._sync_state()
 
     # -- output -------------------------------------------------------
     def send(self, record: bytes, now: float) -> bool:
@@ -114,18 +139,14 @@ class Path:
         """Encrypt one record and return the datagram (hot path: the caller sends it)."""
         dgram = self.dtls.send(record)
         if dgram is not None:
-            self.last_tx = now
-            self.tx_packets += 1
+            self.tx_records += 1
             self.tx_bytes += len(record)
         return dgram
 
     def ping(self, now: float) -> None:
-        self.last_ping = now
-        self._token = (self._token + 1) & 0xFFFFFFFFFFFFFFFF
-        if len(self._pings) > 16:  # unanswered pings: keep the newest only
-            self._pings.clear()
-        self._pings[self._token] = now
-        self.send(frames.encode(frames.Ping(self._token)), now)
+        self._token += 1
+        if self.send(frames.encode(frames.Ping(self._token)), now):
+            self.est.on_probe_sent(self._token, now, self.tx_records)
 
     def _pull_dtls_output(self) -> None:
         dgrams = self.dtls.datagrams_to_send()
@@ -138,53 +159,66 @@ class Path:
             t = self.dtls.get_timer()
             limit = self.created + HANDSHAKE_TIMEOUT
             return limit if t is None else min(t, limit)
-        if self.state == P_UP:
-            return min(self.last_ping + self.keepalive, self.last_rx + self.timeout)
+        if self.est is not None and self.state != P_CLOSED:
+            return min(self.est.next_timer(), self.est.last_rx + self.timeout)
         return None
 
     def handle_timer(self, now: float) -> None:
         if self.state == P_HANDSHAKING:
             if now >= self.created + HANDSHAKE_TIMEOUT:
-                self._end(P_DEAD, "handshake timed out")
+                self._end("handshake timed out")
                 return
             self.dtls.handle_timer(now)
             self._pull_dtls_output()
             if self.dtls.state == FAILED:
-                self._end(P_CLOSED, self.dtls.error)
-        elif self.state == P_UP:
-            if now - self.last_rx >= self.timeout:
-                self._end(P_DEAD, f"nothing received for {now - self.last_rx:.1f} s")
-            elif now - self.last_ping >= self.keepalive and (
-                now - self.last_tx >= self.keepalive or now - self.last_rx >= self.keepalive
-            ):
-                self.ping(now)
+                self._end(self.dtls.error)
+            return
+        if self.state == P_CLOSED:
+            return
+        est = self.est
+        if now - est.last_rx >= self.timeout:
+            self._end(f"nothing received for {now - est.last_rx:.1f} s")
+            return
+        if est.probe_due(now):
+            self.ping(now)
+        est.update(now)
+        self._sync_state()
+
+    def _sync_state(self) -> None:
+        if self.est.state != self.state and self.state in LIVE:
+            self._set(self.est.state)
 
     # -- teardown -----------------------------------------------------
     def close(self, record: Optional[bytes], now: float) -> None:
-        """Send ``record`` (a CLOSE frame) if up, then close_notify."""
-        if self.state == P_UP and record is not None:
+        """Send ``record`` (a CLOSE frame) if established, then close_notify."""
+        if self.established and record is not None:
             self.send(record, now)
         self.dtls.close()
         self._pull_dtls_output()
-        self._end(P_CLOSED, "closed locally")
+        self._end("closed locally")
 
-    def _end(self, state: str, reason: str) -> None:
-        if self.state in (P_DEAD, P_CLOSED):
-            return
+    def _end(self, reason: str) -> None:
+        if self.state != P_CLOSED:
+            self.reason = reason
+            self._set(P_CLOSED)
+
+    def _set(self, state: str) -> None:
         self.state = state
-        self.reason = reason
-
-    @property
-    def alive(self) -> bool:
-        return self.state in (P_HANDSHAKING, P_UP)
+        self.changed = True
 
     def stats(self) -> dict:
+        est = self.est
         return {
             "addr": f"{self.addr[0]}:{self.addr[1]}" if self.addr else "",
+            "name": self.name,
             "state": self.state,
-            "rtt_ms": None if self.srtt is None else round(self.srtt * 1000, 3),
-            "tx_packets": self.tx_packets,
-            "rx_packets": self.rx_packets,
+            "priority": self.priority,
+            "rtt_ms": None if est is None or est.srtt is None else round(est.srtt * 1000, 3),
+            "loss": 0.0 if est is None else round(est.loss, 4),
+            "rate_kbps": 0 if est is None else round(est.rate * 8 / 1000, 1),
+            "state_changes": 0 if est is None else est.changes,
+            "tx_packets": self.tx_records,
+            "rx_packets": self.rx_records,
             "tx_bytes": self.tx_bytes,
             "rx_bytes": self.rx_bytes,
             "dtls_dropped": self.dtls.records_dropped,

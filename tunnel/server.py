@@ -34,6 +34,10 @@ def log_event(ev) -> None:
         log.info("client '%s' (%s) gone: %s", ev.name, ev.address, ev.reason)
     elif isinstance(ev, events.PathDown):
         log.info("path %s down: %s", fmt_addr(ev.addr), ev.reason)
+    elif isinstance(ev, events.PathJoined):
+        log.info("path %s joined the tunnel of '%s'", fmt_addr(ev.key), ev.name)
+    elif isinstance(ev, events.PathState):
+        log.info("path %s of '%s' is %s", fmt_addr(ev.key), ev.name, ev.state)
 
 
 def underlay_mtu(cfg: ServerConfig) -> int:
@@ -58,9 +62,13 @@ def build(cfg: ServerConfig):
         pool,
         inner,
         routes=cfg.routes,
-        keepalive=cfg.keepalive,
+        mode=cfg.mode,
+        probe_interval=cfg.probe_interval,
+        dead_interval=cfg.dead_interval,
         timeout=cfg.timeout,
         allowed_clients=allowed,
+        window=cfg.dedup_window,
+        linger=cfg.linger,
     )
     return core, inner
 

@@ -1,11 +1,14 @@
-"""Server state machine (sans-IO): DTLS listener, tunnels, inner routing.
+"""Server state machine (sans-IO): DTLS listener, tunnels of many paths, inner routing.
 
 Datagrams from an unknown address go to the stateless cookie listener; a
-verified handshake becomes a :class:`Path`; its HELLO creates a tunnel for the
-client named by its certificate (replacing that client's older tunnel), which
-gets an address and a CONFIG.  Packets from the TUN are routed by inner
-destination address; packets from a tunnel must carry that tunnel's inner
-source address (anti-spoofing).
+verified handshake becomes a :class:`Path`.  Its HELLO either creates a
+tunnel for the client named by its certificate (tunnel id 0; an older tunnel
+of that client is replaced) or JOINs an existing tunnel, which only the same
+client may do.  Packets from the TUN are routed by inner destination address
+and scheduled over the tunnel's paths; packets from a tunnel must carry that
+tunnel's inner source address (anti-spoofing) and pass its dedup window.  A
+tunnel whose paths are all gone lingers for a while so the client can JOIN
+again without losing its address or sequence space.
 """
 
 from __future__ import annotations
@@ -18,18 +21,21 @@ from typing import Callable, Optional
 from OpenSSL import SSL
 
 from tunnel import events, frames
-from tunnel.dedup import DedupWindow
+from tunnel.dedup import DEFAULT_WINDOW, DedupWindow
 from tunnel.dtls import DTLS_HEADER, DtlsListener, common_name
-from tunnel.path import P_UP, Path
+from tunnel.path import P_HANDSHAKING, Path
 from tunnel.pool import AddressPool, PoolExhausted
+from tunnel.scheduler import MODES, Scheduler
+
+LINGER = 30.0  # seconds a tunnel without paths is kept for the client to come back
 
 
 class ServerTunnel:
-    """One client's tunnel: identity, inner address, sequence space, paths."""
+    """One client's tunnel: identity, inner address, sequence space, paths, scheduler."""
 
-    __slots__ = ("id", "name", "address", "key", "paths", "seq", "dedup", "spoofed", "malformed")
+    __slots__ = ("id", "name", "address", "key", "paths", "seq", "dedup", "scheduler", "spoofed", "malformed", "idle_since")
 
-    def __init__(self, tid: bytes, name: str, address: ipaddress.IPv4Interface, window: int):
+    def __init__(self, tid: bytes, name: str, address: ipaddress.IPv4Interface, window: int, scheduler: Scheduler):
         self.id = tid
         self.name = name
         self.address = address
@@ -37,13 +43,19 @@ class ServerTunnel:
         self.paths: list[Path] = []
         self.seq = 0
         self.dedup = DedupWindow(window)
+        self.scheduler = scheduler
         self.spoofed = 0
         self.malformed = 0
+        self.idle_since: Optional[float] = None  # when the last path went away
+
+    def refresh(self) -> None:
+        self.scheduler.refresh(self.paths)
 
     def stats(self) -> dict:
         return {
             "name": self.name,
             "address": str(self.address),
+            "mode": self.scheduler.mode,
             "delivered": self.dedup.delivered,
             "duplicates": self.dedup.duplicates,
             "too_old": self.dedup.too_old,
@@ -61,34 +73,43 @@ class ServerCore:
         pool: AddressPool,
         inner_mtu: int,
         routes: list = (),
-        keepalive: float = 1.0,
-        timeout: float = 5.0,
+        mode: str = "client",
+        probe_interval: float = 0.1,
+        dead_interval: float = 0.3,
+        timeout: float = 3.0,
         allowed_clients: Optional[set[str]] = None,
-        window: int = 4096,
+        window: int = DEFAULT_WINDOW,
+        linger: float = LINGER,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ):
+        if mode != "client" and mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}")
         self.listener = DtlsListener(ctx, mtu)
         self.pool = pool
         self.inner_mtu = inner_mtu
         self.routes = list(routes)
-        self.keepalive = keepalive
+        self.mode = mode  # "client": use the mode the client asks for in HELLO
+        self.probe_interval = probe_interval
+        self.dead_interval = dead_interval
         self.timeout = timeout
         self.allowed = allowed_clients  # None: any client with a certificate from our CA
         self.window = window
+        self.linger = linger
         self._random = random_bytes
         self.paths: dict[tuple, Path] = {}  # underlay address -> path
         self._tunnel_of: dict[tuple, ServerTunnel] = {}  # underlay address -> tunnel (after HELLO)
         self.tunnels: dict[bytes, ServerTunnel] = {}  # tunnel id -> tunnel
         self.by_name: dict[str, ServerTunnel] = {}
         self.routes_v4: dict[bytes, ServerTunnel] = {}  # inner address -> tunnel
-        self.outbox: list[tuple[bytes, tuple]] = []
+        self.outbox: list[tuple[tuple, bytes]] = []  # (peer address, datagram)
         self.to_tun: list[bytes] = []
         self._events: deque = deque()
         self.counters = {
             "junk": 0,  # datagrams from unknown addresses that were no handshake
             "cookies_sent": 0,
             "handshakes_failed": 0,
-            "no_route": 0,
+            "no_route": 0,  # packets from the TUN for an address no tunnel has
+            "no_path": 0,  # packets for a tunnel that has no path right now
             "not_ipv4": 0,
         }
 
@@ -98,11 +119,9 @@ class ServerCore:
         if path is None:
             self._new_peer(data, addr, now)
             return
-        was_up = path.state == P_UP
+        handshaking = path.state == P_HANDSHAKING
         records = path.receive(data, now)
-        if path.out:
-            self._flush(path)
-        if not was_up and path.state == P_UP:
+        if handshaking and path.established:
             self._on_established(path)
         if records:
             tunnel = self._tunnel_of.get(addr)
@@ -113,8 +132,10 @@ class ServerCore:
                     self._on_control(path, tunnel, rec, now)
                     if not path.alive:  # refused or closed: ignore the rest of the datagram
                         break
-        if not path.alive:
-            self._drop_path(path, path.reason)
+        if path.out:
+            self._flush(path)
+        if path.changed:
+            self._path_changed(path, now)
 
     def _new_peer(self, data: bytes, addr: tuple, now: float) -> None:
         if len(data) < DTLS_HEADER or data[0] != 22:
@@ -126,23 +147,22 @@ class ServerCore:
             self.counters["junk"] += 1
             return
         for r in replies:
-            self.outbox.append((r, addr))
+            self.outbox.append((addr, r))
         if session is None:
             if replies:
                 self.counters["cookies_sent"] += 1
             else:
                 self.counters["junk"] += 1
             return
-        path = Path(session, addr, now, self.keepalive, self.timeout)
+        path = Path(session, addr, now, self.probe_interval, self.dead_interval, self.timeout)
         self.paths[addr] = path
         if path.out:
             self._flush(path)
 
     def _on_established(self, path: Path) -> None:
         cert = path.dtls.peer_certificate
-        name = common_name(cert) if cert is not None else ""
-        path.peer_name = name  # type: ignore[attr-defined]
-        self._events.append(events.PathUp(path.addr, name, path.dtls.cipher))
+        path.name = common_name(cert) if cert is not None else ""
+        self._events.append(events.PathUp(path.addr, path.name, path.dtls.cipher))
 
     def _on_data(self, tunnel: ServerTunnel, rec: bytes) -> None:
         try:
@@ -167,27 +187,29 @@ class ServerCore:
             self._on_hello(path, frame, now)
         elif isinstance(frame, frames.Close):
             path.close(None, now)
-            self._drop_path(path, f"client closed: {frame.reason or frame.code}")
+            path.reason = f"client closed: {frame.reason or frame.code}"
         else:
             path.malformed += 1
 
     def _refuse(self, path: Path, code: int, reason: str, now: float) -> None:
         self._events.append(events.Refused(path.addr, reason))
         path.close(frames.encode(frames.Close(code, reason)), now)
+        path.reason = "refused"
         self._flush(path)
-        self._drop_path(path, reason, quiet=True)
 
     def _on_hello(self, path: Path, hello: frames.Hello, now: float) -> None:
-        name = getattr(path, "peer_name", "")
+        name = path.name
         if hello.version != frames.PROTOCOL_VERSION:
             return self._refuse(path, frames.CLOSE_VERSION, f"protocol version {hello.version} not supported", now)
         if self.allowed is not None and name not in self.allowed:
             return self._refuse(path, frames.CLOSE_REFUSED, f"client '{name}' is not listed in the server config", now)
         if path.addr in self._tunnel_of:
             return self._refuse(path, frames.CLOSE_PROTOCOL, "second HELLO on one path", now)
+        if not 0 <= hello.mode <= len(MODES):
+            return self._refuse(path, frames.CLOSE_PROTOCOL, f"unknown scheduling mode {hello.mode}", now)
+        path.priority = hello.priority
         if hello.tunnel_id != frames.NEW_TUNNEL:
-            # JOIN of an existing tunnel: the multipath issue adds it; today the client must start anew.
-            return self._refuse(path, frames.CLOSE_REFUSED, "unknown tunnel", now)
+            return self._on_join(path, hello, now)
         old = self.by_name.get(name)
         if old is not None:
             self._remove_tunnel(old, "replaced by a new connection of the same client", now, frames.CLOSE_REPLACED)
@@ -195,23 +217,41 @@ class ServerCore:
             address = self.pool.lease(name)
         except PoolExhausted as exc:
             return self._refuse(path, frames.CLOSE_REFUSED, str(exc), now)
-        tunnel = ServerTunnel(self._random(frames.TUNNEL_ID_LEN), name, address, self.window)
-        tunnel.paths.append(path)
+        mode = self.mode if self.mode != "client" else MODES[(hello.mode or 1) - 1]
+        scheduler = Scheduler(mode, hello.redundancy or 2)
+        tunnel = ServerTunnel(self._random(frames.TUNNEL_ID_LEN), name, address, self.window, scheduler)
         self.tunnels[tunnel.id] = tunnel
         self.by_name[name] = tunnel
         self.routes_v4[tunnel.key] = tunnel
+        self._attach(tunnel, path, now)
+        self._events.append(events.ClientConnected(name, str(address), path.addr, old is not None))
+
+    def _on_join(self, path: Path, hello: frames.Hello, now: float) -> None:
+        tunnel = self.tunnels.get(hello.tunnel_id)
+        if tunnel is None:
+            return self._refuse(path, frames.CLOSE_UNKNOWN_TUNNEL, "unknown tunnel", now)
+        if tunnel.name != path.name:
+            return self._refuse(
+                path, frames.CLOSE_REFUSED, f"client '{path.name}' may not join the tunnel of '{tunnel.name}'", now
+            )
+        self._attach(tunnel, path, now)
+        self._events.append(events.PathJoined(path.addr, tunnel.name))
+
+    def _attach(self, tunnel: ServerTunnel, path: Path, now: float) -> None:
+        tunnel.paths.append(path)
+        tunnel.idle_since = None
+        tunnel.refresh()
         self._tunnel_of[path.addr] = tunnel
         config = frames.Config(
             tunnel.id,
-            [address],
+            [tunnel.address],
             self.inner_mtu,
-            int(self.keepalive * 1000),
+            int(self.probe_interval * 1000),
             int(self.timeout * 1000),
             self.routes,
         )
         path.send(frames.encode(config), now)
         self._flush(path)
-        self._events.append(events.ClientConnected(name, str(address), path.addr, old is not None))
 
     # -- packets from the TUN device ----------------------------------
     def send_packet(self, pkt: bytes, now: float) -> None:
@@ -219,23 +259,29 @@ class ServerCore:
             self.counters["not_ipv4"] += 1
             return
         tunnel = self.routes_v4.get(pkt[16:20])
-        if tunnel is None or not tunnel.paths:
+        if tunnel is None:
             self.counters["no_route"] += 1
             return
+        paths = tunnel.scheduler.select(pkt)
+        if not paths:
+            self.counters["no_path"] += 1
+            return
         tunnel.seq = seq = tunnel.seq + 1
-        path = tunnel.paths[0]
-        dgram = path.encrypt(frames.encode_data(seq, pkt), now)
-        if dgram is not None:
-            self.outbox.append((dgram, path.addr))
+        record = frames.encode_data(seq, pkt)
+        outbox = self.outbox
+        for path in paths:
+            dgram = path.encrypt(record, now)
+            if dgram is not None:
+                outbox.append((path.addr, dgram))
 
     # -- output -------------------------------------------------------
     def _flush(self, path: Path) -> None:
         addr = path.addr
         for d in path.out:
-            self.outbox.append((d, addr))
+            self.outbox.append((addr, d))
         path.out.clear()
 
-    def datagrams_to_send(self) -> list[tuple[bytes, tuple]]:
+    def datagrams_to_send(self) -> list[tuple[tuple, bytes]]:
         out, self.outbox = self.outbox, []
         return out
 
@@ -251,29 +297,44 @@ class ServerCore:
                 path.handle_timer(now)
                 if path.out:
                     self._flush(path)
-                if not path.alive:
-                    self._drop_path(path, path.reason)
+                if path.changed:
+                    self._path_changed(path, now)
+        for tunnel in list(self.tunnels.values()):
+            if tunnel.idle_since is not None and now - tunnel.idle_since >= self.linger:
+                self._forget_tunnel(tunnel, f"no path for {self.linger:g} s")
 
-    def _drop_path(self, path: Path, reason: str, quiet: bool = False) -> None:
+    def _path_changed(self, path: Path, now: float) -> None:
+        path.changed = False
+        tunnel = self._tunnel_of.get(path.addr)
+        if path.alive:
+            if tunnel is not None:
+                tunnel.refresh()
+                self._events.append(events.PathState(path.addr, tunnel.name, path.state))
+            return
+        self._drop_path(path, path.reason, now)
+
+    def _drop_path(self, path: Path, reason: str, now: float) -> None:
         if self.paths.get(path.addr) is not path:
             return
         del self.paths[path.addr]
-        if path.state != P_UP and not getattr(path, "peer_name", None) and path.reason:
-            self.counters["handshakes_failed"] += 1
-            self._events.append(events.Refused(path.addr, path.reason))
-            return
-        if not quiet:
-            self._events.append(events.PathDown(path.addr, reason))
         tunnel = self._tunnel_of.pop(path.addr, None)
-        if tunnel is not None and path in tunnel.paths:
+        if tunnel is None:
+            if not path.name and reason not in ("closed locally", "refused"):
+                self.counters["handshakes_failed"] += 1
+                self._events.append(events.Refused(path.addr, reason))
+            return
+        self._events.append(events.PathDown(path.addr, reason))
+        if path in tunnel.paths:
             tunnel.paths.remove(path)
+            tunnel.refresh()
             if not tunnel.paths:
-                self._forget_tunnel(tunnel, reason)
+                tunnel.idle_since = now
 
     def _remove_tunnel(self, tunnel: ServerTunnel, reason: str, now: float, code: int) -> None:
         for path in list(tunnel.paths):
             path.close(frames.encode(frames.Close(code, reason)), now)
             self._flush(path)
+            path.changed = False
             self.paths.pop(path.addr, None)
             self._tunnel_of.pop(path.addr, None)
         tunnel.paths.clear()
@@ -301,6 +362,6 @@ class ServerCore:
     def stats(self) -> dict:
         return {
             "tunnels": [t.stats() for t in self.tunnels.values()],
-            "handshaking": sum(1 for p in self.paths.values() if p.state != P_UP),
+            "handshaking": sum(1 for p in self.paths.values() if p.state == P_HANDSHAKING),
             "counters": dict(self.counters),
         }

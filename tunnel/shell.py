@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import socket
-from typing import Callable, Optional
+from typing import Callable, Hashable, Optional
 
 from tunnel import events
 from tunnel.control import ControlServer
@@ -23,7 +23,7 @@ from tunnel.udp import BatchSocket
 
 log = logging.getLogger("mptun")
 
-TICK = 0.05  # timer resolution: keepalives, dead-path detection, DTLS retransmits
+TICK = 0.02  # timer resolution: probes, dead-path detection, DTLS retransmits
 BATCH = 64  # flush outputs at least every BATCH packets inside one drain
 READ_SIZE = 65535
 _TRANSIENT = (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
@@ -173,7 +173,7 @@ class ServerShell(Shell):
         out = self.core.datagrams_to_send()
         if out:
             default, sock_of = self.sockets[0], self._sock_of
-            for addr, dgrams in _by_destination(out):
+            for addr, dgrams in _runs(out):
                 sock_of.get(addr, default).send_batch(dgrams, addr, self._send_error)
 
     def flush(self) -> None:
@@ -193,57 +193,88 @@ class ServerShell(Shell):
         self.loop.remove_reader(self.tun_fd)
 
 
-def _by_destination(out: list[tuple[bytes, tuple]]):
-    """Consecutive runs of datagrams to the same address (order kept)."""
-    run: list[bytes] = []
-    last = None
-    for dgram, addr in out:
-        if addr != last and run:
-            yield last, run
-            run = []
-        last = addr
-        run.append(dgram)
-    if run:
-        yield last, run
-
-
 class ClientShell(Shell):
-    """One connected UDP socket per connection attempt (a fresh source port each time,
-    so a stale session the server still holds never swallows the new handshake)."""
+    """One connected UDP socket per path, bound to its interface; a fresh one (new
+    source port) for each session, so a stale session the server still holds
+    never swallows the new handshake.  Paths follow the interfaces: a netlink
+    watcher triggers a rescan (``discover``) whenever links or addresses change.
+    """
+
+    RESCAN_DELAY = 0.05  # debounce a burst of netlink notifications
 
     def __init__(
         self,
         core,
         tun_factory: Callable[[], int],
-        make_socket: Callable[[], socket.socket],
+        make_socket: Callable[[Hashable], socket.socket],
+        discover: Callable[[], dict],
         on_event: Callable,
         control_path=None,
+        watcher=None,
     ):
         super().__init__(core, None, control_path)
         self._tun_factory = tun_factory
         self._make_socket = make_socket
+        self._discover = discover
         self._on_event = on_event
-        self.sock: Optional[BatchSocket] = None
+        self._watcher = watcher
+        self._rescan_handle: Optional[TimerHandle] = None
+        self.socks: dict[Hashable, BatchSocket] = {}
 
     def start(self) -> None:
-        self.core.connect(self.loop.time())
+        if self._watcher is not None:
+            self.loop.add_reader(self._watcher.fileno(), self._on_netlink)
+        self.rescan()
+
+    # -- paths follow the interfaces ---------------------------------
+    def _on_netlink(self) -> None:
+        self._watcher.drain()
+        if self._rescan_handle is None:
+            self._rescan_handle = self.loop.call_later(self.RESCAN_DELAY, self.rescan)
+
+    def rescan(self) -> None:
+        self._rescan_handle = None
+        try:
+            wanted = self._discover()
+        except Exception as exc:  # netlink trouble must not kill the tunnel
+            log.warning("interface scan failed: %s", exc)
+            return
+        now = self.loop.time()
+        core = self.core
+        for key in [k for k in core.slots if k not in wanted]:
+            core.remove_path(key, now)
+            self.flush()  # the CLOSE goes out on the old socket
+            self._close_socket(key)
+        for key, (server, name, priority, mtu) in wanted.items():
+            if key not in core.slots:
+                core.add_path(key, server, now, name=name, priority=priority, mtu=mtu)
         self.flush()
 
-    def _new_socket(self) -> None:
-        if self.sock is not None:
-            self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
-        self.sock = BatchSocket(self._make_socket())
-        self.sock.sock.setblocking(False)
-        self.loop.add_reader(self.sock.fileno(), self._on_sock_readable)
+    def _open_socket(self, key: Hashable) -> None:
+        self._close_socket(key)
+        try:
+            sock = BatchSocket(self._make_socket(key))
+        except OSError as exc:
+            log.warning("path %s: cannot open a socket: %s", key, exc)
+            return
+        sock.sock.setblocking(False)
+        self.socks[key] = sock
+        self.loop.add_reader(sock.fileno(), self._on_sock_readable, key, sock)
+
+    def _close_socket(self, key: Hashable) -> None:
+        sock = self.socks.pop(key, None)
+        if sock is not None:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
 
     def ensure_tun(self) -> None:
         if self.tun_fd is None:
             self.tun_fd = self._tun_factory()
             self.loop.add_reader(self.tun_fd, self._on_tun_readable)
 
-    def _on_sock_readable(self) -> None:
-        receive, recv = self.core.receive_datagram, self.sock.recv_batch
+    # -- I/O ----------------------------------------------------------
+    def _on_sock_readable(self, key: Hashable, sock: BatchSocket) -> None:
+        receive, recv = self.core.receive_datagram, sock.recv_batch
         now = self.loop.time()
         n = 0
         while True:
@@ -255,7 +286,7 @@ class ClientShell(Shell):
                 self.counters["recv_errors"] += 1
                 break
             for data in dgrams:
-                receive(data, now)
+                receive(key, data, now)
             if n == 0 and self.tun_fd is not None:
                 self.write_tun()  # latency: the first packet is delivered before we look for more
             n += len(dgrams)
@@ -265,7 +296,7 @@ class ClientShell(Shell):
         self.flush()
 
     def flush(self) -> None:
-        self.handle_events()  # first: a Connecting event swaps the socket, TunnelUp makes the TUN
+        self.handle_events()  # first: a Connecting event opens the socket, TunnelUp makes the TUN
         self.send_out()
         if self.tun_fd is not None:
             self.write_tun()
@@ -273,16 +304,38 @@ class ClientShell(Shell):
     def send_out(self) -> None:
         out = self.core.datagrams_to_send()
         if out:
-            self.sock.send_batch(out, None, self._send_error)
+            socks = self.socks
+            for key, dgrams in _runs(out):
+                sock = socks.get(key)
+                if sock is None:
+                    self.counters["send_errors"] += len(dgrams)
+                else:
+                    sock.send_batch(dgrams, None, self._send_error)
 
     def on_event(self, ev) -> None:
         if isinstance(ev, events.Connecting):
-            self._new_socket()
+            self._open_socket(ev.key)
         self._on_event(ev)
 
     def shutdown(self) -> None:
-        if self.sock is not None:
-            self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
+        for key in list(self.socks):
+            self._close_socket(key)
+        if self._watcher is not None:
+            self.loop.remove_reader(self._watcher.fileno())
+            self._watcher.close()
         if self.tun_fd is not None:
             self.loop.remove_reader(self.tun_fd)
+
+
+def _runs(out: list[tuple[Hashable, bytes]]):
+    """Consecutive runs of datagrams for the same destination (order kept)."""
+    run: list[bytes] = []
+    last = None
+    for key, dgram in out:
+        if key != last and run:
+            yield last, run
+            run = []
+        last = key
+        run.append(dgram)
+    if run:
+        yield last, run

@@ -1,0 +1,139 @@
+"""Per-path estimates (RTT, loss, delivery rate) and the up/degraded/down state.
+
+Both ends probe every path with a PING every ``probe_interval``; the PONG
+carries the answering side's receive counters for that path, so each PONG
+also tells how many of the records we sent since the previous one arrived
+(loss) and how many bytes (delivery rate).  RTT follows RFC 6298 smoothing.
+
+States have hysteresis so a flapping link does not flip the scheduler:
+  up -> down        nothing received for ``dead_interval``
+  up -> degraded    smoothed loss above ``loss_degraded``
+  degraded -> up    ``recover_probes`` PONGs in a row with loss below half that
+  down -> up        ``recover_probes`` PONGs in a row
+Sans-IO: ``now`` is passed in; nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+UP, DEGRADED, DOWN = "up", "degraded", "down"
+
+PROBE_INTERVAL = 0.1
+DEAD_INTERVAL = 0.3
+RECOVER_PROBES = 3
+LOSS_DEGRADED = 0.2
+LOSS_GAIN = 0.25  # EWMA gain for the per-interval loss
+RATE_GAIN = 0.25
+MAX_OUTSTANDING = 32
+
+
+class PathEstimator:
+    __slots__ = (
+        "probe_interval", "dead_interval", "recover_probes", "loss_degraded",
+        "state", "srtt", "rttvar", "loss", "rate", "last_rx", "last_probe",
+        "_pings", "_last_ack", "_good_streak", "changes", "probes_sent", "probes_lost",
+    )
+
+    def __init__(
+        self,
+        now: float,
+        probe_interval: float = PROBE_INTERVAL,
+        dead_interval: float = DEAD_INTERVAL,
+        recover_probes: int = RECOVER_PROBES,
+        loss_degraded: float = LOSS_DEGRADED,
+    ):
+        self.probe_interval = probe_interval
+        self.dead_interval = dead_interval
+        self.recover_probes = recover_probes
+        self.loss_degraded = loss_degraded
+        self.state = UP
+        self.srtt: Optional[float] = None
+        self.rttvar = 0.0
+        self.loss = 0.0
+        self.rate = 0.0  # bytes/s the peer received on this path (smoothed)
+        self.last_rx = now
+        self.last_probe = now - probe_interval  # probe at once
+        self._pings: dict[int, tuple[float, int]] = {}  # token -> (sent at, our tx records then)
+        self._last_ack: Optional[tuple[float, int, int, int]] = None  # (time, our tx, peer rx, peer rx bytes)
+        self._good_streak = 0
+        self.changes = 0  # state changes so far (flap counter)
+        self.probes_sent = 0
+        self.probes_lost = 0
+
+    # -- inputs -------------------------------------------------------
+    def on_receive(self, now: float) -> None:
+        """Any authenticated record arrived on this path."""
+        self.last_rx = now
+
+    def probe_due(self, now: float) -> bool:
+        return now - self.last_probe >= self.probe_interval
+
+    def on_probe_sent(self, token: int, now: float, tx_records: int) -> None:
+        """``tx_records``: records sent on this path so far, the PING included."""
+        self.last_probe = now
+        self.probes_sent += 1
+        if len(self._pings) >= MAX_OUTSTANDING:
+            oldest = min(self._pings)
+            del self._pings[oldest]
+            self.probes_lost += 1
+        self._pings[token] = (now, tx_records)
+
+    def on_pong(self, token: int, now: float, peer_rx: int, peer_rx_bytes: int) -> None:
+        sent = self._pings.pop(token, None)
+        if sent is None:
+            return
+        sent_at, tx = sent
+        for older in [t for t in self._pings if t < token]:  # overtaken: those pings were lost
+            del self._pings[older]
+            self.probes_lost += 1
+        rtt = now - sent_at
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        if self._last_ack is not None:
+            t0, tx0, rx0, bytes0 = self._last_ack
+            n_sent, n_recv = tx - tx0, peer_rx - rx0
+            if n_sent > 0:
+                interval_loss = min(1.0, max(0.0, 1.0 - n_recv / n_sent))
+                self.loss += LOSS_GAIN * (interval_loss - self.loss)
+            if now > t0:
+                self.rate += RATE_GAIN * ((peer_rx_bytes - bytes0) / (now - t0) - self.rate)
+        self._last_ack = (now, tx, peer_rx, peer_rx_bytes)
+        self._on_good_probe()
+
+    def _on_good_probe(self) -> None:
+        if self.state == UP:
+            return
+        if self.state == DEGRADED and self.loss >= self.loss_degraded / 2:
+            self._good_streak = 0
+            return
+        self._good_streak += 1
+        if self._good_streak >= self.recover_probes:
+            if self.state == DOWN:
+                self.loss = 0.0  # the outage said nothing about the link's loss now
+            self._set(UP)
+
+    # -- state --------------------------------------------------------
+    def update(self, now: float) -> str:
+        """Re-evaluate the state at ``now``; returns it."""
+        if now - self.last_rx >= self.dead_interval:
+            if self.state != DOWN:
+                self.loss = 1.0
+                self._last_ack = None  # counters across an outage mean nothing
+                self._set(DOWN)
+            self._good_streak = 0
+        elif self.state == UP and self.loss > self.loss_degraded:
+            self._set(DEGRADED)
+        return self.state
+
+    def _set(self, state: str) -> None:
+        self.state = state
+        self._good_streak = 0
+        self.changes += 1
+
+    def next_timer(self) -> float:
+        """When :meth:`update` or a probe is next due (absolute time)."""
+        return min(self.last_probe + self.probe_interval, self.last_rx + self.dead_interval)
