@@ -73,13 +73,16 @@ FULL_CONFIG = Config(
 CONTROL_FRAMES = [
     Hello(),
     Hello(PROTOCOL_VERSION, TID),
-    Hello(2**62 - 1, b"\xff" * 16),
+    Hello(PROTOCOL_VERSION, TID, 3, 2, 1),
+    Hello(2**62 - 1, b"\xff" * 16, 2**62 - 1, 2**62 - 1, 2**62 - 1),
     FULL_CONFIG,
     Config(NEW_TUNNEL, [], 576, 0, 0, []),
     Config(TID, [ipaddress.ip_interface("100.64.0.2/24")], 65535, 2**62 - 1, 2**30, []),
     Ping(0),
     Ping(2**64 - 1),
     Pong(0x0123456789ABCDEF),
+    Pong(7, 90, 123_456),
+    Pong(2**64 - 1, 2**62 - 1, 2**62 - 1),
     Close(),
     Close(frames.CLOSE_REFUSED, "client 'x' is not listed"),
     Close(2**62 - 1, "r" * MAX_REASON),
@@ -94,10 +97,33 @@ def test_control_round_trip(frame) -> None:
 
 
 def test_hello_wire_format() -> None:
-    assert frames.encode(Hello()) == b"\x01\x01" + bytes(16)
-    assert frames.encode(Hello(1, TID)) == b"\x01\x01" + TID
-    assert frames.parse(b"\x01\x01" + bytes(16)) == Hello(1, NEW_TUNNEL)
-    assert Hello().tunnel_id == NEW_TUNNEL == bytes(16)
+    # type, version, tunnel id, then mode, redundancy, priority (varints)
+    assert frames.encode(Hello()) == b"\x01\x01" + bytes(16) + b"\x00\x00\x00"
+    assert frames.encode(Hello(1, TID)) == b"\x01\x01" + TID + b"\x00\x00\x00"
+    assert frames.encode(Hello(1, TID, 1, 2, 3)) == b"\x01\x01" + TID + b"\x01\x02\x03"
+    assert frames.encode(Hello(1, NEW_TUNNEL, 5, 16, 300)) == b"\x01\x01" + bytes(16) + v(5) + v(16) + v(300)
+    assert frames.parse(b"\x01\x01" + bytes(16) + b"\x00\x00\x00") == Hello(1, NEW_TUNNEL)
+    assert frames.parse(b"\x01\x01" + TID + b"\x04\x03\x02") == Hello(1, TID, 4, 3, 2)
+    h = Hello()
+    assert h.tunnel_id == NEW_TUNNEL == bytes(16)
+    assert (h.version, h.mode, h.redundancy, h.priority) == (PROTOCOL_VERSION, 0, 0, 0)
+
+
+def test_hello_without_the_multipath_fields_is_truncated() -> None:
+    """The version-1 HELLO of the single-path code (18 bytes) is no longer a valid HELLO."""
+    for tail in (b"", b"\x00", b"\x00\x00"):
+        with pytest.raises(FrameError, match="truncated"):
+            frames.parse(b"\x01\x01" + bytes(16) + tail)
+
+
+def test_hello_mode_numbers_follow_scheduler_modes() -> None:
+    from tunnel.client_core import ClientCore
+    from tunnel.scheduler import MODES
+
+    assert MODES == ("duplicate", "redundant", "lowest-rtt", "balance", "backup")
+    # HELLO mode 0 means "the server's choice"; 1.. are MODES in order
+    for i, mode in enumerate(MODES, start=1):
+        assert ClientCore(None, mode=mode).hello_mode == i
 
 
 def test_config_wire_format() -> None:
@@ -127,7 +153,11 @@ def test_config_wire_format() -> None:
 
 def test_ping_pong_close_wire_format() -> None:
     assert frames.encode(Ping(1)) == b"\x04" + (1).to_bytes(8, "big")
-    assert frames.encode(Pong(2**64 - 1)) == b"\x05" + b"\xff" * 8
+    # PONG: token (64), then the answering side's receive counters for the path (varints)
+    assert frames.encode(Pong(2**64 - 1)) == b"\x05" + b"\xff" * 8 + b"\x00\x00"
+    assert frames.encode(Pong(1, 90, 123_456)) == b"\x05" + (1).to_bytes(8, "big") + v(90) + v(123_456)
+    assert frames.parse(b"\x05" + (9).to_bytes(8, "big") + v(100) + v(2**40)) == Pong(9, 100, 2**40)
+    assert Pong(3) == Pong(3, 0, 0)
     assert frames.encode(Close(3, "bye")) == b"\x06\x03\x03bye"
     assert frames.encode(Close()) == b"\x06\x00\x00"
 
@@ -140,7 +170,8 @@ def test_frame_type_numbers() -> None:
         frames.CLOSE_PROTOCOL,
         frames.CLOSE_REPLACED,
         frames.CLOSE_VERSION,
-    ) == (0, 1, 2, 3, 4)
+        frames.CLOSE_UNKNOWN_TUNNEL,
+    ) == (0, 1, 2, 3, 4, 5)
 
 
 SEQ_BOUNDARIES = [0, 1, 63, 64, 16383, 16384, 2**30 - 1, 2**30, 2**62 - 1]
@@ -401,7 +432,7 @@ _v6 = st.builds(
     lambda a, p: ipaddress.IPv6Interface((a, p)), st.integers(0, 2**128 - 1), st.integers(0, 128)
 )
 _frames = st.one_of(
-    st.builds(Hello, _varint, _tid),
+    st.builds(Hello, _varint, _tid, _varint, _varint, _varint),
     st.builds(
         Config,
         _tid,
@@ -413,7 +444,7 @@ _frames = st.one_of(
     ),
     st.builds(Data, _varint, st.binary(min_size=1, max_size=64)),
     st.builds(Ping, st.integers(0, 2**64 - 1)),
-    st.builds(Pong, st.integers(0, 2**64 - 1)),
+    st.builds(Pong, st.integers(0, 2**64 - 1), _varint, _varint),
     st.builds(Close, _varint, st.text(max_size=50))  # <= 200 UTF-8 bytes,
 )
 
@@ -439,17 +470,45 @@ def test_protocol_doc_config_example() -> None:
         (1).to_bytes(16, "big"),
         [ipaddress.ip_interface("100.64.0.2/24")],
         1426,
-        1000,
-        5000,
+        100,
+        3000,
         [ipaddress.ip_network("10.9.0.0/16")],
     )
     assert bytes.fromhex(hex_bytes) == frames.encode(example)
     assert f"{len(frames.encode(example))} bytes" in doc.split("Example (tunnel id 1", 1)[1].split("```")[0]
 
 
+def _doc_hex_block(doc: str, marker: str) -> bytes:
+    block = doc.split(marker, 1)[1].split("```", 2)[1]
+    return bytes.fromhex("".join(line.split("  ")[0] for line in block.strip().splitlines()))
+
+
+def test_protocol_doc_hello_and_pong_examples() -> None:
+    doc = _doc()
+    assert _doc_hex_block(doc, "Example (JOIN") == frames.encode(Hello(1, (1).to_bytes(16, "big"), 1, 2, 0))
+    assert _doc_hex_block(doc, "Example (PONG") == frames.encode(Pong(3, 90, 9000))
+
+
 def test_protocol_doc_small_examples() -> None:
     doc = _doc()
     assert frames.encode_data(1, b"\x45").hex(" ") + " ..." in doc
-    assert "With version 1 a HELLO is 18 bytes" in doc and len(frames.encode(Hello())) == 18
-    for code, name in ((0, "CLOSE_NORMAL"), (1, "CLOSE_REFUSED"), (2, "CLOSE_PROTOCOL"), (3, "CLOSE_REPLACED"), (4, "CLOSE_VERSION")):
+    assert "With version 1 a HELLO is 21 bytes" in doc and len(frames.encode(Hello())) == 21
+    codes = (
+        (0, "CLOSE_NORMAL"),
+        (1, "CLOSE_REFUSED"),
+        (2, "CLOSE_PROTOCOL"),
+        (3, "CLOSE_REPLACED"),
+        (4, "CLOSE_VERSION"),
+        (5, "CLOSE_UNKNOWN_TUNNEL"),
+    )
+    for code, name in codes:
         assert getattr(frames, name) == code and f"| {code}    | `{name}`" in doc
+
+
+def test_protocol_doc_mode_numbers() -> None:
+    from tunnel.scheduler import MODES
+
+    doc = _doc()
+    for i, mode in enumerate(MODES, start=1):
+        assert f"| {i}    | `{mode}`" in doc
+    assert "not yet accepted" not in doc.lower()

@@ -1,6 +1,7 @@
 """The UDP stream tool (tunnel/lab/stream.py): statistics, and real streams over a veth."""
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from pathlib import Path
@@ -92,6 +93,22 @@ def test_wire_format_and_addresses() -> None:
         stream.parse_address("198.18.0.1")
 
 
+def test_recording_stop_conditions_and_ancillary_data() -> None:
+    rec = stream.Recording()
+    rec.add(stream.encode(stream.DATA_MAGIC, 1, 10, 64), 20, 0xB8, 0)
+    rec.add(b"not one of ours" * 4, 21, 0, 0)  # ignored
+    rec.add(stream.encode(stream.END_MAGIC, 2, 30), 40, 0, 0)
+    assert rec.done() is None  # the end marker says 2 were sent; seq 0 still missing
+    rec.add(stream.encode(stream.DATA_MAGIC, 0, 5, 64), 50, 0, 7)
+    assert rec.done() == "complete" and rec.socket_drops == 7
+    assert [a.seq for a in rec.arrivals] == [1, 0]
+    assert stream.Recording(expect=1, seqs={4}).done() == "expect"
+    anc = [(socket.IPPROTO_IP, socket.IP_TOS, b"\xb8"),
+           (socket.SOL_SOCKET, stream.SO_RXQ_OVFL, (3).to_bytes(4, sys.byteorder))]
+    assert stream.parse_ancillary(anc) == (0xB8, 3)
+    assert stream.parse_ancillary([]) == (None, None)
+
+
 # --------------------------------------------------------------------------
 # Real streams over a veth (two_hosts: srv 198.18.0.1 <-> cli 198.18.0.2)
 # --------------------------------------------------------------------------
@@ -106,7 +123,6 @@ def _drop_rule(host: Host, match: str) -> None:
     _nft(host, "add table inet streamtest",
          "add chain inet streamtest input { type filter hook input priority 0; }",
          f"add rule inet streamtest input udp dport {PORT} {match} drop")
-
 
 
 def _slack_ms(r: stream.StreamResult, rate: float) -> float:
@@ -131,7 +147,7 @@ def test_clean_stream_over_veth(two_hosts, tmp_path: Path) -> None:
     r = stream.run_stream(two_hosts.client, two_hosts.server, two_hosts.server_addr, PORT,
                           rate=1000, size=200, count=500, workdir=tmp_path, full=True)
     assert (r.sent, r.received, r.lost, r.duplicates, r.reordered) == (500, 500, 0, 0, 0)
-    assert r.stopped_by == "expect" and r.socket_drops == 0
+    assert r.stopped_by == "complete" and r.end_seen and r.socket_drops == 0
     assert r.tos_counts == {0: 500}
     assert 0 < r.latency_p50_ms < 10  # positive: sender and receiver share the clock
     late_ms = r.sender["max_lateness_ms"]  # a stalled sender makes gaps the network did not
@@ -149,7 +165,7 @@ def test_dropped_seq_range_is_lost_and_leaves_a_gap(two_hosts, tmp_path: Path) -
     r = stream.run_stream(two_hosts.client, two_hosts.server, two_hosts.server_addr, PORT,
                           rate=rate, size=100, count=300, workdir=tmp_path)
     assert (r.sent, r.received, r.lost, r.duplicates) == (300, 250, 50, 0)
-    assert r.end_seen and r.stopped_by == "end"  # expect=300 never reached: lingered after the end
+    assert r.end_seen and r.stopped_by == "end"  # never complete: lingered after the end marker
     assert (r.longest_loss_run, r.loss_run_start) == (50, 100)
     assert (r.gap_after_seq, r.gap_before_seq) == (99, 150)
     # 51 send intervals, give or take the sender's own lateness
@@ -182,9 +198,8 @@ def test_duplicates_are_counted_not_received_twice(two_hosts, tmp_path: Path) ->
     r = stream.run_stream(two_hosts.client, two_hosts.server, two_hosts.server_addr, PORT,
                           rate=2000, size=64, count=200, workdir=tmp_path, dup_every=10)
     assert r.sender["duplicates_sent"] == 20
-    # the receiver stops at the 200th distinct seq, before the last duplicate (of seq 199)
     assert (r.sent, r.received, r.lost) == (200, 200, 0)
-    assert r.duplicates == 19 and r.reordered == 0
+    assert r.duplicates == 20 and r.reordered == 0
 
 
 @pytest.mark.netns
@@ -203,16 +218,27 @@ def test_ipv6_loopback_with_traffic_class(lab, tmp_path: Path) -> None:
 
 
 @pytest.mark.netns
-def test_receiver_writes_result_on_sigterm_and_times_out(two_hosts, tmp_path: Path) -> None:
-    srv = two_hosts.server
+def test_receiver_stop_conditions(two_hosts, tmp_path: Path) -> None:
+    """--expect, SIGTERM and the idle timeout each end the recording with a result file."""
+    srv, bind = two_hosts.server, f"0.0.0.0:{PORT}"
+
+    out = tmp_path / "expect.json"
+    proc = stream.start_receiver(srv, bind, out, expect=30)
+    stream.wait_listening(srv, PORT, proc)
+    to = f"{two_hosts.server_addr}:{PORT}"
+    sent = stream.run_sender(two_hosts.client, to, rate=1000, size=64, count=100)
+    r = stream.finish_receiver(proc, out, timeout=10)
+    assert sent["sent"] == 100
+    assert (r.stopped_by, r.received, r.sent, r.end_seen) == ("expect", 30, 30, False)
+
     out = tmp_path / "term.json"
-    proc = stream.start_receiver(srv, f"0.0.0.0:{PORT}", out, timeout=60)
+    proc = stream.start_receiver(srv, bind, out, timeout=60)
     stream.wait_listening(srv, PORT, proc)
     r = stream.finish_receiver(proc, out, timeout=0)  # SIGTERM at once
     assert (r.stopped_by, r.sent, r.received) == ("signal", 0, 0)
 
     out = tmp_path / "idle.json"
     started = time.monotonic()
-    proc = stream.start_receiver(srv, f"0.0.0.0:{PORT}", out, timeout=0.3)
+    proc = stream.start_receiver(srv, bind, out, timeout=0.3)
     r = stream.finish_receiver(proc, out, timeout=10)
     assert r.stopped_by == "timeout" and time.monotonic() - started < 5

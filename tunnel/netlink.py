@@ -124,12 +124,24 @@ def usable_interfaces(exclude: Iterable[str] = ()) -> list[tuple[str, int, str, 
 
 
 def reachable_via(dst: str, ifindex: int) -> bool:
-    """Would a socket bound to interface ``ifindex`` have a route to ``dst``?"""
+    """Does the main routing table have a route through interface ``ifindex`` covering ``dst``?
+
+    (``ip route get ... oif`` is no test: with an output interface given, the
+    kernel falls back to treating any destination as on-link.)
+    """
+    want = ipaddress.ip_address(dst)
     with IPRoute() as ipr:
-        try:
-            return bool(ipr.route("get", dst=dst, oif=ifindex))
-        except NetlinkError:
-            return False
+        for route in ipr.get_routes(family=socket.AF_INET, table=254):
+            oifs = {route.get_attr("RTA_OIF")}
+            multipath = route.get_attr("RTA_MULTIPATH")
+            if multipath:
+                oifs |= {nh["oif"] for nh in multipath}
+            if ifindex not in oifs:
+                continue
+            prefix = f"{route.get_attr('RTA_DST') or '0.0.0.0'}/{route['dst_len']}"
+            if want in ipaddress.ip_network(prefix, strict=False):
+                return True
+    return False
 
 
 RTMGRP_LINK = 0x1

@@ -179,6 +179,7 @@ class Line:
     def __init__(self, name: str, settings: LineSettings, rng: random.Random) -> None:
         self.name = name
         self.tun = TunDevice(settings.tun)
+        _disable_ipv6(settings.tun)
         self.settings = settings
         self.rng = rng
         self.stats = LineStats()
@@ -367,6 +368,19 @@ class DelayLine:
         for line in self.lines.values():
             line.close()
         self.lines.clear()
+
+
+def _disable_ipv6(ifname: str) -> None:
+    """Keep the kernel's IPv6 chatter (router solicitations, MLD) out of the line.
+
+    Written to procfs like tunnel.netlink does, not imported from there: that
+    would pull in pyroute2 and add 0.3 s to the start-up.
+    """
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as f:
+            f.write("1")
+    except OSError:
+        pass  # no IPv6 here: nothing to silence
 
 
 def _precise_timers() -> None:

@@ -29,7 +29,8 @@ datagram, for DSCP/ECN checks, and the kernel's drop counter of its socket
 
 The sub-commands import nothing heavy (the lab's pyroute2 only in the
 functions that drive namespaces), so they start quickly inside a namespace.
-:func:`percentile` is the nearest-rank percentile shared with bench.py.
+:func:`percentile` is the same nearest-rank percentile as bench.py's, which
+can import it from here instead of keeping its own copy.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ import struct
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence
 
 if TYPE_CHECKING:
     from tunnel.lab.netns import Host
@@ -69,7 +71,7 @@ SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 _ANCBUF = socket.CMSG_SPACE(4) * 2
 
-_NS = 1_000_000  # nanoseconds per millisecond
+_NS_PER_MS = 1_000_000
 _runs = itertools.count()
 
 
@@ -88,7 +90,7 @@ class Arrival:
 
     @property
     def latency_ms(self) -> float:
-        return (self.arrived_ns - self.sent_ns) / _NS
+        return (self.arrived_ns - self.sent_ns) / _NS_PER_MS
 
 
 @dataclass
@@ -163,7 +165,7 @@ def longest_gap(arrivals: Sequence[Arrival]) -> tuple[float, Optional[int], Opti
     """(ms, seq before, seq after) of the longest time between consecutive arrivals."""
     best: tuple[float, Optional[int], Optional[int]] = (0.0, None, None)
     for prev, cur in zip(arrivals, arrivals[1:]):
-        gap = (cur.arrived_ns - prev.arrived_ns) / _NS
+        gap = (cur.arrived_ns - prev.arrived_ns) / _NS_PER_MS
         if gap > best[0]:
             best = (gap, prev.seq, cur.seq)
     return best
@@ -301,7 +303,7 @@ def parse_ancillary(ancdata: Iterable[tuple[int, int, bytes]]) -> tuple[Optional
 # --------------------------------------------------------------------------
 
 class _Stopped(Exception):
-    """Raised by the SIGTERM handler to end the receive loop."""
+    """Raised by the SIGTERM handler to end the recording."""
 
 
 @dataclass
@@ -341,21 +343,16 @@ class Recording:
         return analyze(self.arrivals, self.end_count, self.socket_drops, self.stopped_by, full)
 
 
-def receive(sock: socket.socket, expect: Optional[int] = None, timeout: float = DEFAULT_TIMEOUT,
-            linger: float = DEFAULT_LINGER) -> Recording:
-    """Record datagrams until a stop condition (see the module docstring) is met.
-
-    SIGTERM (or Ctrl-C) ends the recording early; the handler is restored on return.
-    """
-    rec = Recording(expect)
+@contextmanager
+def stopped_by_signal(rec: Recording) -> Iterator[None]:
+    """Within this, SIGTERM or Ctrl-C end the recording (``rec.stopped_by = "signal"``), not the process."""
     previous = signal.signal(signal.SIGTERM, _raise_stopped_once)
     try:
-        _receive_loop(sock, rec, timeout, linger)
+        yield
     except (_Stopped, KeyboardInterrupt):
         rec.stopped_by = "signal"
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return rec
 
 
 def _raise_stopped_once(signum: int, frame: object) -> None:
@@ -363,7 +360,10 @@ def _raise_stopped_once(signum: int, frame: object) -> None:
     raise _Stopped()
 
 
-def _receive_loop(sock: socket.socket, rec: Recording, timeout: float, linger: float) -> None:
+def receive(sock: socket.socket, rec: Recording, timeout: float = DEFAULT_TIMEOUT,
+            linger: float = DEFAULT_LINGER) -> None:
+    """Record datagrams into ``rec`` until it is done, ``linger`` s have passed since
+    the end marker, or ``timeout`` s since the last datagram (or the start)."""
     idle_deadline = time.monotonic() + timeout
     end_deadline = float("inf")
     while not rec.stopped_by:
@@ -398,8 +398,10 @@ def read_result(path: Path | str) -> StreamResult:
 
 
 def recv_main(args: argparse.Namespace) -> int:
-    with open_receiver_socket(parse_address(args.bind)) as sock:
-        rec = receive(sock, args.expect, args.timeout, args.linger)
+    rec = Recording(args.expect)
+    # The handler goes in before the socket is bound: whoever saw the port bound may SIGTERM us.
+    with stopped_by_signal(rec), open_receiver_socket(parse_address(args.bind)) as sock:
+        receive(sock, rec, args.timeout, args.linger)
     write_json_atomically(Path(args.out), rec.result(args.full).to_json())
     return 0
 
@@ -556,15 +558,18 @@ def run_stream(sender_host: Host, receiver_host: Host, to_addr: str, port: int, 
                full: bool = False, during: Optional[Callable[[], None]] = None) -> StreamResult:
     """Stream ``count`` datagrams from ``sender_host`` to ``to_addr``:``port`` in ``receiver_host``.
 
-    The receiver binds the wildcard address on ``port`` and expects ``count``
-    datagrams.  ``during``, if given, is called once the sender has started
-    (e.g. to cut a link mid-stream).  The result carries the sender's summary
-    in ``.sender``.
+    The receiver binds the wildcard address on ``port`` and stops once the
+    end marker has come and every datagram before it, or ``linger`` s after
+    the end marker, or after ``timeout`` s without a datagram.  (No
+    ``expect``: stopping at the ``count``-th distinct datagram would miss
+    duplicates of the last ones.)  ``during``, if given, is called once the
+    sender has started (e.g. to cut a link mid-stream).  The result carries
+    the sender's summary in ``.sender``.
     """
     out = Path(workdir) / f"stream-{receiver_host.name}-{port}-{next(_runs)}.json"
     wildcard = "[::]" if _family(to_addr) == socket.AF_INET6 else "0.0.0.0"
     dest = f"[{to_addr}]:{port}" if ":" in to_addr else f"{to_addr}:{port}"
-    receiver = start_receiver(receiver_host, f"{wildcard}:{port}", out, count, timeout, linger, full)
+    receiver = start_receiver(receiver_host, f"{wildcard}:{port}", out, None, timeout, linger, full)
     sender: Optional[subprocess.Popen] = None
     try:
         wait_listening(receiver_host, port, receiver)

@@ -1,0 +1,434 @@
+"""Impair the paths of a MultipathTopology: delay, jitter, loss, reordering, rate, outages.
+
+Why: a multipath tunnel earns its keep when paths are bad in different ways:
+slow, lossy, bursty, narrow, or gone for a while.  Tests and benchmarks need
+to spoil each path, per direction, reproducibly and transparently to the
+tunnel under test.  Everything happens in the router namespace of a
+:class:`~tunnel.lab.topology.MultipathTopology`, so it dies with the lab and
+cannot leak into another one.
+
+Each mechanism goes where it is cheapest and most faithful:
+
+- ``rate_mbit``: a tbf qdisc on the router's egress for that direction.
+  Downstream (server->client) that is the path's own veth, so the tbf is its
+  root qdisc.  Upstream every path leaves through the one server link, so its
+  root is an htb with ``default 0`` (unclassified packets bypass shaping) and
+  one class ``1:<i+1>`` per rate-limited path, whose leaf qdisc is the tbf
+  (handle ``<0x100+i>:``); nftables steers the path's packets into the class
+  by setting ``meta priority`` (htb honours skb->priority naming one of its
+  classes, no tc filter needed).  The tbf queue holds ``rate_queue_ms`` worth
+  of bytes, then tail-drops like a real bottleneck;
+- ``loss`` (independent random loss) and :meth:`Impairments.blackhole`
+  (instant outage): nftables in the router's forward chain, table
+  ``inet mptunlab``, with ``numgen random`` for the loss;
+- ``delay_ms``, ``jitter_ms``, ``reorder``, ``burst`` (Gilbert-Elliott) and
+  scheduled ``outages``: the user-space delay line (:mod:`tunnel.lab.delayline`),
+  one process in the router namespace, started when first needed.
+
+Packets reach the delay line by policy routing (rule priorities and tables
+``1000 + 2*i`` upstream, ``1001 + 2*i`` downstream, for path ``i``)::
+
+    up:   iif <path veth>                 lookup 1000+2i: default dev dl<i>u
+    down: iif <server veth> to <subnet i> lookup 1001+2i: default dev dl<i>d
+
+Each table also holds a blackhole default route (metric 4096): if the delay
+line dies, its TUNs vanish and the path fails closed instead of silently
+bypassing the impairment.  The delay line writes packets back into the same
+TUN; they then come in on ``dl<i>u``/``dl<i>d``, which no rule matches, and
+follow the main table.  The nftables rules and the tbf sit *after* the delay
+line: they match the packet's last hop (``oif`` = egress veth, ``iif`` = the
+ingress veth or the TUN).  A direction only passes through the delay line
+when one of its settings needs it (or ``force_delay_line``).
+
+Outage windows are seconds after :attr:`Impairments.schedule_start`, a
+``time.monotonic()`` instant (CLOCK_MONOTONIC is the same in every
+namespace): the moment the :class:`Impairments` was created, or whatever
+:meth:`Impairments.restart_schedule` set.
+
+``python -m tunnel.lab.impair measure`` produces the figures in docs/LAB.md.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from tunnel.lab.delayline import GilbertElliott, LineSettings
+from tunnel.lab.netns import Host, Lab, unique_prefix, wait_for
+from tunnel.lab.topology import MultipathTopology, echo_server_argv, probe_argv, rtts_ms
+
+__all__ = ["Direction", "GilbertElliott", "Impairment", "Impairments", "tun_name"]
+
+Direction = Literal["up", "down"]
+DIRECTIONS: tuple[Direction, ...] = ("up", "down")
+NFT_TABLE = "mptunlab"
+RULE_BASE = 1000  # rule priority and table of path i, direction d: RULE_BASE + 2*i + (d == "down")
+FAILSAFE_METRIC = 4096  # the blackhole default route behind each delay-line route
+HTB_ROOT = 0x10000  # "1:" on the server link
+TBF_MAJOR = 0x100  # tbf of path i's upstream: handle (0x100 + i):, under class 1:(i+1)
+TUN_TXQUEUELEN = 1000
+
+
+@dataclass(frozen=True)
+class Impairment:
+    """What one path does to the packets of one direction; the default does nothing.
+
+    ``loss``, ``reorder`` and the :class:`GilbertElliott` probabilities are in
+    0..1; ``reorder`` is the chance that a packet is held back an extra
+    ``reorder_gap_ms`` (so later ones overtake it).  Jitter is uniform in
+    ``delay_ms +- jitter_ms`` and never reorders by itself.  ``outages`` are
+    ``(t1, t2)`` pairs of seconds after the schedule start.
+    ``force_delay_line`` routes through the delay line even when nothing
+    needs it (to measure its overhead).
+    """
+
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    loss: float = 0.0
+    burst: Optional[GilbertElliott] = None
+    reorder: float = 0.0
+    reorder_gap_ms: float = 10.0
+    rate_mbit: Optional[float] = None
+    rate_queue_ms: float = 50.0
+    outages: tuple[tuple[float, float], ...] = ()
+    force_delay_line: bool = False
+
+    def __post_init__(self) -> None:
+        probabilities = [self.loss, self.reorder]
+        if self.burst:
+            probabilities += [self.burst.p_good_to_bad, self.burst.p_bad_to_good,
+                              self.burst.loss_in_bad, self.burst.loss_in_good]
+        if not all(0.0 <= p <= 1.0 for p in probabilities):
+            raise ValueError(f"probabilities must lie in 0..1: {self}")
+        if min(self.delay_ms, self.jitter_ms, self.reorder_gap_ms, self.rate_queue_ms) < 0:
+            raise ValueError(f"times must not be negative: {self}")
+        if self.rate_mbit is not None and self.rate_mbit <= 0:
+            raise ValueError(f"rate_mbit must be positive: {self}")
+        if any(not 0 <= a < b for a, b in self.outages):
+            raise ValueError(f"outages must be (t1, t2) with 0 <= t1 < t2: {self.outages}")
+        object.__setattr__(self, "outages", tuple((float(a), float(b)) for a, b in self.outages))
+
+    def needs_delay_line(self) -> bool:
+        return bool(self.delay_ms or self.jitter_ms or self.reorder or self.burst
+                    or self.outages or self.force_delay_line)
+
+    def line_settings(self, tun: str) -> LineSettings:
+        """This impairment's share of the delay line's work."""
+        return LineSettings(tun, self.delay_ms, self.jitter_ms, self.reorder, self.reorder_gap_ms,
+                            self.burst, self.outages)
+
+
+NO_IMPAIRMENT = Impairment()
+Key = tuple[int, Direction]
+
+
+def tun_name(path: int, direction: Direction) -> str:
+    """The delay line's TUN for one path and direction: ``dl<i>u`` / ``dl<i>d``."""
+    return f"dl{path}{direction[0]}"
+
+
+def _directions(direction: str) -> tuple[Direction, ...]:
+    if direction == "both":
+        return DIRECTIONS
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be 'up', 'down' or 'both', not {direction!r}")
+    return (direction,)  # type: ignore[return-value]
+
+
+def _line_name(key: Key) -> str:
+    return f"{key[0]}/{key[1]}"
+
+
+def _ignoring(codes: Iterable[int], fn: Any, *args: Any, **kw: Any) -> None:
+    """Call a pyroute2 function, ignoring the NetlinkError codes in ``codes``."""
+    try:
+        fn(*args, **kw)
+    except NetlinkError as exc:
+        if exc.code not in codes:
+            raise
+
+
+class DelayLineProcess:
+    """The delay line running in a namespace, driven over its stdin/stdout."""
+
+    def __init__(self, host: Host, timeout: float = 15.0) -> None:
+        self.proc = host.popen([sys.executable, "-m", "tunnel.lab.delayline"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._buf = b""
+        self._read_reply(timeout)  # {"ok": true, "ready": true}
+
+    def request(self, msg: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        """Send one control message; return the reply, raise if it says not ok."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write((json.dumps(msg) + "\n").encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise RuntimeError(f"delay line exited with {self.proc.poll()}") from None
+        reply = self._read_reply(timeout)
+        if not reply.get("ok"):
+            raise RuntimeError(f"delay line: {reply.get('error')}")
+        return reply
+
+    def _read_reply(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError(f"delay line did not answer within {timeout:g}s")
+            data = os.read(fd, 65536)
+            if not data:
+                raise RuntimeError(f"delay line exited with {self.proc.wait()}")
+            self._buf += data
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def stop(self, timeout: float = 5.0) -> dict[str, Any]:
+        """SIGTERM it and return its final counters ({} if it is already gone)."""
+        if self.proc.poll() is not None:
+            return {}
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            stats = self._read_reply(timeout).get("stats", {})
+        except (TimeoutError, RuntimeError):
+            stats = {}
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return stats
+
+
+class Impairments:
+    """The impairments of one :class:`MultipathTopology`; see the module doc.
+
+    Every change takes effect before the call returns.  :meth:`clear` (or
+    leaving the ``with`` block) removes them all; closing the lab does too.
+    ``seed`` makes the delay line's random choices repeatable.
+    """
+
+    def __init__(self, topo: MultipathTopology, seed: Optional[int] = None) -> None:
+        self.topo = topo
+        self.router = topo.router
+        self.seed = seed
+        self.schedule_start = time.monotonic()
+        self._plan: dict[Key, Impairment] = {}
+        self._blackholes: set[Key] = set()
+        self._delay_line: Optional[DelayLineProcess] = None
+        self._routed: set[Key] = set()  # directions the rules send through the delay line
+        self._rate_specs: dict[Key, tuple[float, float]] = {}
+        self._htb = False
+
+    def __enter__(self) -> Impairments:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.clear()
+
+    # -- public API ----------------------------------------------------------
+    def get(self, path: int, direction: Direction) -> Impairment:
+        return self._plan.get((path, direction), NO_IMPAIRMENT)
+
+    def set(self, path: int, impairment: Impairment, direction: str = "both") -> None:
+        """Give path ``path`` this impairment in ``direction`` ("up", "down", "both")."""
+        self._check_path(path)
+        plan = dict(self._plan)
+        for d in _directions(direction):
+            plan[(path, d)] = impairment
+        self.apply(plan)
+
+    def apply(self, plan: Mapping[Key, Impairment]) -> None:
+        """Make ``plan`` (``{(path, direction): Impairment}``) the whole set of impairments."""
+        for path, direction in plan:
+            self._check_path(path)
+            _directions(direction)
+        self._plan = {k: v for k, v in plan.items() if v != NO_IMPAIRMENT}
+        self._sync()
+
+    def blackhole(self, path: int, direction: str = "both", on: bool = True) -> None:
+        """Drop everything on a path (instantly, in nftables) or stop doing so."""
+        self._check_path(path)
+        keys = {(path, d) for d in _directions(direction)}
+        self._blackholes = self._blackholes | keys if on else self._blackholes - keys
+        self._sync_nft()
+
+    def restart_schedule(self, start: Optional[float] = None) -> float:
+        """Let outage schedules count from ``start`` (``time.monotonic()``; default now)."""
+        self.schedule_start = time.monotonic() if start is None else start
+        if self._delay_line is not None:
+            self._configure_delay_line(self._routed)
+        return self.schedule_start
+
+    def stats(self, reset: bool = False) -> dict[Key, dict[str, Any]]:
+        """The delay line's counters per (path, direction) it serves (see tunnel.lab.delayline)."""
+        if self._delay_line is None:
+            return {}
+        raw = self._delay_line.request({"cmd": "stats", "reset": reset})["stats"]
+        return {self._key(name): value for name, value in raw.items()}
+
+    def clear(self) -> None:
+        """Remove every impairment and blackhole and stop the delay line."""
+        self._plan = {}
+        self._blackholes = set()
+        if self.router.netns not in {h.netns for h in self.topo.lab.hosts.values()}:
+            return  # the lab is closed: everything died with the namespace
+        self._sync()
+        if self._delay_line is not None:
+            self._delay_line.stop()
+            self._delay_line = None
+
+    # -- reconciliation ----------------------------------------------------
+    def _sync(self) -> None:
+        self._sync_delay_line()
+        self._sync_rates()
+        self._sync_nft()
+
+    def _sync_delay_line(self) -> None:
+        wanted = {k for k, imp in self._plan.items() if imp.needs_delay_line()}
+        with self.router.ipr() as ipr:
+            for key in self._routed - wanted:  # stop routing into TUNs before they go
+                self._unroute(ipr, key)
+        if wanted and self._delay_line is None:
+            self._delay_line = DelayLineProcess(self.router)
+        if self._delay_line is not None:
+            self._configure_delay_line(wanted)
+        with self.router.ipr() as ipr:
+            for key in wanted - self._routed:
+                self._route(ipr, key)
+
+    def _configure_delay_line(self, keys: Iterable[Key]) -> None:
+        assert self._delay_line is not None
+        lines = {_line_name(k): self._plan[k].line_settings(tun_name(*k)).to_json() for k in keys}
+        self._delay_line.request({"cmd": "configure", "lines": lines,
+                                  "schedule_start": self.schedule_start, "seed": self.seed})
+
+    def _rule(self, key: Key) -> dict[str, Any]:
+        """The policy rule sending one direction of one path into the delay line."""
+        path, direction = self.topo.paths[key[0]], key[1]
+        number = RULE_BASE + 2 * path.index + (direction == "down")
+        if direction == "up":
+            return {"iifname": path.router_ifname, "table": number, "priority": number}
+        net, plen = path.subnet.split("/")
+        return {"iifname": self.topo.router_server_ifname, "dst": net, "dst_len": int(plen),
+                "table": number, "priority": number}
+
+    def _route(self, ipr: Any, key: Key) -> None:
+        rule = self._rule(key)
+        tun = ipr.link_lookup(ifname=tun_name(*key))[0]
+        ipr.link("set", index=tun, mtu=self.topo.mtu, txqlen=TUN_TXQUEUELEN, state="up")
+        ipr.route("replace", dst="0.0.0.0/0", oif=tun, table=rule["table"])
+        ipr.route("replace", dst="0.0.0.0/0", type="blackhole", table=rule["table"],
+                  priority=FAILSAFE_METRIC)
+        _ignoring([errno.EEXIST], ipr.rule, "add", **rule)
+        self._routed.add(key)
+
+    def _unroute(self, ipr: Any, key: Key) -> None:
+        rule = self._rule(key)
+        _ignoring([errno.ENOENT], ipr.rule, "del", **rule)
+        _ignoring([errno.ESRCH], ipr.route, "del", dst="0.0.0.0/0", type="blackhole",
+                  table=rule["table"], priority=FAILSAFE_METRIC)
+        self._routed.discard(key)
+
+    def _sync_rates(self) -> None:
+        wanted = {k: (imp.rate_mbit, imp.rate_queue_ms) for k, imp in self._plan.items()
+                  if imp.rate_mbit is not None}
+        with self.router.ipr() as ipr:
+            for key in set(self._rate_specs) | set(wanted):
+                if self._rate_specs.get(key) != wanted.get(key):
+                    self._set_rate(ipr, key, wanted.get(key))
+
+    def _set_rate(self, ipr: Any, key: Key, spec: Optional[tuple[float, float]]) -> None:
+        """Install, change or (``spec`` None) remove the tbf of one direction of a path."""
+        path, direction = self.topo.paths[key[0]], key[1]
+        if direction == "down":
+            index = ipr.link_lookup(ifname=path.router_ifname)[0]
+            parent, handle = {}, HTB_ROOT
+        else:
+            index = ipr.link_lookup(ifname=self.topo.router_server_ifname)[0]
+            if not self._htb:
+                ipr.tc("add", "htb", index, HTB_ROOT, default=0)
+                self._htb = True
+            classid = HTB_ROOT + path.index + 1
+            parent, handle = {"parent": classid}, (TBF_MAJOR + path.index) << 16
+            if spec is None:
+                _ignoring([errno.ENOENT], ipr.tc, "del-class", index=index, handle=classid, parent=HTB_ROOT)
+            elif key not in self._rate_specs:
+                ipr.tc("add-class", "htb", index, classid, parent=HTB_ROOT, rate="10gbit")
+        if spec is None:
+            if direction == "down":
+                _ignoring([errno.ENOENT, errno.EINVAL], ipr.tc, "del", index=index, handle=handle)
+            self._rate_specs.pop(key, None)
+            return
+        ipr.tc("replace", "tbf", index, handle, **parent, **_tbf_params(*spec, self.topo.mtu))
+        self._rate_specs[key] = spec
+
+    def _sync_nft(self) -> None:
+        self.router.run(["nft", "-f", "-"], stdin=None, input=self._nft_script())
+
+    def _nft_script(self) -> str:
+        """The whole nftables table, rebuilt atomically on every change."""
+        script = [f"table inet {NFT_TABLE} {{}}", f"delete table inet {NFT_TABLE}"]
+        jumps, chains = [], []
+        for key in sorted(set(self._plan) | self._blackholes):
+            rules = self._nft_rules(key)
+            if not rules:
+                continue
+            name = f"p{key[0]}{key[1]}"
+            jumps.append(f"    {self._nft_match(key)} jump {name}")
+            chains.append(f"  chain {name} {{\n" + "".join(f"    {r}\n" for r in rules) + "  }")
+        if jumps:
+            script += [f"table inet {NFT_TABLE} {{",
+                       "  chain forward {",
+                       "    type filter hook forward priority filter; policy accept;",
+                       *jumps, "  }", *chains, "}"]
+        return "\n".join(script) + "\n"
+
+    def _nft_match(self, key: Key) -> str:
+        """Matches the last hop of a packet of this path and direction (after the delay line)."""
+        path, direction = self.topo.paths[key[0]], key[1]
+        ingress, egress = path.router_ifname, self.topo.router_server_ifname
+        if direction == "down":
+            ingress, egress = egress, ingress
+        return f'iifname {{ "{ingress}", "{tun_name(*key)}" }} oifname "{egress}"'
+
+    def _nft_rules(self, key: Key) -> list[str]:
+        imp = self._plan.get(key, NO_IMPAIRMENT)
+        rules = []
+        if key in self._blackholes:
+            rules.append("drop")
+        if imp.loss:
+            rules.append(f"numgen random mod 1000000 < {round(imp.loss * 1_000_000)} drop")
+        if imp.rate_mbit is not None and key[1] == "up":
+            rules.append(f"meta priority set 1:{key[0] + 1:x}")
+        return rules
+
+    # -- helpers -------------------------------------------------------------
+    def _check_path(self, path: int) -> None:
+        if not 0 <= path < len(self.topo.paths):
+            raise ValueError(f"no path {path} (the topology has {len(self.topo.paths)})")
+
+    @staticmethod
+    def _key(name: str) -> Key:
+        path, direction = name.split("/")
+        return int(path), direction  # type: ignore[return-value]
+
+
+def _tbf_params(rate_mbit: float, queue_ms: float, mtu: int) -> dict[str, int]:
+    """tbf settings: ``rate_mbit``, a burst of 2 ms (at least 4 frames), ``queue_ms`` of queue."""
+    rate = int(rate_mbit * 1e6 / 8)  # bytes per second
+    burst = max(4 * (mtu + 14), int(rate * 0.002))
+    return {"rate": rate, "burst": burst, "limit": burst + int(rate * queue_ms / 1e3)}
