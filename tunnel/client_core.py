@@ -164,6 +164,7 @@ class ClientCore:
             self._creating = slot
         hello = frames.Hello(frames.PROTOCOL_VERSION, self.tunnel_id, self.hello_mode, self.redundancy, slot.priority)
         path.send(frames.encode(hello), now)
+        self._collect(path)
         slot.hello_sent = True
 
     def _on_control(self, slot: PathSlot, rec: bytes, now: float) -> None:

@@ -12,9 +12,13 @@ from tunnel import control
 def _path_rows(paths: list[dict], indent: str) -> list[str]:
     rows = []
     for p in paths:
+        if "tx_packets" not in p:  # a client path waiting to reconnect
+            rows.append(f"{indent}path {p.get('name', ''):<10} {p['addr']:<22} {p['state']}")
+            continue
         rtt = "-" if p.get("rtt_ms") is None else f"{p['rtt_ms']:.2f} ms"
         rows.append(
-            f"{indent}path {p['addr']:<22} {p['state']:<11} rtt {rtt:<10} "
+            f"{indent}path {p.get('name', ''):<10} {p['addr']:<22} {p['state']:<11} rtt {rtt:<10} "
+            f"loss {100 * p.get('loss', 0):5.1f}%  rate {p.get('rate_kbps', 0):9.1f} kbit/s  "
             f"tx {p['tx_packets']} pkts/{p['tx_bytes']} B  rx {p['rx_packets']} pkts/{p['rx_bytes']} B  "
             f"dtls-dropped {p['dtls_dropped']}  malformed {p['malformed']}"
         )
@@ -27,14 +31,14 @@ def format_status(sock: str, st: dict) -> str:
         lines.append(f"  tunnels {len(st['tunnels'])}, handshaking {st['handshaking']}, counters {st['counters']}")
         for t in st["tunnels"]:
             lines.append(
-                f"  client {t['name']:<16} {t['address']:<18} delivered {t['delivered']} "
-                f"duplicates {t['duplicates']} too-old {t['too_old']} spoofed {t['spoofed']}"
+                f"  client {t['name']:<16} {t['address']:<18} mode {t['mode']}  paths {len(t['paths'])}  "
+                f"delivered {t['delivered']} duplicates {t['duplicates']} too-old {t['too_old']} spoofed {t['spoofed']}"
             )
             lines += _path_rows(t["paths"], "    ")
     else:
         lines.append(
-            f"  tunnel {st['state']}  address {st.get('address') or '-'}  delivered {st['delivered']} "
-            f"duplicates {st['duplicates']} too-old {st['too_old']}"
+            f"  tunnel {st['state']}  address {st.get('address') or '-'}  mode {st['mode']}  "
+            f"delivered {st['delivered']} duplicates {st['duplicates']} too-old {st['too_old']}"
         )
         lines += _path_rows(st["paths"], "    ")
     lines.append(f"  io {st.get('io', {})}")

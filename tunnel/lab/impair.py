@@ -63,6 +63,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
 
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import TC_H_ROOT
 
 from tunnel.lab.delayline import GilbertElliott, LineSettings
 from tunnel.lab.netns import Host, Lab, unique_prefix, wait_for
@@ -353,28 +354,31 @@ class Impairments:
 
     def _set_rate(self, ipr: Any, key: Key, spec: Optional[tuple[float, float]]) -> None:
         """Install, change or (``spec`` None) remove the tbf of one direction of a path."""
-        path, direction = self.topo.paths[key[0]], key[1]
-        if direction == "down":
+        path = self.topo.paths[key[0]]
+        if key[1] == "down":  # the tbf is the root qdisc of the path's veth
             index = ipr.link_lookup(ifname=path.router_ifname)[0]
-            parent, handle = {}, HTB_ROOT
-        else:
+            parent, handle = TC_H_ROOT, HTB_ROOT
+        else:  # the tbf hangs under the path's class of the server link's htb
             index = ipr.link_lookup(ifname=self.topo.router_server_ifname)[0]
-            if not self._htb:
-                ipr.tc("add", "htb", index, HTB_ROOT, default=0)
-                self._htb = True
-            classid = HTB_ROOT + path.index + 1
-            parent, handle = {"parent": classid}, (TBF_MAJOR + path.index) << 16
-            if spec is None:
-                _ignoring([errno.ENOENT], ipr.tc, "del-class", index=index, handle=classid, parent=HTB_ROOT)
-            elif key not in self._rate_specs:
-                ipr.tc("add-class", "htb", index, classid, parent=HTB_ROOT, rate="10gbit")
+            parent, handle = HTB_ROOT + path.index + 1, (TBF_MAJOR + path.index) << 16
+            if spec is not None and key not in self._rate_specs:
+                self._add_htb_class(ipr, index, parent)
         if spec is None:
-            if direction == "down":
-                _ignoring([errno.ENOENT, errno.EINVAL], ipr.tc, "del", index=index, handle=handle)
-            self._rate_specs.pop(key, None)
+            if key[1] == "down":
+                _ignoring([errno.ENOENT, errno.EINVAL], ipr.tc, "del", index=index, parent=parent)
+            else:  # deleting the class deletes its tbf
+                _ignoring([errno.ENOENT], ipr.tc, "del-class", index=index, handle=parent,
+                          parent=HTB_ROOT)
+            del self._rate_specs[key]
             return
-        ipr.tc("replace", "tbf", index, handle, **parent, **_tbf_params(*spec, self.topo.mtu))
+        ipr.tc("replace", "tbf", index, handle, parent=parent, **_tbf_params(*spec, self.topo.mtu))
         self._rate_specs[key] = spec
+
+    def _add_htb_class(self, ipr: Any, index: int, classid: int) -> None:
+        if not self._htb:  # unclassified packets (default 0) pass unshaped
+            ipr.tc("add", "htb", index, HTB_ROOT, default=0)
+            self._htb = True
+        ipr.tc("add-class", "htb", index, classid, parent=HTB_ROOT, rate="10gbit")
 
     def _sync_nft(self) -> None:
         self.router.run(["nft", "-f", "-"], stdin=None, input=self._nft_script())
