@@ -86,7 +86,8 @@ def test_minimal_server_defaults(cfgdir: Path) -> None:
     assert (cfg.certificate, cfg.key, cfg.ca) == (cfgdir / "srv.crt", cfgdir / "srv.key", cfgdir / "ca.crt")
     assert cfg.pool_first is None and cfg.pool_last is None
     assert cfg.tun == "mptun0" and cfg.mtu is None and cfg.routes == []
-    assert cfg.keepalive == 1.0 and cfg.timeout == 5.0
+    assert (cfg.probe_interval, cfg.dead_interval, cfg.timeout) == (0.1, 0.3, 3.0)
+    assert cfg.mode == "client" and cfg.linger == 30.0 and cfg.dedup_window == 4096
     assert cfg.allow_unlisted_clients is True and cfg.log_level == "info"
     assert cfg.clients == {} and cfg.control is None
 
@@ -105,8 +106,12 @@ def test_full_server(cfgdir: Path) -> None:
             tun='"tun-vpn"',
             mtu="1400",
             routes='["10.0.0.0/8", "192.0.2.0/24"]',
-            keepalive="2",
+            mode='"backup"',
+            probe_interval="0.25",
+            dead_interval="1",
             timeout="7.5",
+            linger="600",
+            dedup_window="65536",
             allow_unlisted_clients="false",
             log_level='"debug"',
             control='"/run/mptun.sock"',
@@ -117,7 +122,8 @@ def test_full_server(cfgdir: Path) -> None:
     assert cfg.pool_last == ipaddress.IPv4Address("100.64.0.200")
     assert cfg.tun == "tun-vpn" and cfg.mtu == 1400
     assert cfg.routes == [ipaddress.IPv4Network("10.0.0.0/8"), ipaddress.IPv4Network("192.0.2.0/24")]
-    assert cfg.keepalive == 2.0 and isinstance(cfg.keepalive, float) and cfg.timeout == 7.5
+    assert cfg.probe_interval == 0.25 and cfg.dead_interval == 1.0 and isinstance(cfg.dead_interval, float)
+    assert cfg.timeout == 7.5 and cfg.linger == 600.0 and cfg.dedup_window == 65536 and cfg.mode == "backup"
     assert cfg.allow_unlisted_clients is False and cfg.log_level == "debug"
     assert cfg.control == Path("/run/mptun.sock")
     assert cfg.clients == {
@@ -132,16 +138,113 @@ def test_address_with_room_for_one_client(cfgdir: Path) -> None:
 
 def test_client_config(cfgdir: Path) -> None:
     cfg = load_client_config(client(cfgdir))
-    assert cfg.server == ("198.18.0.1", 4433) and cfg.server_name == "mptun-server"
+    assert cfg.servers == [("198.18.0.1", 4433)] and cfg.server_name == "mptun-server"
     assert (cfg.certificate, cfg.key, cfg.ca) == (cfgdir / "alice.crt", cfgdir / "alice.key", cfgdir / "ca.crt")
-    assert cfg.tun == "mptun0" and cfg.keepalive == 1.0 and cfg.timeout == 5.0 and cfg.log_level == "info"
+    assert cfg.tun == "mptun0" and cfg.log_level == "info" and cfg.control is None
+    assert (cfg.probe_interval, cfg.dead_interval, cfg.timeout, cfg.dedup_window) == (0.1, 0.3, 3.0, 4096)
+    assert cfg.interfaces == [] and cfg.mode == "duplicate" and cfg.redundancy == 2 and cfg.pin_flows is False
     cfg = load_client_config(
-        client(cfgdir, server='"vpn.example.org:443"', keepalive="0.5", timeout="3", log_level='"warning"')
+        client(
+            cfgdir,
+            server='"vpn.example.org:443"',
+            probe_interval="0.5",
+            dead_interval="1.5",
+            timeout="3",
+            log_level='"warning"',
+        )
     )
-    assert cfg.server == ("vpn.example.org", 443)
-    assert cfg.keepalive == 0.5 and cfg.timeout == 3.0 and cfg.log_level == "warning"
+    assert cfg.servers == [("vpn.example.org", 443)]
+    assert (cfg.probe_interval, cfg.dead_interval, cfg.timeout) == (0.5, 1.5, 3.0)
+    assert isinstance(cfg.timeout, float) and cfg.log_level == "warning"
     cfg = load_client_config(client(cfgdir, server='"[2001:db8::1]:4433"'))
-    assert cfg.server == ("2001:db8::1", 4433)
+    assert cfg.servers == [("2001:db8::1", 4433)]
+
+
+def test_client_multipath_config(cfgdir: Path) -> None:
+    cfg = load_client_config(
+        client(
+            cfgdir,
+            server='["198.18.0.1:4433", "vpn.example.org:443", "[2001:db8::1]:4433"]',
+            interfaces='["eth0", "wwan0", "x23456789012345"]',
+            mode='"balance"',
+            redundancy="3",
+            pin_flows="true",
+            dedup_window="64",
+        )
+    )
+    assert cfg.servers == [("198.18.0.1", 4433), ("vpn.example.org", 443), ("2001:db8::1", 4433)]
+    assert cfg.interfaces == ["eth0", "wwan0", "x23456789012345"]
+    assert (cfg.mode, cfg.redundancy, cfg.pin_flows, cfg.dedup_window) == ("balance", 3, True, 64)
+
+
+@pytest.mark.parametrize("mode", ["duplicate", "redundant", "lowest-rtt", "balance", "backup"])
+def test_every_mode_accepted(cfgdir: Path, mode: str) -> None:
+    assert load_client_config(client(cfgdir, mode=f'"{mode}"')).mode == mode
+    assert load_server_config(server(cfgdir, mode=f'"{mode}"')).mode == mode
+
+
+@pytest.mark.parametrize("mode", ['"client"', '"fastest"', '"Duplicate"', '""'])
+def test_bad_client_mode(cfgdir: Path, mode: str) -> None:
+    msg = client_error(cfgdir, mode=mode)
+    assert "[client] mode: " in msg and "is not one of duplicate, redundant, lowest-rtt, balance, backup" in msg
+
+
+@pytest.mark.parametrize("mode", ['"fastest"', '"CLIENT"', '""'])
+def test_bad_server_mode(cfgdir: Path, mode: str) -> None:
+    msg = server_error(cfgdir, mode=mode)
+    assert "[server] mode: " in msg and "is not one of client, duplicate" in msg
+
+
+@pytest.mark.parametrize(
+    "key,value,fragment",
+    [
+        ("redundancy", "0", "out of range (1 to 16)"),
+        ("redundancy", "17", "out of range (1 to 16)"),
+        ("redundancy", "2.0", "expected an integer"),
+        ("redundancy", "true", "expected an integer"),
+        ("pin_flows", '"yes"', "expected bool"),
+        ("pin_flows", "1", "expected bool"),
+        ("interfaces", '"eth0"', "expected list"),
+        ("interfaces", '["eth0", 5]', "5 is not an interface name"),
+        ("interfaces", '[""]', "'' is not an interface name"),
+        ("interfaces", '["x234567890123456"]', "is not an interface name"),
+        ("mode", "1", "expected str"),
+        ("dedup_window", "63", "out of range (64 to 1048576)"),
+        ("dedup_window", "1048577", "out of range"),
+        ("dedup_window", '"4096"', "expected an integer"),
+        ("server", "[]", "empty list"),
+        ("server", '["198.18.0.1:4433", "vpn"]', "host:port"),
+        ("server", '["198.18.0.1:4433", 4433]', "host:port"),
+    ],
+)
+def test_bad_client_multipath_values(cfgdir: Path, key: str, value: str, fragment: str) -> None:
+    msg = client_error(cfgdir, **{key: value})
+    assert f"[client] {key}: " in msg and fragment in msg
+
+
+def test_interval_relations(cfgdir: Path) -> None:
+    # dead_interval must be at least twice probe_interval, timeout at least dead_interval
+    cfg = load_client_config(client(cfgdir, probe_interval="0.5", dead_interval="1", timeout="1"))
+    assert (cfg.probe_interval, cfg.dead_interval, cfg.timeout) == (0.5, 1.0, 1.0)
+    msg = client_error(cfgdir, probe_interval="0.5", dead_interval="0.9")
+    assert "[client] dead_interval: 0.9 s must be at least twice probe_interval (0.5 s)" in msg
+    msg = server_error(cfgdir, probe_interval="0.2")  # the default dead_interval 0.3 is too short for it
+    assert "[server] dead_interval: " in msg and "twice probe_interval" in msg
+    msg = server_error(cfgdir, dead_interval="2", timeout="1.5")
+    assert "[server] timeout: 1.5 s must not be shorter than dead_interval (2.0 s)" in msg
+    msg = client_error(cfgdir, dead_interval="5")  # the default timeout 3 s is shorter
+    assert "[client] timeout: " in msg
+
+
+def test_keepalive_is_gone(cfgdir: Path) -> None:
+    assert "[server] keepalive: unknown key" in server_error(cfgdir, keepalive="1")
+    assert "[client] keepalive: unknown key" in client_error(cfgdir, keepalive="1")
+
+
+def test_server_only_and_client_only_keys(cfgdir: Path) -> None:
+    assert "[client] linger: unknown key" in client_error(cfgdir, linger="5")
+    for key, value in (("interfaces", '["eth0"]'), ("redundancy", "2"), ("pin_flows", "true"), ("server", '"a:1"')):
+        assert f"[server] {key}: unknown key" in server_error(cfgdir, **{key: value})
 
 
 def test_relative_paths_resolved_against_config_dir(cfgdir: Path, tmp_path: Path, monkeypatch) -> None:
@@ -195,9 +298,13 @@ def test_client_missing_required_key(cfgdir: Path, key: str) -> None:
         ("listen", "4433"),
         ("address", "1"),
         ("certificate", "true"),
-        ("keepalive", '"1s"'),
-        ("keepalive", "true"),
+        ("probe_interval", '"1s"'),
+        ("probe_interval", "true"),
+        ("dead_interval", '"0.3"'),
         ("timeout", "[5]"),
+        ("linger", '"30s"'),
+        ("dedup_window", "4096.0"),
+        ("mode", "5"),
         ("mtu", '"1400"'),
         ("mtu", "1400.0"),
         ("mtu", "true"),
@@ -343,10 +450,14 @@ def test_unreadable_cert_file(cfgdir: Path) -> None:
 @pytest.mark.parametrize(
     "key,value,fragment",
     [
-        ("keepalive", "0", "out of range"),
-        ("keepalive", "0.001", "out of range"),
+        ("probe_interval", "0", "out of range"),
+        ("probe_interval", "0.001", "out of range"),
+        ("dead_interval", "3601", "out of range"),
         ("timeout", "3601", "out of range"),
         ("timeout", "-1", "out of range"),
+        ("linger", "0", "out of range"),
+        ("linger", "3601", "out of range"),
+        ("dedup_window", "0", "out of range"),
         ("mtu", "575", "out of range"),
         ("mtu", "65536", "out of range"),
         ("tun", '"x234567890123456"', "not a valid interface name"),
@@ -364,8 +475,25 @@ def test_bad_values(cfgdir: Path, key: str, value: str, fragment: str) -> None:
 
 
 def test_range_limits_accepted(cfgdir: Path) -> None:
-    cfg = load_server_config(server(cfgdir, keepalive="0.01", timeout="3600", mtu="576", tun='"x23456789012345"'))
-    assert (cfg.keepalive, cfg.timeout, cfg.mtu, cfg.tun) == (0.01, 3600.0, 576, "x23456789012345")
+    cfg = load_server_config(
+        server(
+            cfgdir,
+            probe_interval="0.01",
+            dead_interval="0.02",
+            timeout="3600",
+            linger="0.01",
+            dedup_window="1048576",
+            mtu="576",
+            tun='"x23456789012345"',
+        )
+    )
+    assert (cfg.probe_interval, cfg.dead_interval, cfg.timeout, cfg.linger) == (0.01, 0.02, 3600.0, 0.01)
+    assert (cfg.dedup_window, cfg.mtu, cfg.tun) == (1 << 20, 576, "x23456789012345")
+    cfg = load_client_config(client(cfgdir, dedup_window="64", redundancy="16", probe_interval="1800",
+                                    dead_interval="3600", timeout="3600"))
+    assert (cfg.dedup_window, cfg.redundancy, cfg.probe_interval, cfg.dead_interval) == (64, 16, 1800.0, 3600.0)
+    # dead_interval = 3600 < 2 * probe_interval: the relation is checked after the ranges
+    assert "[client] dead_interval: " in client_error(cfgdir, probe_interval="3600", dead_interval="3600")
 
 
 def test_client_empty_server_name(cfgdir: Path) -> None:

@@ -1,7 +1,12 @@
-"""Tests for the sans-IO cores: a ClientCore and a ServerCore wired together in memory.
+"""Tests for the sans-IO cores: ClientCores and a ServerCore wired together in memory.
 
-A manual clock (``Lab.now``) drives everything; datagrams move between the two
-cores only when the test pumps them, so loss, delay and replay are explicit.
+A manual clock (``Net.now``) drives everything; datagrams move only when the
+test pumps them.  The in-memory network knows every client path by its key: it
+can drop the datagrams of a path (per direction), delay them, or filter them,
+so loss, outages and RTT differences are explicit.
+
+Times are multiples of STEP = 1/64 s and the path intervals are binary
+fractions too, so "down after exactly dead_interval" is an exact comparison.
 """
 
 from __future__ import annotations
@@ -9,14 +14,16 @@ from __future__ import annotations
 import ipaddress
 import itertools
 from pathlib import Path
+from typing import Callable, Optional
 
 import pytest
 
 from tunnel import events, frames, mtu
 from tunnel.certs import create_ca, issue_client, issue_server
-from tunnel.client_core import BACKOFF_MIN, BACKOFF_REFUSED, C_HELLO_SENT, C_UP, ClientCore
+from tunnel.client_core import BACKOFF_MIN, BACKOFF_REFUSED, C_CLOSED, C_CONNECTING, C_UP, ClientCore
 from tunnel.dtls import ESTABLISHED, DtlsSession, make_context
-from tunnel.path import HANDSHAKE_TIMEOUT, P_UP
+from tunnel.estimator import RECOVER_PROBES, PathEstimator
+from tunnel.path import HANDSHAKE_TIMEOUT, P_CLOSED, P_DEGRADED, P_DOWN, P_UP
 from tunnel.pool import AddressPool
 from tunnel.server_core import ServerCore
 
@@ -27,8 +34,9 @@ FIRST_CLIENT = ipaddress.IPv4Interface("100.64.0.2/24")
 DGRAM_MTU = mtu.datagram_mtu(1500)
 INNER_MTU = mtu.inner_mtu(1500)
 ROUTES = [ipaddress.IPv4Network("10.9.0.0/16")]
-KEEPALIVE, TIMEOUT = 1.0, 5.0
-STEP = 0.05
+PROBE, DEAD, TIMEOUT, LINGER = 0.125, 0.375, 2.0, 5.0
+STEP = 1 / 64
+T0 = 1000.0
 
 
 def ipv4(src: str, dst: str, payload: bytes = b"payload", proto: int = 17) -> bytes:
@@ -38,131 +46,321 @@ def ipv4(src: str, dst: str, payload: bytes = b"payload", proto: int = 17) -> by
     return header + ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed + payload
 
 
+def up_pkt(i: int = 0, size: int = 0) -> bytes:
+    return ipv4("100.64.0.2", "100.64.0.1", b"u%d" % i + bytes(size))
+
+
+def down_pkt(i: int = 0, dst: str = "100.64.0.2") -> bytes:
+    return ipv4("100.64.0.1", dst, b"d%d" % i)
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("pki")
     create_ca(d)
     issue_server(d, "srv")
     issue_client(d, "alice")
-    issue_client(d, "bob")
+    issue_client(d, "bob")  # a second client of the same CA
     create_ca(d / "other", name="Other CA")
     issue_client(d / "other", "mallory")
     return d
 
 
-class Lab:
-    """One client, one server, a wire between them and a manual clock."""
+# -- the in-memory lab --------------------------------------------------------------------
+class Client:
+    """One ClientCore on the lab network, with the current address of each of its paths."""
 
-    def __init__(self, pki: Path, *, client: str = "alice", client_pki: Path | None = None,
-                 allowed: set[str] | None = None, static: dict | None = None,
-                 pool: AddressPool | None = None):
-        self.now = 1000.0
-        ids = itertools.count(1)
-        cdir = client_pki or pki
-        self.server = ServerCore(
+    def __init__(self, net: "Net", core: ClientCore):
+        self.net, self.core = net, core
+        self.addrs: dict = {}  # path key -> current (ip, port)
+        self.events: list[tuple[float, object]] = []
+
+    # network side
+    def outgoing(self) -> list:
+        return [(key, self.addrs[key], d) for key, d in self.core.datagrams_to_send()]
+
+    def deliver(self, key, data: bytes) -> None:
+        self.core.receive_datagram(key, data, self.net.now)
+
+    def drain(self) -> None:
+        while (ev := self.core.next_event()) is not None:
+            self.events.append((self.net.now, ev))
+            if isinstance(ev, events.Connecting):
+                self.net.assign(self, ev.key)  # like the shell: a fresh socket (source port) per attempt
+
+    def tick(self) -> None:
+        self.core.handle_timer(self.net.now)
+
+    # test helpers
+    def add(self, key, priority: int = 0, pump: bool = True) -> None:
+        self.core.add_path(key, SERVER_ADDR, self.net.now, name=key, priority=priority, mtu=DGRAM_MTU)
+        self.drain()
+        if pump:
+            self.net.pump()
+
+    def remove(self, key) -> None:
+        self.core.remove_path(key, self.net.now)
+        self.net.pump()
+
+    def addr(self, key) -> tuple:
+        return self.addrs[key]
+
+    def path(self, key):
+        return self.core.slots[key].path
+
+    def joined(self) -> list:
+        return sorted(k for k, s in self.core.slots.items() if s.joined)
+
+    def evs(self, cls) -> list:
+        return [e for _, e in self.events if isinstance(e, cls)]
+
+    def times(self, cls, pred: Callable = lambda e: True) -> list[float]:
+        return [t for t, e in self.events if isinstance(e, cls) and pred(e)]
+
+    def send_up(self, pkt: bytes) -> list:
+        """Send one packet from the TUN; return the keys of the paths its DATA went out on."""
+        before = len(self.core.outbox)
+        self.core.send_packet(pkt, self.net.now)
+        return [k for k, _ in self.core.outbox[before:]]
+
+
+class RawClient:
+    """A bare DTLS session on the lab network, to send the server arbitrary frames."""
+
+    def __init__(self, net: "Net", pki: Path, name: str = "alice", key: str = "raw"):
+        self.net, self.key = net, key
+        ctx = make_context("client", pki / f"{name}.crt", pki / f"{name}.key", pki / "ca.crt", "srv")
+        self.dtls = DtlsSession.client(ctx, DGRAM_MTU, net.now)
+        self.frames: list = []
+        self.pending: list[bytes] = []
+        self.addrs: dict = {}
+        net.endpoints.append(self)
+        self.addr = net.assign(self, key)
+        for _ in range(10):
+            net.pump()
+            if self.dtls.state == ESTABLISHED:
+                break
+        assert self.dtls.state == ESTABLISHED
+
+    def outgoing(self) -> list:
+        out = self.dtls.datagrams_to_send() + self.pending
+        self.pending = []
+        return [(self.key, self.addr, d) for d in out]
+
+    def deliver(self, key, data: bytes) -> None:
+        for rec in self.dtls.receive_datagram(data, self.net.now):
+            self.frames.append(frames.parse(rec))
+
+    def drain(self) -> None:
+        pass
+
+    def tick(self) -> None:
+        pass
+
+    def send(self, *records: bytes) -> list:
+        before = len(self.frames)
+        self.pending.extend(self.dtls.send(r) for r in records)
+        self.net.pump()
+        return self.frames[before:]
+
+
+class Net:
+    """A server, clients, a wire with per-path drops/delays and a manual clock."""
+
+    def __init__(self, pki: Path, *, allowed: Optional[set] = None, static: Optional[dict] = None,
+                 pool: Optional[AddressPool] = None, mode: str = "client"):
+        self.pki = pki
+        self.now = T0
+        self._ids = itertools.count(1)  # tunnel ids 1, 2, ... (also across server restarts)
+        self._server_args = dict(allowed=allowed, static=static, pool=pool, mode=mode)
+        self.server = self.make_server()
+        self.endpoints: list = []
+        self.owner: dict = {}  # client address -> (endpoint, key)
+        self._ports = itertools.count(40000)
+        self.drop_up: set = set()  # path keys whose client -> server datagrams are lost
+        self.drop_down: set = set()  # path keys whose server -> client datagrams are lost
+        self.drop: Optional[Callable[[str, object, bytes], bool]] = None  # (direction, key, datagram) -> lose it?
+        self.delay: dict = {}  # path key -> one-way delay (both directions)
+        self.queue: list = []
+        self._order = itertools.count()
+        self.stray: list = []  # server datagrams to addresses no client socket has (any more)
+        self.sevents: list[tuple[float, object]] = []
+
+    def make_server(self) -> ServerCore:
+        a, pki = self._server_args, self.pki
+        return ServerCore(
             make_context("server", pki / "srv.crt", pki / "srv.key", pki / "ca.crt"),
             DGRAM_MTU,
-            pool or AddressPool(SERVER_INNER, static),
+            a["pool"] or AddressPool(SERVER_INNER, a["static"]),
             INNER_MTU,
             routes=ROUTES,
-            keepalive=KEEPALIVE,
+            mode=a["mode"],
+            probe_interval=PROBE,
+            dead_interval=DEAD,
             timeout=TIMEOUT,
-            allowed_clients=allowed,
-            random_bytes=lambda n: next(ids).to_bytes(n, "big"),
+            allowed_clients=a["allowed"],
+            linger=LINGER,
+            random_bytes=lambda n: next(self._ids).to_bytes(n, "big"),
         )
-        self.client = ClientCore(
-            make_context("client", cdir / f"{client}.crt", cdir / f"{client}.key", pki / "ca.crt", "srv"),
-            SERVER_ADDR,
-            DGRAM_MTU,
-            KEEPALIVE,
-            TIMEOUT,
-        )
-        self.port = 40000
-        self.drop_c2s = self.drop_s2c = False
-        self.cevents: list[tuple[float, object]] = []
-        self.sevents: list[tuple[float, object]] = []
-        self.stray: list[tuple[bytes, tuple]] = []  # server datagrams to the client's old addresses
 
-    @property
-    def client_addr(self) -> tuple:
-        return (CLIENT_IP, self.port)
+    def restart_server(self) -> ServerCore:
+        """The server process restarts: all its state is gone, same address."""
+        self._server_args["pool"] = None
+        self.server = self.make_server()
+        return self.server
 
-    def drain_events(self) -> None:
-        while (ev := self.client.next_event()) is not None:
-            self.cevents.append((self.now, ev))
-            if isinstance(ev, events.Connecting) and ev.attempt > 1:
-                self.port += 1  # like the shell: a fresh socket (source port) per attempt
+    def client(self, name: str = "alice", client_pki: Optional[Path] = None, **kw) -> Client:
+        kw.setdefault("probe_interval", PROBE)
+        kw.setdefault("dead_interval", DEAD)
+        kw.setdefault("timeout", TIMEOUT)
+        d = client_pki or self.pki
+        ctx = make_context("client", d / f"{name}.crt", d / f"{name}.key", self.pki / "ca.crt", "srv")
+        c = Client(self, ClientCore(ctx, **kw))
+        self.endpoints.append(c)
+        return c
+
+    def assign(self, endpoint, key) -> tuple:
+        addr = (CLIENT_IP, next(self._ports))
+        endpoint.addrs[key] = addr
+        self.owner[addr] = (endpoint, key)
+        return addr
+
+    def cut(self, key) -> None:
+        self.drop_up.add(key)
+        self.drop_down.add(key)
+
+    def mend(self, key) -> None:
+        self.drop_up.discard(key)
+        self.drop_down.discard(key)
+
+    # moving datagrams
+    def _wire(self, direction: str, endpoint, key, addr, data: bytes) -> None:
+        if key in (self.drop_up if direction == "up" else self.drop_down):
+            return
+        if self.drop is not None and self.drop(direction, key, data):
+            return
+        self.queue.append((self.now + self.delay.get(key, 0.0), next(self._order), direction, endpoint, key, addr, data))
+
+    def drain(self) -> None:
+        for ep in self.endpoints:
+            ep.drain()
         while (ev := self.server.next_event()) is not None:
             self.sevents.append((self.now, ev))
 
     def pump(self) -> None:
-        for _ in range(100):
-            self.drain_events()
+        for _ in range(1000):
+            self.drain()
             moved = False
-            for d in self.client.datagrams_to_send():
+            for ep in self.endpoints:
+                for key, addr, d in ep.outgoing():
+                    moved = True
+                    self._wire("up", ep, key, addr, d)
+            for addr, d in self.server.datagrams_to_send():
                 moved = True
-                if not self.drop_c2s:
-                    self.server.receive_datagram(d, self.client_addr, self.now)
-            for d, addr in self.server.datagrams_to_send():
+                owner = self.owner.get(addr)
+                if owner is None:
+                    self.stray.append((addr, d))
+                else:
+                    self._wire("down", owner[0], owner[1], addr, d)
+            due = sorted(q for q in self.queue if q[0] <= self.now)
+            if due:
                 moved = True
-                if addr != self.client_addr:
-                    self.stray.append((d, addr))
-                elif not self.drop_s2c:
-                    self.client.receive_datagram(d, self.now)
+                self.queue = [q for q in self.queue if q[0] > self.now]
+            for _, _, direction, ep, key, addr, d in due:
+                if direction == "up":
+                    self.server.receive_datagram(d, addr, self.now)
+                elif self.owner.get(addr) == (ep, key) and ep.addrs.get(key) == addr:
+                    ep.deliver(key, d)
+                else:
+                    self.stray.append((addr, d))
+                self.drain()
             if not moved:
                 break
-        self.drain_events()
+        else:
+            raise AssertionError("the network never settled")
+        self.drain()
 
     def tick(self) -> None:
-        self.client.handle_timer(self.now)
+        for ep in self.endpoints:
+            ep.tick()
         self.server.handle_timer(self.now)
         self.pump()
 
-    def advance(self, seconds: float) -> None:
-        end = self.now + seconds
-        while self.now < end - 1e-9:
-            self.now = min(end, round(self.now + STEP, 6))
+    def advance(self, seconds: float, each: Optional[Callable[[], None]] = None) -> None:
+        for _ in range(round(seconds / STEP)):
+            self.now += STEP
+            if each is not None:
+                each()
             self.tick()
 
-    def up(self) -> "Lab":
-        self.client.connect(self.now)
-        self.pump()
-        assert self.client.state == C_UP, self.cevents
-        return self
+    def run_until(self, cond: Callable[[], bool], limit: float, each: Optional[Callable[[], None]] = None) -> float:
+        """Step until ``cond()``; return that time (fail after ``limit`` seconds)."""
+        end = self.now + limit
+        while not cond():
+            assert self.now < end, "condition not reached in time"
+            self.now += STEP
+            if each is not None:
+                each()
+            self.tick()
+        return self.now
 
-    def client_events(self, cls) -> list:
-        return [e for _, e in self.cevents if isinstance(e, cls)]
+    # server-side helpers
+    def send_down(self, pkt: bytes) -> list:
+        """Send one packet from the server's TUN; return the path keys its DATA went out on."""
+        before = len(self.server.outbox)
+        self.server.send_packet(pkt, self.now)
+        return [self.owner[addr][1] for addr, _ in self.server.outbox[before:]]
 
-    def server_events(self, cls) -> list:
+    def sev(self, cls) -> list:
         return [e for _, e in self.sevents if isinstance(e, cls)]
 
-    def first_time(self, evs, cls, after: float = 0.0) -> float:
-        return next(t for t, e in evs if isinstance(e, cls) and t >= after)
+    def stimes(self, cls, pred: Callable = lambda e: True) -> list[float]:
+        return [t for t, e in self.sevents if isinstance(e, cls) and pred(e)]
 
     def tunnel(self):
         (t,) = self.server.tunnels.values()
         return t
 
+    def spath(self, client: Client, key):
+        return self.server.paths[client.addr(key)]
+
+
+def one_path(pki: Path, **kw) -> tuple[Net, Client]:
+    net = Net(pki)
+    c = net.client(**kw)
+    c.add("a")
+    assert c.core.state == C_UP, c.events
+    return net, c
+
+
+def two_paths(pki: Path, net: Optional[Net] = None, **kw) -> tuple[Net, Client]:
+    net = net or Net(pki)
+    c = net.client(**kw)
+    c.add("a", pump=False)
+    c.add("b", priority=1, pump=False)
+    net.run_until(lambda: c.joined() == ["a", "b"], 2.0)
+    return net, c
+
 
 @pytest.fixture
-def plain(monkeypatch) -> list[tuple[str, bytes]]:
-    """Every decrypted record, as (receiving side, record)."""
-    log: list[tuple[str, bytes]] = []
+def plain(monkeypatch) -> list[tuple[str, object, bytes]]:
+    """Every decrypted record, as (receiving side, DTLS session, record)."""
+    log: list = []
     orig = DtlsSession.receive_datagram
 
     def spy(self, data, now):
         recs = orig(self, data, now)
-        log.extend(("client" if self.is_client else "server", r) for r in recs)
+        log.extend(("client" if self.is_client else "server", self, r) for r in recs)
         return recs
 
     monkeypatch.setattr(DtlsSession, "receive_datagram", spy)
     return log
 
 
-def frames_seen(log, side: str, cls) -> list:
+def frames_seen(log, side: str, cls, session=None) -> list:
     out = []
-    for who, rec in log:
-        if who == side:
+    for who, sess, rec in log:
+        if who == side and (session is None or sess is session):
             try:
                 f = frames.parse(rec)
             except frames.FrameError:
@@ -172,396 +370,1021 @@ def frames_seen(log, side: str, cls) -> list:
     return out
 
 
-# -- coming up -------------------------------------------------------------------------
+@pytest.fixture
+def pongs(monkeypatch) -> list[tuple[PathEstimator, float, str]]:
+    """Every PONG an estimator took, as (estimator, time, its state right after)."""
+    log: list = []
+    orig = PathEstimator.on_pong
+
+    def spy(self, token, now, peer_rx, peer_rx_bytes):
+        n = len(self._pings)
+        orig(self, token, now, peer_rx, peer_rx_bytes)
+        if len(self._pings) < n:  # a PONG for a PING it knew
+            log.append((self, now, self.state))
+
+    monkeypatch.setattr(PathEstimator, "on_pong", spy)
+    return log
+
+
+# -- coming up ---------------------------------------------------------------------------------
 def test_tunnel_comes_up(pki: Path, plain) -> None:
-    lab = Lab(pki).up()
-    kinds = [type(e) for _, e in lab.cevents]
-    assert kinds == [events.Connecting, events.PathUp, events.TunnelUp]
-    connecting, path_up, tunnel_up = (e for _, e in lab.cevents)
-    assert connecting == events.Connecting(SERVER_ADDR, 1)
-    assert path_up.addr == SERVER_ADDR and path_up.peer == "srv" and path_up.cipher.startswith("ECDHE-")
+    net, c = one_path(pki)
+    kinds = [type(e) for _, e in c.events]
+    assert kinds == [events.Connecting, events.PathUp, events.TunnelUp, events.PathJoined]
+    connecting, path_up, tunnel_up, joined = (e for _, e in c.events)
+    assert connecting == events.Connecting("a", 1)
+    assert path_up.addr == "a" and path_up.peer == "srv" and path_up.cipher.startswith("ECDHE-")
+    assert joined == events.PathJoined("a", "a")
     cfg = tunnel_up.config
     assert cfg.addresses == [FIRST_CLIENT]
     assert cfg.mtu == INNER_MTU == 1426
-    assert (cfg.keepalive_ms, cfg.timeout_ms) == (1000, 5000)
+    assert (cfg.keepalive_ms, cfg.timeout_ms) == (125, 2000)  # the server's probe interval and timeout
     assert cfg.routes == ROUTES
-    assert cfg.tunnel_id == (1).to_bytes(16, "big") == lab.client.tunnel_id
-    assert lab.client.stats()["address"] == "100.64.0.2/24"
+    assert cfg.tunnel_id == (1).to_bytes(16, "big") == c.core.tunnel_id
+    st = c.core.stats()
+    assert st["state"] == "up" and st["mode"] == "duplicate" and st["address"] == "100.64.0.2/24"
+    assert [(p["name"], p["state"], p["joined"]) for p in st["paths"]] == [("a", "up", True)]
 
-    s_kinds = [type(e) for _, e in lab.sevents]
-    assert s_kinds == [events.PathUp, events.ClientConnected]
-    assert lab.server_events(events.PathUp)[0].peer == "alice"
-    assert lab.server_events(events.ClientConnected) == [
-        events.ClientConnected("alice", "100.64.0.2/24", lab.client_addr, False)
-    ]
-    assert lab.server.counters["cookies_sent"] == 1
-    t = lab.tunnel()
-    assert t.name == "alice" and t.address == FIRST_CLIENT and t.paths[0].addr == lab.client_addr
-    assert lab.server.routes_v4 == {FIRST_CLIENT.ip.packed: t}
-    # the exchange on the wire: HELLO(v1, new tunnel) up, CONFIG down
-    assert frames_seen(plain, "server", frames.Hello) == [frames.Hello(1, frames.NEW_TUNNEL)]
+    assert [type(e) for _, e in net.sevents] == [events.PathUp, events.ClientConnected]
+    assert net.sev(events.PathUp)[0].peer == "alice"
+    assert net.sev(events.ClientConnected) == [events.ClientConnected("alice", "100.64.0.2/24", c.addr("a"), False)]
+    assert net.server.counters["cookies_sent"] == 1
+    t = net.tunnel()
+    assert t.name == "alice" and t.address == FIRST_CLIENT and [p.addr for p in t.paths] == [c.addr("a")]
+    assert t.scheduler.mode == "duplicate" and t.stats()["mode"] == "duplicate"
+    assert net.server.routes_v4 == {FIRST_CLIENT.ip.packed: t}
+    # on the wire: HELLO(v1, new tunnel, duplicate, k=2, priority 0) up, CONFIG down
+    assert frames_seen(plain, "server", frames.Hello) == [frames.Hello(1, frames.NEW_TUNNEL, 1, 2, 0)]
     assert frames_seen(plain, "client", frames.Config) == [cfg]
 
 
 def test_static_address_from_pool(pki: Path) -> None:
-    lab = Lab(pki, static={"alice": ipaddress.IPv4Address("100.64.0.77")}).up()
-    assert lab.client.config.addresses == [ipaddress.IPv4Interface("100.64.0.77/24")]
+    net = Net(pki, static={"alice": ipaddress.IPv4Address("100.64.0.77")})
+    c = net.client()
+    c.add("a")
+    assert c.core.config.addresses == [ipaddress.IPv4Interface("100.64.0.77/24")]
 
 
-# -- packets --------------------------------------------------------------------------
+def test_hello_mode_numbers(pki: Path) -> None:
+    from tunnel.scheduler import MODES
+
+    for i, mode in enumerate(MODES, start=1):
+        assert ClientCore(None, mode=mode).hello_mode == i
+    with pytest.raises(ValueError):
+        ClientCore(None, mode="fastest")
+
+
+def test_two_paths_one_tunnel(pki: Path, plain) -> None:
+    net, c = two_paths(pki)
+    tid = c.core.tunnel_id
+    # one path created the tunnel, the other JOINed it
+    hellos = frames_seen(plain, "server", frames.Hello)
+    assert sorted(hellos, key=lambda h: h.priority) == [
+        frames.Hello(1, frames.NEW_TUNNEL, 1, 2, 0),
+        frames.Hello(1, tid, 1, 2, 1),
+    ]
+    assert len(net.server.tunnels) == 1
+    t = net.tunnel()
+    assert sorted(p.addr for p in t.paths) == sorted([c.addr("a"), c.addr("b")])
+    assert sorted(p.priority for p in t.paths) == [0, 1]
+    assert len(net.sev(events.ClientConnected)) == 1
+    (sj,) = net.sev(events.PathJoined)
+    assert sj == events.PathJoined(c.addr("b"), "alice")
+    # client: one TunnelUp, both paths joined, the CONFIG of both paths is the same
+    assert len(c.evs(events.TunnelUp)) == 1
+    assert sorted(e.key for e in c.evs(events.PathJoined)) == ["a", "b"]
+    configs = frames_seen(plain, "client", frames.Config)
+    assert len(configs) == 2 and configs[0] == configs[1] == c.core.config
+    assert [p["joined"] for p in c.core.stats()["paths"]] == [True, True]
+    assert len(t.stats()["paths"]) == 2
+
+
+def test_only_one_path_creates_the_tunnel(pki: Path, plain) -> None:
+    """Both handshakes finish before any CONFIG: the second path waits and then JOINs."""
+    net = Net(pki)
+    c = net.client()
+    c.add("a", pump=False)
+    c.add("b", pump=False)
+    net.pump()
+    assert all(c.path(k).established for k in "ab")
+    assert c.joined() == ["a", "b"]
+    assert [h.tunnel_id for h in frames_seen(plain, "server", frames.Hello)] == [frames.NEW_TUNNEL, c.core.tunnel_id]
+    assert len(net.server.tunnels) == 1
+
+
+def test_path_added_later_joins_at_once(pki: Path, plain) -> None:
+    net, c = one_path(pki)
+    net.advance(0.5)
+    c.add("c", priority=3)
+    assert c.joined() == ["a", "c"]
+    assert frames_seen(plain, "server", frames.Hello)[-1] == frames.Hello(1, c.core.tunnel_id, 1, 2, 3)
+    assert len(c.evs(events.TunnelUp)) == 1 and c.evs(events.PathJoined)[-1] == events.PathJoined("c", "c")
+    assert len(net.tunnel().paths) == 2
+
+
+# -- packets --------------------------------------------------------------------------------------
 def test_client_packet_reaches_server_tun(pki: Path) -> None:
-    lab = Lab(pki).up()
-    pkts = [ipv4("100.64.0.2", "100.64.0.1", b"p%d" % i) for i in range(5)]
+    net, c = one_path(pki)
+    pkts = [up_pkt(i) for i in range(5)]
     pkts.append(ipv4("100.64.0.2", "10.9.1.1", b"x" * (INNER_MTU - 20)))  # full-size, to a pushed route
     for p in pkts:
-        lab.client.send_packet(p, lab.now)
-    lab.pump()
-    assert lab.server.to_tun == pkts
-    assert lab.tunnel().dedup.delivered == len(pkts) and lab.tunnel().spoofed == 0
+        assert c.send_up(p) == ["a"]
+    net.pump()
+    assert net.server.to_tun == pkts
+    assert net.tunnel().dedup.delivered == len(pkts) and net.tunnel().spoofed == 0
 
 
 def test_server_packet_reaches_client_tun(pki: Path) -> None:
-    lab = Lab(pki).up()
-    pkts = [ipv4("100.64.0.1", "100.64.0.2", b"q%d" % i) for i in range(5)]
+    net, c = one_path(pki)
+    pkts = [down_pkt(i) for i in range(5)]
     pkts.append(ipv4("8.8.8.8", "100.64.0.2", b"y" * (INNER_MTU - 20)))
     for p in pkts:
-        lab.server.send_packet(p, lab.now)
-    lab.pump()
-    assert lab.client.to_tun == pkts
-    assert lab.client.stats()["delivered"] == len(pkts)
+        assert net.send_down(p) == ["a"]
+    net.pump()
+    assert c.core.to_tun == pkts
+    assert c.core.stats()["delivered"] == len(pkts)
 
 
 def test_forged_source_dropped_and_counted(pki: Path) -> None:
-    lab = Lab(pki).up()
-    lab.client.send_packet(ipv4("100.64.0.99", "100.64.0.1"), lab.now)  # another client's address
-    lab.client.send_packet(ipv4("192.0.2.1", "100.64.0.1"), lab.now)
-    lab.pump()
-    assert lab.server.to_tun == []
-    assert lab.tunnel().spoofed == 2
-    assert lab.tunnel().stats()["spoofed"] == 2
-    good = ipv4("100.64.0.2", "100.64.0.1")
-    lab.client.send_packet(good, lab.now)
-    lab.pump()
-    assert lab.server.to_tun == [good]
+    net, c = one_path(pki)
+    c.send_up(ipv4("100.64.0.99", "100.64.0.1"))  # another client's address
+    c.send_up(ipv4("192.0.2.1", "100.64.0.1"))
+    net.pump()
+    assert net.server.to_tun == []
+    assert net.tunnel().spoofed == 2 and net.tunnel().stats()["spoofed"] == 2
+    good = up_pkt()
+    c.send_up(good)
+    net.pump()
+    assert net.server.to_tun == [good]
 
 
 def test_short_and_non_ipv4_packets_from_tunnel_dropped(pki: Path) -> None:
-    lab = Lab(pki).up()
-    path = lab.client.path
+    net, c = one_path(pki)
+    path = c.path("a")
     v6 = bytes([0x60]) + bytes(39)
     for i, pkt in enumerate([b"\x45" * 19, v6, b"\x45"], start=1):
-        lab.server.receive_datagram(path.encrypt(frames.encode_data(i, pkt), lab.now), lab.client_addr, lab.now)
-    assert lab.server.to_tun == [] and lab.tunnel().spoofed == 3
+        net.server.receive_datagram(path.encrypt(frames.encode_data(i, pkt), net.now), c.addr("a"), net.now)
+    assert net.server.to_tun == [] and net.tunnel().spoofed == 3
     # the client refuses to send non-IPv4 in the first place
-    lab.client.send_packet(v6, lab.now)
-    assert lab.client.not_ipv4 == 1 and lab.client.datagrams_to_send() == []
+    assert c.send_up(v6) == []
+    assert c.core.not_ipv4 == 1 and c.core.datagrams_to_send() == []
 
 
 def test_packet_to_unknown_destination_counted(pki: Path) -> None:
-    lab = Lab(pki).up()
-    lab.server.send_packet(ipv4("100.64.0.1", "100.64.0.99"), lab.now)
-    lab.server.send_packet(ipv4("100.64.0.1", "10.9.0.1"), lab.now)  # a pushed route is not a client
-    assert lab.server.counters["no_route"] == 2
-    lab.server.send_packet(bytes([0x60]) + bytes(39), lab.now)
-    lab.server.send_packet(b"\x45" * 10, lab.now)
-    assert lab.server.counters["not_ipv4"] == 2
-    assert lab.server.datagrams_to_send() == []
+    net, c = one_path(pki)
+    assert net.send_down(down_pkt(dst="100.64.0.99")) == []
+    assert net.send_down(down_pkt(dst="10.9.0.1")) == []  # a pushed route is not a client
+    assert net.server.counters["no_route"] == 2
+    net.server.send_packet(bytes([0x60]) + bytes(39), net.now)
+    net.server.send_packet(b"\x45" * 10, net.now)
+    assert net.server.counters["not_ipv4"] == 2
+    assert net.server.datagrams_to_send() == []
 
 
 def test_packets_while_down_are_counted(pki: Path) -> None:
-    lab = Lab(pki)
-    lab.client.send_packet(ipv4("100.64.0.2", "100.64.0.1"), lab.now)
-    assert lab.client.dropped_not_up == 1 and lab.client.datagrams_to_send() == []
-    lab.server.send_packet(ipv4("100.64.0.1", "100.64.0.2"), lab.now)
-    assert lab.server.counters["no_route"] == 1
+    net = Net(pki)
+    c = net.client()
+    assert c.send_up(up_pkt()) == []
+    assert c.core.dropped_no_path == 1 and c.core.stats()["dropped_no_path"] == 1
+    c.add("a", pump=False)  # handshaking: still no path carries the tunnel
+    assert c.send_up(up_pkt()) == [] and c.core.dropped_no_path == 2
+    assert net.send_down(down_pkt()) == []
+    assert net.server.counters["no_route"] == 1
 
 
 def test_tunnel_wide_dedup(pki: Path) -> None:
     """The same sequence number in two different DTLS records is delivered once."""
-    lab = Lab(pki).up()
-    pkt = ipv4("100.64.0.2", "100.64.0.1")
+    net, c = one_path(pki)
+    pkt = up_pkt()
     for _ in range(2):
-        d = lab.client.path.encrypt(frames.encode_data(7, pkt), lab.now)
-        lab.server.receive_datagram(d, lab.client_addr, lab.now)
-    assert lab.server.to_tun == [pkt]
-    assert lab.tunnel().dedup.duplicates == 1
+        d = c.path("a").encrypt(frames.encode_data(7, pkt), net.now)
+        net.server.receive_datagram(d, c.addr("a"), net.now)
+    assert net.server.to_tun == [pkt]
+    assert net.tunnel().dedup.duplicates == 1
+
+
+def test_dedup_window_spans_the_paths(pki: Path) -> None:
+    """A sequence number that came on one path is a duplicate on the other, both ways."""
+    net, c = two_paths(pki)
+    pkt = up_pkt()
+    for key in ("a", "b", "a"):
+        d = c.path(key).encrypt(frames.encode_data(1000, pkt), net.now)
+        net.server.receive_datagram(d, c.addr(key), net.now)
+    assert net.server.to_tun == [pkt] and net.tunnel().dedup.duplicates == 2
+    t = net.tunnel()
+    spaths = {p.addr: p for p in t.paths}
+    for key in ("b", "a"):
+        d = spaths[c.addr(key)].encrypt(frames.encode_data(500, down_pkt()), net.now)
+        c.core.receive_datagram(key, d, net.now)
+    assert c.core.to_tun == [down_pkt()] and c.core.stats()["duplicates"] == 1
 
 
 def test_replayed_datagram_dropped_by_dtls(pki: Path) -> None:
-    lab = Lab(pki).up()
-    lab.client.send_packet(ipv4("100.64.0.2", "100.64.0.1"), lab.now)
-    (d,) = lab.client.datagrams_to_send()
+    net, c = one_path(pki)
+    c.send_up(up_pkt())
+    ((_, d),) = c.core.datagrams_to_send()
     for _ in range(3):
-        lab.server.receive_datagram(d, lab.client_addr, lab.now)
-    assert len(lab.server.to_tun) == 1
-    assert lab.tunnel().paths[0].dtls.records_dropped == 2
+        net.server.receive_datagram(d, c.addr("a"), net.now)
+    assert len(net.server.to_tun) == 1
+    assert net.tunnel().paths[0].dtls.records_dropped == 2
 
 
-# -- keepalive and RTT ----------------------------------------------------------------------
-def test_keepalive_ping_after_silence_and_rtt(pki: Path, plain) -> None:
-    lab = Lab(pki).up()
-    t_up = lab.now
-    path = lab.client.path
-    lab.advance(KEEPALIVE - STEP)
-    assert frames_seen(plain, "server", frames.Ping) == []  # not yet
-    assert path.srtt is None
-    # the keepalive comes due; the PING takes 20 ms to the server, the PONG 30 ms back
-    lab.now = t_up + KEEPALIVE
-    lab.client.handle_timer(lab.now)
-    out = lab.client.datagrams_to_send()
-    assert len(out) == 1
-    lab.now += 0.020
-    lab.server.receive_datagram(out[0], lab.client_addr, lab.now)
-    assert [type(f) for f in frames_seen(plain, "server", (frames.Ping, frames.Pong))] == [frames.Ping]
-    back = lab.server.datagrams_to_send()
-    assert len(back) == 1 and back[0][1] == lab.client_addr
-    lab.now += 0.030
-    lab.client.receive_datagram(back[0][0], lab.now)
-    pong = frames_seen(plain, "client", frames.Pong)
-    assert pong == [frames.Pong(frames_seen(plain, "server", frames.Ping)[0].token)]
-    assert path.srtt == pytest.approx(0.050)
-    assert lab.client.stats()["paths"][0]["rtt_ms"] == pytest.approx(50.0)
-    # silence goes on: PINGs keep coming every keepalive, the server pings too
-    lab.advance(3 * KEEPALIVE)
-    assert len(frames_seen(plain, "server", frames.Ping)) >= 3
-    assert len(frames_seen(plain, "client", frames.Ping)) >= 2
-    assert lab.tunnel().paths[0].srtt is not None
-    assert lab.client.state == C_UP
+# -- duplicate mode ---------------------------------------------------------------------------------
+def test_duplicate_mode_sends_on_every_path_and_delivers_once(pki: Path, plain) -> None:
+    net, c = two_paths(pki)
+    ups = [up_pkt(i) for i in range(10)]
+    for p in ups:
+        assert c.send_up(p) == ["a", "b"]
+    net.pump()
+    t = net.tunnel()
+    assert net.server.to_tun == ups
+    assert (t.dedup.delivered, t.dedup.duplicates, t.dedup.too_old) == (10, 10, 0)  # one duplicate per packet
+    downs = [down_pkt(i) for i in range(10)]
+    for p in downs:
+        assert sorted(net.send_down(p)) == ["a", "b"]
+    net.pump()
+    assert c.core.to_tun == downs
+    st = c.core.stats()
+    assert (st["delivered"], st["duplicates"], st["too_old"]) == (10, 10, 0)
+    # one sequence space for the tunnel: each path carried numbers 1..10, the copies share them
+    for key in ("a", "b"):
+        sess = net.spath(c, key).dtls
+        assert [f.seq for f in frames_seen(plain, "server", frames.Data, sess)] == list(range(1, 11))
+        sess = c.path(key).dtls
+        assert [f.seq for f in frames_seen(plain, "client", frames.Data, sess)] == list(range(1, 11))
 
 
-def test_no_ping_while_traffic_flows(pki: Path, plain) -> None:
-    lab = Lab(pki).up()
-    for _ in range(40):  # 4 s of packets both ways every 100 ms
-        lab.client.send_packet(ipv4("100.64.0.2", "100.64.0.1"), lab.now)
-        lab.server.send_packet(ipv4("100.64.0.1", "100.64.0.2"), lab.now)
-        lab.advance(0.1)
-    assert frames_seen(plain, "server", frames.Ping) == []
-    assert frames_seen(plain, "client", frames.Ping) == []
-    assert len(lab.server.to_tun) == len(lab.client.to_tun) == 40
+def test_balance_mode_spreads_packets_over_the_paths(pki: Path, plain) -> None:
+    net, c = two_paths(pki, mode="balance")
+    assert net.tunnel().scheduler.mode == "balance"
+    keys = [k for i in range(10) for k in c.send_up(up_pkt(i))]
+    assert sorted(keys) == ["a"] * 5 + ["b"] * 5  # no measured rates yet: equal shares, one path per packet
+    assert all(keys[i] != keys[i + 1] for i in range(9))
+    net.pump()
+    t = net.tunnel()
+    assert net.server.to_tun == [up_pkt(i) for i in range(10)] and t.dedup.duplicates == 0
+    # the sequence numbers are the tunnel's: the two paths carried complementary halves
+    seqs = {k: [f.seq for f in frames_seen(plain, "server", frames.Data, net.spath(c, k).dtls)] for k in "ab"}
+    assert sorted(seqs["a"] + seqs["b"]) == list(range(1, 11))
 
 
-# -- dead paths and reconnect ------------------------------------------------------------------
-def test_dead_path_reconnect_and_replace(pki: Path, plain) -> None:
-    lab = Lab(pki).up()
-    t_up, old_addr = lab.now, lab.client_addr
-    old_tunnel = lab.tunnel()
-    lab.drop_s2c = True  # the server stops answering
-    lab.advance(TIMEOUT - STEP)
-    assert lab.client.state == C_UP and not lab.client_events(events.TunnelDown)
-    lab.advance(2 * STEP)
-    t_down = lab.first_time(lab.cevents, events.TunnelDown)
-    assert t_up + TIMEOUT <= t_down <= t_up + TIMEOUT + STEP + 1e-6
-    (down,) = lab.client_events(events.PathDown)
-    assert down.addr == SERVER_ADDR and "nothing received" in down.reason
-    lab.client.send_packet(ipv4("100.64.0.2", "100.64.0.1"), lab.now)
-    assert lab.client.dropped_not_up == 1
-    lab.drop_s2c = False  # the server is reachable again
-    lab.advance(BACKOFF_MIN + 2 * STEP)
-    t_conn = lab.first_time(lab.cevents, events.Connecting, after=t_up + 0.001)
-    assert t_conn == pytest.approx(t_down + BACKOFF_MIN, abs=STEP + 1e-6)
-    assert lab.client_events(events.Connecting)[-1] == events.Connecting(SERVER_ADDR, 2)
-    assert lab.client.state == C_UP
-    # a new handshake happened (a second HelloVerifyRequest) from the new source port
-    assert lab.server.counters["cookies_sent"] == 2
-    assert lab.client_addr != old_addr
-    # the server replaced the old tunnel: same name, same inner address
-    connected = lab.server_events(events.ClientConnected)
-    assert connected[-1] == events.ClientConnected("alice", "100.64.0.2/24", lab.client_addr, True)
-    gone = lab.server_events(events.ClientGone)
-    assert len(gone) == 1 and gone[0].name == "alice" and "replaced" in gone[0].reason
-    new_tunnel = lab.tunnel()
-    assert new_tunnel is not old_tunnel and new_tunnel.id != old_tunnel.id
-    assert list(lab.server.paths) == [lab.client_addr]
-    assert lab.client.config.addresses == [FIRST_CLIENT]
-    assert lab.client.tunnel_id == new_tunnel.id
-    assert any(addr == old_addr for _, addr in lab.stray)  # the CLOSE for the old path
-    # and traffic flows again both ways
-    up = ipv4("100.64.0.2", "100.64.0.1", b"after")
-    down_pkt = ipv4("100.64.0.1", "100.64.0.2", b"after")
-    lab.client.send_packet(up, lab.now)
-    lab.server.send_packet(down_pkt, lab.now)
-    lab.pump()
-    assert lab.server.to_tun[-1] == up and lab.client.to_tun[-1] == down_pkt
+# -- probes ------------------------------------------------------------------------------------------------
+def test_probes_every_interval_on_both_sides_with_or_without_traffic(pki: Path, plain) -> None:
+    net = Net(pki)
+    c = net.client()
+    net.delay["a"] = 2 * STEP
+    c.add("a", pump=False)
+    net.run_until(lambda: c.core.state == C_UP, 1.0)
+    net.advance(0.5)
+    path, spath = c.path("a"), net.spath(c, "a")
+    sent0, ssent0 = path.est.probes_sent, spath.est.probes_sent
+    net.advance(1.0)  # quiet
+    assert path.est.probes_sent - sent0 == 8 and spath.est.probes_sent - ssent0 == 8
+    sent0, ssent0 = path.est.probes_sent, spath.est.probes_sent
+
+    def traffic() -> None:
+        c.send_up(up_pkt())
+        net.send_down(down_pkt())
+
+    net.advance(1.0, each=traffic)  # busy: the probes go on all the same
+    assert path.est.probes_sent - sent0 == 8 and spath.est.probes_sent - ssent0 == 8
+    net.advance(2 * STEP)  # the last packets are still on the wire
+    assert len(net.server.to_tun) == len(c.core.to_tun) == 64
+    # RTT: 2 x 2 steps, measured on both sides
+    assert path.srtt == pytest.approx(4 * STEP) and spath.srtt == pytest.approx(4 * STEP)
+    assert c.core.stats()["paths"][0]["rtt_ms"] == pytest.approx(62.5)
+    assert path.loss == 0.0 and spath.loss == 0.0 and path.est.probes_lost == 0
+    assert path.rate > 0 and spath.rate > 0
+    assert path.state == spath.state == P_UP and c.core.state == C_UP
+
+
+def test_pong_carries_the_receive_counters(pki: Path, plain) -> None:
+    net, c = one_path(pki)
+    net.advance(0.5)
+    for i in range(5):
+        c.send_up(up_pkt(i, size=100))
+    net.pump()
+    spath = net.spath(c, "a")
+    path = c.path("a")
+    # the next PING of the client: the PONG reports the server's counters including that PING
+    net.now = path.est.last_probe + PROBE
+    c.core.handle_timer(net.now)
+    (ping,) = c.core.datagrams_to_send()
+    net.server.receive_datagram(ping[1], c.addr("a"), net.now)
+    rx, rx_bytes = spath.rx_records, spath.rx_bytes
+    for addr, d in net.server.datagrams_to_send():
+        c.core.receive_datagram("a", d, net.now)
+    pong = frames_seen(plain, "client", frames.Pong)[-1]
+    assert (pong.rx_records, pong.rx_bytes) == (rx, rx_bytes)
+    assert rx == path.tx_records and rx_bytes == path.tx_bytes  # nothing lost
+    assert spath.stats()["rx_packets"] == rx
+
+
+def test_pings_are_answered_on_every_path(pki: Path, plain) -> None:
+    net, c = two_paths(pki)
+    net.advance(1.0)
+    for key in ("a", "b"):
+        p, sp = c.path(key), net.spath(c, key)
+        assert p.srtt == 0.0 and sp.srtt == 0.0  # the in-memory wire has no delay
+        assert frames_seen(plain, "server", frames.Ping, sp.dtls) and frames_seen(plain, "client", frames.Ping, p.dtls)
+        assert frames_seen(plain, "server", frames.Pong, sp.dtls) and frames_seen(plain, "client", frames.Pong, p.dtls)
+
+
+def test_lossy_path_becomes_degraded_and_recovers(pki: Path) -> None:
+    net, c = two_paths(pki)
+    net.advance(0.5)
+    toggle = itertools.cycle([True, False])
+    # every second DATA datagram on path a is lost upstream (PINGs and PONGs are small and get through)
+    net.drop = lambda direction, key, d: direction == "up" and key == "a" and len(d) > 150 and next(toggle)
+    i = itertools.count()
+
+    def traffic() -> None:
+        c.send_up(up_pkt(next(i), size=150))
+
+    t_deg = net.run_until(lambda: c.path("a").state == P_DEGRADED, 3.0, each=traffic)
+    assert c.evs(events.PathState)[-1] == events.PathState("a", "a", "degraded")
+    assert c.path("a").loss > 0.2 and c.path("b").loss == 0.0
+    assert c.core.stats()["paths"][0]["state"] == "degraded"
+    # duplicate mode keeps using the degraded path, and b delivers everything exactly once
+    n = next(i)
+    assert c.send_up(up_pkt(n)) == ["a", "b"]
+    net.pump()
+    assert net.server.to_tun == [up_pkt(k, size=150) for k in range(n)] + [up_pkt(n)]
+    net.drop = None
+    t_up = net.run_until(lambda: c.path("a").state == P_UP, 3.0, each=traffic)
+    assert t_up - t_deg > RECOVER_PROBES * PROBE  # hysteresis: not at the first good interval
+    assert c.evs(events.PathState)[-1] == events.PathState("a", "a", "up")
+    assert c.path("a").loss < 0.1
+
+
+# -- dead paths --------------------------------------------------------------------------------------------
+def test_path_down_after_dead_interval_traffic_continues_on_the_other(pki: Path) -> None:
+    net, c = two_paths(pki)
+    net.advance(0.5)
+    pb, spb = c.path("b"), net.spath(c, "b")
+    net.cut("b")
+    last, slast = pb.est.last_rx, spb.est.last_rx
+    t_down = net.run_until(lambda: pb.state == P_DOWN, 1.0)
+    assert t_down == last + DEAD  # exactly: not a tick earlier
+    assert c.events[-1] == (t_down, events.PathState("b", "b", "down"))
+    assert c.core.state == C_UP and not c.evs(events.TunnelDown) and not c.evs(events.PathDown)
+    net.run_until(lambda: spb.state == P_DOWN, 1.0)
+    assert net.stimes(events.PathState) == [slast + DEAD]
+    assert net.sev(events.PathState) == [events.PathState(c.addr("b"), "alice", "down")]
+    # traffic goes on over a alone, both ways
+    ups, downs = [up_pkt(i) for i in range(5)], [down_pkt(i) for i in range(5)]
+    for u, d in zip(ups, downs):
+        assert c.send_up(u) == ["a"]
+        assert net.send_down(d) == ["a"]
+    net.pump()
+    assert net.server.to_tun == ups and c.core.to_tun == downs
+    assert net.tunnel().dedup.duplicates == 0
+    assert pb.alive and spb.alive  # down, not closed: the sessions wait for the link
+
+
+def test_down_path_comes_back_after_recover_probes_pongs(pki: Path, pongs) -> None:
+    net, c = two_paths(pki)
+    net.advance(0.5)
+    pb = c.path("b")
+    net.cut("b")
+    net.run_until(lambda: pb.state == P_DOWN, 1.0)
+    net.advance(0.5)
+    n_before = len(pongs)
+    net.mend("b")
+    t_up = net.run_until(lambda: pb.state == P_UP, 1.0)
+    mine = [(t, state) for est, t, state in pongs[n_before:] if est is pb.est]
+    # hysteresis: the first RECOVER_PROBES - 1 PONGs leave it down, the next brings it up
+    assert [s for _, s in mine] == [P_DOWN] * (RECOVER_PROBES - 1) + [P_UP]
+    assert mine[-1][0] == t_up
+    assert c.events[-1] == (t_up, events.PathState("b", "b", "up"))
+    assert pb.loss == 0.0 and pb.est.changes == 2
+    net.run_until(lambda: net.spath(c, "b").state == P_UP, 1.0)
+    assert c.send_up(up_pkt()) == ["a", "b"]
+    assert sorted(net.send_down(down_pkt())) == ["a", "b"]
+    assert c.core.stats()["paths"][1]["state_changes"] == 2
+
+
+def test_dead_path_reconnects_and_joins_the_same_tunnel(pki: Path, plain) -> None:
+    net, c = one_path(pki)
+    old_addr, t, tid = c.addr("a"), net.tunnel(), c.core.tunnel_id
+    for i in range(3):
+        c.send_up(up_pkt(i))
+    net.advance(0.5)
+    path = c.path("a")
+    net.drop_down.add("a")  # the server's datagrams stop arriving
+    last = path.est.last_rx
+    t_down = net.run_until(lambda: path.state == P_DOWN, 1.0)
+    assert t_down == last + DEAD and c.evs(events.PathState) == [events.PathState("a", "a", "down")]
+    assert c.send_up(up_pkt(3)) == ["a"]  # the only path: a packet on a path that may be dead
+    t_closed = net.run_until(lambda: c.evs(events.TunnelDown), TIMEOUT)
+    assert t_closed == last + TIMEOUT
+    assert path.state == P_CLOSED
+    (down,) = c.evs(events.PathDown)
+    assert down.addr == "a" and down.reason == "nothing received for 2.0 s"
+    assert c.evs(events.TunnelDown) == [events.TunnelDown("nothing received for 2.0 s")]
+    assert c.core.state == C_CONNECTING and c.core.tunnel_id == tid
+    assert c.send_up(up_pkt(4)) == [] and c.core.dropped_no_path == 1
+    net.drop_down.discard("a")
+    t_again = net.run_until(lambda: c.core.state == C_UP, 1.0)
+    assert c.times(events.Connecting)[-1] == t_closed + BACKOFF_MIN
+    assert c.evs(events.Connecting)[-1] == events.Connecting("a", 2)
+    assert c.addr("a") != old_addr  # a new socket
+    assert t_again == t_closed + BACKOFF_MIN
+    # the new session JOINed the tunnel it had: same tunnel, id and address
+    assert frames_seen(plain, "server", frames.Hello)[-1] == frames.Hello(1, tid, 1, 2, 0)
+    assert net.tunnel() is t and c.core.tunnel_id == tid
+    assert len(net.sev(events.ClientConnected)) == 1 and not net.sev(events.ClientGone)
+    assert net.sev(events.PathJoined) == [events.PathJoined(c.addr("a"), "alice")]
+    assert len(c.evs(events.TunnelUp)) == 2 and c.core.config.addresses == [FIRST_CLIENT]
+    # the sequence space goes on: the next DATA is number 5 (1-4 went out before)
+    up = up_pkt(9)
+    c.send_up(up)
+    net.send_down(down_pkt(9))
+    net.pump()
+    assert frames_seen(plain, "server", frames.Data)[-1].seq == 5
+    assert net.server.to_tun[-1] == up and c.core.to_tun[-1] == down_pkt(9)
+    # the server's session of the old address times out on its own
+    net.run_until(lambda: len(t.paths) == 1, TIMEOUT + 0.5)
+    assert t.paths[0].addr == c.addr("a") and old_addr not in net.server.paths
 
 
 def test_backoff_grows_while_server_is_unreachable(pki: Path) -> None:
-    lab = Lab(pki)
-    lab.drop_c2s = lab.drop_s2c = True
-    lab.client.connect(lab.now)
-    t0 = lab.now
-    lab.pump()
-    lab.advance(3 * HANDSHAKE_TIMEOUT + 2)
-    conns = [(t, e) for t, e in lab.cevents if isinstance(e, events.Connecting)]
+    net = Net(pki)
+    c = net.client()
+    net.cut("a")
+    c.add("a")
+    t0 = net.now
+    net.advance(3 * HANDSHAKE_TIMEOUT + 2)
+    conns = [(t, e) for t, e in c.events if isinstance(e, events.Connecting)]
     assert [e.attempt for _, e in conns] == [1, 2, 3, 4]
     times = [t - t0 for t, _ in conns]
     # each attempt: handshake timeout, then 0.25, 0.5, 1 s of backoff
-    expected = [0, HANDSHAKE_TIMEOUT + 0.25, 2 * HANDSHAKE_TIMEOUT + 0.75, 3 * HANDSHAKE_TIMEOUT + 1.75]
-    assert times == pytest.approx(expected, abs=STEP + 1e-6)
-    downs = lab.client_events(events.PathDown)
+    assert times == [0, HANDSHAKE_TIMEOUT + 0.25, 2 * HANDSHAKE_TIMEOUT + 0.75, 3 * HANDSHAKE_TIMEOUT + 1.75]
+    downs = c.evs(events.PathDown)
     assert len(downs) == 3 and all(d.reason == "handshake timed out" for d in downs)
-    assert not lab.client_events(events.TunnelDown)  # it never was up
-    # the server never saw anything
-    assert lab.server.paths == {} and lab.server.counters["cookies_sent"] == 0
+    assert not c.evs(events.TunnelDown)  # it never was up
+    assert net.server.paths == {} and net.server.counters["cookies_sent"] == 0
     # the server comes back: the next attempt succeeds and the backoff is reset
-    lab.drop_c2s = lab.drop_s2c = False
-    lab.advance(HANDSHAKE_TIMEOUT + 2.5)
-    assert lab.client.state == C_UP
-    assert lab.client._backoff == BACKOFF_MIN
+    net.mend("a")
+    net.run_until(lambda: c.core.state == C_UP, HANDSHAKE_TIMEOUT + 2.5)
+    assert c.core.slots["a"].backoff == BACKOFF_MIN
 
 
-def test_server_drops_silent_client(pki: Path) -> None:
-    lab = Lab(pki).up()
-    t_up = lab.now
-    lab.drop_c2s = True
-    lab.advance(TIMEOUT + 2 * STEP)
-    t_gone = lab.first_time(lab.sevents, events.ClientGone)
-    assert t_up + TIMEOUT <= t_gone <= t_up + TIMEOUT + STEP + 1e-6
-    assert lab.server.tunnels == {} and lab.server.paths == {} and lab.server.routes_v4 == {}
-    assert "nothing received" in lab.server_events(events.PathDown)[0].reason
-    lab.server.send_packet(ipv4("100.64.0.1", "100.64.0.2"), lab.now)
-    assert lab.server.counters["no_route"] == 1
+def test_backoff_is_per_path(pki: Path) -> None:
+    net, c = one_path(pki)
+    net.cut("b")
+    c.add("b")
+    net.advance(2 * HANDSHAKE_TIMEOUT + 1)
+    assert [e.attempt for e in c.evs(events.Connecting) if e.key == "b"] == [1, 2, 3]
+    assert c.core.slots["a"].attempts == 1 and c.core.slots["a"].backoff == BACKOFF_MIN
+    assert c.core.state == C_UP and c.joined() == ["a"]
 
 
+def test_server_drops_silent_path_and_tunnel_lingers(pki: Path) -> None:
+    net, c = one_path(pki)
+    t = net.tunnel()
+    spath = t.paths[0]
+    net.drop_up.add("a")
+    last = spath.est.last_rx
+    t_gone = net.run_until(lambda: net.sev(events.PathDown), TIMEOUT + 0.1)
+    assert t_gone == last + TIMEOUT
+    assert net.stimes(events.PathState) == [last + DEAD]
+    assert net.sev(events.PathDown) == [events.PathDown(c.addr("a"), "nothing received for 2.0 s")]
+    # the tunnel lingers: no path, but its address, route and id stay
+    assert net.server.paths == {} and net.server.tunnels == {t.id: t} and t.paths == []
+    assert t.idle_since == t_gone and net.server.routes_v4 == {FIRST_CLIENT.ip.packed: t}
+    assert net.send_down(down_pkt()) == [] and net.server.counters["no_path"] == 1
+    assert not net.sev(events.ClientGone)
+    t_forgot = net.run_until(lambda: net.sev(events.ClientGone), LINGER + 0.1)
+    assert t_forgot == t_gone + LINGER
+    assert net.sev(events.ClientGone) == [events.ClientGone("alice", "100.64.0.2/24", "no path for 5 s")]
+    assert net.server.tunnels == {} and net.server.routes_v4 == {} and net.server.by_name == {}
+    net.send_down(down_pkt())
+    assert net.server.counters["no_route"] == 1
+
+
+# -- scheduling modes over real paths ---------------------------------------------------------------------
+def test_lowest_rtt_uses_one_path_and_switches_when_it_goes_down(pki: Path) -> None:
+    net = Net(pki)
+    c = net.client(mode="lowest-rtt")
+    net.delay.update(a=STEP, b=4 * STEP)
+    c.add("a", pump=False)
+    c.add("b", pump=False)
+    net.run_until(lambda: c.joined() == ["a", "b"], 2.0)
+    net.advance(1.0)
+    assert net.tunnel().scheduler.mode == "lowest-rtt"  # the server follows the client's mode
+    assert c.path("a").srtt == pytest.approx(2 * STEP) and c.path("b").srtt == pytest.approx(8 * STEP)
+    for i in range(5):
+        assert c.send_up(up_pkt(i)) == ["a"]
+        assert net.send_down(down_pkt(i)) == ["a"]
+    net.cut("a")
+    net.run_until(lambda: c.path("a").state == P_DOWN, 1.0)
+    assert c.send_up(up_pkt()) == ["b"]
+    net.run_until(lambda: net.spath(c, "a").state == P_DOWN, 1.0)
+    assert net.send_down(down_pkt()) == ["b"]
+    # a comes back, clearly faster: traffic returns to it
+    net.mend("a")
+    net.run_until(lambda: c.path("a").state == P_UP, 1.0)
+    assert c.send_up(up_pkt()) == ["a"]
+    net.run_until(lambda: net.spath(c, "a").state == P_UP, 1.0)
+    assert net.send_down(down_pkt()) == ["a"]
+    net.pump()
+    assert net.tunnel().dedup.duplicates == 0 and c.core.stats()["duplicates"] == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: the cores call Scheduler.refresh() only when a path joins, leaves or changes state "
+    "(client_core._on_config/_path_changed/_lost, server_core._attach/_path_changed/_drop_path), never "
+    "on a timer tick, so lowest-rtt keeps the path chosen at join time (when the new path had no RTT "
+    "yet) and balance keeps the weights of that moment",
+)
+def test_lowest_rtt_moves_to_a_path_that_turns_out_faster(pki: Path) -> None:
+    net = Net(pki)
+    c = net.client(mode="lowest-rtt")
+    net.delay.update(a=4 * STEP, b=STEP)
+    c.add("a", pump=False)
+    net.run_until(lambda: c.core.state == C_UP, 2.0)
+    c.add("b", pump=False)
+    net.run_until(lambda: c.joined() == ["a", "b"], 2.0)
+    net.advance(2.0)
+    assert c.path("b").srtt < 0.9 * c.path("a").srtt  # b is 4 times faster, both up
+    assert c.send_up(up_pkt()) == ["b"]
+
+
+def test_backup_mode_uses_priority_order(pki: Path) -> None:
+    net = Net(pki)
+    c = net.client(mode="backup")
+    c.add("a", priority=1, pump=False)
+    c.add("b", priority=0, pump=False)
+    net.run_until(lambda: c.joined() == ["a", "b"], 2.0)
+    net.advance(0.5)
+    t = net.tunnel()
+    assert t.scheduler.mode == "backup"
+    assert {p.addr: p.priority for p in t.paths} == {c.addr("a"): 1, c.addr("b"): 0}  # from the HELLOs
+    assert c.send_up(up_pkt()) == ["b"] and net.send_down(down_pkt()) == ["b"]
+    net.cut("b")
+    net.run_until(lambda: c.path("b").state == P_DOWN and net.spath(c, "b").state == P_DOWN, 1.0)
+    assert c.send_up(up_pkt(1)) == ["a"] and net.send_down(down_pkt(1)) == ["a"]
+    net.pump()
+    assert net.server.to_tun[-1] == up_pkt(1) and c.core.to_tun[-1] == down_pkt(1)
+    net.mend("b")
+    net.run_until(lambda: c.path("b").state == P_UP and net.spath(c, "b").state == P_UP, 1.0)
+    assert c.send_up(up_pkt(2)) == ["b"] and net.send_down(down_pkt(2)) == ["b"]
+
+
+def test_server_mode_follows_the_client_or_its_own(pki: Path) -> None:
+    net = Net(pki)
+    raw = RawClient(net, pki, key="r1")
+    assert isinstance(raw.send(frames.encode(frames.Hello(1, frames.NEW_TUNNEL, 3, 0, 0)))[0], frames.Config)
+    t = net.tunnel()
+    assert t.scheduler.mode == "lowest-rtt" and t.scheduler.redundancy == 2
+    raw = RawClient(net, pki, key="r2")  # a new tunnel of the same client replaces it
+    raw.send(frames.encode(frames.Hello(1, frames.NEW_TUNNEL, 0, 5, 0)))  # mode 0: no preference
+    assert net.tunnel().scheduler.mode == "duplicate"
+    raw = RawClient(net, pki, key="r3")
+    raw.send(frames.encode(frames.Hello(1, frames.NEW_TUNNEL, 2, 3, 0)))
+    assert (net.tunnel().scheduler.mode, net.tunnel().scheduler.redundancy) == ("redundant", 3)
+
+    fixed = Net(pki, mode="backup")
+    raw = RawClient(fixed, pki)
+    raw.send(frames.encode(frames.Hello(1, frames.NEW_TUNNEL, 1, 0, 0)))
+    assert fixed.tunnel().scheduler.mode == "backup"
+    with pytest.raises(ValueError):
+        Net(pki, mode="fastest")
+
+
+def test_unknown_mode_in_hello_is_a_protocol_error(pki: Path) -> None:
+    net = Net(pki)
+    raw = RawClient(net, pki)
+    got = raw.send(frames.encode(frames.Hello(1, frames.NEW_TUNNEL, 6, 0, 0)))
+    assert [(type(f), f.code) for f in got] == [(frames.Close, frames.CLOSE_PROTOCOL)]
+    assert "mode 6" in got[0].reason
+    assert net.server.tunnels == {} and net.server.paths == {}
+
+
+# -- JOIN --------------------------------------------------------------------------------------------------
+def test_join_from_another_session_of_the_same_client(pki: Path) -> None:
+    net, c = one_path(pki)
+    tid = c.core.tunnel_id
+    raw = RawClient(net, pki, "alice")
+    got = raw.send(frames.encode(frames.Hello(1, tid, 0, 0, 4)))
+    assert got == [frames.Config(tid, [FIRST_CLIENT], INNER_MTU, 125, 2000, ROUTES)]
+    t = net.tunnel()
+    assert [p.addr for p in t.paths] == [c.addr("a"), raw.addr] and t.paths[1].priority == 4
+    assert net.sev(events.PathJoined) == [events.PathJoined(raw.addr, "alice")]
+    assert len(net.sev(events.ClientConnected)) == 1
+    assert sorted(net.send_down(down_pkt())) == ["a", "raw"]  # duplicate: the new path carries too
+    # DATA on the joined path counts in the tunnel's sequence space
+    raw.send(frames.encode_data(1, up_pkt(1)))
+    c.send_up(up_pkt(2))  # the client's own first DATA is number 1 too: a duplicate
+    net.pump()
+    assert net.server.to_tun == [up_pkt(1)] and t.dedup.duplicates == 1
+
+
+def test_join_with_another_clients_certificate_is_refused(pki: Path, plain) -> None:
+    net, c = one_path(pki)
+    tid = c.core.tunnel_id
+    raw = RawClient(net, pki, "bob")
+    got = raw.send(frames.encode(frames.Hello(1, tid)))
+    assert [(type(f), f.code) for f in got] == [(frames.Close, frames.CLOSE_REFUSED)]
+    assert got[0].reason == "client 'bob' may not join the tunnel of 'alice'"
+    assert net.sev(events.Refused) == [events.Refused(raw.addr, got[0].reason)]
+    assert raw.addr not in net.server.paths and "bob" not in net.server.by_name
+    t = net.tunnel()
+    assert [p.addr for p in t.paths] == [c.addr("a")]
+    assert net.send_down(down_pkt()) == ["a"]
+
+
+def test_join_of_an_unknown_tunnel_starts_a_new_tunnel(pki: Path, plain) -> None:
+    net = Net(pki)
+    c = net.client()
+    bogus = bytes([0x99]) * 16
+    c.core.tunnel_id = bogus  # a tunnel id the server never gave out
+    c.add("a")
+    closes = frames_seen(plain, "client", frames.Close)
+    assert [(f.code, f.reason) for f in closes] == [(frames.CLOSE_UNKNOWN_TUNNEL, "unknown tunnel")]
+    assert c.core.tunnel_id == frames.NEW_TUNNEL  # forgotten
+    assert c.evs(events.PathDown) == [events.PathDown("a", "server closed the path: unknown tunnel")]
+    assert net.sev(events.Refused) == [events.Refused(c.addr("a"), "unknown tunnel")]
+    t_close = net.now
+    t_up = net.run_until(lambda: c.core.state == C_UP, 1.0)
+    assert t_up == t_close + STEP  # no backoff: the next timer tick
+    assert c.evs(events.Connecting)[-1] == events.Connecting("a", 2)
+    assert [h.tunnel_id for h in frames_seen(plain, "server", frames.Hello)] == [bogus, frames.NEW_TUNNEL]
+    assert c.core.tunnel_id == net.tunnel().id != bogus
+    assert len(c.evs(events.TunnelUp)) == 1
+
+
+def test_server_restart_client_recovers_with_a_new_tunnel(pki: Path, plain) -> None:
+    net, c = two_paths(pki)
+    old_tid = c.core.tunnel_id
+    for i in range(3):
+        c.send_up(up_pkt(i))
+    net.advance(0.5)
+    fresh = net.restart_server()
+    n_old = len(net.sevents)
+    assert c.send_up(up_pkt(3)) == ["a", "b"]
+    net.pump()
+    assert fresh.counters["junk"] == 2 and fresh.paths == {}  # old-session records from nobody
+    net.run_until(
+        lambda: c.core.state == C_UP and c.core.tunnel_id not in (old_tid, frames.NEW_TUNNEL)
+        and c.joined() == ["a", "b"],
+        TIMEOUT + 2.0,
+    )
+    assert c.evs(events.TunnelDown)
+    # the paths came back, JOINed the tunnel the server had forgotten, and were told so
+    unknown = [e for e in net.sev(events.Refused) if e.reason == "unknown tunnel"]
+    assert unknown
+    assert all(f.code == frames.CLOSE_UNKNOWN_TUNNEL for f in frames_seen(plain, "client", frames.Close))
+    assert len(c.evs(events.TunnelUp)) == 2
+    t = net.tunnel()
+    assert t.id == c.core.tunnel_id and sorted(p.addr for p in t.paths) == sorted(c.addr(k) for k in "ab")
+    assert c.core.config.addresses == [FIRST_CLIENT]
+    assert [e.replaced for _, e in net.sevents[n_old:] if isinstance(e, events.ClientConnected)] == [False]
+    for key in "ab":
+        assert [e.reason for e in c.evs(events.PathDown) if e.addr == key] == [
+            "nothing received for 2.0 s",  # down after dead_interval, then closed after timeout
+            "server closed the path: unknown tunnel",  # the JOIN after the backoff
+        ]
+        assert [e.attempt for e in c.evs(events.Connecting) if e.key == key] == [1, 2, 3]
+    t_refused = net.stimes(events.Refused)[0]
+    assert c.times(events.Connecting)[-1] == t_refused + STEP  # the new tunnel at once
+    # a new tunnel, a new sequence space: the next DATA is number 1 again, delivered once
+    up = up_pkt(7)
+    c.send_up(up)
+    net.pump()
+    assert fresh.to_tun == [up] and t.dedup.duplicates == 1
+    assert [f.seq for f in frames_seen(plain, "server", frames.Data, t.paths[0].dtls)] == [1]
+    assert sorted(net.send_down(down_pkt())) == ["a", "b"]
+
+
+def test_tunnel_without_paths_lingers_then_is_forgotten(pki: Path, plain) -> None:
+    net, c = one_path(pki)
+    t, tid = net.tunnel(), c.core.tunnel_id
+    for i in range(3):
+        c.send_up(up_pkt(i))
+    net.pump()
+    c.remove("a")  # the only path goes away
+    assert net.sev(events.PathDown) == [events.PathDown(c.addr("a"), "client closed: interface gone")]
+    assert t.paths == [] and t.idle_since == net.now and net.server.tunnels == {tid: t}
+    assert c.evs(events.TunnelDown) == [events.TunnelDown("interface gone")] and c.core.state == C_CONNECTING
+    net.advance(LINGER - STEP)
+    assert not net.sev(events.ClientGone)
+    # back within linger: the JOIN finds the tunnel, with its address and sequence space
+    c.add("a2")
+    assert c.joined() == ["a2"] and c.core.tunnel_id == tid and net.tunnel() is t
+    assert t.idle_since is None and net.sev(events.PathJoined) == [events.PathJoined(c.addr("a2"), "alice")]
+    assert len(net.sev(events.ClientConnected)) == 1 and len(c.evs(events.TunnelUp)) == 2
+    c.send_up(up_pkt(3))
+    net.pump()
+    assert frames_seen(plain, "server", frames.Data)[-1].seq == 4 and net.server.to_tun[-1] == up_pkt(3)
+    net.advance(LINGER + 1)
+    assert not net.sev(events.ClientGone)  # a tunnel with a path does not linger out
+    c.remove("a2")
+    t_idle = net.now
+    t_gone = net.run_until(lambda: net.sev(events.ClientGone), LINGER + 0.1)
+    assert t_gone == t_idle + LINGER
+    assert net.sev(events.ClientGone) == [events.ClientGone("alice", "100.64.0.2/24", "no path for 5 s")]
+    assert net.server.tunnels == {} and net.server.routes_v4 == {}
+    # too late: the JOIN is for an unknown tunnel, and the client starts a new one (same address)
+    c.add("a3")
+    net.run_until(lambda: c.core.state == C_UP, 1.0)
+    assert c.core.tunnel_id != tid and net.tunnel().id == c.core.tunnel_id
+    assert c.core.config.addresses == [FIRST_CLIENT]
+    assert frames_seen(plain, "client", frames.Close)[-1].code == frames.CLOSE_UNKNOWN_TUNNEL
+
+
+def test_remove_path_closes_it_and_the_server_drops_just_that_path(pki: Path, plain) -> None:
+    net, c = two_paths(pki)
+    sb = net.spath(c, "b")
+    c.remove("b")
+    assert frames_seen(plain, "server", frames.Close, sb.dtls) == [frames.Close(frames.CLOSE_NORMAL, "interface gone")]
+    assert net.sev(events.PathDown) == [events.PathDown(c.addr("b"), "client closed: interface gone")]
+    t = net.tunnel()
+    assert [p.addr for p in t.paths] == [c.addr("a")] and t.idle_since is None
+    assert not net.sev(events.ClientGone)
+    assert c.evs(events.PathDown) == [events.PathDown("b", "interface gone")]
+    assert not c.evs(events.TunnelDown) and c.core.state == C_UP and list(c.core.slots) == ["a"]
+    assert c.send_up(up_pkt()) == ["a"] and net.send_down(down_pkt()) == ["a"]
+    net.advance(2.0)
+    assert [e.key for e in c.evs(events.Connecting)] == ["a", "b"]  # a removed path is not retried
+    c.remove("nonexistent")  # harmless
+
+
+HELLO_DGRAM = 13 + 8 + 21 + 16  # DTLS header, explicit nonce, HELLO, AES-GCM tag
+CONFIG_DGRAM = 13 + 8 + 37 + 16  # the same around this lab's 37-byte CONFIG
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: ClientCore._send_hello sends HELLO/JOIN once (slot.hello_sent) and nothing ever "
+    "sends it again, and the server sends CONFIG once; one lost datagram leaves a live, probed, "
+    "never-joined path for good. A lost HELLO(0) even blocks every other path, which waits for "
+    "the 'creating' path (client_core.py _send_hello: creating.path.alive)",
+)
+@pytest.mark.parametrize("lost", ["HELLO of the creating path", "CONFIG of the joining path"])
+def test_one_lost_hello_or_config_is_repaired(pki: Path, lost: str) -> None:
+    net = Net(pki)
+    c = net.client()
+    dropped: list = []
+
+    def drop(direction: str, key, d: bytes) -> bool:
+        if dropped:
+            return False
+        if lost.startswith("HELLO") and (direction, len(d)) == ("up", HELLO_DGRAM):
+            dropped.append(d)
+        elif lost.startswith("CONFIG") and (direction, key, len(d)) == ("down", "b", CONFIG_DGRAM):
+            dropped.append(d)
+        return bool(dropped)
+
+    net.drop = drop
+    c.add("a", pump=False)
+    c.add("b", pump=False)
+    net.advance(5.0)
+    assert len(dropped) == 1
+    assert all(c.path(k).state == P_UP for k in "ab")  # both sessions fine all along
+    assert c.joined() == ["a", "b"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a path is judged only by 'anything received' (estimator.update: now - last_rx >= "
+    "dead_interval); unanswered PINGs do not count. With only one direction lost, the side whose "
+    "sends vanish still hears the peer's PINGs, keeps the path up and keeps sending into the hole "
+    "until the peer's session times out and its PINGs stop: about timeout (+ dead_interval) "
+    "(2.1 s here, about 3 s with the defaults) instead of about dead_interval",
+)
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_one_way_loss_moves_traffic_off_the_path_quickly(pki: Path, direction: str) -> None:
+    net = Net(pki)
+    c = net.client(mode="backup")
+    c.add("a", priority=1, pump=False)
+    c.add("b", priority=0, pump=False)
+    net.run_until(lambda: c.joined() == ["a", "b"], 2.0)
+    net.advance(0.5)
+    if direction == "up":
+        def on_b() -> bool:  # the client still sends upstream on b
+            return [p.key for p in c.core.scheduler.select(up_pkt())] == ["b"]
+    else:
+        sb = net.spath(c, "b")
+
+        def on_b() -> bool:  # the server still sends downstream on b
+            return net.tunnel().scheduler.select(down_pkt()) == [sb]
+    assert on_b()
+    (net.drop_up if direction == "up" else net.drop_down).add("b")
+    t_cut = net.now
+    t_moved = net.run_until(lambda: not on_b(), TIMEOUT + 1.0)
+    assert t_moved - t_cut <= 2 * DEAD
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AttributeError,
+    reason="BUG: ClientCore.receive_datagram keeps handling the records of a datagram after a CLOSE "
+    "made _lost() set slot.path = None: a second CLOSE raises AttributeError at client_core.py "
+    "_on_control (slot.path.close), a CONFIG puts None into the scheduler's paths. The server "
+    "stops at 'if not path.alive: break'",
+)
+@pytest.mark.parametrize("second", ["CLOSE", "CONFIG"])
+def test_records_after_a_close_in_the_same_datagram_are_ignored(pki: Path, second: str) -> None:
+    net, c = one_path(pki)
+    sp = net.spath(c, "a")
+    rec = frames.encode(frames.Close(0, "again")) if second == "CLOSE" else frames.encode(c.core.config)
+    # a datagram may hold several DTLS records; the server only ever sends one, but nothing a
+    # peer sends may raise out of the core
+    d = sp.encrypt(frames.encode(frames.Close(0, "bye")), net.now) + sp.encrypt(rec, net.now)
+    c.core.receive_datagram("a", d, net.now)
+    assert c.core.slots["a"].path is None and c.core.state == C_CONNECTING
+    assert c.core.scheduler.select(up_pkt()) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: ClientCore._forget_tunnel (on CLOSE_UNKNOWN_TUNNEL) unjoins every path but leaves "
+    "state 'up' and emits no TunnelDown when another path still counted as joined; _lost() then "
+    "sees was_joined False for all of them. Status says up while no path carries a tunnel",
+)
+def test_forgotten_tunnel_is_reported_down(pki: Path) -> None:
+    net, c = two_paths(pki)
+    net.advance(0.5)
+    net.restart_server()
+    # before the old sessions time out, an interface change brings a new path: its JOIN is refused
+    c.remove("a")
+    c.add("a2")
+    assert c.evs(events.PathDown)[-1] == events.PathDown("a2", "server closed the path: unknown tunnel")
+    assert c.joined() == [] and c.core.tunnel_id == frames.NEW_TUNNEL
+    assert c.core.state == C_CONNECTING
+    assert c.evs(events.TunnelDown)
+
+
+# -- closing and refusals ---------------------------------------------------------------------------------
 def test_client_close(pki: Path, plain) -> None:
-    lab = Lab(pki).up()
-    lab.client.close(lab.now)
-    lab.pump()
-    assert frames_seen(plain, "server", frames.Close) == [frames.Close(frames.CLOSE_NORMAL, "client shutting down")]
-    assert lab.server.tunnels == {} and lab.server.paths == {}
-    (gone,) = lab.server_events(events.ClientGone)
-    assert gone.name == "alice" and "client shutting down" in gone.reason
-    assert "client closed" in lab.server_events(events.PathDown)[0].reason
-    lab.advance(10)  # a closed client never reconnects
-    assert len(lab.client_events(events.Connecting)) == 1
+    net, c = two_paths(pki)
+    c.core.close(net.now)
+    net.pump()
+    assert frames_seen(plain, "server", frames.Close) == [frames.Close(frames.CLOSE_NORMAL, "client shutting down")] * 2
+    assert net.server.paths == {} and net.tunnel().paths == []
+    downs = net.sev(events.PathDown)
+    assert len(downs) == 2 and all(d.reason == "client closed: client shutting down" for d in downs)
+    assert c.core.state == C_CLOSED
+    t_closed = net.now
+    t_gone = net.run_until(lambda: net.sev(events.ClientGone), LINGER + 0.1)
+    assert t_gone == t_closed + LINGER
+    (gone,) = net.sev(events.ClientGone)
+    assert gone.name == "alice" and gone.reason == "no path for 5 s"
+    net.advance(3)  # a closed client never reconnects
+    assert len(c.evs(events.Connecting)) == 2
+    c.add("c")
+    assert "c" not in c.core.slots
 
 
 def test_same_client_gets_same_address_after_reconnect(pki: Path) -> None:
-    lab = Lab(pki).up()
-    lab.client.close(lab.now)
-    lab.pump()
-    # another client takes the next address meanwhile
-    other = Lab(pki, client="bob")
-    other.server = lab.server
-    other.port = 41000
-    other.up()
-    assert other.client.config.addresses == [ipaddress.IPv4Interface("100.64.0.3/24")]
-    again = Lab(pki)
-    again.server = lab.server
-    again.port = 42000
-    again.up()
-    assert again.client.config.addresses == [FIRST_CLIENT]
+    net, alice = one_path(pki)
+    alice.core.close(net.now)
+    net.pump()
+    bob = net.client("bob")  # another client takes the next address meanwhile
+    bob.add("b")
+    assert bob.core.config.addresses == [ipaddress.IPv4Interface("100.64.0.3/24")]
+    again = net.client()  # a new alice process: HELLO with tunnel id 0 replaces her lingering tunnel
+    again.add("a2")
+    assert again.core.config.addresses == [FIRST_CLIENT]
+    assert net.sev(events.ClientConnected)[-1] == events.ClientConnected(
+        "alice", "100.64.0.2/24", again.addr("a2"), True
+    )
+    (gone,) = net.sev(events.ClientGone)
+    assert gone.name == "alice" and "replaced" in gone.reason
+    assert len(net.server.tunnels) == 2
 
 
-# -- refusals ------------------------------------------------------------------------------------
-def test_unlisted_client_refused(pki: Path, plain) -> None:
-    lab = Lab(pki, allowed={"bob"})
-    lab.client.connect(lab.now)
-    lab.pump()
+def test_new_tunnel_of_the_same_client_replaces_the_old_one(pki: Path, plain) -> None:
+    net, first = two_paths(pki)
+    old = net.tunnel()
+    second = net.client()
+    second.add("x")
     closes = frames_seen(plain, "client", frames.Close)
-    assert [c.code for c in closes] == [frames.CLOSE_REFUSED]
+    assert [c.code for c in closes] == [frames.CLOSE_REPLACED] * 2
+    assert sorted(e.addr for e in first.evs(events.PathDown)) == ["a", "b"]
+    assert len(first.evs(events.TunnelDown)) == 1
+    t = net.tunnel()
+    assert t is not old and t.id == second.core.tunnel_id and [p.addr for p in t.paths] == [second.addr("x")]
+    assert t.address == old.address == FIRST_CLIENT
+    assert net.sev(events.ClientConnected)[-1].replaced is True
+
+
+def test_unlisted_client_refused(pki: Path, plain) -> None:
+    net = Net(pki, allowed={"bob"})
+    c = net.client()
+    c.add("a")
+    closes = frames_seen(plain, "client", frames.Close)
+    assert [f.code for f in closes] == [frames.CLOSE_REFUSED]
     assert "'alice' is not listed" in closes[0].reason
-    (refused,) = lab.server_events(events.Refused)
-    assert refused.addr == lab.client_addr and "not listed" in refused.reason
-    assert not lab.server_events(events.ClientConnected)
-    assert lab.server.tunnels == {} and lab.server.paths == {}
-    assert not lab.client_events(events.TunnelUp)
-    (down,) = lab.client_events(events.PathDown)
+    (refused,) = net.sev(events.Refused)
+    assert refused.addr == c.addr("a") and "not listed" in refused.reason
+    assert not net.sev(events.ClientConnected)
+    assert net.server.tunnels == {} and net.server.paths == {}
+    assert not c.evs(events.TunnelUp)
+    (down,) = c.evs(events.PathDown)
     assert "not listed" in down.reason
-    # refused: retry slowly
-    assert lab.client.get_timer() == pytest.approx(lab.now + BACKOFF_REFUSED)
+    assert c.core.get_timer() == net.now + BACKOFF_REFUSED  # refused: retry slowly
+    # and an unlisted client cannot JOIN either
+    raw = RawClient(net, pki, "alice", key="raw")
+    got = raw.send(frames.encode(frames.Hello(1, bytes([1]) * 16)))
+    assert [f.code for f in got] == [frames.CLOSE_REFUSED]
 
 
 def test_listed_client_accepted(pki: Path) -> None:
-    Lab(pki, allowed={"alice"}).up()
+    net = Net(pki, allowed={"alice"})
+    c = net.client()
+    c.add("a", pump=False)
+    c.add("b", pump=False)
+    net.pump()
+    assert c.joined() == ["a", "b"]
 
 
 def test_client_from_other_ca_refused(pki: Path) -> None:
-    lab = Lab(pki, client="mallory", client_pki=pki / "other")
-    lab.client.connect(lab.now)
-    lab.pump()
-    (refused,) = lab.server_events(events.Refused)
+    net = Net(pki)
+    c = net.client("mallory", client_pki=pki / "other")
+    c.add("a")
+    (refused,) = net.sev(events.Refused)
     assert "unable to get local issuer certificate" in refused.reason
-    assert lab.server.counters["handshakes_failed"] == 1 and lab.server.paths == {}
-    (down,) = lab.client_events(events.PathDown)
+    assert net.server.counters["handshakes_failed"] == 1 and net.server.paths == {}
+    (down,) = c.evs(events.PathDown)
     assert "handshake failed" in down.reason
-    assert lab.client.get_timer() == pytest.approx(lab.now + BACKOFF_MIN)
+    assert c.core.get_timer() == net.now + BACKOFF_MIN
 
 
 def test_server_close(pki: Path, plain) -> None:
-    lab = Lab(pki).up()
-    lab.server.close(lab.now)
-    lab.pump()
+    net, c = two_paths(pki)
+    net.server.close(net.now)
+    net.pump()
     closes = frames_seen(plain, "client", frames.Close)
-    assert len(closes) == 1 and closes[0].reason == "server shutting down"
-    (down,) = lab.client_events(events.TunnelDown)
+    assert closes == [frames.Close(frames.CLOSE_NORMAL, "server shutting down")] * 2
+    assert sorted(e.addr for e in c.evs(events.PathDown)) == ["a", "b"]
+    (down,) = c.evs(events.TunnelDown)
     assert "server shutting down" in down.reason
-    assert lab.server.tunnels == {} and lab.server.paths == {}
-    (gone,) = lab.server_events(events.ClientGone)
+    assert net.server.tunnels == {} and net.server.paths == {}
+    (gone,) = net.sev(events.ClientGone)
     assert gone.reason == "server shutting down"
-    # not a refusal: the client retries after the normal backoff
-    assert lab.client.get_timer() == pytest.approx(lab.now + BACKOFF_MIN)
+    # not a refusal: the paths retry after the normal backoff
+    assert c.core.get_timer() == net.now + BACKOFF_MIN
 
 
-def test_server_close_code_is_normal(pki: Path, plain) -> None:
-    lab = Lab(pki).up()
-    lab.server.close(lab.now)
-    lab.pump()
-    assert [c.code for c in frames_seen(plain, "client", frames.Close)] == [frames.CLOSE_NORMAL]
-
-
-# -- junk and out-of-order control ---------------------------------------------------------
+# -- junk and out-of-order control ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "junk",
     [b"", b"\x17" * 60, b"hello", b"\x15\xfe\xfd" + bytes(10) + b"\x00\x02\x02\x00",
      b"\x16\xfe\xfd" + bytes(10) + b"\x00\x10" + b"\x01" * 16, b"\x16" * 12],
 )
 def test_junk_from_unknown_address(pki: Path, junk: bytes) -> None:
-    lab = Lab(pki)
-    lab.server.receive_datagram(junk, ("203.0.113.9", 9), lab.now)
-    assert lab.server.counters["junk"] == 1
-    assert lab.server.paths == {} and lab.server.datagrams_to_send() == []
-    assert lab.server.next_event() is None
+    net = Net(pki)
+    net.server.receive_datagram(junk, ("203.0.113.9", 9), net.now)
+    assert net.server.counters["junk"] == 1
+    assert net.server.paths == {} and net.server.datagrams_to_send() == []
+    assert net.server.next_event() is None
 
 
 def test_junk_on_a_live_path_is_dropped(pki: Path) -> None:
-    lab = Lab(pki).up()
+    net, c = two_paths(pki)
     for junk in (b"\x17" * 60, b"\x16\xfe\xfd" + bytes(10) + b"\x00\x01\x00", b"x"):
-        lab.server.receive_datagram(junk, lab.client_addr, lab.now)
-        lab.client.receive_datagram(junk, lab.now)
-    assert lab.client.state == C_UP and lab.tunnel().paths[0].state == P_UP
-    pkt = ipv4("100.64.0.2", "100.64.0.1")
-    lab.client.send_packet(pkt, lab.now)
-    lab.pump()
-    assert lab.server.to_tun == [pkt]
+        net.server.receive_datagram(junk, c.addr("a"), net.now)
+        c.core.receive_datagram("a", junk, net.now)
+        c.core.receive_datagram("unknown key", junk, net.now)
+    assert c.core.state == C_UP and all(p.state == P_UP for p in net.tunnel().paths)
+    pkt = up_pkt()
+    c.send_up(pkt)
+    net.pump()
+    assert net.server.to_tun == [pkt]
 
 
 def test_empty_datagram_on_a_live_path(pki: Path) -> None:
-    lab = Lab(pki).up()
-    lab.server.receive_datagram(b"", lab.client_addr, lab.now)
-    lab.client.receive_datagram(b"", lab.now)
-    assert lab.client.state == C_UP
+    net, c = one_path(pki)
+    net.server.receive_datagram(b"", c.addr("a"), net.now)
+    c.core.receive_datagram("a", b"", net.now)
+    assert c.core.state == C_UP
 
 
-def _handshake_only(lab: Lab) -> list[bytes]:
-    """Run the DTLS handshake; return the client's HELLO datagram(s), not yet delivered."""
-    c, s = lab.client, lab.server
-    c.connect(lab.now)
+def _handshake_only(net: Net, c: Client) -> list[bytes]:
+    """Run the DTLS handshake of path "a"; return the client's HELLO datagram(s), not yet delivered."""
+    c.add("a", pump=False)
     for _ in range(10):
-        out = c.datagrams_to_send()
-        if c.state == C_HELLO_SENT:
-            return out
-        for d in out:
-            s.receive_datagram(d, lab.client_addr, lab.now)
-        for d, _ in s.datagrams_to_send():
-            c.receive_datagram(d, lab.now)
+        out = c.core.datagrams_to_send()
+        if c.core.slots["a"].hello_sent:
+            return [d for _, d in out]
+        for _, d in out:
+            net.server.receive_datagram(d, c.addr("a"), net.now)
+        for _, d in net.server.datagrams_to_send():
+            c.core.receive_datagram("a", d, net.now)
+        c.drain()
     raise AssertionError("handshake did not finish")
 
 
 def test_data_and_config_before_hello_ignored(pki: Path) -> None:
-    lab = Lab(pki)
-    hello = _handshake_only(lab)
-    s, path = lab.server, lab.client.path
-    pkt = ipv4("100.64.0.2", "100.64.0.1")
+    net = Net(pki)
+    c = net.client()
+    hello = _handshake_only(net, c)
+    s, path = net.server, c.path("a")
+    pkt = up_pkt()
     early = [
         frames.encode_data(1, pkt),
         frames.encode(frames.Config(bytes(16), [FIRST_CLIENT], 1400, 1000, 5000)),
@@ -569,185 +1392,132 @@ def test_data_and_config_before_hello_ignored(pki: Path) -> None:
         b"\x07garbage",
     ]
     for rec in early:
-        s.receive_datagram(path.encrypt(rec, lab.now), lab.client_addr, lab.now)
+        s.receive_datagram(path.encrypt(rec, net.now), c.addr("a"), net.now)
     assert s.to_tun == [] and s.tunnels == {}
     (spath,) = s.paths.values()
     assert spath.state == P_UP and spath.malformed == 3  # DATA, CONFIG, unknown type
     for d in hello:
-        s.receive_datagram(d, lab.client_addr, lab.now)
-    for d, _ in s.datagrams_to_send():
-        lab.client.receive_datagram(d, lab.now)
-    assert lab.client.state == C_UP and len(s.tunnels) == 1
+        s.receive_datagram(d, c.addr("a"), net.now)
+    for _, d in s.datagrams_to_send():
+        c.core.receive_datagram("a", d, net.now)
+    assert c.core.state == C_UP and len(s.tunnels) == 1
     assert s.to_tun == []  # the early DATA was not delivered later either
 
 
 def test_data_before_config_ignored_by_client(pki: Path) -> None:
-    lab = Lab(pki)
-    hello = _handshake_only(lab)
-    s, c = lab.server, lab.client
+    net = Net(pki)
+    c = net.client()
+    hello = _handshake_only(net, c)
+    s, core = net.server, c.core
     for d in hello:
-        s.receive_datagram(d, lab.client_addr, lab.now)
+        s.receive_datagram(d, c.addr("a"), net.now)
     config = s.datagrams_to_send()  # held back
-    spath = s.paths[lab.client_addr]
+    spath = s.paths[c.addr("a")]
     early = ipv4("100.64.0.1", "100.64.0.2", b"early")
-    c.receive_datagram(spath.encrypt(frames.encode_data(1, early), lab.now), lab.now)
-    c.receive_datagram(spath.encrypt(frames.encode(frames.Hello()), lab.now), lab.now)
-    assert c.to_tun == [] and c.state == C_HELLO_SENT and c.malformed == 2
-    for d, _ in config:
-        c.receive_datagram(d, lab.now)
-    assert c.state == C_UP
+    core.receive_datagram("a", spath.encrypt(frames.encode_data(1, early), net.now), net.now)
+    core.receive_datagram("a", spath.encrypt(frames.encode(frames.Hello()), net.now), net.now)
+    assert core.to_tun == [] and core.state == C_CONNECTING and core.malformed == 2
+    for _, d in config:
+        core.receive_datagram("a", d, net.now)
+    assert core.state == C_UP
     late = ipv4("100.64.0.1", "100.64.0.2", b"late")
-    s.send_packet(late, lab.now)
-    for d, _ in s.datagrams_to_send():
-        c.receive_datagram(d, lab.now)
-    assert c.to_tun == [late]
+    s.send_packet(late, net.now)
+    for _, d in s.datagrams_to_send():
+        core.receive_datagram("a", d, net.now)
+    assert core.to_tun == [late]
 
 
-# -- HELLO handling, seen from a bare DTLS client ------------------------------------------
-class RawClient:
-    """A DTLS session without ClientCore, to send the server arbitrary frames."""
-
-    def __init__(self, lab: Lab, pki: Path, name: str = "alice", port: int = 45000):
-        self.lab, self.addr = lab, (CLIENT_IP, port)
-        ctx = make_context("client", pki / f"{name}.crt", pki / f"{name}.key", pki / "ca.crt", "srv")
-        self.dtls = DtlsSession.client(ctx, DGRAM_MTU, lab.now)
-        self.frames: list = []
-        for _ in range(10):
-            self._exchange(self.dtls.datagrams_to_send())
-            if self.dtls.state == ESTABLISHED:
-                break
-        assert self.dtls.state == ESTABLISHED
-
-    def _exchange(self, out: list[bytes]) -> None:
-        for d in out:
-            self.lab.server.receive_datagram(d, self.addr, self.lab.now)
-        for d, addr in self.lab.server.datagrams_to_send():
-            assert addr == self.addr
-            for rec in self.dtls.receive_datagram(d, self.lab.now):
-                self.frames.append(frames.parse(rec))
-
-    def send(self, *records: bytes) -> list:
-        before = len(self.frames)
-        self._exchange([self.dtls.send(r) for r in records])
-        return self.frames[before:]
-
-
+# -- HELLO handling, seen from a bare DTLS client ---------------------------------------------------------
 def test_hello_wrong_version_refused(pki: Path) -> None:
-    lab = Lab(pki)
-    raw = RawClient(lab, pki)
+    net = Net(pki)
+    raw = RawClient(net, pki)
     got = raw.send(frames.encode(frames.Hello(2, frames.NEW_TUNNEL)))
     assert [(type(f), f.code) for f in got] == [(frames.Close, frames.CLOSE_VERSION)]
     assert "version 2" in got[0].reason
-    assert lab.server.tunnels == {} and lab.server.paths == {}
-    assert lab.server.next_event() is not None  # PathUp
-    assert isinstance(lab.server.next_event(), events.Refused)
-
-
-def test_join_is_not_accepted_yet(pki: Path) -> None:
-    lab = Lab(pki).up()
-    raw = RawClient(lab, pki, "alice")
-    got = raw.send(frames.encode(frames.Hello(1, lab.client.tunnel_id)))  # JOIN of a live tunnel
-    assert [(type(f), f.code, f.reason) for f in got] == [(frames.Close, frames.CLOSE_REFUSED, "unknown tunnel")]
-    assert len(lab.server.tunnels) == 1 and lab.tunnel().paths[0].addr == lab.client_addr
+    assert net.server.tunnels == {} and net.server.paths == {}
+    assert [type(e) for _, e in net.sevents] == [events.PathUp, events.Refused]
 
 
 def test_second_hello_on_a_path_is_a_protocol_error(pki: Path) -> None:
-    lab = Lab(pki)
-    raw = RawClient(lab, pki)
+    net = Net(pki)
+    raw = RawClient(net, pki)
     got = raw.send(frames.encode(frames.Hello()))
     assert [type(f) for f in got] == [frames.Config]
-    got = raw.send(frames.encode(frames.Hello()))
+    got = raw.send(frames.encode(frames.Hello(1, got[0].tunnel_id)))  # not even as a JOIN
     assert [(type(f), f.code) for f in got] == [(frames.Close, frames.CLOSE_PROTOCOL)]
-    assert raw.addr not in lab.server.paths
+    assert raw.addr not in net.server.paths
 
 
 def test_server_answers_ping_before_hello(pki: Path) -> None:
-    lab = Lab(pki)
-    raw = RawClient(lab, pki)
-    assert raw.send(frames.encode(frames.Ping(42))) == [frames.Pong(42)]
-    assert raw.send(b"\x04\x01") == []  # a truncated PING is malformed, not answered
-    assert lab.server.paths[raw.addr].malformed == 1
+    net = Net(pki)
+    raw = RawClient(net, pki)
+    # the PONG carries the server's receive counters for the path: 1 record (the PING), 9 bytes
+    assert raw.send(frames.encode(frames.Ping(42))) == [frames.Pong(42, 1, 9)]
+    assert raw.send(b"\x04\x01") == []  # a truncated PING is malformed, not answered (but counted)
+    assert net.server.paths[raw.addr].malformed == 1
+    assert raw.send(frames.encode(frames.Ping(43))) == [frames.Pong(43, 3, 20)]
 
 
-def test_server_answers_close_by_dropping_the_tunnel(pki: Path) -> None:
-    lab = Lab(pki)
-    raw = RawClient(lab, pki)
+def test_server_answers_close_by_dropping_the_path(pki: Path) -> None:
+    net = Net(pki)
+    raw = RawClient(net, pki)
     raw.send(frames.encode(frames.Hello()))
-    assert len(lab.server.tunnels) == 1
+    assert len(net.server.tunnels) == 1
     raw.send(frames.encode(frames.Close(frames.CLOSE_NORMAL, "bye")))
-    assert lab.server.tunnels == {} and lab.server.paths == {}
+    assert net.server.paths == {} and net.tunnel().paths == []
+    assert net.sev(events.PathDown) == [events.PathDown(raw.addr, "client closed: bye")]
+    net.advance(LINGER)
+    assert net.server.tunnels == {}
 
 
 def test_half_open_handshake_times_out(pki: Path) -> None:
-    lab = Lab(pki)
-    lab.client.connect(lab.now)
+    net = Net(pki)
+    c = net.client()
+    c.add("a", pump=False)
     # deliver the ClientHellos, never the client's last flight
     for _ in range(2):
-        for d in lab.client.datagrams_to_send():
-            lab.server.receive_datagram(d, lab.client_addr, lab.now)
-        for d, _ in lab.server.datagrams_to_send():
-            lab.client.receive_datagram(d, lab.now)
-    assert list(lab.server.paths) == [lab.client_addr]
-    lab.drop_c2s = True
-    lab.advance(HANDSHAKE_TIMEOUT + 2 * STEP)
-    assert lab.server.paths == {}
-    assert lab.server.counters["handshakes_failed"] == 1
-    assert [e.reason for e in lab.server_events(events.Refused)] == ["handshake timed out"]
+        for _, d in c.core.datagrams_to_send():
+            net.server.receive_datagram(d, c.addr("a"), net.now)
+        for _, d in net.server.datagrams_to_send():
+            c.core.receive_datagram("a", d, net.now)
+    assert list(net.server.paths) == [c.addr("a")]
+    net.drop_up.add("a")
+    net.advance(HANDSHAKE_TIMEOUT + 2 * STEP)
+    assert net.server.paths == {}
+    assert net.server.counters["handshakes_failed"] == 1
+    assert [e.reason for e in net.sev(events.Refused)] == ["handshake timed out"]
 
 
-# -- several clients, server restart, pool exhaustion -------------------------------------
-def _second_client(lab: Lab, pki: Path, name: str, port: int) -> Lab:
-    other = Lab(pki, client=name)
-    other.server = lab.server
-    other.port = port
-    return other.up()
-
-
+# -- several clients, pool exhaustion -------------------------------------------------------------------------
 def test_two_clients_routed_by_inner_address(pki: Path) -> None:
-    a = Lab(pki).up()
-    b = _second_client(a, pki, "bob", 41000)
-    assert b.client.config.addresses == [ipaddress.IPv4Interface("100.64.0.3/24")]
-    assert len(a.server.tunnels) == 2
-    to_a, to_b = ipv4("100.64.0.1", "100.64.0.2", b"a"), ipv4("100.64.0.1", "100.64.0.3", b"b")
-    a.server.send_packet(to_b, a.now)
-    a.server.send_packet(to_a, a.now)
-    out = a.server.datagrams_to_send()
-    assert sorted(addr for _, addr in out) == sorted([a.client_addr, b.client_addr])
-    for d, addr in out:
-        (a if addr == a.client_addr else b).client.receive_datagram(d, a.now)
-    assert a.client.to_tun == [to_a] and b.client.to_tun == [to_b]
+    net, a = two_paths(pki)
+    b = net.client("bob")
+    b.add("bob-1")
+    assert b.core.config.addresses == [ipaddress.IPv4Interface("100.64.0.3/24")]
+    assert len(net.server.tunnels) == 2
+    to_a, to_b = down_pkt(1), down_pkt(2, dst="100.64.0.3")
+    assert net.send_down(to_b) == ["bob-1"]
+    assert sorted(net.send_down(to_a)) == ["a", "b"]
+    net.pump()
+    assert a.core.to_tun == [to_a] and b.core.to_tun == [to_b]
     # bob cannot send with alice's source address
-    b.client.send_packet(ipv4("100.64.0.2", "100.64.0.1"), b.now)
-    b.pump()
-    assert a.server.to_tun == [] and a.server.by_name["bob"].spoofed == 1
-    assert a.server.by_name["alice"].spoofed == 0
+    b.send_up(up_pkt())
+    net.pump()
+    assert net.server.to_tun == [] and net.server.by_name["bob"].spoofed == 1
+    assert net.server.by_name["alice"].spoofed == 0
 
 
 def test_pool_exhausted_refuses_next_client(pki: Path, plain) -> None:
-    a = Lab(pki, pool=AddressPool(ipaddress.IPv4Interface("100.64.0.1/30"))).up()
-    b = Lab(pki, client="bob")
-    b.server, b.port = a.server, 41000
-    b.client.connect(b.now)
-    b.pump()
-    assert b.client.state != C_UP
-    closes = [c for c in frames_seen(plain, "client", frames.Close)]
-    assert [c.code for c in closes] == [frames.CLOSE_REFUSED] and "exhausted" in closes[0].reason
-    assert list(a.server.by_name) == ["alice"]
-    assert b.client.get_timer() == pytest.approx(b.now + BACKOFF_REFUSED)
-
-
-def test_server_restart_client_reconnects(pki: Path) -> None:
-    lab = Lab(pki).up()
-    t_up = lab.now
-    # the server process restarts: all state gone, same address
-    fresh = Lab(pki).server
-    lab.server = fresh
-    lab.client.send_packet(ipv4("100.64.0.2", "100.64.0.1"), lab.now)
-    lab.pump()
-    assert fresh.counters["junk"] == 1 and fresh.paths == {}  # an old-session record from nobody
-    lab.advance(TIMEOUT + BACKOFF_MIN + 3 * STEP)
-    assert lab.client_events(events.TunnelDown)
-    assert lab.first_time(lab.cevents, events.TunnelDown) <= t_up + TIMEOUT + STEP + 1e-6
-    assert lab.client.state == C_UP
-    assert lab.client.config.addresses == [FIRST_CLIENT]
-    assert lab.server_events(events.ClientConnected)[-1].replaced is False
+    net = Net(pki, pool=AddressPool(ipaddress.IPv4Interface("100.64.0.1/30")))
+    a = net.client()
+    a.add("a")
+    b = net.client("bob")
+    b.add("b")
+    assert b.core.state != C_UP
+    closes = frames_seen(plain, "client", frames.Close)
+    assert [f.code for f in closes] == [frames.CLOSE_REFUSED] and "exhausted" in closes[0].reason
+    assert list(net.server.by_name) == ["alice"]
+    assert b.core.get_timer() == net.now + BACKOFF_REFUSED
+    # alice's second path JOINs: a JOIN needs no new address
+    a.add("a2")
+    assert a.joined() == ["a", "a2"]

@@ -116,16 +116,6 @@ def test_hello_without_the_multipath_fields_is_truncated() -> None:
             frames.parse(b"\x01\x01" + bytes(16) + tail)
 
 
-def test_hello_mode_numbers_follow_scheduler_modes() -> None:
-    from tunnel.client_core import ClientCore
-    from tunnel.scheduler import MODES
-
-    assert MODES == ("duplicate", "redundant", "lowest-rtt", "balance", "backup")
-    # HELLO mode 0 means "the server's choice"; 1.. are MODES in order
-    for i, mode in enumerate(MODES, start=1):
-        assert ClientCore(None, mode=mode).hello_mode == i
-
-
 def test_config_wire_format() -> None:
     expected = (
         v(CONFIG)

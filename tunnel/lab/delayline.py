@@ -39,26 +39,29 @@ reading; without one the schedule starts when the process starts.
 
 Control: JSON lines on stdin, one JSON reply line each on stdout::
 
-    {"cmd": "configure", "lines": {NAME: LINE, ...}, "schedule_start": T, "seed": S}
+    {"cmd": "configure", "lines": {NAME: LINE, ...}, "schedule_start": T}
     {"cmd": "stats", "reset": false}
 
 ``configure`` replaces the set of lines: new names get a TUN, missing ones
 lose theirs (queued packets are discarded), existing ones keep their TUN and
-queue and take the new settings.  ``schedule_start`` and ``seed`` are optional.
+queue and take the new settings.  ``schedule_start`` is optional.
 LINE is ``{"tun": "dl0u", "delay_ms": 20, "jitter_ms": 0, "reorder": 0,
 "reorder_gap_ms": 10, "burst": null or {"p_good_to_bad": .., "p_bad_to_good": ..,
 "loss_in_bad": 1, "loss_in_good": 0}, "outages": [[t1, t2], ...]}``.
-The TUNs are created down and without address; whoever routes into them
-brings them up.
+The TUNs are created down, without address and with IPv6 off; whoever
+routes into them brings them up.
 
 Counters per line: packets in, out, dropped by cause (``outage``, ``burst``,
-``queue`` = over ``max_queue``, ``write`` = the TUN refused it), held back,
-currently queued, and the lateness (actual release - due time) in ms: max,
-mean, p50, p99 (10 us buckets).  On SIGTERM or SIGINT the process prints
+``queue`` = already MAX_QUEUE packets held, ``write`` = the TUN refused it),
+held back, currently queued, and the lateness (actual release - due time) in
+ms: max, mean, p50, p99 (10 us buckets).  Arrival is when the process reads
+the packet, so time spent in the TUN's kernel queue before that (under
+overload) does not show as lateness; an end-to-end probe sees it.  On SIGTERM or SIGINT the process prints
 ``{"stats": {...}}`` as its last stdout line (and to ``--stats FILE``).
 
 Run it in the router namespace: ``python -m tunnel.lab.delayline
-[--config FILE] [--stats FILE]``, FILE holding a ``configure`` message.
+[--config FILE] [--stats FILE] [--seed N]``, the config FILE holding a
+``configure`` message.
 """
 from __future__ import annotations
 
@@ -196,7 +199,7 @@ class Line:
         self._outages = tuple((schedule_start + a, schedule_start + b) for a, b in settings.outages)
 
     def in_outage(self, t: float) -> bool:
-        return any(a <= t < b for a, b in self._outages)
+        return bool(self._outages) and any(a <= t < b for a, b in self._outages)
 
     def queued(self) -> int:
         return len(self.fifo) + len(self.held)
@@ -222,7 +225,8 @@ class Line:
             self.stats.dropped[cause] += 1
             return
         s = self.settings
-        due = now + max(0.0, s.delay_ms + self.rng.uniform(-s.jitter_ms, s.jitter_ms)) / 1e3
+        delay = s.delay_ms + self.rng.uniform(-s.jitter_ms, s.jitter_ms) if s.jitter_ms else s.delay_ms
+        due = now + max(0.0, delay) / 1e3
         if s.reorder and self.rng.random() < s.reorder:
             self.stats.held_back += 1
             heapq.heappush(self.held, (due + s.reorder_gap_ms / 1e3, self.stats.received, packet))
@@ -281,21 +285,19 @@ class Stop(Exception):
 class DelayLine:
     """The lines, the control channel and the select loop."""
 
-    def __init__(self, control_in: Optional[int] = 0, control_out: int = 1) -> None:
+    def __init__(self, control_in: Optional[int] = 0, control_out: int = 1,
+                 seed: Optional[int] = None) -> None:
         self.lines: dict[str, Line] = {}
         self.schedule_start = time.monotonic()
-        self.rng = random.Random()
+        self.rng = random.Random(seed)
         self.control_in = control_in
         self.control_out = control_out
         self._control_buf = b""
 
     # -- control --------------------------------------------------------
-    def configure(self, lines: dict[str, dict[str, Any]], schedule_start: Optional[float] = None,
-                  seed: Optional[int] = None) -> None:
+    def configure(self, lines: dict[str, dict[str, Any]], schedule_start: Optional[float] = None) -> None:
         if schedule_start is not None:
             self.schedule_start = float(schedule_start)
-        if seed is not None:
-            self.rng.seed(seed)
         wanted = {name: LineSettings.from_json(obj) for name, obj in lines.items()}
         for name in list(self.lines):
             if name not in wanted or wanted[name].tun != self.lines[name].settings.tun:
@@ -317,7 +319,7 @@ class DelayLine:
         try:
             cmd = msg.get("cmd")
             if cmd == "configure":
-                self.configure(msg.get("lines", {}), msg.get("schedule_start"), msg.get("seed"))
+                self.configure(msg.get("lines", {}), msg.get("schedule_start"))
                 return {"ok": True, "lines": sorted(self.lines),
                         "schedule_start": self.schedule_start}
             if cmd == "stats":
@@ -400,27 +402,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      description="user-space delay line over TUN devices")
     parser.add_argument("--config", help="JSON file holding a 'configure' message")
     parser.add_argument("--stats", help="also write the final counters to this file")
+    parser.add_argument("--seed", type=int, help="seed of the random choices (default: random)")
     args = parser.parse_args(argv)
     _precise_timers()
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
-    line = DelayLine()
+    delay_line = DelayLine(seed=args.seed)
     try:
         if args.config:
             with open(args.config) as f:
-                reply = line.handle(json.load(f))
+                reply = delay_line.handle(json.load(f))
             if not reply["ok"]:
                 print(reply["error"], file=sys.stderr)
                 return 1
-        line.reply({"ok": True, "ready": True})
-        line.run()
+        delay_line.reply({"ok": True, "ready": True})
+        delay_line.run()
     except Stop:
         pass
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the report
-        final = {"stats": line.stats()}
-        line.close()
-        line.reply(final)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the report
+            signal.signal(sig, signal.SIG_IGN)
+        final = {"stats": delay_line.stats()}
+        delay_line.close()
+        delay_line.reply(final)
         if args.stats:
             with open(args.stats, "w") as f:
                 json.dump(final, f)

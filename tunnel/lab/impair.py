@@ -59,7 +59,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -163,9 +163,11 @@ def _ignoring(codes: Iterable[int], fn: Any, *args: Any, **kw: Any) -> None:
 class DelayLineProcess:
     """The delay line running in a namespace, driven over its stdin/stdout."""
 
-    def __init__(self, host: Host, timeout: float = 15.0) -> None:
-        self.proc = host.popen([sys.executable, "-m", "tunnel.lab.delayline"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    def __init__(self, host: Host, seed: Optional[int] = None, timeout: float = 15.0) -> None:
+        argv = [sys.executable, "-m", "tunnel.lab.delayline"]
+        if seed is not None:
+            argv += ["--seed", str(seed)]
+        self.proc = host.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._buf = b""
         self._read_reply(timeout)  # {"ok": true, "ready": true}
 
@@ -283,14 +285,14 @@ class Impairments:
 
     def clear(self) -> None:
         """Remove every impairment and blackhole and stop the delay line."""
-        self._plan = {}
-        self._blackholes = set()
-        if self.router.netns not in {h.netns for h in self.topo.lab.hosts.values()}:
-            return  # the lab is closed: everything died with the namespace
-        self._sync()
-        if self._delay_line is not None:
-            self._delay_line.stop()
-            self._delay_line = None
+        self._plan, self._blackholes = {}, set()
+        if self.topo.lab.hosts.get(self.router.name) is self.router:
+            self._sync()
+            if self._delay_line is not None:
+                self._delay_line.stop()
+        else:  # the lab is closed: all of it died with the router namespace
+            self._routed, self._rate_specs, self._htb = set(), {}, False
+        self._delay_line = None
 
     # -- reconciliation ----------------------------------------------------
     def _sync(self) -> None:
@@ -300,22 +302,37 @@ class Impairments:
 
     def _sync_delay_line(self) -> None:
         wanted = {k for k, imp in self._plan.items() if imp.needs_delay_line()}
+        exit_code = self._reap_delay_line()
         with self.router.ipr() as ipr:
             for key in self._routed - wanted:  # stop routing into TUNs before they go
                 self._unroute(ipr, key)
+        if exit_code is not None and wanted:
+            raise RuntimeError(f"the delay line had exited ({exit_code}); its paths were dropping"
+                               " everything (clear() to start over)")
         if wanted and self._delay_line is None:
-            self._delay_line = DelayLineProcess(self.router)
+            self._delay_line = DelayLineProcess(self.router, self.seed)
         if self._delay_line is not None:
             self._configure_delay_line(wanted)
         with self.router.ipr() as ipr:
             for key in wanted - self._routed:
                 self._route(ipr, key)
 
+    def _reap_delay_line(self) -> Optional[int]:
+        """If the delay line died, forget it and its routes and return its exit code."""
+        if self._delay_line is None or self._delay_line.proc.poll() is None:
+            return None
+        code = self._delay_line.proc.returncode
+        self._delay_line = None
+        with self.router.ipr() as ipr:
+            for key in list(self._routed):
+                self._unroute(ipr, key)
+        return code
+
     def _configure_delay_line(self, keys: Iterable[Key]) -> None:
         assert self._delay_line is not None
         lines = {_line_name(k): self._plan[k].line_settings(tun_name(*k)).to_json() for k in keys}
         self._delay_line.request({"cmd": "configure", "lines": lines,
-                                  "schedule_start": self.schedule_start, "seed": self.seed})
+                                  "schedule_start": self.schedule_start})
 
     def _rule(self, key: Key) -> dict[str, Any]:
         """The policy rule sending one direction of one path into the delay line."""
@@ -351,6 +368,10 @@ class Impairments:
             for key in set(self._rate_specs) | set(wanted):
                 if self._rate_specs.get(key) != wanted.get(key):
                     self._set_rate(ipr, key, wanted.get(key))
+            if self._htb and not any(d == "up" for _, d in self._rate_specs):
+                index = ipr.link_lookup(ifname=self.topo.router_server_ifname)[0]
+                ipr.tc("del", index=index, parent=TC_H_ROOT)
+                self._htb = False
 
     def _set_rate(self, ipr: Any, key: Key, spec: Optional[tuple[float, float]]) -> None:
         """Install, change or (``spec`` None) remove the tbf of one direction of a path."""
@@ -436,3 +457,145 @@ def _tbf_params(rate_mbit: float, queue_ms: float, mtu: int) -> dict[str, int]:
     rate = int(rate_mbit * 1e6 / 8)  # bytes per second
     burst = max(4 * (mtu + 14), int(rate * 0.002))
     return {"rate": rate, "burst": burst, "limit": burst + int(rate * queue_ms / 1e3)}
+
+
+# --------------------------------------------------------------------------
+# Measurements for docs/LAB.md: python -m tunnel.lab.impair measure
+# --------------------------------------------------------------------------
+
+ECHO_PORT = 7007
+IPERF_PORT = 5201
+LOAD_DELAY_MS = 10.0  # the delay under which the packet-rate sweep runs
+LOAD_SIZE = 100  # UDP payload bytes of the load
+PROBE_RATE = 100.0  # echo probes per second beside the load
+Figures = dict[str, float]
+
+
+def _percentiles(values: Sequence[float]) -> Figures:
+    ordered = sorted(values)
+    at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50": at(0.5), "p99": at(0.99), "max": ordered[-1]}
+
+
+def _probe_rtts(topo: MultipathTopology, count: int, rate: float) -> list[float]:
+    argv = probe_argv(topo.server_addr, ECHO_PORT, count, rate,
+                      device=topo.paths[0].client_ifname, grace=0.5)
+    return rtts_ms(json.loads(topo.client.run(argv, timeout=count / rate + 30).stdout))
+
+
+def wakeup_lateness(seconds: float, interval: float = 0.005) -> Figures:
+    """How late a bare select() wakes up here (ms): the floor under any delay line."""
+    late = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        due = time.monotonic() + interval
+        select.select([], [], [], interval)
+        late.append((time.monotonic() - due) * 1e3)
+    return _percentiles(late)
+
+
+def overhead_rtts(topo: MultipathTopology, imp: Impairments, seconds: float) -> dict[str, Figures]:
+    """RTT (ms) of path 0 routed plainly, then through the delay line at zero impairment."""
+    out = {}
+    for name, impairment in (("plain", NO_IMPAIRMENT), ("delay line", Impairment(force_delay_line=True))):
+        imp.set(0, impairment)
+        out[name] = _percentiles(_probe_rtts(topo, int(seconds * 200), 200.0))
+    imp.clear()
+    return out
+
+
+def loaded_delay(topo: MultipathTopology, imp: Impairments, pps: int, seconds: float) -> dict[str, Any]:
+    """UDP load at ``pps`` upstream through a 10 ms delay line, an echo probe beside it.
+
+    Reports the delay line's lateness and the probe's RTT minus the 10 ms;
+    the probe also sees time spent queued in the TUN before the delay line
+    reads a packet, which its lateness counter cannot.
+    """
+    imp.set(0, Impairment(delay_ms=LOAD_DELAY_MS), "up")
+    imp.stats(reset=True)
+    load = topo.client.popen(["iperf3", "-c", topo.server_addr, "-p", str(IPERF_PORT), "-u",
+                              "-l", str(LOAD_SIZE), "-b", str(pps * LOAD_SIZE * 8), "-t", str(seconds),
+                              "--bind-dev", topo.paths[0].client_ifname, "-J"],
+                             stdout=subprocess.PIPE)
+    rtts = _probe_rtts(topo, int((seconds - 1.0) * PROBE_RATE), PROBE_RATE)
+    out, _ = load.communicate(timeout=seconds + 30)
+    lateness = imp.stats()[(0, "up")]["lateness_ms"]
+    received = json.loads(out)["end"]["sum_received"]
+    return {"delivered": (received["packets"] - received["lost_packets"]) / received["seconds"],
+            "lost %": received["lost_percent"],
+            "lateness p50": lateness["p50"], "lateness p99": lateness["p99"],
+            "RTT-10 p50": _percentiles(rtts)["p50"] - LOAD_DELAY_MS,
+            "RTT-10 p99": _percentiles(rtts)["p99"] - LOAD_DELAY_MS}
+
+
+def measure(rounds: int, seconds: float, rates: Sequence[int]) -> dict[str, Any]:
+    """All figures of docs/LAB.md, round by round (each round measures everything once).
+
+    Returns ``{"wakeup": [...], "overhead": [...], "load": {pps: [...]}}``,
+    one entry per round.
+    """
+    results: dict[str, Any] = {"wakeup": [], "overhead": [], "load": {pps: [] for pps in rates}}
+    with Lab(unique_prefix("measure")) as lab:
+        topo = MultipathTopology(lab, n_paths=1)
+        topo.server.popen(echo_server_argv(ECHO_PORT))
+        topo.server.popen(["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+        wait_for(lambda: topo.server.is_listening(ECHO_PORT, udp=True)
+                 and topo.server.is_listening(IPERF_PORT), 10, message="servers did not start")
+        with Impairments(topo) as imp:
+            for _ in range(rounds):
+                results["wakeup"].append(wakeup_lateness(min(seconds, 2.0)))
+                results["overhead"].append(overhead_rtts(topo, imp, seconds))
+                for pps in rates:
+                    results["load"][pps].append(loaded_delay(topo, imp, pps, seconds))
+                imp.clear()
+    return results
+
+
+def _cell(values: Sequence[float], fmt: str = ".2f") -> str:
+    """Median of the rounds, (min-max) when there are several."""
+    med = statistics.median(values)
+    if len(values) == 1:
+        return format(med, fmt)
+    return f"{med:{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+
+
+def render(results: dict[str, Any]) -> str:
+    """The figures as Markdown tables: median of the rounds (min–max)."""
+    rows = ["| ms | p50 | p99 | max |", "|---|--:|--:|--:|"]
+    lines = [("bare `select()` wake-up lateness", results["wakeup"])]
+    lines += [(f"RTT, {name}", [r[name] for r in results["overhead"]])
+              for name in results["overhead"][0]]
+    for label, per_round in lines:
+        rows.append(f"| {label} | " + " | ".join(
+            _cell([r[k] for r in per_round], ".3f") for k in ("p50", "p99", "max")) + " |")
+    keys = list(next(iter(results["load"].values()))[0])
+    rows += ["", "| load (packets/s) | " + " | ".join(keys) + " |",
+             "|--:|" + "--:|" * len(keys)]
+    for pps, per_round in results["load"].items():
+        rows.append(f"| {int(pps):,} | " + " | ".join(
+            _cell([r[k] for r in per_round], ",.0f" if k == "delivered" else ".2f") for k in keys)
+            + " |")
+    return "\n".join(rows)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tunnel.lab.impair")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure", help="measure the delay line (figures of docs/LAB.md)")
+    m.add_argument("--rounds", type=int, default=3)
+    m.add_argument("--seconds", type=float, default=4.0, help="per figure and round")
+    m.add_argument("--rates", default="1000,5000,10000,20000,40000,60000",
+                   help="load levels in packets/s, comma-separated")
+    m.add_argument("--json", help="also write the raw results to this file")
+    args = parser.parse_args(argv)
+    results = measure(args.rounds, args.seconds, [int(r) for r in args.rates.split(",")])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    print(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
