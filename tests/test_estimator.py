@@ -152,8 +152,12 @@ def test_delivery_rate() -> None:
 
 # -- up -> down -> up -------------------------------------------------------------------
 def test_down_after_dead_interval_exactly() -> None:
+    """Down once no PONG came for the dead interval (no RTT measured yet: the configured one)."""
     est = PathEstimator(T0, PROBE, DEAD)
-    est.on_receive(T0 + 1)
+    est.on_probe_sent(1, T0 + 1 - 1 / 64, 1)
+    est.on_pong(1, T0 + 1, 1, 0)
+    est.srtt, est.rttvar = 0.0, 0.0  # a zero RTT: the dead interval is exactly DEAD
+    est.on_receive(T0 + 1.5)  # the peer's own traffic does not prove our direction
     assert est.update(T0 + 1 + DEAD - 1 / 64) == UP
     assert est.update(T0 + 1 + DEAD - 1e-9) == UP
     assert est.changes == 0
@@ -317,11 +321,23 @@ def test_probe_due_and_next_timer() -> None:
     est.on_probe_sent(1, T0, 1)
     assert not est.probe_due(T0 + PROBE - 1 / 64) and est.probe_due(T0 + PROBE)
     assert est.next_timer() == T0 + PROBE
-    est.on_receive(T0 + 0.0625)
+    est.on_pong(1, T0 + 0.0625, 1, 0)
+    est.srtt, est.rttvar = 0.0, 0.0  # keep the dead interval at DEAD for exact arithmetic
     est.on_probe_sent(2, T0 + PROBE, 2)
     est.on_probe_sent(3, T0 + 2 * PROBE, 3)
-    # nothing received since T0 + 1/16: the dead timer comes before the next probe
+    # no PONG since T0 + 1/16: the dead timer comes before the next probe
     est.on_probe_sent(4, T0 + 3 * PROBE, 4)
     assert est.next_timer() == min(T0 + 4 * PROBE, T0 + 0.0625 + DEAD) == T0 + 0.0625 + DEAD
-    est.on_receive(T0 + 3 * PROBE)
+    est.on_pong(4, T0 + 3 * PROBE, 4, 0)
+    est.srtt, est.rttvar = 0.0, 0.0
     assert est.next_timer() == T0 + 4 * PROBE
+
+
+def test_dead_interval_stretches_with_the_rtt() -> None:
+    """A slow link is not declared dead while its answers are on their way."""
+    est = PathEstimator(T0, PROBE, DEAD)
+    est.on_probe_sent(1, T0, 1)
+    est.on_pong(1, T0 + 0.6, 1, 0)  # a 600 ms RTT (satellite)
+    assert est.effective_dead_interval == pytest.approx(0.6 + 4 * 0.3 + PROBE)
+    assert est.update(T0 + 0.6 + 1.0) == UP
+    assert est.update(T0 + 0.6 + est.effective_dead_interval) == DOWN

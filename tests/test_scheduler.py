@@ -140,10 +140,12 @@ def test_redundant_unknown_rtt_counts_as_one_second() -> None:
 
 
 def test_redundant_prefers_up_over_degraded_over_down() -> None:
+    """k copies: up paths first, then degraded ones fill up to k; down ones only if nothing lives."""
     up = FakePath("up", srtt=0.5)
     deg = FakePath("deg", state=DEGRADED, srtt=0.001)
     down = FakePath("down", state=DOWN, srtt=0.001)
-    assert sched("redundant", [up, deg, down], redundancy=2).select(PKT) == [up]
+    assert sched("redundant", [up, deg, down], redundancy=2).select(PKT) == [up, deg]
+    assert sched("redundant", [up, deg, down], redundancy=1).select(PKT) == [up]
     up.state = DOWN
     assert sched("redundant", [up, deg, down], redundancy=2).select(PKT) == [deg]
     deg.state = DOWN

@@ -30,6 +30,7 @@ from tunnel.scheduler import MODES, Scheduler
 BACKOFF_MIN = 0.25
 BACKOFF_MAX = 5.0
 BACKOFF_REFUSED = 10.0  # after the server refused us, retry slowly
+HELLO_RETRY = 0.5  # resend HELLO/JOIN when no CONFIG came back within this time
 
 C_CONNECTING, C_UP, C_CLOSED = "connecting", "up", "closed"
 
@@ -37,7 +38,9 @@ C_CONNECTING, C_UP, C_CLOSED = "connecting", "up", "closed"
 class PathSlot:
     """A configured path: where it goes, and its current session (if any)."""
 
-    __slots__ = ("key", "server", "name", "priority", "mtu", "path", "retry_at", "backoff", "hello_sent", "joined", "attempts")
+    __slots__ = (
+        "key", "server", "name", "priority", "mtu", "path", "retry_at", "backoff", "hello_sent", "hello_at", "joined", "attempts",
+    )
 
     def __init__(self, key: Hashable, server: tuple, name: str, priority: int, mtu: int):
         self.key, self.server, self.name, self.priority, self.mtu = key, server, name, priority, mtu
@@ -45,6 +48,7 @@ class PathSlot:
         self.retry_at: Optional[float] = None
         self.backoff = BACKOFF_MIN
         self.hello_sent = False
+        self.hello_at = 0.0
         self.joined = False
         self.attempts = 0
 
@@ -98,7 +102,7 @@ class ClientCore:
         if slot is None:
             return
         if slot.path is not None and slot.path.alive:
-            slot.path.close(frames.encode(frames.Close(frames.CLOSE_NORMAL, reason)), now)
+            slot.path.close(frames.encode(frames.Close(frames.CLOSE_PATH, reason)), now)
             self._collect(slot.path)
         self._lost(slot, reason, now, reconnect=False)
 
@@ -132,6 +136,8 @@ class ClientCore:
         if handshaking and path.established:
             self._on_established(slot, now)
         for rec in records:
+            if slot.path is not path:  # a CLOSE earlier in this datagram ended the path
+                break
             if rec[0] == frames.DATA and slot.joined:
                 try:
                     seq, payload = frames.parse_data(rec)
@@ -166,6 +172,7 @@ class ClientCore:
         path.send(frames.encode(hello), now)
         self._collect(path)
         slot.hello_sent = True
+        slot.hello_at = now
 
     def _on_control(self, slot: PathSlot, rec: bytes, now: float) -> None:
         try:
@@ -216,6 +223,9 @@ class ClientCore:
             s.joined = s.hello_sent = False
         self._joined = []
         self.scheduler.refresh(self._joined)
+        if self.state == C_UP:
+            self.state = C_CONNECTING
+            self._events.append(events.TunnelDown("the server no longer knows the tunnel"))
 
     def _path_changed(self, slot: PathSlot, now: float) -> None:
         path = slot.path
@@ -311,6 +321,13 @@ class ClientCore:
                     self._collect(path)
                 if path.changed and slot.path is path:
                     self._path_changed(slot, now)
+            if slot.hello_sent and not slot.joined and slot.path is path and now - slot.hello_at >= HELLO_RETRY:
+                slot.hello_sent = False  # HELLO or CONFIG was lost: ask again
+                self._send_hello(slot, now)
+        if any(p.updated for p in self._joined):  # new estimates: lowest-rtt and balance follow them
+            for p in self._joined:
+                p.updated = False
+            self.scheduler.refresh(self._joined)
 
     def stats(self) -> dict:
         paths = []

@@ -5,8 +5,13 @@ carries the answering side's receive counters for that path, so each PONG
 also tells how many of the records we sent since the previous one arrived
 (loss) and how many bytes (delivery rate).  RTT follows RFC 6298 smoothing.
 
+A path is alive for sending only while our probes are answered: the peer's
+own PINGs prove just the other direction, and a link can fail one way.  The
+dead interval stretches with the RTT (srtt + 4 rttvar + one probe interval)
+so a slow link is not declared dead while its answers are on their way.
+
 States have hysteresis so a flapping link does not flip the scheduler:
-  up -> down        nothing received for ``dead_interval``
+  up -> down        no PONG for the dead interval
   up -> degraded    smoothed loss above ``loss_degraded``
   degraded -> up    ``recover_probes`` PONGs in a row with loss below half that
   down -> up        ``recover_probes`` PONGs in a row
@@ -31,7 +36,7 @@ MAX_OUTSTANDING = 32
 class PathEstimator:
     __slots__ = (
         "probe_interval", "dead_interval", "recover_probes", "loss_degraded",
-        "state", "srtt", "rttvar", "loss", "rate", "last_rx", "last_probe",
+        "state", "srtt", "rttvar", "loss", "rate", "last_rx", "last_ack", "last_probe",
         "_pings", "_last_ack", "_good_streak", "changes", "probes_sent", "probes_lost",
     )
 
@@ -53,6 +58,7 @@ class PathEstimator:
         self.loss = 0.0
         self.rate = 0.0  # bytes/s the peer received on this path (smoothed)
         self.last_rx = now
+        self.last_ack = now  # last PONG (the session was just proven by the handshake)
         self.last_probe = now - probe_interval  # probe at once
         self._pings: dict[int, tuple[float, int]] = {}  # token -> (sent at, our tx records then)
         self._last_ack: Optional[tuple[float, int, int, int]] = None  # (time, our tx, peer rx, peer rx bytes)
@@ -87,6 +93,7 @@ class PathEstimator:
         for older in [t for t in self._pings if t < token]:  # overtaken: those pings were lost
             del self._pings[older]
             self.probes_lost += 1
+        self.last_ack = now
         rtt = now - sent_at
         if self.srtt is None:
             self.srtt, self.rttvar = rtt, rtt / 2
@@ -117,9 +124,15 @@ class PathEstimator:
             self._set(UP)
 
     # -- state --------------------------------------------------------
+    @property
+    def effective_dead_interval(self) -> float:
+        if self.srtt is None:
+            return self.dead_interval
+        return max(self.dead_interval, self.srtt + 4 * self.rttvar + self.probe_interval)
+
     def update(self, now: float) -> str:
         """Re-evaluate the state at ``now``; returns it."""
-        if now - self.last_rx >= self.dead_interval:
+        if now - self.last_ack >= self.effective_dead_interval:
             if self.state != DOWN:
                 self.loss = 1.0
                 self._last_ack = None  # counters across an outage mean nothing
@@ -136,4 +149,6 @@ class PathEstimator:
 
     def next_timer(self) -> float:
         """When :meth:`update` or a probe is next due (absolute time)."""
-        return min(self.last_probe + self.probe_interval, self.last_rx + self.dead_interval)
+        if self.state == DOWN:
+            return self.last_probe + self.probe_interval
+        return min(self.last_probe + self.probe_interval, self.last_ack + self.effective_dead_interval)

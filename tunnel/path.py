@@ -49,6 +49,7 @@ class Path:
         self.priority = 0
         self.est: Optional[PathEstimator] = None
         self.changed = False  # state changed since the owner last looked (scheduler refresh)
+        self.updated = False  # new estimates (a PONG) since the owner last looked
         self.out: list[bytes] = []  # control and handshake datagrams to send to ``addr``
         self._token = 0
         self.tx_records = self.rx_records = self.tx_bytes = self.rx_bytes = 0
@@ -124,6 +125,7 @@ class Path:
             self.send(frames.encode(frames.Pong(frame.token, self.rx_records, self.rx_bytes)), now)
         else:
             self.est.on_pong(frame.token, now, frame.rx_records, frame.rx_bytes)
+            self.updated = True
             self._sync_state()
 
     # -- output -------------------------------------------------------

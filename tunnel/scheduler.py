@@ -68,7 +68,8 @@ class Scheduler:
             live = [p for p in paths if p.state in (UP, DEGRADED)]
             self._chosen = live or usable
         elif mode == "redundant":
-            self._chosen = sorted(usable, key=_score)[: self.redundancy]
+            live = [p for p in paths if p.state in (UP, DEGRADED)]
+            self._chosen = sorted(live or usable, key=lambda p: (p.state != UP, _score(p)))[: self.redundancy]
         elif mode == "lowest-rtt":
             self._chosen = [self._pick_lowest_rtt(usable)] if usable else []
         elif mode == "backup":

@@ -188,6 +188,8 @@ class ServerCore:
         elif isinstance(frame, frames.Close):
             path.close(None, now)
             path.reason = f"client closed: {frame.reason or frame.code}"
+            if frame.code == frames.CLOSE_NORMAL and tunnel is not None:  # the client is going away
+                self._remove_tunnel(tunnel, path.reason, now, frames.CLOSE_NORMAL)
         else:
             path.malformed += 1
 
@@ -203,8 +205,11 @@ class ServerCore:
             return self._refuse(path, frames.CLOSE_VERSION, f"protocol version {hello.version} not supported", now)
         if self.allowed is not None and name not in self.allowed:
             return self._refuse(path, frames.CLOSE_REFUSED, f"client '{name}' is not listed in the server config", now)
-        if path.addr in self._tunnel_of:
-            return self._refuse(path, frames.CLOSE_PROTOCOL, "second HELLO on one path", now)
+        attached = self._tunnel_of.get(path.addr)
+        if attached is not None:
+            if hello.tunnel_id in (frames.NEW_TUNNEL, attached.id):  # our CONFIG was lost: send it again
+                return self._send_config(attached, path, now)
+            return self._refuse(path, frames.CLOSE_PROTOCOL, "HELLO for another tunnel on a joined path", now)
         if not 0 <= hello.mode <= len(MODES):
             return self._refuse(path, frames.CLOSE_PROTOCOL, f"unknown scheduling mode {hello.mode}", now)
         path.priority = hello.priority
@@ -242,6 +247,9 @@ class ServerCore:
         tunnel.idle_since = None
         tunnel.refresh()
         self._tunnel_of[path.addr] = tunnel
+        self._send_config(tunnel, path, now)
+
+    def _send_config(self, tunnel: ServerTunnel, path: Path, now: float) -> None:
         config = frames.Config(
             tunnel.id,
             [tunnel.address],
@@ -300,6 +308,10 @@ class ServerCore:
                 if path.changed:
                     self._path_changed(path, now)
         for tunnel in list(self.tunnels.values()):
+            if any(p.updated for p in tunnel.paths):  # new estimates: lowest-rtt and balance follow them
+                for p in tunnel.paths:
+                    p.updated = False
+                tunnel.refresh()
             if tunnel.idle_since is not None and now - tunnel.idle_since >= self.linger:
                 self._forget_tunnel(tunnel, f"no path for {self.linger:g} s")
 
