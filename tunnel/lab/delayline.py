@@ -119,15 +119,8 @@ class LineSettings:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> LineSettings:
         burst = obj.get("burst")
-        return cls(
-            tun=obj["tun"],
-            delay_ms=float(obj.get("delay_ms", 0.0)),
-            jitter_ms=float(obj.get("jitter_ms", 0.0)),
-            reorder=float(obj.get("reorder", 0.0)),
-            reorder_gap_ms=float(obj.get("reorder_gap_ms", 10.0)),
-            burst=GilbertElliott(**burst) if burst else None,
-            outages=tuple((float(a), float(b)) for a, b in obj.get("outages", ())),
-        )
+        return cls(**{**obj, "burst": GilbertElliott(**burst) if burst else None,
+                      "outages": tuple((float(a), float(b)) for a, b in obj.get("outages", ()))})
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
