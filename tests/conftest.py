@@ -14,7 +14,13 @@ from typing import Iterator
 
 import pytest
 
-from tunnel.lab.netns import Host, Lab, Link, unique_prefix
+import time
+
+from tunnel.lab.netns import Host, Lab, Link, unique_prefix, wait_for
+from tunnel.lab.stack import PORT, SERVER_INNER, TunnelStack
+from tunnel.lab.stream import run_stream
+
+STREAM_PORT = 5004
 
 
 @cache
@@ -84,3 +90,93 @@ def tunnel_stack(two_hosts: TwoHosts, tmp_path):
         yield stack
     finally:
         stack.stop()
+
+
+class Multipath:
+    """Client and server namespaces joined by one veth link per path (198.18.4i.0/30,
+    server .1, client .2); the server listens on each link address and the client is
+    told all of them, so each client interface gets exactly one path (the only server
+    address it has a route to).  ``stack`` is the TunnelStack; set overrides, then start."""
+
+    def __init__(self, lab, tmp_path, n_paths: int = 2, mode: str = "duplicate"):
+        self.lab = lab
+        self.server = lab.add_host("srv")
+        self.client = lab.add_host("cli")
+        self.links = [self.add_link(i) for i in range(n_paths)]
+        self.stack = TunnelStack(self.server, self.client, self.links[0].a_addr, workdir=tmp_path / "stack")
+        listen = [f"{l.a_addr}:{PORT}" for l in self.links] + [f"198.18.{4 * i}.1:{PORT}" for i in range(n_paths, 3)]
+        self.stack.server_overrides["listen"] = listen
+        self.stack.client_overrides["server"] = listen
+        self.stack.client_overrides["mode"] = mode
+
+    def add_link(self, i: int):
+        return self.lab.link(self.server, self.client, f"198.18.{4 * i}.0/30")
+
+    def start(self) -> "Multipath":
+        # addresses for links that may be hot-plugged later must exist on the server at start
+        for i in range(len(self.links), 3):
+            self.server.run(["ip", "addr", "add", f"198.18.{4 * i}.1/32", "dev", "lo"])
+        self.stack.start()
+        self.wait_paths(len(self.links))
+        return self
+
+    def client_paths(self) -> list[dict]:
+        return self.stack.client_status()["paths"]
+
+    def server_paths(self) -> list[dict]:
+        tunnels = self.stack.server_status()["tunnels"]
+        return tunnels[0]["paths"] if tunnels else []
+
+    def wait_paths(self, n: int, timeout: float = 10.0) -> None:
+        wait_for(
+            lambda: sum(p["joined"] and p["state"] == "up" for p in self.client_paths()) == n
+            and len(self.server_paths()) == n,
+            timeout,
+            message=f"expected {n} joined paths; client: {self.client_paths()}",
+        )
+
+    def blackhole(self, i: int) -> None:
+        """Drop everything on link i, both ways (from the client namespace)."""
+        ifname = self.links[i].b_ifname
+        rules = (
+            "add table inet bh\n"
+            "add chain inet bh out { type filter hook output priority 0; }\n"
+            "add chain inet bh in { type filter hook input priority 0; }\n"
+            f"add rule inet bh out oifname {ifname} drop\n"
+            f"add rule inet bh in iifname {ifname} drop\n"
+        )
+        self.nft(self.client, rules)
+
+    def random_loss(self, percent: int) -> None:
+        """Drop ``percent`` % of the UDP datagrams leaving on every link, both ends, independently."""
+        for host, is_client in ((self.client, True), (self.server, False)):
+            rules = ["add table inet loss", "add chain inet loss out { type filter hook output priority 0; }"]
+            for link in self.links:
+                ifname = link.b_ifname if is_client else link.a_ifname
+                rules.append(f"add rule inet loss out oifname {ifname} meta l4proto udp numgen random mod 100 < {percent} drop")
+            self.nft(host, "\n".join(rules) + "\n")
+
+    def nft(self, host, rules: str) -> None:
+        path = self.stack.workdir / f"nft-{host.name}-{time.monotonic_ns()}.rules"
+        path.write_text(rules)
+        host.run(["nft", "-f", str(path)])
+
+    def stream(self, rate: float, count: int, during=None, size: int = 200, tos=None):
+        return run_stream(
+            self.client, self.server, SERVER_INNER, STREAM_PORT, rate, size, count, self.stack.workdir,
+            during=during, tos=tos,
+        )
+
+
+@pytest.fixture
+def multipath(lab, tmp_path):
+    made: list[Multipath] = []
+
+    def make(n_paths: int = 2, mode: str = "duplicate") -> Multipath:
+        mp = Multipath(lab, tmp_path, n_paths, mode)
+        made.append(mp)
+        return mp
+
+    yield make
+    for mp in made:
+        mp.stack.stop()

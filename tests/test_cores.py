@@ -77,7 +77,7 @@ class Client:
 
     # network side
     def outgoing(self) -> list:
-        return [(key, self.addrs[key], d) for key, d in self.core.datagrams_to_send()]
+        return [(key, self.addrs[key], d) for key, d, _tos in self.core.datagrams_to_send()]
 
     def deliver(self, key, data: bytes) -> None:
         self.core.receive_datagram(key, data, self.net.now)
@@ -121,7 +121,7 @@ class Client:
         """Send one packet from the TUN; return the keys of the paths its DATA went out on."""
         before = len(self.core.outbox)
         self.core.send_packet(pkt, self.net.now)
-        return [k for k, _ in self.core.outbox[before:]]
+        return [k for k, _, _ in self.core.outbox[before:]]
 
 
 class RawClient:
@@ -255,7 +255,7 @@ class Net:
                 for key, addr, d in ep.outgoing():
                     moved = True
                     self._wire("up", ep, key, addr, d)
-            for addr, d in self.server.datagrams_to_send():
+            for addr, d, _tos in self.server.datagrams_to_send():
                 moved = True
                 owner = self.owner.get(addr)
                 if owner is None:
@@ -309,7 +309,7 @@ class Net:
         """Send one packet from the server's TUN; return the path keys its DATA went out on."""
         before = len(self.server.outbox)
         self.server.send_packet(pkt, self.now)
-        return [self.owner[addr][1] for addr, _ in self.server.outbox[before:]]
+        return [self.owner[addr][1] for addr, _, _ in self.server.outbox[before:]]
 
     def sev(self, cls) -> list:
         return [e for _, e in self.sevents if isinstance(e, cls)]
@@ -582,7 +582,7 @@ def test_dedup_window_spans_the_paths(pki: Path) -> None:
 def test_replayed_datagram_dropped_by_dtls(pki: Path) -> None:
     net, c = one_path(pki)
     c.send_up(up_pkt())
-    ((_, d),) = c.core.datagrams_to_send()
+    ((_, d, _),) = c.core.datagrams_to_send()
     for _ in range(3):
         net.server.receive_datagram(d, c.addr("a"), net.now)
     assert len(net.server.to_tun) == 1
@@ -672,7 +672,7 @@ def test_pong_carries_the_receive_counters(pki: Path, plain) -> None:
     (ping,) = c.core.datagrams_to_send()
     net.server.receive_datagram(ping[1], c.addr("a"), net.now)
     rx, rx_bytes = spath.rx_records, spath.rx_bytes
-    for addr, d in net.server.datagrams_to_send():
+    for addr, d, _ in net.server.datagrams_to_send():
         c.core.receive_datagram("a", d, net.now)
     pong = frames_seen(plain, "client", frames.Pong)[-1]
     assert (pong.rx_records, pong.rx_bytes) == (rx, rx_bytes)
@@ -1331,10 +1331,10 @@ def _handshake_only(net: Net, c: Client) -> list[bytes]:
     for _ in range(10):
         out = c.core.datagrams_to_send()
         if c.core.slots["a"].hello_sent:
-            return [d for _, d in out]
-        for _, d in out:
+            return [d for _, d, _ in out]
+        for _, d, _ in out:
             net.server.receive_datagram(d, c.addr("a"), net.now)
-        for _, d in net.server.datagrams_to_send():
+        for _, d, _ in net.server.datagrams_to_send():
             c.core.receive_datagram("a", d, net.now)
         c.drain()
     raise AssertionError("handshake did not finish")
@@ -1359,7 +1359,7 @@ def test_data_and_config_before_hello_ignored(pki: Path) -> None:
     assert spath.state == P_UP and spath.malformed == 3  # DATA, CONFIG, unknown type
     for d in hello:
         s.receive_datagram(d, c.addr("a"), net.now)
-    for _, d in s.datagrams_to_send():
+    for _, d, _ in s.datagrams_to_send():
         c.core.receive_datagram("a", d, net.now)
     assert c.core.state == C_UP and len(s.tunnels) == 1
     assert s.to_tun == []  # the early DATA was not delivered later either
@@ -1378,12 +1378,12 @@ def test_data_before_config_ignored_by_client(pki: Path) -> None:
     core.receive_datagram("a", spath.encrypt(frames.encode_data(1, early), net.now), net.now)
     core.receive_datagram("a", spath.encrypt(frames.encode(frames.Hello()), net.now), net.now)
     assert core.to_tun == [] and core.state == C_CONNECTING and core.malformed == 2
-    for _, d in config:
+    for _, d, _ in config:
         core.receive_datagram("a", d, net.now)
     assert core.state == C_UP
     late = ipv4("100.64.0.1", "100.64.0.2", b"late")
     s.send_packet(late, net.now)
-    for _, d in s.datagrams_to_send():
+    for _, d, _ in s.datagrams_to_send():
         core.receive_datagram("a", d, net.now)
     assert core.to_tun == [late]
 
@@ -1449,9 +1449,9 @@ def test_half_open_handshake_times_out(pki: Path) -> None:
     c.add("a", pump=False)
     # deliver the ClientHellos, never the client's last flight
     for _ in range(2):
-        for _, d in c.core.datagrams_to_send():
+        for _, d, _ in c.core.datagrams_to_send():
             net.server.receive_datagram(d, c.addr("a"), net.now)
-        for _, d in net.server.datagrams_to_send():
+        for _, d, _ in net.server.datagrams_to_send():
             c.core.receive_datagram("a", d, net.now)
     assert list(net.server.paths) == [c.addr("a")]
     net.drop_up.add("a")

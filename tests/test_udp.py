@@ -31,7 +31,7 @@ def test_gso_send_and_gro_receive_keep_datagram_boundaries():
     got, calls = [], 0
     rx.sock.settimeout(0.5)
     while len(got) < len(sent):
-        dgrams, _ = rx.recv_batch()
+        dgrams, _, _ = rx.recv_batch()
         got += dgrams
         calls += 1
     assert got == sent
@@ -48,3 +48,16 @@ def test_unconnected_batch_of_one_and_connected_socket():
     while len(got) < 3:
         got += rx.recv_batch()[0]
     assert got == [b"one", b"x" * 10, b"y" * 10]
+
+
+def test_outer_tos_goes_out_with_each_batch_and_is_read_back():
+    """The TOS byte travels as ancillary data on send and comes back via IP_RECVTOS."""
+    tx, rx, addr = _pair()
+    seen = {}
+    tx.send_batch([b"ef"], addr, pytest.fail, tos=0xB8)
+    tx.send_batch([b"a" * 100] * 5, addr, pytest.fail, tos=0x02)  # a GSO run, ECT(0)
+    tx.send_batch([b"plain"], addr, pytest.fail)
+    while sum(len(v) for v in seen.values()) < 7:
+        dgrams, _, tos = rx.recv_batch()
+        seen.setdefault(tos, []).extend(dgrams)
+    assert seen == {0xB8: [b"ef"], 0x02: [b"a" * 100] * 5, 0: [b"plain"]}

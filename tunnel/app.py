@@ -30,5 +30,34 @@ def udp_socket(family: int = socket.AF_INET) -> socket.socket:
     return s
 
 
+def load_policy_or_none(path):
+    """The policy at ``path`` (None: no policy file). Raises PolicyError naming file, class and key."""
+    if path is None:
+        return None
+    from tunnel.policy import load_policy
+
+    return load_policy(path)
+
+
+def reloader(path, apply, log: logging.Logger):
+    """A SIGHUP handler: load the policy again; a bad file keeps the old policy and says why."""
+
+    def reload() -> None:
+        if path is None:
+            log.info("SIGHUP: no policy file configured; nothing to reload")
+            return
+        from tunnel.policy import PolicyError, load_policy
+
+        try:
+            policy = load_policy(path)
+        except PolicyError as exc:
+            log.error("SIGHUP: policy not reloaded, keeping the old one: %s", exc)
+            return
+        apply(policy)
+        log.info("SIGHUP: policy %s reloaded (%d classes)", path, len(policy.classes))
+
+    return reload
+
+
 def fmt_addr(addr) -> str:
     return f"{addr[0]}:{addr[1]}" if addr else "?"

@@ -8,6 +8,7 @@ import sys
 from tunnel import __version__, certs, status
 from tunnel.config import ConfigError
 from tunnel.dtls import DtlsError
+from tunnel.policy import PolicyError
 
 EXIT_CONFIG = 2
 
@@ -17,6 +18,8 @@ def _server(args: argparse.Namespace) -> int:
     from tunnel.config import load_server_config
 
     cfg = load_server_config(args.config)
+    if args.policy:
+        cfg.policy = args.policy
     if args.check_config:
         server.build(cfg)
         print(f"{args.config}: ok")
@@ -29,8 +32,13 @@ def _client(args: argparse.Namespace) -> int:
     from tunnel.config import load_client_config
 
     cfg = load_client_config(args.config)
+    if args.policy:
+        cfg.policy = args.policy
     if args.check_config:
         client.resolve(cfg)
+        from tunnel.app import load_policy_or_none
+
+        load_policy_or_none(cfg.policy)
         from tunnel.dtls import make_context
 
         make_context("client", cfg.certificate, cfg.key, cfg.ca, server_name=cfg.server_name)
@@ -56,12 +64,52 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=text)
         sp.add_argument("-c", "--config", required=True, help=f"{name} TOML file")
         sp.add_argument("--check-config", action="store_true", help="validate the config and exit")
+        sp.add_argument("--policy", help="DSCP policy file (overrides the config's policy key)")
         sp.set_defaults(func=func)
     certs.register(sub)
     status.register(sub)
-    lab = sub.add_parser("lab", help="one-machine demo: namespaces, tunnel, ping and iperf3")
-    lab.add_argument("--json", action="store_true", help="print the figures as one JSON object")
-    lab.add_argument("--duration", type=float, default=3.0, help="seconds of iperf3 (default 3)")
+    from tunnel.lab.scenario import mode_list, number_list
+
+    lab = sub.add_parser(
+        "lab",
+        help="one-machine showcase: scheduler modes over impaired paths (root)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Show what mptun's scheduler modes do for a live media stream over bad links,
+on this machine alone (needs root, iperf3 and nftables).
+
+Builds client, router and server network namespaces joined by N paths, adds
+delay and loss to each path, then for each mode starts a fresh mptun server
+and client, sends a media-like stream (50 packets/s of 200 bytes) and a bulk
+iperf3 TCP flow through the tunnel at the same time, and blackholes path 0
+from 40 % to 60 % of the run.  Prints per mode: media loss, one-way latency
+p50/p99, longest gap without media, bulk TCP throughput.
+
+Default scenario (scenarios/default.toml): 2 paths, 30 ms and 60 ms each way,
+2 % random loss each way on both, no rate limit; modes duplicate, lowest-rtt
+and balance, 15 s each: about 70 s in all.  Options override the scenario
+file, which overrides the defaults.  Per-path lists (--delay, --loss, --rate)
+repeat their last value for further paths.
+
+--quick runs a ~10 s smoke test instead: one link, ping, iperf3 up and down
+through the tunnel and over the raw link (takes only --duration and --json).""",
+    )
+    lab.add_argument("--json", action="store_true",
+                     help="print the result as one JSON object on stdout (progress stays on stderr)")
+    lab.add_argument("--quick", action="store_true", help="the single-link smoke test (~10 s)")
+    lab.add_argument("--scenario", metavar="FILE", help="TOML scenario file (see scenarios/)")
+    lab.add_argument("--duration", type=float, metavar="SECONDS",
+                     help="seconds of traffic per mode (default 15; --quick: per iperf3 run, default 3)")
+    lab.add_argument("--modes", type=mode_list, metavar="M,M",
+                     help="scheduler modes to compare (default duplicate,lowest-rtt,balance)")
+    lab.add_argument("--paths", type=int, metavar="N", help="number of paths (default 2)")
+    lab.add_argument("--delay", type=number_list, metavar="MS,MS",
+                     help="one-way delay per path, each way (default 30,60)")
+    lab.add_argument("--loss", type=number_list, metavar="PCT,PCT",
+                     help="random loss per path in %%, each way (default 2,2)")
+    lab.add_argument("--rate", type=number_list, metavar="MBIT,MBIT",
+                     help="rate limit per path in Mbit/s, each way (default none)")
+    lab.add_argument("--no-outage", action="store_true", help="do not blackhole a path mid-run")
     lab.set_defaults(func=_lab)
     return p
 
@@ -70,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DtlsError) as exc:
+    except (ConfigError, DtlsError, PolicyError) as exc:
         print(f"mptun {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:

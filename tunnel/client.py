@@ -7,7 +7,7 @@ import logging
 import socket
 
 from tunnel import events, mtu as mtu_math, netlink
-from tunnel.app import setup_logging, udp_socket
+from tunnel.app import load_policy_or_none, reloader, setup_logging, udp_socket
 from tunnel.client_core import ClientCore
 from tunnel.config import ClientConfig, ConfigError
 from tunnel.control import default_path
@@ -84,6 +84,7 @@ def run(cfg: ClientConfig) -> int:
         dead_interval=cfg.dead_interval,
         timeout=cfg.timeout,
         window=cfg.dedup_window,
+        policy=load_policy_or_none(cfg.policy),
     )
     tun_holder: list[TunDevice] = []
     state = {"mtu": None}
@@ -133,6 +134,7 @@ def run(cfg: ClientConfig) -> int:
         on_event,
         cfg.control or default_path("client", cfg.tun),
         watcher=netlink.LinkWatcher(),
+        on_reload=reloader(cfg.policy, core.set_policy, log),
     )
     try:
         shell.run()

@@ -10,7 +10,7 @@ longer knows the tunnel (it restarted), the client starts a new one.
 
 Inputs: :meth:`add_path`, :meth:`remove_path`, :meth:`receive_datagram`,
 :meth:`send_packet`, :meth:`handle_timer`.  Outputs:
-:meth:`datagrams_to_send` (``(key, datagram)`` pairs), ``to_tun``,
+:meth:`datagrams_to_send` (``(key, datagram, tos)``), ``to_tun``,
 :meth:`next_event`.
 """
 
@@ -24,7 +24,9 @@ from OpenSSL import SSL
 from tunnel import events, frames
 from tunnel.dedup import DEFAULT_WINDOW, DedupWindow
 from tunnel.dtls import DtlsSession, common_name
+from tunnel.ecn import decapsulate
 from tunnel.path import P_CLOSED, P_HANDSHAKING, Path
+from tunnel.policy import Policy
 from tunnel.scheduler import MODES, Scheduler
 
 BACKOFF_MIN = 0.25
@@ -64,9 +66,12 @@ class ClientCore:
         dead_interval: float = 0.3,
         timeout: float = 3.0,
         window: int = DEFAULT_WINDOW,
+        policy: Optional[Policy] = None,
     ):
         self.ctx = ctx
-        self.scheduler = Scheduler(mode, redundancy, pin_flows)
+        self.pin_flows = pin_flows
+        self.mode = mode
+        self.set_policy(policy or Policy.single(mode, redundancy))
         self.hello_mode = MODES.index(mode) + 1
         self.redundancy = redundancy
         self.probe_interval = probe_interval
@@ -78,7 +83,7 @@ class ClientCore:
         self.config: Optional[frames.Config] = None
         self.tunnel_id = frames.NEW_TUNNEL
         self.to_tun: list[bytes] = []
-        self.outbox: list[tuple[Hashable, bytes]] = []  # encrypted DATA datagrams
+        self.outbox: list[tuple[Hashable, bytes, int]] = []  # (path key, datagram, outer TOS)
         self._events: deque = deque()
         self._creating: Optional[PathSlot] = None  # the slot whose HELLO(0) is in flight
         self._joined: list[Path] = []  # paths that carry the tunnel
@@ -87,6 +92,25 @@ class ClientCore:
         self.malformed = 0
         self.dropped_no_path = 0  # packets from the TUN while no path carried the tunnel
         self.not_ipv4 = 0
+        self.ecn_dropped = 0  # Not-ECT packets that arrived with outer CE (RFC 6040)
+
+    def set_policy(self, policy: Policy) -> None:
+        """Install a (new) policy: one scheduler per traffic class."""
+        self.policy = policy
+        self.schedulers = [Scheduler(c.mode, c.redundancy, self.pin_flows) for c in policy.classes]
+        self.class_packets = [0] * len(policy.classes)  # packets per class
+        self.class_copies = [0] * len(policy.classes)  # datagrams sent for them (duplicates count)
+        self._refresh()
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The default (last) class's scheduler: the only one without a policy file."""
+        return self.schedulers[-1]
+
+    def _refresh(self) -> None:
+        joined = getattr(self, "_joined", [])
+        for s in self.schedulers:
+            s.refresh(joined)
 
     # -- paths --------------------------------------------------------
     def add_path(self, key: Hashable, server: tuple, now: float, name: str = "", priority: int = 0, mtu: int = 1472) -> None:
@@ -126,7 +150,8 @@ class ClientCore:
         self.state = C_CLOSED
 
     # -- input --------------------------------------------------------
-    def receive_datagram(self, key: Hashable, data: bytes, now: float) -> None:
+    def receive_datagram(self, key: Hashable, data: bytes, now: float, tos: int = 0) -> None:
+        """One datagram from path ``key``; ``tos``: its outer TOS byte (for ECN)."""
         slot = self.slots.get(key)
         if slot is None or slot.path is None or not slot.path.alive:
             return
@@ -145,6 +170,11 @@ class ClientCore:
                     self.malformed += 1
                     continue
                 if self._dedup.accept(seq):
+                    if tos & 3 == 3:  # outer CE (RFC 6040)
+                        payload = decapsulate(tos, payload)
+                        if payload is None:
+                            self.ecn_dropped += 1
+                            continue
                     self.to_tun.append(payload)
             else:
                 self._on_control(slot, rec, now)
@@ -208,7 +238,7 @@ class ClientCore:
         slot.joined = True
         slot.backoff = BACKOFF_MIN
         self._joined.append(slot.path)
-        self.scheduler.refresh(self._joined)
+        self._refresh()
         if new_tunnel or self.state != C_UP:
             self.config = config
             self.state = C_UP
@@ -222,7 +252,7 @@ class ClientCore:
         for s in self.slots.values():
             s.joined = s.hello_sent = False
         self._joined = []
-        self.scheduler.refresh(self._joined)
+        self._refresh()
         if self.state == C_UP:
             self.state = C_CONNECTING
             self._events.append(events.TunnelDown("the server no longer knows the tunnel"))
@@ -234,14 +264,14 @@ class ClientCore:
             self._lost(slot, path.reason, now)
             return
         if slot.joined:
-            self.scheduler.refresh(self._joined)
+            self._refresh()
             self._events.append(events.PathState(slot.key, slot.name, path.state))
 
     def _lost(self, slot: PathSlot, reason: str, now: float, backoff: Optional[float] = None, reconnect: bool = True) -> None:
         path = slot.path
         if path is not None and path in self._joined:
             self._joined.remove(path)
-            self.scheduler.refresh(self._joined)
+            self._refresh()
         was_joined = slot.joined
         slot.joined = slot.hello_sent = False
         if self._creating is slot:
@@ -263,28 +293,33 @@ class ClientCore:
     # -- output -------------------------------------------------------
     def send_packet(self, packet: bytes, now: float) -> None:
         """An IP packet read from the TUN device."""
-        paths = self.scheduler.select(packet)
-        if not paths or self.state != C_UP:
-            self.dropped_no_path += 1
-            return
         if packet[0] >> 4 != 4:
             self.not_ipv4 += 1  # the tunnel carries IPv4 only (for now)
             return
+        policy = self.policy
+        c = policy.classify(packet)
+        paths = self.schedulers[c.index].select(packet)
+        if not paths or self.state != C_UP:
+            self.dropped_no_path += 1
+            return
+        tos = policy.outer_tos(c, packet)
         self._seq = seq = self._seq + 1
         record = frames.encode_data(seq, packet)
         outbox = self.outbox
         for path in paths:
             dgram = path.encrypt(record, now)
             if dgram is not None:
-                outbox.append((path.key, dgram))
+                outbox.append((path.key, dgram, tos))
+        self.class_packets[c.index] += 1
+        self.class_copies[c.index] += len(paths)
 
     def _collect(self, path: Path) -> None:
         key = path.key
         for d in path.out:
-            self.outbox.append((key, d))
+            self.outbox.append((key, d, 0))
         path.out.clear()
 
-    def datagrams_to_send(self) -> list[tuple[Hashable, bytes]]:
+    def datagrams_to_send(self) -> list[tuple[Hashable, bytes, int]]:
         out, self.outbox = self.outbox, []
         return out
 
@@ -327,7 +362,13 @@ class ClientCore:
         if any(p.updated for p in self._joined):  # new estimates: lowest-rtt and balance follow them
             for p in self._joined:
                 p.updated = False
-            self.scheduler.refresh(self._joined)
+            self._refresh()
+
+    def _class_stats(self) -> list[dict]:
+        return [
+            {"name": c.name, "mode": c.mode, "outer_dscp": c.outer_dscp, "packets": n, "copies": k}
+            for c, n, k in zip(self.policy.classes, self.class_packets, self.class_copies)
+        ]
 
     def stats(self) -> dict:
         paths = []
@@ -340,7 +381,10 @@ class ClientCore:
             paths.append(st)
         return {
             "state": self.state,
-            "mode": self.scheduler.mode,
+            "mode": self.mode,
+            "policy": self.policy.source,
+            "classes": self._class_stats(),
+            "ecn_dropped": self.ecn_dropped,
             "address": str(self.config.addresses[0]) if self.config else None,
             "delivered": self._dedup.delivered,
             "duplicates": self._dedup.duplicates,

@@ -46,6 +46,7 @@ class ServerConfig:
     timeout: float = 3.0
     linger: float = 30.0
     dedup_window: int = 4096
+    policy: Optional[Path] = None
     allow_unlisted_clients: bool = True
     log_level: str = "info"
     clients: dict[str, Optional[ipaddress.IPv4Address]] = field(default_factory=dict)  # name -> static address
@@ -73,6 +74,7 @@ class ClientConfig:
     dead_interval: float = 0.3
     timeout: float = 3.0
     dedup_window: int = 4096
+    policy: Optional[Path] = None
     log_level: str = "info"
     control: Optional[Path] = None
 
@@ -178,6 +180,7 @@ def _common(sec: _Section) -> dict:
     dead = sec.seconds("dead_interval", 0.3)
     if dead < 2 * probe:
         raise sec.error("dead_interval", f"{dead} s must be at least twice probe_interval ({probe} s)")
+    policy = sec.file("policy") if "policy" in sec.table else None
     timeout = sec.seconds("timeout", 3.0)
     if timeout < dead:
         raise sec.error("timeout", f"{timeout} s must not be shorter than dead_interval ({dead} s)")
@@ -190,6 +193,7 @@ def _common(sec: _Section) -> dict:
         "dead_interval": dead,
         "timeout": timeout,
         "dedup_window": sec.integer("dedup_window", 4096, 64, 1 << 20),
+        "policy": policy,
         "log_level": level,
         "control": Path(control) if control else None,
     }

@@ -7,7 +7,7 @@ import logging
 import socket
 
 from tunnel import events, mtu as mtu_math, netlink
-from tunnel.app import fmt_addr, setup_logging, udp_socket
+from tunnel.app import fmt_addr, load_policy_or_none, reloader, setup_logging, udp_socket
 from tunnel.config import ServerConfig
 from tunnel.control import default_path
 from tunnel.dtls import make_context
@@ -69,6 +69,7 @@ def build(cfg: ServerConfig):
         allowed_clients=allowed,
         window=cfg.dedup_window,
         linger=cfg.linger,
+        policy=load_policy_or_none(cfg.policy),
     )
     return core, inner
 
@@ -89,7 +90,10 @@ def run(cfg: ServerConfig) -> int:
             "listening on %s, tun %s %s mtu %d",
             ", ".join(f"{h}:{p}" for h, p in cfg.listen), tun.name, cfg.address, inner,
         )
-        shell = ServerShell(core, tun.fd, sockets, log_event, cfg.control or default_path("server", tun.name))
+        shell = ServerShell(
+            core, tun.fd, sockets, log_event, cfg.control or default_path("server", tun.name),
+            on_reload=reloader(cfg.policy, core.set_policy, log),
+        )
         shell.run()
         log.info("stopped")
     finally:

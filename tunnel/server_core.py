@@ -23,7 +23,9 @@ from OpenSSL import SSL
 from tunnel import events, frames
 from tunnel.dedup import DEFAULT_WINDOW, DedupWindow
 from tunnel.dtls import DTLS_HEADER, DtlsListener, common_name
+from tunnel.ecn import decapsulate
 from tunnel.path import P_HANDSHAKING, Path
+from tunnel.policy import Policy
 from tunnel.pool import AddressPool, PoolExhausted
 from tunnel.scheduler import MODES, Scheduler
 
@@ -33,9 +35,12 @@ LINGER = 30.0  # seconds a tunnel without paths is kept for the client to come b
 class ServerTunnel:
     """One client's tunnel: identity, inner address, sequence space, paths, scheduler."""
 
-    __slots__ = ("id", "name", "address", "key", "paths", "seq", "dedup", "scheduler", "spoofed", "malformed", "idle_since")
+    __slots__ = (
+        "id", "name", "address", "key", "paths", "seq", "dedup", "policy", "schedulers",
+        "class_packets", "class_copies", "spoofed", "malformed", "ecn_dropped", "idle_since", "mode",
+    )
 
-    def __init__(self, tid: bytes, name: str, address: ipaddress.IPv4Interface, window: int, scheduler: Scheduler):
+    def __init__(self, tid: bytes, name: str, address: ipaddress.IPv4Interface, window: int, policy: Policy, mode: str):
         self.id = tid
         self.name = name
         self.address = address
@@ -43,19 +48,40 @@ class ServerTunnel:
         self.paths: list[Path] = []
         self.seq = 0
         self.dedup = DedupWindow(window)
-        self.scheduler = scheduler
+        self.mode = mode  # the mode without a policy (the client's choice or the server's)
+        self.set_policy(policy)
         self.spoofed = 0
         self.malformed = 0
+        self.ecn_dropped = 0
         self.idle_since: Optional[float] = None  # when the last path went away
 
+    def set_policy(self, policy: Policy) -> None:
+        self.policy = policy
+        self.schedulers = [Scheduler(c.mode, c.redundancy) for c in policy.classes]
+        self.class_packets = [0] * len(policy.classes)
+        self.class_copies = [0] * len(policy.classes)
+        self.refresh()
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The default (last) class's scheduler: the only one without a policy file."""
+        return self.schedulers[-1]
+
     def refresh(self) -> None:
-        self.scheduler.refresh(self.paths)
+        for s in self.schedulers:
+            s.refresh(self.paths)
 
     def stats(self) -> dict:
         return {
             "name": self.name,
             "address": str(self.address),
-            "mode": self.scheduler.mode,
+            "mode": self.mode,
+            "policy": self.policy.source,
+            "classes": [
+                {"name": c.name, "mode": c.mode, "outer_dscp": c.outer_dscp, "packets": n, "copies": k}
+                for c, n, k in zip(self.policy.classes, self.class_packets, self.class_copies)
+            ],
+            "ecn_dropped": self.ecn_dropped,
             "delivered": self.dedup.delivered,
             "duplicates": self.dedup.duplicates,
             "too_old": self.dedup.too_old,
@@ -81,6 +107,7 @@ class ServerCore:
         window: int = DEFAULT_WINDOW,
         linger: float = LINGER,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        policy: Optional[Policy] = None,
     ):
         if mode != "client" and mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
@@ -95,13 +122,14 @@ class ServerCore:
         self.allowed = allowed_clients  # None: any client with a certificate from our CA
         self.window = window
         self.linger = linger
+        self.policy = policy  # None: each tunnel uses one class with its client's mode
         self._random = random_bytes
         self.paths: dict[tuple, Path] = {}  # underlay address -> path
         self._tunnel_of: dict[tuple, ServerTunnel] = {}  # underlay address -> tunnel (after HELLO)
         self.tunnels: dict[bytes, ServerTunnel] = {}  # tunnel id -> tunnel
         self.by_name: dict[str, ServerTunnel] = {}
         self.routes_v4: dict[bytes, ServerTunnel] = {}  # inner address -> tunnel
-        self.outbox: list[tuple[tuple, bytes]] = []  # (peer address, datagram)
+        self.outbox: list[tuple[tuple, bytes, int]] = []  # (peer address, datagram, outer TOS)
         self.to_tun: list[bytes] = []
         self._events: deque = deque()
         self.counters = {
@@ -114,7 +142,8 @@ class ServerCore:
         }
 
     # -- datagrams from the network ----------------------------------
-    def receive_datagram(self, data: bytes, addr: tuple, now: float) -> None:
+    def receive_datagram(self, data: bytes, addr: tuple, now: float, tos: int = 0) -> None:
+        """One datagram from ``addr``; ``tos``: its outer TOS byte (for ECN)."""
         path = self.paths.get(addr)
         if path is None:
             self._new_peer(data, addr, now)
@@ -127,7 +156,7 @@ class ServerCore:
             tunnel = self._tunnel_of.get(addr)
             for rec in records:
                 if rec[0] == frames.DATA and tunnel is not None:
-                    self._on_data(tunnel, rec)
+                    self._on_data(tunnel, rec, tos)
                 else:
                     self._on_control(path, tunnel, rec, now)
                     if not path.alive:  # refused or closed: ignore the rest of the datagram
@@ -147,7 +176,7 @@ class ServerCore:
             self.counters["junk"] += 1
             return
         for r in replies:
-            self.outbox.append((addr, r))
+            self.outbox.append((addr, r, 0))
         if session is None:
             if replies:
                 self.counters["cookies_sent"] += 1
@@ -164,7 +193,7 @@ class ServerCore:
         path.name = common_name(cert) if cert is not None else ""
         self._events.append(events.PathUp(path.addr, path.name, path.dtls.cipher))
 
-    def _on_data(self, tunnel: ServerTunnel, rec: bytes) -> None:
+    def _on_data(self, tunnel: ServerTunnel, rec: bytes, tos: int) -> None:
         try:
             seq, pkt = frames.parse_data(rec)
         except frames.FrameError:
@@ -175,6 +204,11 @@ class ServerCore:
             tunnel.spoofed += 1
             return
         if tunnel.dedup.accept(seq):
+            if tos & 3 == 3:  # outer CE (RFC 6040)
+                pkt = decapsulate(tos, pkt)
+                if pkt is None:
+                    tunnel.ecn_dropped += 1
+                    return
             self.to_tun.append(pkt)
 
     def _on_control(self, path: Path, tunnel: Optional[ServerTunnel], rec: bytes, now: float) -> None:
@@ -223,8 +257,8 @@ class ServerCore:
         except PoolExhausted as exc:
             return self._refuse(path, frames.CLOSE_REFUSED, str(exc), now)
         mode = self.mode if self.mode != "client" else MODES[(hello.mode or 1) - 1]
-        scheduler = Scheduler(mode, hello.redundancy or 2)
-        tunnel = ServerTunnel(self._random(frames.TUNNEL_ID_LEN), name, address, self.window, scheduler)
+        policy = self.policy or Policy.single(mode, hello.redundancy or 2)
+        tunnel = ServerTunnel(self._random(frames.TUNNEL_ID_LEN), name, address, self.window, policy, mode)
         self.tunnels[tunnel.id] = tunnel
         self.by_name[name] = tunnel
         self.routes_v4[tunnel.key] = tunnel
@@ -270,26 +304,31 @@ class ServerCore:
         if tunnel is None:
             self.counters["no_route"] += 1
             return
-        paths = tunnel.scheduler.select(pkt)
+        policy = tunnel.policy
+        c = policy.classify(pkt)
+        paths = tunnel.schedulers[c.index].select(pkt)
         if not paths:
             self.counters["no_path"] += 1
             return
+        tos = policy.outer_tos(c, pkt)
         tunnel.seq = seq = tunnel.seq + 1
         record = frames.encode_data(seq, pkt)
         outbox = self.outbox
         for path in paths:
             dgram = path.encrypt(record, now)
             if dgram is not None:
-                outbox.append((path.addr, dgram))
+                outbox.append((path.addr, dgram, tos))
+        tunnel.class_packets[c.index] += 1
+        tunnel.class_copies[c.index] += len(paths)
 
     # -- output -------------------------------------------------------
     def _flush(self, path: Path) -> None:
         addr = path.addr
         for d in path.out:
-            self.outbox.append((addr, d))
+            self.outbox.append((addr, d, 0))
         path.out.clear()
 
-    def datagrams_to_send(self) -> list[tuple[tuple, bytes]]:
+    def datagrams_to_send(self) -> list[tuple[tuple, bytes, int]]:
         out, self.outbox = self.outbox, []
         return out
 
@@ -370,6 +409,12 @@ class ServerCore:
             path.close(None, now)
             self._flush(path)
         self.paths.clear()
+
+    def set_policy(self, policy: Optional[Policy]) -> None:
+        """A new (reloaded) policy for every tunnel; None: each back to its client's mode."""
+        self.policy = policy
+        for t in self.tunnels.values():
+            t.set_policy(policy or Policy.single(t.mode))
 
     def stats(self) -> dict:
         return {

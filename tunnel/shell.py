@@ -32,8 +32,9 @@ _TRANSIENT = (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM, errno.ECONNREFUSED, err
 class Shell:
     """Common parts: the loop, the tick, signals, the TUN reader and writer."""
 
-    def __init__(self, core, tun_fd: Optional[int], control_path=None):
+    def __init__(self, core, tun_fd: Optional[int], control_path=None, on_reload: Optional[Callable[[], None]] = None):
         self.core = core
+        self.on_reload = on_reload  # SIGHUP
         self.tun_fd = tun_fd
         self.control = ControlServer(control_path, self.status) if control_path else None
         self.loop = EventLoop()
@@ -106,6 +107,8 @@ class Shell:
         """Run until SIGINT/SIGTERM, then tell the peer and release everything."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self.stop)
+        if self.on_reload is not None:
+            self.loop.add_signal_handler(signal.SIGHUP, self.on_reload)
         self.start()
         if self.control is not None:
             self.control.start(self.loop)
@@ -132,8 +135,10 @@ class Shell:
 
 
 class ServerShell(Shell):
-    def __init__(self, core, tun_fd: int, sockets: list[socket.socket], on_event: Callable, control_path=None):
-        super().__init__(core, tun_fd, control_path)
+    def __init__(
+        self, core, tun_fd: int, sockets: list[socket.socket], on_event: Callable, control_path=None, on_reload=None
+    ):
+        super().__init__(core, tun_fd, control_path, on_reload)
         self.sockets = [BatchSocket(s) for s in sockets]
         self._sock_of: dict[tuple, BatchSocket] = {}
         self._on_event = on_event
@@ -151,7 +156,7 @@ class ServerShell(Shell):
         n = 0
         while True:
             try:
-                dgrams, addr = recv()
+                dgrams, addr, tos = recv()
             except BlockingIOError:
                 break
             except OSError:
@@ -160,7 +165,7 @@ class ServerShell(Shell):
             if addr not in sock_of:
                 sock_of[addr] = sock
             for data in dgrams:
-                receive(data, addr, now)
+                receive(data, addr, now, tos)
             if n == 0:
                 self.write_tun()  # latency: the first packet is delivered before we look for more
             n += len(dgrams)
@@ -173,8 +178,8 @@ class ServerShell(Shell):
         out = self.core.datagrams_to_send()
         if out:
             default, sock_of = self.sockets[0], self._sock_of
-            for addr, dgrams in _runs(out):
-                sock_of.get(addr, default).send_batch(dgrams, addr, self._send_error)
+            for addr, tos, dgrams in _runs(out):
+                sock_of.get(addr, default).send_batch(dgrams, addr, self._send_error, tos)
 
     def flush(self) -> None:
         self.send_out()
@@ -211,8 +216,9 @@ class ClientShell(Shell):
         on_event: Callable,
         control_path=None,
         watcher=None,
+        on_reload=None,
     ):
-        super().__init__(core, None, control_path)
+        super().__init__(core, None, control_path, on_reload)
         self._tun_factory = tun_factory
         self._make_socket = make_socket
         self._discover = discover
@@ -279,14 +285,14 @@ class ClientShell(Shell):
         n = 0
         while True:
             try:
-                dgrams, _ = recv()
+                dgrams, _, tos = recv()
             except BlockingIOError:
                 break
             except OSError:  # ICMP port unreachable on a connected socket: the server is not there (yet)
                 self.counters["recv_errors"] += 1
                 break
             for data in dgrams:
-                receive(key, data, now)
+                receive(key, data, now, tos)
             if n == 0 and self.tun_fd is not None:
                 self.write_tun()  # latency: the first packet is delivered before we look for more
             n += len(dgrams)
@@ -305,12 +311,12 @@ class ClientShell(Shell):
         out = self.core.datagrams_to_send()
         if out:
             socks = self.socks
-            for key, dgrams in _runs(out):
+            for key, tos, dgrams in _runs(out):
                 sock = socks.get(key)
                 if sock is None:
                     self.counters["send_errors"] += len(dgrams)
                 else:
-                    sock.send_batch(dgrams, None, self._send_error)
+                    sock.send_batch(dgrams, None, self._send_error, tos)
 
     def on_event(self, ev) -> None:
         if isinstance(ev, events.Connecting):
@@ -327,15 +333,15 @@ class ClientShell(Shell):
             self.loop.remove_reader(self.tun_fd)
 
 
-def _runs(out: list[tuple[Hashable, bytes]]):
-    """Consecutive runs of datagrams for the same destination (order kept)."""
+def _runs(out: list[tuple[Hashable, bytes, int]]):
+    """Consecutive runs of datagrams with the same destination and TOS (order kept)."""
     run: list[bytes] = []
-    last = None
-    for key, dgram in out:
-        if key != last and run:
-            yield last, run
+    last = last_tos = None
+    for key, dgram, tos in out:
+        if (key != last or tos != last_tos) and run:
+            yield last, last_tos, run
             run = []
-        last = key
+        last, last_tos = key, tos
         run.append(dgram)
     if run:
-        yield last, run
+        yield last, last_tos, run

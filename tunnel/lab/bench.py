@@ -1,23 +1,43 @@
-"""Benchmark mptun against OpenVPN and the bare link; writes docs/BENCH.md.
+"""Benchmark mptun against its peers and the bare link, single- and multipath; writes docs/BENCH.md.
 
-Why: mptun's foundation targets are relative ("TCP >= 0.8x OpenVPN", ...),
+Why: mptun's foundation targets are relative ("TCP >= 0.8x OpenVPN", ...)
+and its multipath claims are about what happens when links are bad or die,
 and the machine it is developed on is small, shared and noisy, so absolute
-figures mean little.  This module measures three setups over the same veth
-link, interleaved run by run so slow phases of the machine hit all of them,
-and reports medians with their spread plus the ratios the targets talk about:
+figures mean little.  This module measures everything on the impairment
+lab's topology (:class:`~tunnel.lab.topology.MultipathTopology`: client,
+router, server), repeats every figure, reports medians with their spread,
+and puts the ratios next to them.
 
-- ``raw``: the plain veth (what the link can do at all),
-- ``openvpn``: OpenVPN 2.6 in user space, UDP, AES-256-GCM (the yardstick),
-- ``mptun``: a real ``mptun server`` / ``mptun client`` pair (TunnelStack).
+Sections (``--sections``):
 
-One driver measures every setup; a setup only knows how to start and stop
-itself, which address to send to, which processes do the tunnelling and which
-TUN devices they use (for CPU per packet).  Every namespace and process lives
-in a :class:`~tunnel.lab.netns.Lab`, so everything is torn down on any error
-or Ctrl-C.
+- ``single``: the foundation figures (TCP throughput, UDP packets/s at 100
+  and 1200 bytes, CPU per packet, RTT) for each *setup* over one routed path
+  at zero impairment, interleaved run by run so slow phases of the machine
+  hit all of them.  Setups (``--only``): ``raw`` (the router's forwarding,
+  the ceiling), ``openvpn`` (OpenVPN 2.6, user space), ``wireguard``
+  (wireguard-go), ``openconnect`` (openconnect against ocserv, DTLS 1.2, with
+  the share of bytes its DTLS channel carried next to every figure, since it
+  falls back to its TLS channel) and ``mptun``;
+- ``loss``: residual loss of a media stream in duplicate mode over two paths
+  with independent random loss, against the product p1*p2;
+- ``failover``: longest gap and packets lost when the path carrying a 100/s
+  stream is blackholed, for each scheduler mode;
+- ``aggregation``: one TCP flow through mptun's balance mode over two
+  rate-limited paths, against the sum of the link rates, one raw link and
+  Linux MPTCP on the same links;
+- ``cpu``: CPU per packet of duplicate mode over two paths against one path
+  at the same offered load.
 
-BENCH.md is rewritten entirely on each run from one generator function per
-section (``SECTIONS``); later issues (multipath, failover...) add a section.
+One driver measures every setup; a setup (a small class) only knows how to
+start and stop itself, which address to send to, which processes do the
+tunnelling, which TUN devices they use and which cipher they negotiated.
+Every namespace and process lives in a :class:`~tunnel.lab.netns.Lab`, so
+everything is torn down on any error or Ctrl-C.  A peer that cannot be
+started here is reported in BENCH.md with the reason, not given a number.
+
+BENCH.md is rewritten entirely by each full run from one generator function
+per section.  Partial runs (``--quick``, ``--sections``, ``--only``) print
+their report instead, unless ``--output`` is given.
 
 The UDP echo used for round-trip times runs as sub-commands of this module
 inside the namespaces: ``python -m tunnel.lab.bench echo-server PORT`` and
@@ -41,26 +61,59 @@ import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Iterable, NamedTuple, Optional, Sequence
+from typing import Callable, ClassVar, Iterable, Iterator, NamedTuple, Optional, Sequence
 
-from tunnel.lab import openvpn
+from tunnel.lab import mptcp, openconnect, openvpn, wireguard
+from tunnel.lab.impair import Impairment, Impairments
 from tunnel.lab.netns import Host, Lab, unique_prefix, wait_for
 from tunnel.lab.stack import SERVER_INNER, TunnelStack
+from tunnel.lab.stream import percentile, run_stream
+from tunnel.lab.topology import MultipathTopology
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "BENCH.md"
-UNDERLAY_SUBNET = "198.18.0.0/30"  # server (link side a) .1, client (side b) .2
 IPERF_PORT = 5201
 ECHO_PORT = 7007
+STREAM_PORT = 5004
 ECHO_SIZE = 64
 ECHO_RATE = 50.0  # datagrams per second
 ECHO_GRACE = 1.0  # seconds to wait for late echoes after the last send
 SMALL, LARGE = 100, 1200  # UDP payload sizes
-SETUP_NAMES = ("raw", "openvpn", "mptun")
-APT_PACKAGES = {"iperf3": "iperf3", "openvpn": "openvpn"}  # binary -> Debian package
+SETUP_NAMES = ("raw", "openvpn", "wireguard", "openconnect", "mptun")
+PEERS = ("openvpn", "wireguard", "openconnect")  # what mptun is compared with
+MODES = ("duplicate", "redundant", "lowest-rtt", "balance", "backup")
+SECTION_NAMES = ("single", "loss", "failover", "aggregation", "cpu")
+TLS_FLAG = 50.0  # an OpenConnect figure with less of its bytes on DTLS (%) is flagged
+APT_PACKAGES = {  # binary -> Debian package
+    "iperf3": "iperf3", "nft": "nftables", "openvpn": "openvpn",
+    "wireguard-go": "wireguard-go", "wg": "wireguard-tools",
+    "openconnect": "openconnect", "ocserv": "ocserv", "mptcpize": "mptcpize",
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much traffic each section sends; ``--quick`` shrinks it for development."""
+
+    runs: int = 3
+    duration: float = 5.0  # seconds per iperf3 test
+    echo_duration: float = 8.0  # seconds of UDP echo
+    loss_rates: tuple[float, ...] = (0.05, 0.10)  # per-path random loss for the residual-loss test
+    loss_count: int = 2000  # datagrams ...
+    loss_pps: float = 400.0  # ... at this rate ...
+    loss_size: int = 200  # ... of this size
+    failover_count: int = 400  # datagrams at failover_pps; the cut comes at failover_cut_s
+    failover_pps: float = 100.0
+    failover_cut_s: float = 1.5
+    link_mbit: float = 20.0  # rate limit of each path for the aggregation test
+    cpu_pps: int = 5000  # offered load of the CPU test ...
+    cpu_size: int = LARGE  # ... in datagrams of this size
+
+
+QUICK = Plan(runs=1, duration=2.0, echo_duration=3.0, loss_count=1000, failover_count=250)
 
 
 def progress(msg: str) -> None:
@@ -68,20 +121,20 @@ def progress(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------
-# Setups: how to bring up each kind of path between the two namespaces
+# Setups: how to carry traffic from the client to the server of a topology
 # --------------------------------------------------------------------------
 
 class Setup(ABC):
-    """One way of carrying traffic from ``client`` to ``server`` in a fresh lab."""
+    """One way of carrying traffic from ``topo.client`` to ``topo.server``."""
 
     name: ClassVar[str]
-    # (client-side, server-side) TUN device names, or None when there is no tunnel.
-    tun_names: ClassVar[Optional[tuple[str, str]]] = None
+    binaries: ClassVar[tuple[str, ...]] = ()  # needed on the machine (installed by ensure_tools)
 
-    def __init__(self, server: Host, client: Host, server_addr: str) -> None:
-        self.server = server
-        self.client = client
-        self.server_addr = server_addr
+    def __init__(self, topo: MultipathTopology) -> None:
+        self.topo = topo
+        self.server: Host = topo.server
+        self.client: Host = topo.client
+        self.server_addr: str = topo.server_addr
 
     @abstractmethod
     def start(self) -> None:
@@ -94,6 +147,10 @@ class Setup(ABC):
     def target(self) -> str:
         """The server's address as the client must use it (through the tunnel, if any)."""
 
+    def tun_names(self) -> Optional[tuple[str, str]]:
+        """(client-side, server-side) TUN devices, or None when there is no tunnel."""
+        return None
+
     def pids(self) -> tuple[list[int], list[int]]:
         """(client side, server side) pids of the processes that do the tunnelling."""
         return [], []
@@ -102,9 +159,18 @@ class Setup(ABC):
         """The data-channel cipher in use, for the report."""
         return "none"
 
+    def wrap(self, argv: list[str]) -> list[str]:
+        """How a traffic tool's command line runs with this setup (e.g. under mptcpize)."""
+        return argv
+
+    @contextmanager
+    def observe(self, test: str) -> Iterator[dict[str, float]]:
+        """Around one test: yields a dict the setup fills with extra figures of its own."""
+        yield {}
+
 
 class RawSetup(Setup):
-    """The plain veth link: the ceiling for everything else."""
+    """The routed link through the router, no tunnel: the ceiling for everything else."""
 
     name = "raw"
 
@@ -116,15 +182,36 @@ class RawSetup(Setup):
         return self.server_addr
 
 
-class OpenVpnSetup(Setup):
-    """OpenVPN 2.6 in user space (see tunnel/lab/openvpn.py for the configuration)."""
+class MptcpSetup(RawSetup):
+    """The raw links with Linux MPTCP on both ends and iperf3 run under ``mptcpize``."""
 
-    name = "openvpn"
-    tun_names = (openvpn.TUN, openvpn.TUN)
+    name = "mptcp"
+    binaries = ("mptcpize",)
 
-    def __init__(self, server: Host, client: Host, server_addr: str) -> None:
-        super().__init__(server, client, server_addr)
-        self.pair = openvpn.OpenVpnPair(server, client, server_addr)
+    def start(self) -> None:
+        reason = mptcp.available()
+        if reason:
+            raise RuntimeError(reason)
+        mptcp.enable(self.topo)
+        super().start()
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        return mptcp.argv(argv)
+
+    def cipher(self) -> str:
+        return "none (no tunnel)"
+
+
+class PairSetup(Setup):
+    """A setup driven by a pair object (server + client process) with start/stop/workdir."""
+
+    def __init__(self, topo: MultipathTopology) -> None:
+        super().__init__(topo)
+        self.pair = self.make_pair()
+
+    @abstractmethod
+    def make_pair(self):  # -> an object with start(), stop(), workdir, client_proc, server_proc
+        ...
 
     def start(self) -> None:
         self.pair.start()
@@ -133,59 +220,169 @@ class OpenVpnSetup(Setup):
         try:
             self.pair.stop()
         finally:
-            self.pair.remove_workdir()
+            shutil.rmtree(self.pair.workdir, ignore_errors=True)
+
+    def pids(self) -> tuple[list[int], list[int]]:
+        return _pids(self.pair.client_proc), _pids(self.pair.server_proc)
+
+
+class OpenVpnSetup(PairSetup):
+    """OpenVPN 2.6 in user space (see tunnel/lab/openvpn.py for the configuration)."""
+
+    name = "openvpn"
+    binaries = ("openvpn",)
+
+    def make_pair(self) -> openvpn.OpenVpnPair:
+        return openvpn.OpenVpnPair(self.server, self.client, self.server_addr)
 
     def target(self) -> str:
         return self.pair.server_inner
 
-    def pids(self) -> tuple[list[int], list[int]]:
-        return _pids(self.pair.client_proc), _pids(self.pair.server_proc)
+    def tun_names(self) -> tuple[str, str]:
+        return openvpn.TUN, openvpn.TUN
 
     def cipher(self) -> str:
         return openvpn.CIPHER  # forced on both ends by cipher/data-ciphers
 
 
-class MptunSetup(Setup):
-    """Real ``mptun server`` / ``mptun client`` processes, logging at info like a deployment."""
+class WireGuardSetup(PairSetup):
+    """wireguard-go on both ends (see tunnel/lab/wireguard.py)."""
+
+    name = "wireguard"
+    binaries = ("wireguard-go", "wg")
+
+    def make_pair(self) -> wireguard.WireGuardPair:
+        return wireguard.WireGuardPair(self.server, self.client, self.server_addr)
+
+    def target(self) -> str:
+        return self.pair.server_inner
+
+    def tun_names(self) -> tuple[str, str]:
+        return self.pair.client_ifname, self.pair.server_ifname
+
+    def cipher(self) -> str:
+        return wireguard.CIPHER
+
+
+class OpenConnectSetup(PairSetup):
+    """openconnect against ocserv (see tunnel/lab/openconnect.py); counts bytes per channel."""
+
+    name = "openconnect"
+    binaries = ("openconnect", "ocserv", "nft")
+
+    def make_pair(self) -> openconnect.OpenConnectPair:
+        return openconnect.OpenConnectPair(self.server, self.client, self.server_addr)
+
+    def target(self) -> str:
+        return self.pair.server_inner
+
+    def tun_names(self) -> tuple[str, str]:
+        return self.pair.client_ifname, self.pair.server_ifname()
+
+    def pids(self) -> tuple[list[int], list[int]]:
+        return _pids(self.pair.client_proc), self.pair.server_pids()
+
+    def cipher(self) -> str:
+        return self.pair.cipher()
+
+    @contextmanager
+    def observe(self, test: str) -> Iterator[dict[str, float]]:
+        """Adds ``dtls_share_<test>``: % of the tunnel's bytes (both ways) carried by DTLS."""
+        counters = self.pair.counters
+        assert counters is not None
+        counters.read(reset=True)
+        extra: dict[str, float] = {}
+        yield extra
+        totals = counters.read()
+        if totals["dtls"] + totals["tls"]:
+            extra[f"dtls_share_{test}"] = 100.0 * totals["dtls"] / (totals["dtls"] + totals["tls"])
+
+
+class MptunSetup(PairSetup):
+    """Real ``mptun server`` / ``mptun client`` processes, logging at info like a deployment.
+
+    ``client`` holds extra client settings (``mode``, ``interfaces``, ...).
+    """
 
     name = "mptun"
-    tun_names = ("mptun0", "mptun0")  # as configured by TunnelStack
 
-    def __init__(self, server: Host, client: Host, server_addr: str) -> None:
-        super().__init__(server, client, server_addr)
+    def __init__(self, topo: MultipathTopology, **client: object) -> None:
+        self.client_settings = client
+        super().__init__(topo)
+
+    def make_pair(self) -> TunnelStack:
         quiet = {"log_level": "info"}
-        self.stack = TunnelStack(server, client, server_addr,
-                                 server_overrides=dict(quiet), client_overrides=dict(quiet))
+        return TunnelStack(self.server, self.client, self.server_addr,
+                           server_overrides=dict(quiet), client_overrides={**quiet, **self.client_settings})
 
-    def start(self) -> None:
-        self.stack.start()
-
-    def stop(self) -> None:
-        try:
-            self.stack.stop()
-        finally:
-            shutil.rmtree(self.stack.workdir, ignore_errors=True)
+    @property
+    def stack(self) -> TunnelStack:
+        return self.pair
 
     def target(self) -> str:
         return SERVER_INNER
 
-    def pids(self) -> tuple[list[int], list[int]]:
-        return _pids(self.stack.client_proc), _pids(self.stack.server_proc)
+    def tun_names(self) -> tuple[str, str]:
+        return "mptun0", "mptun0"  # as configured by TunnelStack
 
     def cipher(self) -> str:
-        """Negotiated by DTLS; the client logs "connected to A: server 'N', CIPHER"."""
+        """Negotiated by DTLS; the client logs "path P: connected to server 'N', CIPHER"."""
         for line in self.stack.client_log.read_text(errors="replace").splitlines():
             if "connected to" in line and ", " in line:
                 return line.rsplit(", ", 1)[1].strip()
         return "unknown"
 
+    def paths(self) -> list[dict]:
+        return self.stack.client_status()["paths"]
 
-SETUPS: dict[str, type[Setup]] = {cls.name: cls for cls in (RawSetup, OpenVpnSetup, MptunSetup)}
+    def wait_paths(self, n: int, timeout: float = 15.0) -> None:
+        """Wait until ``n`` paths are joined and up on the client and the server lists ``n``."""
+        def ready() -> bool:
+            up = sum(bool(p.get("joined")) and p.get("state") == "up" for p in self.paths())
+            tunnels = self.stack.server_status()["tunnels"]
+            return up == n and bool(tunnels) and len(tunnels[0]["paths"]) == n
+        wait_for(ready, timeout, message=f"mptun: expected {n} joined paths; client: {self.paths()}")
+
+    def path_index(self, status: dict) -> int:
+        """The topology path a client status entry belongs to (by interface name or address)."""
+        text = json.dumps(status)
+        for path in self.topo.paths:
+            if path.client_ifname in text or path.client_addr in text:
+                return path.index
+        raise LookupError(f"cannot tell which path this is: {status}")
+
+    def path_counters(self, key: str = "tx_packets") -> dict[int, int]:
+        """A counter of every client path, by topology path index."""
+        return {self.path_index(p): p.get(key, 0) for p in self.paths()}
+
+
+SETUPS: dict[str, type[Setup]] = {cls.name: cls for cls in (
+    RawSetup, OpenVpnSetup, WireGuardSetup, OpenConnectSetup, MptunSetup)}
 
 
 def _pids(proc: Optional[subprocess.Popen]) -> list[int]:
     # `ip netns exec` execs the command, so the Popen pid is the tunnel process itself.
     return [proc.pid] if proc is not None else []
+
+
+@contextmanager
+def started(setup: Setup) -> Iterator[Setup]:
+    """``setup`` started, and stopped again however the block ends."""
+    try:
+        progress(f"  {setup.name}: starting")
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
+@contextmanager
+def lab_topology(tag: str, n_paths: int) -> Iterator[tuple[MultipathTopology, Impairments]]:
+    """A fresh lab with a MultipathTopology of ``n_paths`` paths and its Impairments."""
+    with Lab(unique_prefix(tag)) as lab:
+        topo = MultipathTopology(lab, n_paths=n_paths)
+        with Impairments(topo) as imp:
+            yield topo, imp
 
 
 # --------------------------------------------------------------------------
@@ -232,12 +429,12 @@ class CpuProbe:
     end: Optional[CpuSample] = None
 
     def _sample(self) -> CpuSample:
-        assert self.setup.tun_names is not None
+        tuns = self.setup.tun_names()
+        assert tuns is not None
         client_pids, server_pids = self.setup.pids()
-        client_tun, server_tun = self.setup.tun_names
         return CpuSample(cpu_seconds(client_pids), cpu_seconds(server_pids),
-                         tun_counter(self.setup.client, client_tun, "tx_packets"),
-                         tun_counter(self.setup.server, server_tun, "rx_packets"))
+                         tun_counter(self.setup.client, tuns[0], "tx_packets"),
+                         tun_counter(self.setup.server, tuns[1], "rx_packets"))
 
     def __enter__(self) -> CpuProbe:
         self.start = self._sample()
@@ -263,13 +460,14 @@ def iperf(setup: Setup, seconds: float, extra: Sequence[str] = ()) -> dict:
 
     The server is started for exactly one test (``-1``) and killed if it lingers.
     """
-    server = setup.server.popen(["iperf3", "-s", "-1", "-p", str(IPERF_PORT)],
+    server = setup.server.popen(setup.wrap(["iperf3", "-s", "-1", "-p", str(IPERF_PORT)]),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: setup.server.is_listening(IPERF_PORT) or server.poll() is not None, 10,
                  message="iperf3 server did not start")
-        res = setup.client.run(["iperf3", "-c", setup.target(), "-p", str(IPERF_PORT), "-J",
-                                "-t", f"{seconds:g}", *extra], check=False, timeout=seconds + 60)
+        res = setup.client.run(setup.wrap(["iperf3", "-c", setup.target(), "-p", str(IPERF_PORT), "-J",
+                                           "-t", f"{seconds:g}", *extra]),
+                               check=False, timeout=seconds + 60)
         try:
             out = json.loads(res.stdout)
         except json.JSONDecodeError:
@@ -290,9 +488,10 @@ def tcp_throughput(setup: Setup, seconds: float) -> float:
     return iperf(setup, seconds)["sum_received"]["bits_per_second"] / 1e6
 
 
-def udp_flood(setup: Setup, seconds: float, size: int) -> tuple[float, float]:
-    """Unlimited-rate UDP with ``size``-byte payloads: (received packets/s, loss %)."""
-    recv = iperf(setup, seconds, ["-u", "-b", "0", "-l", str(size)])["sum_received"]
+def udp_load(setup: Setup, seconds: float, size: int, pps: Optional[float] = None) -> tuple[float, float]:
+    """UDP with ``size``-byte payloads at ``pps`` (None: unlimited): (received packets/s, loss %)."""
+    rate = "0" if pps is None else str(int(pps * size * 8))
+    recv = iperf(setup, seconds, ["-u", "-b", rate, "-l", str(size)])["sum_received"]
     received = recv["packets"] - recv["lost_packets"]
     return received / recv["seconds"], float(recv["lost_percent"])
 
@@ -378,14 +577,74 @@ def echo_rtt(setup: Setup, seconds: float) -> tuple[float, float, int]:
     return percentile(rtts, 50), percentile(rtts, 99), out["sent"] - len(rtts)
 
 
-def percentile(sorted_values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile of an already sorted sequence."""
-    rank = max(1, -(-len(sorted_values) * p // 100))  # ceil(n * p / 100)
-    return sorted_values[int(rank) - 1]
+def _sleep_until(deadline: float) -> None:
+    """Sleep until time.monotonic() reaches ``deadline`` (a schedule, not a guess)."""
+    delay = deadline - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
 
 
 # --------------------------------------------------------------------------
-# The driver
+# Results: every figure of every run, and their summaries
+# --------------------------------------------------------------------------
+
+Series = dict[str, list[float]]  # figure -> one value per run
+Table = dict[str, Series]  # row (setup, mode, ...) -> its figures
+
+
+@dataclass(frozen=True)
+class Stat:
+    median: float
+    low: float
+    high: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        return cls(statistics.median(values), min(values), max(values), len(values))
+
+    def fmt(self, spec: str) -> str:
+        """"median (min–max)", or the bare value for a single run."""
+        f = spec.format
+        return f(self.median) if self.n == 1 else f"{f(self.median)} ({f(self.low)}–{f(self.high)})"
+
+
+@dataclass
+class Results:
+    """Figures per section and row, notes (failures, quirks) per section, ciphers per setup."""
+
+    tables: dict[str, Table] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)
+    ciphers: dict[str, str] = field(default_factory=dict)
+    ran: list[str] = field(default_factory=list)  # sections that were run
+
+    def add(self, section: str, row: str, figures: dict[str, float]) -> None:
+        series = self.tables.setdefault(section, {}).setdefault(row, {})
+        for key, value in figures.items():
+            series.setdefault(key, []).append(float(value))
+
+    def note(self, section: str, text: str) -> None:
+        notes = self.notes.setdefault(section, [])
+        if text not in notes:
+            notes.append(text)
+
+    def stat(self, section: str, row: str, key: str) -> Optional[Stat]:
+        values = self.tables.get(section, {}).get(row, {}).get(key)
+        return Stat.of(values) if values else None
+
+    def median(self, section: str, row: str, key: str) -> Optional[float]:
+        s = self.stat(section, row, key)
+        return s.median if s else None
+
+    def failed(self, section: str, what: str, exc: BaseException) -> None:
+        """Record that ``what`` could not be measured, with the first lines of the reason."""
+        reason = " ".join(str(exc).split())[:400] or type(exc).__name__
+        progress(f"  {what} FAILED: {reason}")
+        self.note(section, f"{what}: could not be measured: {type(exc).__name__}: {reason}")
+
+
+# --------------------------------------------------------------------------
+# Section "single": foundation figures for every setup over one path
 # --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -394,121 +653,265 @@ class Metric:
     label: str
     unit: str
     fmt: str
-    ratio: bool = True  # is mptun/openvpn a meaningful figure?
+    ratio: bool = True  # is mptun/other a meaningful figure?
     tunnel_only: bool = False
+    higher_is_better: bool = True
+    test: str = ""  # the test it comes from (for OpenConnect's DTLS share)
+    show_share: bool = False  # print that share in this row (a TLS-heavy test is flagged in every row)
 
 
 METRICS = [
-    Metric("tcp_mbps", "TCP throughput", "Mbit/s", "{:,.0f}"),
-    Metric("udp_small_pps", f"UDP {SMALL} B received", "packets/s", "{:,.0f}"),
-    Metric("udp_small_loss", f"UDP {SMALL} B loss", "%", "{:.1f}", ratio=False),
-    Metric("udp_large_pps", f"UDP {LARGE} B received", "packets/s", "{:,.0f}"),
-    Metric("udp_large_loss", f"UDP {LARGE} B loss", "%", "{:.1f}", ratio=False),
-    Metric("cpu_client_us", f"CPU client side, UDP {SMALL} B", "µs/packet", "{:.1f}", tunnel_only=True),
-    Metric("cpu_server_us", f"CPU server side, UDP {SMALL} B", "µs/packet", "{:.1f}", tunnel_only=True),
-    Metric("rtt_p50_ms", "RTT p50", "ms", "{:.3f}"),
-    Metric("rtt_p99_ms", "RTT p99", "ms", "{:.3f}"),
-    Metric("rtt_lost", "echo lost", "datagrams", "{:.0f}", ratio=False),
+    Metric("tcp_mbps", "TCP throughput", "Mbit/s", "{:,.0f}", test="tcp", show_share=True),
+    Metric("udp_small_pps", f"UDP {SMALL} B received", "packets/s", "{:,.0f}", test="udp_small", show_share=True),
+    Metric("udp_small_loss", f"UDP {SMALL} B loss", "%", "{:.1f}", ratio=False, test="udp_small"),
+    Metric("udp_large_pps", f"UDP {LARGE} B received", "packets/s", "{:,.0f}", test="udp_large", show_share=True),
+    Metric("udp_large_loss", f"UDP {LARGE} B loss", "%", "{:.1f}", ratio=False, test="udp_large"),
+    Metric("cpu_client_us", f"CPU client side, UDP {SMALL} B", "µs/packet", "{:.1f}", tunnel_only=True,
+           higher_is_better=False, test="udp_small"),
+    Metric("cpu_server_us", f"CPU server side, UDP {SMALL} B", "µs/packet", "{:.1f}", tunnel_only=True,
+           higher_is_better=False, test="udp_small"),
+    Metric("rtt_p50_ms", "RTT p50", "ms", "{:.3f}", higher_is_better=False, test="echo", show_share=True),
+    Metric("rtt_p99_ms", "RTT p99", "ms", "{:.3f}", higher_is_better=False, test="echo"),
+    Metric("rtt_lost", "echo lost", "datagrams", "{:.0f}", ratio=False, test="echo"),
 ]
 METRIC = {m.key: m for m in METRICS}
 
 
-def measure(setup: Setup, args: argparse.Namespace) -> dict[str, float]:
-    """All figures of one run of one (started) setup."""
+def measure_single(setup: Setup, plan: Plan) -> dict[str, float]:
+    """All foundation figures of one run of one (started) setup."""
     fig: dict[str, float] = {}
 
     def say(what: str) -> None:
         progress(f"  {setup.name}: {what}")
 
     say("TCP")
-    fig["tcp_mbps"] = tcp_throughput(setup, args.duration)
+    with setup.observe("tcp") as extra:
+        fig["tcp_mbps"] = tcp_throughput(setup, plan.duration)
+    fig.update(extra)
     say(f"UDP {SMALL} B")
-    probe = CpuProbe(setup) if setup.tun_names is not None else None
-    with probe or nullcontext():
-        fig["udp_small_pps"], fig["udp_small_loss"] = udp_flood(setup, args.duration, SMALL)
-    if probe is not None:
-        fig["cpu_client_us"], fig["cpu_server_us"] = probe.micros_per_packet()
+    with setup.observe("udp_small") as extra:
+        if setup.tun_names() is not None:
+            with CpuProbe(setup) as probe:
+                fig["udp_small_pps"], fig["udp_small_loss"] = udp_load(setup, plan.duration, SMALL)
+            fig["cpu_client_us"], fig["cpu_server_us"] = probe.micros_per_packet()
+        else:
+            fig["udp_small_pps"], fig["udp_small_loss"] = udp_load(setup, plan.duration, SMALL)
+    fig.update(extra)
     say(f"UDP {LARGE} B")
-    fig["udp_large_pps"], fig["udp_large_loss"] = udp_flood(setup, args.duration, LARGE)
+    with setup.observe("udp_large") as extra:
+        fig["udp_large_pps"], fig["udp_large_loss"] = udp_load(setup, plan.duration, LARGE)
+    fig.update(extra)
     say("UDP echo")
-    fig["rtt_p50_ms"], fig["rtt_p99_ms"], fig["rtt_lost"] = echo_rtt(setup, args.echo_duration)
-    say(", ".join(f"{k}={METRIC[k].fmt.format(v)}" for k, v in fig.items()))
+    with setup.observe("echo") as extra:
+        fig["rtt_p50_ms"], fig["rtt_p99_ms"], fig["rtt_lost"] = echo_rtt(setup, plan.echo_duration)
+    fig.update(extra)
+    say(", ".join(f"{k}={METRIC[k].fmt.format(v) if k in METRIC else f'{v:.0f}'}" for k, v in fig.items()))
     return fig
 
 
-def run_setup_once(name: str, args: argparse.Namespace) -> tuple[dict[str, float], str]:
-    """A fresh lab (client + server namespace, one veth), the setup started in it, measured.
-
-    Returns the figures and the data cipher the setup used.
-    """
-    with Lab(unique_prefix("bench")) as lab:
-        server, client = lab.add_host("srv"), lab.add_host("cli")
-        link = lab.link(server, client, UNDERLAY_SUBNET)
-        setup = SETUPS[name](server, client, link.a_addr)
-        try:
-            progress(f"  {name}: starting")
-            setup.start()
-            return measure(setup, args), setup.cipher()
-        finally:
-            setup.stop()
-
-
-Runs = dict[str, dict[str, list[float]]]  # setup -> metric -> one value per run
-
-
-def run_all(args: argparse.Namespace) -> tuple[Runs, dict[str, str]]:
-    """``args.runs`` rounds, each measuring every setup once (interleaved against drift).
-
-    Returns the figures and each setup's data cipher.
-    """
-    runs: Runs = {name: {} for name in args.only}
-    ciphers: dict[str, str] = {}
-    for i in range(args.runs):
-        progress(f"round {i + 1}/{args.runs}")
+def run_single(args: argparse.Namespace, results: Results) -> None:
+    """``plan.runs`` rounds, each measuring every setup once in a fresh one-path lab (interleaved)."""
+    plan: Plan = args.plan
+    for i in range(plan.runs):
+        progress(f"single path: round {i + 1}/{plan.runs}")
         for name in args.only:
-            figures, ciphers[name] = run_setup_once(name, args)
-            for key, value in figures.items():
-                runs[name].setdefault(key, []).append(value)
-    return runs, ciphers
+            cls = SETUPS[name]
+            missing = [b for b in cls.binaries if shutil.which(b) is None]
+            if missing:
+                results.note("single", f"{name}: not measured: {', '.join(missing)} not installed"
+                             " (apt-get install failed)")
+                continue
+            try:
+                with lab_topology("bench", 1) as (topo, _), started(cls(topo)) as setup:
+                    results.add("single", name, measure_single(setup, plan))
+                    results.ciphers[name] = setup.cipher()
+            except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
+                results.failed("single", f"{name} (round {i + 1})", exc)
 
 
 # --------------------------------------------------------------------------
-# Summary, targets and the report
+# Multipath sections (mptun on a two-path topology)
 # --------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Stat:
-    median: float
-    low: float
-    high: float
+def stream_through(setup: MptunSetup, plan_count: int, pps: float, size: int,
+                   during: Optional[Callable[[], None]] = None):
+    """A numbered UDP stream client -> server through the tunnel (tunnel.lab.stream)."""
+    return run_stream(setup.client, setup.server, SERVER_INNER, STREAM_PORT, pps, size, plan_count,
+                      setup.stack.workdir, during=during)
 
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Stat:
-        return cls(statistics.median(values), min(values), max(values))
 
+def _state_changes(setup: MptunSetup) -> int:
+    return sum(p.get("state_changes", 0) for p in setup.paths())
+
+
+def run_loss(args: argparse.Namespace, results: Results) -> None:
+    """Residual loss in duplicate mode over two paths with independent random loss p on each."""
+    plan: Plan = args.plan
+    for i in range(plan.runs):
+        progress(f"residual loss: round {i + 1}/{plan.runs}")
+        try:
+            with lab_topology("bloss", 2) as (topo, imp), started(MptunSetup(topo, mode="duplicate")) as setup:
+                setup.wait_paths(2)
+                for p in plan.loss_rates:
+                    progress(f"  duplicate, {p:.0%} loss per path: {plan.loss_count} datagrams")
+                    changes = _state_changes(setup)
+                    imp.apply({(k, d): Impairment(loss=p) for k in range(2) for d in ("up", "down")})
+                    res = stream_through(setup, plan.loss_count, plan.loss_pps, plan.loss_size)
+                    flaps = _state_changes(setup) - changes
+                    imp.clear()
+                    expected = p * p
+                    results.add("loss", f"{p:.2f}", {
+                        "sent": res.sent, "lost": res.lost, "loss_pct": 100 * res.loss_ratio,
+                        "expected_pct": 100 * expected, "expected_lost": expected * res.sent,
+                        "duplicates": res.duplicates, "state_changes": flaps})
+                    progress(f"  lost {res.lost} of {res.sent} (expected {expected * res.sent:.1f}),"
+                             f" {flaps} path state changes")
+                    setup.wait_paths(2)
+        except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError, LookupError) as exc:
+            results.failed("loss", f"round {i + 1}", exc)
+
+
+def cut_busiest_path(setup: MptunSetup, imp: Impairments, t0: float, cut_at: float) -> int:
+    """Blackhole (both ways) the path that carried most of the stream, ``cut_at`` s after ``t0``.
+
+    The choice is made from the client's per-path tx counters over the
+    second before the cut (the stream dwarfs the 10/s probes).
+    """
+    _sleep_until(t0 + cut_at - 1.0)
+    before = setup.path_counters()
+    _sleep_until(t0 + cut_at - 0.2)
+    after = setup.path_counters()
+    busiest = max(sorted(after), key=lambda k: after[k] - before.get(k, 0))
+    _sleep_until(t0 + cut_at)
+    imp.blackhole(busiest)
+    return busiest
+
+
+def run_failover(args: argparse.Namespace, results: Results) -> None:
+    """Per mode: longest gap and losses of a 100/s stream when its path is blackholed."""
+    plan: Plan = args.plan
+    for i in range(plan.runs):
+        progress(f"failover: round {i + 1}/{plan.runs}")
+        for mode in MODES:
+            try:
+                with lab_topology("bfail", 2) as (topo, imp):
+                    interfaces = [p.client_ifname for p in topo.paths]  # backup's priority: path 0 first
+                    with started(MptunSetup(topo, mode=mode, interfaces=interfaces)) as setup:
+                        setup.wait_paths(2)
+                        cut: list[int] = []
+                        res = stream_through(
+                            setup, plan.failover_count, plan.failover_pps, 200,
+                            during=lambda: cut.append(
+                                cut_busiest_path(setup, imp, time.monotonic(), plan.failover_cut_s)))
+                        results.add("failover", mode, {"gap_ms": res.longest_gap_ms, "lost": res.lost,
+                                                       "cut_path": cut[0], "sent": res.sent})
+                        progress(f"  {mode}: cut path {cut[0]}, longest gap {res.longest_gap_ms:.0f} ms,"
+                                 f" lost {res.lost}")
+            except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError, LookupError) as exc:
+                results.failed("failover", f"{mode} (round {i + 1})", exc)
+
+
+def run_aggregation(args: argparse.Namespace, results: Results) -> None:
+    """TCP over two rate-limited paths: one raw link, MPTCP, mptun balance."""
+    plan: Plan = args.plan
+    limit = Impairment(rate_mbit=plan.link_mbit)
+    for i in range(plan.runs):
+        progress(f"aggregation: round {i + 1}/{plan.runs}")
+        try:
+            with lab_topology("bagg", 2) as (topo, imp):
+                imp.apply({(k, d): limit for k in range(2) for d in ("up", "down")})
+                with started(RawSetup(topo)) as raw:  # unbound sockets leave through path 0
+                    results.add("aggregation", "raw", {"mbps": tcp_throughput(raw, plan.duration)})
+                if shutil.which("mptcpize") is None:
+                    results.note("aggregation", "MPTCP: not measured: mptcpize not installed")
+                else:
+                    try:
+                        with started(MptcpSetup(topo)) as mp:
+                            before = mptcp.mib(topo.client)
+                            mbps = tcp_throughput(mp, plan.duration)
+                            joined = mptcp.joined_subflows(before, mptcp.mib(topo.client))
+                            results.add("aggregation", "mptcp", {"mbps": mbps, "joined": joined})
+                    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
+                        results.failed("aggregation", "MPTCP", exc)
+                with started(MptunSetup(topo, mode="balance")) as setup:
+                    setup.wait_paths(2)
+                    before = setup.path_counters("tx_bytes")
+                    mbps = tcp_throughput(setup, plan.duration)
+                    after = setup.path_counters("tx_bytes")
+                    sent = {k: after[k] - before.get(k, 0) for k in after}
+                    share = 100 * max(sent.values()) / max(1, sum(sent.values()))
+                    results.add("aggregation", "mptun", {"mbps": mbps, "busiest_share": share})
+                progress("  " + ", ".join(f"{row} {results.tables['aggregation'][row]['mbps'][-1]:.1f}"
+                                          for row in results.tables.get("aggregation", {})) + " Mbit/s")
+        except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError, LookupError) as exc:
+            results.failed("aggregation", f"round {i + 1}", exc)
+
+
+def run_cpu(args: argparse.Namespace, results: Results) -> None:
+    """CPU per packet at a fixed offered load: duplicate over two paths vs one path."""
+    plan: Plan = args.plan
+    for i in range(plan.runs):
+        progress(f"duplicate CPU: round {i + 1}/{plan.runs}")
+        try:
+            with lab_topology("bcpu", 2) as (topo, _):
+                for row, paths in (("1 path", topo.paths[:1]), ("duplicate, 2 paths", topo.paths)):
+                    interfaces = [p.client_ifname for p in paths]
+                    with started(MptunSetup(topo, mode="duplicate", interfaces=interfaces)) as setup:
+                        setup.wait_paths(len(paths))
+                        with CpuProbe(setup) as probe:
+                            pps, loss = udp_load(setup, plan.duration, plan.cpu_size, plan.cpu_pps)
+                        client_us, server_us = probe.micros_per_packet()
+                        results.add("cpu", row, {"cpu_client_us": client_us, "cpu_server_us": server_us,
+                                                 "pps": pps, "loss": loss})
+                        progress(f"  {row}: client {client_us:.1f} µs, server {server_us:.1f} µs per packet,"
+                                 f" {pps:,.0f} packets/s delivered")
+        except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError, LookupError) as exc:
+            results.failed("cpu", f"round {i + 1}", exc)
+
+
+RUNNERS: dict[str, Callable[[argparse.Namespace, Results], None]] = {
+    "single": run_single, "loss": run_loss, "failover": run_failover,
+    "aggregation": run_aggregation, "cpu": run_cpu,
+}
+
+
+# --------------------------------------------------------------------------
+# Targets and the report
+# --------------------------------------------------------------------------
 
 @dataclass
 class Report:
     meta: dict[str, str]
-    runs: Runs
-    ciphers: dict[str, str]
-    stats: dict[str, dict[str, Stat]] = field(init=False)
+    results: Results
+    plan: Plan
 
-    def __post_init__(self) -> None:
-        self.stats = {s: {k: Stat.of(v) for k, v in m.items()} for s, m in self.runs.items()}
-
-    def median(self, setup: str, key: str) -> Optional[float]:
-        stat = self.stats.get(setup, {}).get(key)
-        return stat.median if stat else None
+    def single(self, setup: str, key: str) -> Optional[float]:
+        return self.results.median("single", setup, key)
 
     def ratio(self, key: str, num: str, den: str) -> Optional[float]:
-        a, b = self.median(num, key), self.median(den, key)
+        a, b = self.single(num, key), self.single(den, key)
         return a / b if a is not None and b else None
 
     def added_rtt(self, setup: str) -> Optional[float]:
         """Median p50 RTT of ``setup`` minus that of the raw link, in ms."""
-        a, b = self.median(setup, "rtt_p50_ms"), self.median("raw", "rtt_p50_ms")
+        a, b = self.single(setup, "rtt_p50_ms"), self.single("raw", "rtt_p50_ms")
         return a - b if a is not None and b is not None else None
+
+    def dtls_share(self, setup: str, metric: Metric) -> Optional[float]:
+        return self.single(setup, f"dtls_share_{metric.test}") if metric.test else None
+
+    def mostly_tls(self, setup: str, metric: Metric) -> bool:
+        share = self.dtls_share(setup, metric)
+        return share is not None and share < TLS_FLAG
+
+    def best_peer(self, metric: Metric) -> Optional[tuple[str, float]]:
+        """The best peer's (name, median) for ``metric``; figures mostly carried by TLS don't count."""
+        figures = [(p, v) for p in PEERS
+                   if (v := self.single(p, metric.key)) is not None and not self.mostly_tls(p, metric)]
+        if not figures:
+            return None
+        pick = max if metric.higher_is_better else min
+        return pick(figures, key=lambda pv: pv[1])
 
 
 @dataclass(frozen=True)
@@ -530,7 +933,7 @@ def _at_least(report: Report, key: str, factor: float, text: str) -> Target:
 def foundation_targets(report: Report) -> list[Target]:
     """The performance targets of the foundation issue, checked against this report."""
     mp, ov = report.added_rtt("mptun"), report.added_rtt("openvpn")
-    cpu = [report.median("mptun", k) for k in ("cpu_client_us", "cpu_server_us")]
+    cpu = [report.single("mptun", k) for k in ("cpu_client_us", "cpu_server_us")]
     cpu_known = all(c is not None for c in cpu)
     return [
         _at_least(report, "tcp_mbps", 0.8, "single-path TCP >= 0.8x OpenVPN"),
@@ -544,27 +947,34 @@ def foundation_targets(report: Report) -> list[Target]:
     ]
 
 
-def _cell(report: Report, setup: str, metric: Metric) -> str:
-    stat = report.stats.get(setup, {}).get(metric.key)
+def _single_cell(report: Report, setup: str, metric: Metric) -> str:
+    stat = report.results.stat("single", setup, metric.key)
     if stat is None or (metric.tunnel_only and setup == "raw"):
         return "-"
-    f = metric.fmt.format
-    if len(report.runs[setup][metric.key]) == 1:
-        return f(stat.median)
-    return f"{f(stat.median)} ({f(stat.low)}–{f(stat.high)})"
+    text = stat.fmt(metric.fmt)
+    share = report.dtls_share(setup, metric)
+    if share is None:
+        return text
+    if share < TLS_FLAG:
+        return f"**{text} ⚠ DTLS {share:.0f} %: mostly TLS**"
+    return f"{text} · DTLS {share:.0f} %" if metric.show_share else text
 
 
 def figures_table(report: Report) -> list[str]:
-    rows = ["| figure | raw | openvpn | mptun | mptun/openvpn | mptun/raw |",
-            "|---|--:|--:|--:|--:|--:|"]
+    setups = [s for s in SETUP_NAMES if s in report.results.tables.get("single", {})]
+    rows = ["| figure | " + " | ".join(setups) + " | mptun / best peer | mptun / openvpn | mptun / raw |",
+            "|---|" + "--:|" * (len(setups) + 3)]
     for m in METRICS:
-        cells = [_cell(report, s, m) for s in SETUP_NAMES]
+        cells = [_single_cell(report, s, m) for s in setups]
+        best = report.best_peer(m) if m.ratio else None
+        mp = report.single("mptun", m.key)
+        vs_best = f"{mp / best[1]:.2f}x ({best[0]})" if best and mp is not None and best[1] else "-"
         vs_ovpn = _fmt_ratio(report.ratio(m.key, "mptun", "openvpn")) if m.ratio else "-"
         vs_raw = _fmt_ratio(report.ratio(m.key, "mptun", "raw")) if m.ratio and not m.tunnel_only else "-"
-        rows.append(f"| {m.label} ({m.unit}) | " + " | ".join(cells) + f" | {vs_ovpn} | {vs_raw} |")
-    added = [report.added_rtt(s) for s in SETUP_NAMES]
+        rows.append(f"| {m.label} ({m.unit}) | " + " | ".join(cells) + f" | {vs_best} | {vs_ovpn} | {vs_raw} |")
+    added = [report.added_rtt(s) for s in setups]
     rows.append("| added RTT p50 vs raw (ms) | "
-                + " | ".join(f"{a:+.3f}" if a is not None else "-" for a in added) + " | - | - |")
+                + " | ".join(f"{a:+.3f}" if a is not None else "-" for a in added) + " | - | - | - |")
     return rows
 
 
@@ -575,6 +985,15 @@ def targets_table(report: Report) -> list[str]:
     return rows
 
 
+def _notes(report: Report, section: str) -> list[str]:
+    notes = report.results.notes.get(section, [])
+    return ["", "Notes:", "", *[f"- {n}" for n in notes]] if notes else []
+
+
+def _not_run(report: Report, section: str) -> list[str]:
+    return [] if section in report.results.ran else ["", "*Not run by this invocation (`--sections`).*"]
+
+
 def section_header(report: Report) -> list[str]:
     m = report.meta
     return [
@@ -583,6 +1002,8 @@ def section_header(report: Report) -> list[str]:
         "Written by `scripts/bench`; do not edit by hand, run it again.  The machine is",
         "shared and noisy, so read the **ratios**: every figure is the median of the runs",
         "(min–max in brackets), and the setups are measured interleaved, round by round.",
+        f"A full default run takes about 15 minutes (this one: {m['elapsed']}); `scripts/bench",
+        "--quick` (one run, shorter tests) takes about 4 and prints instead of writing this file.",
         "",
         "| | |",
         "|---|---|",
@@ -592,6 +1013,9 @@ def section_header(report: Report) -> list[str]:
         f"| Python | {m['python']} |",
         f"| mptun commit | {m['commit']} |",
         f"| OpenVPN | {m['openvpn']} |",
+        f"| WireGuard | {m['wireguard']} |",
+        f"| OpenConnect | {m['openconnect']} |",
+        f"| MPTCP | {m['mptcp']} |",
         f"| iperf3 | {m['iperf3']} |",
         f"| command | `{m['command']}` |",
         f"| runs | {m['runs']} per figure; iperf3 tests {m['duration']} s, echo {m['echo_duration']} s |",
@@ -599,49 +1023,207 @@ def section_header(report: Report) -> list[str]:
 
 
 def section_single_path(report: Report) -> list[str]:
-    return [
-        "## Single path (foundation)",
+    ciphers = report.results.ciphers
+    lines = [
+        "## Single path",
         "",
-        "Two namespaces joined by one veth link (MTU 1500); traffic goes from the client",
-        "namespace to the server namespace: `raw` to the server's underlay address,",
-        "`openvpn` and `mptun` to the server's tunnel address.",
-        "Data ciphers: " + ", ".join(f"{s} {c}" for s, c in report.ciphers.items()) + ".",
-        "",
-        *figures_table(report),
-        "",
-        "### Targets (foundation issue)",
-        "",
-        *targets_table(report),
+        "The impairment lab's topology (`tunnel/lab/topology.py`) with one path and no",
+        "impairment: client `cli` -> router `rtr` (forwarding) -> server `srv`, veth links,",
+        "MTU 1500.  `raw` is the routed link itself (to the server's underlay address",
+        "198.18.250.2); the tunnels carry traffic from the client to the server's tunnel address.",
+        f"OpenConnect's cells give the share of its bytes its DTLS channel carried (the rest went",
+        f"over its TLS channel); under {TLS_FLAG:.0f} % the figure is flagged and not used as \"best peer\".",
+        "Data ciphers: " + (", ".join(f"{s} {c}" for s, c in ciphers.items() if s in SETUP_NAMES) or "-")
+        + ".",
+        *_not_run(report, "single"),
     ]
+    if "single" in report.results.ran:
+        lines += ["", *figures_table(report), "", "### Targets (foundation issue)", "",
+                  *targets_table(report)]
+    return lines + _notes(report, "single")
+
+
+def _row(label: str, *cells: str) -> str:
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def _cell(report: Report, section: str, row: str, key: str, spec: str) -> str:
+    stat = report.results.stat(section, row, key)
+    return stat.fmt(spec) if stat else "-"
+
+
+def section_loss(report: Report) -> list[str]:
+    p = report.plan
+    lines = [
+        "## Multipath: residual loss in duplicate mode",
+        "",
+        f"Two paths, each dropping a share p of the packets at random in both directions",
+        f"(nftables in the router, independently per path); mptun in `duplicate` mode; a stream",
+        f"of {p.loss_count:,} datagrams of {p.loss_size} B at {p.loss_pps:g}/s from client to server through the",
+        "tunnel.  With independent losses a datagram is lost only if both copies are, so the",
+        "expected residual loss is p1·p2.  \"path state changes\" counts mptun's path up/down",
+        "transitions during the stream (a path declared dead stops carrying copies).",
+        *_not_run(report, "loss"),
+    ]
+    table = report.results.tables.get("loss", {})
+    if table:
+        lines += ["", "| p1 = p2 | receiver: lost | receiver: loss | expected: p1·p2 | expected lost |"
+                  " measured / expected | path state changes |",
+                  "|--:|--:|--:|--:|--:|--:|--:|"]
+        for row in table:
+            lost, expected = (report.results.median("loss", row, k) for k in ("lost", "expected_lost"))
+            ratio = f"{lost / expected:.1f}x" if lost is not None and expected else "-"
+            lines.append(_row(f"{float(row):.0%}", _cell(report, "loss", row, "lost", "{:.0f}"),
+                              _cell(report, "loss", row, "loss_pct", "{:.2f} %"),
+                              _cell(report, "loss", row, "expected_pct", "{:.2f} %"),
+                              _cell(report, "loss", row, "expected_lost", "{:.1f}"), ratio,
+                              _cell(report, "loss", row, "state_changes", "{:.0f}")))
+    return lines + _notes(report, "loss")
+
+
+def section_failover(report: Report) -> list[str]:
+    p = report.plan
+    interval = 1e3 / p.failover_pps
+    lines = [
+        "## Multipath: failover gap per mode",
+        "",
+        f"Two paths, no impairment; a stream of {p.failover_pps:g} datagrams/s ({p.failover_count} in all) through",
+        f"mptun; {p.failover_cut_s:g} s into it the path that carried most of the stream (read from the",
+        "client's per-path counters) is blackholed in both directions at the router.",
+        f"\"longest gap\" is the longest time between two consecutive arrivals ({interval:g} ms = no",
+        "interruption); \"lost\" counts datagrams that never arrived.  mptun probes every path every",
+        "100 ms and declares it dead after 300 ms of silence (the defaults).  `interfaces` lists",
+        "path 0 first, so it is `backup`'s primary.  With two paths `redundant`",
+        "(redundancy 2) sends on both, like `duplicate`.",
+        *_not_run(report, "failover"),
+    ]
+    table = report.results.tables.get("failover", {})
+    if table:
+        lines += ["", "| mode | longest gap (ms) | lost (datagrams) | path cut |", "|---|--:|--:|---|"]
+        for mode in table:
+            cuts = ", ".join(f"{c:.0f}" for c in table[mode].get("cut_path", []))
+            lines.append(_row(f"`{mode}`", _cell(report, "failover", mode, "gap_ms", "{:.0f}"),
+                              _cell(report, "failover", mode, "lost", "{:.0f}"), cuts))
+    return lines + _notes(report, "failover")
+
+
+def section_aggregation(report: Report) -> list[str]:
+    p = report.plan
+    total = 2 * p.link_mbit
+    lines = [
+        "## Multipath: aggregation in balance mode",
+        "",
+        f"Two paths, each rate-limited to {p.link_mbit:g} Mbit/s in both directions at the router (tbf,",
+        f"50 ms of queue); one iperf3 TCP flow client -> server for {p.duration:g} s: over one raw link",
+        "(path 0, no tunnel), with Linux MPTCP over both raw links (`mptcpize run iperf3`, one",
+        "subflow endpoint per path), and through mptun in `balance` mode.  All three in the same lab,",
+        "one after the other, in every run.",
+        *_not_run(report, "aggregation"),
+    ]
+    results = report.results
+    table = results.tables.get("aggregation", {})
+    if table:
+        raw = results.median("aggregation", "raw", "mbps")
+        lines += ["", f"| | Mbit/s | / sum of the links ({total:g}) | / one raw link |", "|---|--:|--:|--:|",
+                  _row("sum of the link rates", f"{total:g}", "1.00x", _fmt_ratio(total / raw) if raw else "-")]
+        labels = {"raw": "one raw link (path 0)", "mptcp": "Linux MPTCP, 2 subflows", "mptun": "mptun `balance`"}
+        for row in ("raw", "mptcp", "mptun"):
+            if row not in table:
+                continue
+            value = results.median("aggregation", row, "mbps")
+            lines.append(_row(labels[row], _cell(report, "aggregation", row, "mbps", "{:.1f}"),
+                              _fmt_ratio(value / total if value is not None else None),
+                              _fmt_ratio(value / raw if value is not None and raw else None)))
+        extra = []
+        joined = results.stat("aggregation", "mptcp", "joined")
+        if joined:
+            extra.append(f"MPTCP: the client saw {joined.fmt('{:.0f}')} extra subflows join per run"
+                         " (iperf3's control and data connections each get one per extra path).")
+        share = results.stat("aggregation", "mptun", "busiest_share")
+        if share:
+            extra.append(f"mptun: the busier path carried {share.fmt('{:.0f}')} % of the tunnel's bytes"
+                         " (50 % = evenly spread).")
+        if extra:
+            lines += ["", *extra]
+    return lines + _notes(report, "aggregation")
+
+
+def section_cpu(report: Report) -> list[str]:
+    p = report.plan
+    lines = [
+        "## Multipath: CPU cost of duplicate mode",
+        "",
+        f"iperf3 UDP at {p.cpu_pps:,} datagrams/s of {p.cpu_size} B ({p.cpu_pps * p.cpu_size * 8 / 1e6:.0f} Mbit/s) client ->",
+        f"server through mptun for {p.duration:g} s, no impairment: once with one path (`interfaces` = path",
+        "0), once in `duplicate` mode over two paths.  CPU per packet as in the single-path",
+        "section: each side's CPU time over the packets its TUN device handled, so on the",
+        "server side of `duplicate` it includes receiving, decrypting and dropping the second copy.",
+        *_not_run(report, "cpu"),
+    ]
+    results = report.results
+    table = results.tables.get("cpu", {})
+    if table:
+        lines += ["", "| | client (µs/packet) | server (µs/packet) | delivered (packets/s) | loss (%) |",
+                  "|---|--:|--:|--:|--:|"]
+        for row in table:
+            lines.append(_row(row, *(_cell(report, "cpu", row, k, spec) for k, spec in (
+                ("cpu_client_us", "{:.1f}"), ("cpu_server_us", "{:.1f}"), ("pps", "{:,.0f}"), ("loss", "{:.1f}")))))
+        one, two = "1 path", "duplicate, 2 paths"
+        if one in table and two in table:
+            ratios = [results.median("cpu", two, k) / results.median("cpu", one, k)  # type: ignore[operator]
+                      for k in ("cpu_client_us", "cpu_server_us")]
+            lines.append(_row("duplicate / 1 path", *(f"{r:.2f}x" for r in ratios), "-", "-"))
+    return lines + _notes(report, "cpu")
 
 
 def section_method(report: Report) -> list[str]:
     return [
         "## Method",
         "",
+        "- Lab: `MultipathTopology` (client, router, server namespaces; path i = 198.18.i.0/30,",
+        "  server 198.18.250.2), `Impairments` for loss, rate limits and blackholes (nftables and",
+        "  tbf in the router; no delay line is used here, so no delay-line overhead is added).",
+        "  A fresh lab per setup and run (single path) or per run (multipath).",
         "- TCP: `iperf3 -t D` client -> server, bits/s as received.",
         f"- UDP: `iperf3 -u -b 0 -l {SMALL}` and `-l {LARGE}` (unlimited rate), received packets/s =",
         "  (packets - lost) / seconds from the receiver's report; loss is mostly the TUN queue",
         "  or the socket buffer in front of whichever process is the bottleneck.",
         f"- CPU per packet: utime + stime (/proc/PID/stat, {_CLK_TCK} Hz ticks) of each side's tunnel",
-        f"  process during the UDP {SMALL} B test, divided by the packets that side handled: the",
+        f"  processes during the UDP {SMALL} B test, divided by the packets that side handled: the",
         "  client TUN's tx_packets (read by the client) and the server TUN's rx_packets (written",
-        "  by the server).  Both tunnels are single processes; iperf3 shares the same cores.",
-        "  A TUN write runs the kernel's receive path for the inner packet in the writer's",
-        "  context, so the server side includes delivering it to the receiving socket.",
+        "  by the server).  iperf3 shares the same two cores.  A TUN write runs the kernel's",
+        "  receive path for the inner packet in the writer's context, so the server side includes",
+        "  delivering it to the receiving socket.  ocserv counts its main process, sec-mod and the",
+        "  client's worker; wireguard-go is one process with several threads (all counted).",
         f"- RTT: a Python UDP echo, {ECHO_SIZE}-byte datagrams at {ECHO_RATE:g}/s with sequence number",
         "  and `perf_counter` timestamp; p50/p99 by nearest rank; lost = not echoed within",
         f"  {ECHO_GRACE:g} s after the last send.",
+        "- Streams (multipath sections): `tunnel/lab/stream.py`, numbered datagrams on an absolute",
+        "  schedule, every arrival recorded by the receiver (loss, longest gap between arrivals).",
         "- OpenVPN: UDP, `dev tun`, `cipher`/`data-ciphers AES-256-GCM`, TLS with the same ECDSA",
         "  P-256 certificates as mptun, `dh none`, `disable-dco` (user space like mptun),",
         "  `topology subnet` in 100.65.0.0/24, `--verb 1`, defaults otherwise",
         "  (tun-mtu 1500, mssfix 1492).",
+        "- WireGuard: `wireguard-go -f` (user space; `WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1`,",
+        "  since this kernel has the module), keys from `wg genkey`, `wg set`, 100.67.0.0/24,",
+        "  MTU 1420, defaults otherwise.",
+        "- OpenConnect: `ocserv -f` with certificate authentication (CN as user name, same PKI as",
+        "  mptun), `dtls-legacy = true`, 100.66.0.0/24, otherwise close to Debian's example",
+        "  configuration; `openconnect --non-inter` with `--certificate`/`--sslkey`, the server key",
+        "  pinned with `--servercert pin-sha256:...`, and a `--script` that only sets the TUN",
+        "  address and route.  DTLS share: nftables counters in the server namespace on ocserv's",
+        "  UDP (DTLS) and TCP (TLS) port, both directions, reset before each test.",
+        "- MPTCP: `net.mptcp.enabled=1` and `ip mptcp limits set subflow 2 add_addr_accepted 2` on",
+        "  both ends, `ip mptcp endpoint add <path addr> dev <path if> subflow` per client path,",
+        "  iperf3 client and server under `mptcpize run`; joins checked in /proc/net/netstat.",
         "- mptun: `mptun server`/`mptun client` via TunnelStack, `log_level = \"info\"`,",
-        "  defaults otherwise.",
+        "  defaults otherwise (mode and `interfaces` as stated per section).",
     ]
 
 
-SECTIONS: list[Callable[[Report], list[str]]] = [section_header, section_single_path, section_method]
+SECTIONS: list[Callable[[Report], list[str]]] = [
+    section_header, section_single_path, section_loss, section_failover, section_aggregation,
+    section_cpu, section_method]
 
 
 def render(report: Report) -> str:
@@ -652,8 +1234,22 @@ def render(report: Report) -> str:
 # Environment and command line
 # --------------------------------------------------------------------------
 
+def needed_binaries(args: argparse.Namespace) -> list[str]:
+    binaries = ["iperf3", "nft"]
+    if "single" in args.sections:
+        binaries += [b for name in args.only for b in SETUPS[name].binaries]
+    if "aggregation" in args.sections:
+        binaries += list(MptcpSetup.binaries)
+    return sorted(set(binaries))
+
+
 def ensure_tools(binaries: Iterable[str]) -> None:
-    """apt-get install the Debian packages of any missing binaries."""
+    """apt-get install the Debian packages of any missing binaries; a failure is reported, not fatal.
+
+    Debian starts an installed ocserv as a system service: if this installs it
+    on a machine run by systemd, that service is stopped and disabled again
+    (the benchmark runs its own ocserv in a namespace).
+    """
     missing = sorted({APT_PACKAGES[b] for b in binaries if shutil.which(b) is None})
     if not missing:
         return
@@ -661,8 +1257,12 @@ def ensure_tools(binaries: Iterable[str]) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     cmd = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
     if subprocess.run(cmd, env=env).returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, check=True)
-        subprocess.run(cmd, env=env, check=True)
+        subprocess.run(["apt-get", "update"], env=env)
+        if subprocess.run(cmd, env=env).returncode != 0:
+            progress("apt-get install failed; what is missing is reported as not measured")
+    if "ocserv" in missing and Path("/run/systemd/system").is_dir() and shutil.which("systemctl"):
+        subprocess.run(["systemctl", "disable", "--now", "ocserv.service", "ocserv.socket"],
+                       capture_output=True)
 
 
 def _output_of(argv: Sequence[str], cwd: Optional[Path] = None) -> str:
@@ -699,6 +1299,7 @@ def _command(argv: Sequence[str]) -> str:
 
 
 def environment(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, str]:
+    plan: Plan = args.plan
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "kernel": platform.release(),
@@ -706,33 +1307,55 @@ def environment(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, str]
         "python": platform.python_version(),
         "commit": _commit(),
         "openvpn": openvpn.openvpn_version() if shutil.which("openvpn") else "not installed",
+        "wireguard": wireguard.versions(),
+        "openconnect": openconnect.versions(),
+        "mptcp": f"kernel MPTCP, {mptcp.version()}",
         "iperf3": _output_of(["iperf3", "--version"]).splitlines()[0] if shutil.which("iperf3") else "-",
         "command": _command(argv),
-        "runs": str(args.runs),
-        "duration": f"{args.duration:g}",
-        "echo_duration": f"{args.echo_duration:g}",
+        "runs": str(plan.runs),
+        "duration": f"{plan.duration:g}",
+        "echo_duration": f"{plan.echo_duration:g}",
+        "elapsed": "-",
     }
 
 
-def _setup_list(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in SETUPS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"choose from {','.join(SETUP_NAMES)}; got {text!r}")
-    return [n for n in SETUP_NAMES if n in names]  # canonical order, no duplicates
+def _name_list(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        bad = [n for n in names if n not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"{what}: choose from {','.join(choices)}; got {text!r}")
+        return [n for n in choices if n in names]  # canonical order, no duplicates
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=int, default=3, help="runs per figure (median reported; default 3)")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per iperf3 test (default 5)")
-    p.add_argument("--echo-duration", type=float, default=10.0, help="seconds of UDP echo (default 10)")
-    p.add_argument("--only", type=_setup_list, default=list(SETUP_NAMES),
-                   help="comma-separated setups to measure (default raw,openvpn,mptun)")
-    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                   help=f"markdown report to (over)write (default {DEFAULT_OUTPUT.relative_to(REPO_ROOT)})")
+    p = argparse.ArgumentParser(
+        prog="scripts/bench", description=__doc__.split("\n\n")[0],
+        epilog="A full run (no --quick/--sections/--only) rewrites docs/BENCH.md; a partial one prints"
+               " its report on stdout unless --output is given.")
+    p.add_argument("--runs", type=int, help=f"runs per figure (median reported; default {Plan.runs})")
+    p.add_argument("--duration", type=float, help=f"seconds per iperf3 test (default {Plan.duration:g})")
+    p.add_argument("--echo-duration", type=float,
+                   help=f"seconds of UDP echo (default {Plan.echo_duration:g})")
+    p.add_argument("--quick", action="store_true",
+                   help="development: 1 run, shorter tests and streams (prints instead of writing BENCH.md)")
+    p.add_argument("--sections", type=_name_list(SECTION_NAMES, "--sections"), default=list(SECTION_NAMES),
+                   help=f"comma-separated sections to run (default {','.join(SECTION_NAMES)})")
+    p.add_argument("--only", type=_name_list(SETUP_NAMES, "--only"), default=list(SETUP_NAMES),
+                   help=f"comma-separated setups for the single-path section (default {','.join(SETUP_NAMES)})")
+    p.add_argument("--output", type=Path,
+                   help=f"markdown report to (over)write (default for a full run: "
+                        f"{DEFAULT_OUTPUT.relative_to(REPO_ROOT)})")
     p.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     return p
+
+
+def _plan(args: argparse.Namespace) -> Plan:
+    plan = QUICK if args.quick else Plan()
+    overrides = {k: v for k, v in (("runs", args.runs), ("duration", args.duration),
+                                   ("echo_duration", args.echo_duration)) if v is not None}
+    return Plan(**{**vars(plan), **overrides})
 
 
 def _echo_main(argv: Sequence[str]) -> int:
@@ -748,43 +1371,61 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("echo-server", "echo-client"):
         return _echo_main(argv)
-    args = build_parser().parse_args(argv)
-    if args.runs < 1 or args.duration <= 0 or args.echo_duration <= 0:
-        build_parser().error("--runs, --duration and --echo-duration must be positive")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.plan = plan = _plan(args)
+    if plan.runs < 1 or plan.duration <= 0 or plan.echo_duration <= 0:
+        parser.error("--runs, --duration and --echo-duration must be positive")
+    partial = args.quick or args.sections != list(SECTION_NAMES) or args.only != list(SETUP_NAMES)
+    output = args.output or (None if partial else DEFAULT_OUTPUT)
     if os.geteuid() != 0:
         print("scripts/bench: needs root (network namespaces)", file=sys.stderr)
         return 1
-    ensure_tools(["iperf3"] + (["openvpn"] if "openvpn" in args.only else []))
+    ensure_tools(needed_binaries(args))
     meta = environment(args, argv)
-    started = time.monotonic()
+    results = Results()
+    started_at = time.monotonic()
     try:
-        runs, ciphers = run_all(args)
+        for section in args.sections:
+            results.ran.append(section)
+            RUNNERS[section](args, results)
     except KeyboardInterrupt:
         progress("interrupted; labs torn down, nothing written")
         return 130
+    elapsed = time.monotonic() - started_at
+    meta["elapsed"] = f"{elapsed / 60:.1f} min"
     end_commit = _commit()
     if end_commit != meta["commit"]:  # someone committed or edited tunnel/ meanwhile
         meta["commit"] = f"{meta['commit']} at start, {end_commit} at end"
-    report = Report(meta, runs, ciphers)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(render(report))
-    progress(f"done in {time.monotonic() - started:.0f} s; wrote {args.output}")
+    report = Report(meta, results, plan)
+    text = render(report)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+        progress(f"done in {elapsed:.0f} s; wrote {output}")
+    else:
+        progress(f"done in {elapsed:.0f} s (partial run: report on stdout, no file written)")
     if args.json:
         print(json.dumps(to_json(report), indent=2))
     else:
-        print("\n".join(section_single_path(report)))
+        print(text if output is None else "\n".join(
+            line for section in SECTIONS[1:-1] for line in section(report) + [""]))
     return 0
 
 
 def to_json(report: Report) -> dict:
+    results = report.results
     return {
         "meta": report.meta,
-        "ciphers": report.ciphers,
-        "runs": report.runs,
-        "summary": {s: {k: vars(st) for k, st in m.items()} for s, m in report.stats.items()},
+        "plan": vars(report.plan),
+        "ciphers": results.ciphers,
+        "runs": results.tables,
+        "summary": {sec: {row: {k: vars(Stat.of(v)) for k, v in series.items()}
+                          for row, series in table.items()} for sec, table in results.tables.items()},
+        "notes": results.notes,
         "ratios": {k: {"mptun/openvpn": report.ratio(k, "mptun", "openvpn"),
                        "mptun/raw": report.ratio(k, "mptun", "raw")} for k in METRIC},
-        "added_rtt_p50_ms": {s: report.added_rtt(s) for s in report.runs},
+        "added_rtt_p50_ms": {s: report.added_rtt(s) for s in results.tables.get("single", {})},
         "targets": [vars(t) for t in foundation_targets(report)],
     }
 

@@ -1,87 +1,211 @@
-"""`mptun lab`: the whole job on one machine, no second host needed.
+"""`mptun lab`: what multipath buys you, shown on one machine with no second host.
 
-Builds a client and a server namespace joined by a veth link (198.18.0.0/30),
-makes throwaway certificates, starts real `mptun server` and `mptun client`
-processes, pings and runs iperf3 through the tunnel (and over the raw link for
-comparison), prints a summary, and tears everything down, on Ctrl-C and on
-failure too.
+Why: mptun's claim is that a live media stream survives bad and dying links,
+and that the scheduler mode decides what you trade for it.  A claim like that
+is best checked by watching it, so the default `mptun lab` is a showcase: it
+builds the impairment lab (client, router, server namespaces joined by N
+paths, see :mod:`tunnel.lab.topology`), spoils the paths with delay and loss
+(:mod:`tunnel.lab.impair`), and then, once per scheduler mode, starts a fresh
+`mptun server` + `mptun client` (:mod:`tunnel.lab.stack`), sends a media-like
+UDP stream (:mod:`tunnel.lab.stream`) and a bulk iperf3 TCP flow through the
+tunnel at the same time, kills one path for part of the run, and reports per
+mode what the media stream saw and what the bulk flow got.  The conditions
+are a :class:`~tunnel.lab.scenario.Scenario`: built-in defaults, a TOML file,
+command-line options.
+
+`mptun lab --quick` keeps the original ~10 s smoke test: one veth link, ping,
+iperf3 up and down through the tunnel and over the raw link.
+
+Everything is torn down on success, on error, on Ctrl-C (exit 130) and on
+SIGTERM (exit 143).  Progress goes to stderr; stdout carries only the result
+(a table, or one JSON object with ``--json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
 
-from tunnel.lab.netns import Lab, unique_prefix, wait_for
+from tunnel.lab.impair import Impairments
+from tunnel.lab.netns import Host, Lab, unique_prefix, wait_for
+from tunnel.lab.scenario import Scenario, ScenarioError, load_scenario, with_overrides
 from tunnel.lab.stack import SERVER_INNER, TunnelStack
+from tunnel.lab.stream import StreamResult, run_stream
+from tunnel.lab.topology import MultipathTopology
 
 PINGS = 10
+IPERF_PORT = 5201
+MEDIA_PORT = 5004
+QUICK_DURATION = 3.0  # seconds of each iperf3 run of --quick
+PATHS_UP_TIMEOUT = 20.0  # every path must have joined the tunnel by then
+IMPAIRMENT_SEED = 1  # the delay line's random choices repeat from run to run
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+
+# One line per mode under the table: what the mode does and what that means for the figures.
+MODE_NOTES = {
+    "duplicate": "every packet on every path, the receiver drops the copies: the outage costs "
+                 "nothing, random loss only bites when all paths lose the same packet; bulk gets "
+                 "one path's worth",
+    "redundant": "every packet on the best `redundancy` paths: like duplicate with 2 paths",
+    "lowest-rtt": "one path at a time, the fastest: its loss goes straight to the media, and the "
+                  "outage costs a gap of about the dead interval (300 ms) before it switches",
+    "balance": "packets spread over the paths by measured rate and loss: the most room for bulk, "
+               "but every path's loss and the outage hit the media",
+    "backup": "the first path until it dies, then the next: like lowest-rtt, ordered by interface",
+}
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: tear down, then exit 143."""
 
 
-def _progress(enabled: bool, msg: str) -> None:
-    if enabled:
-        print(f"  .. {msg}", file=sys.stderr, flush=True)
+def progress(msg: str) -> None:
+    print(f"  .. {msg}", file=sys.stderr, flush=True)
 
 
-def iperf3_tcp(client, server, target: str, seconds: float, reverse: bool = False) -> float:
-    """TCP goodput client->server (server->client with ``reverse``) in bit/s."""
-    srv = server.popen(["iperf3", "-s", "-1", "-B", target], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within this, SIGTERM raises :class:`Terminated` (so ``finally`` blocks tear down).
+
+    Only in this process: pyroute2 forks helpers (e.g. to create a namespace)
+    and ends them with SIGTERM; raising there would unwind a copy of our stack
+    in the child and run our ``finally`` blocks, deleting the lab under us.
+    """
+    owner = os.getpid()
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        wait_for(lambda: server.is_listening(5201), 5, message="iperf3 server did not start")
-        argv = ["iperf3", "-c", target, "-t", str(seconds), "-J"] + (["-R"] if reverse else [])
-        res = client.run(argv, timeout=seconds + 30)
-        return json.loads(res.stdout)["end"]["sum_received"]["bits_per_second"]
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def lab_and_workdir(tag: str) -> Iterator[tuple[Lab, Path]]:
+    """A fresh lab and a temporary directory; both removed afterwards, whatever happens.
+
+    A second Ctrl-C or SIGTERM cannot cut the teardown short.
+    """
+    lab = Lab(unique_prefix(tag))
+    workdir = Path(tempfile.mkdtemp(prefix="mptun-lab-"))
+    try:
+        yield lab, workdir
+    finally:
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            lab.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------
+# iperf3
+# --------------------------------------------------------------------------
+
+def start_iperf3_server(host: Host, bind: str) -> subprocess.Popen:
+    """A one-shot iperf3 server in ``host`` on ``bind``, listening when this returns."""
+    proc = host.popen(["iperf3", "-s", "-1", "-B", bind, "-p", str(IPERF_PORT)],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: host.is_listening(IPERF_PORT) or proc.poll() is not None, 5,
+             message="iperf3 server did not start")
+    if proc.poll() is not None:
+        raise RuntimeError(f"iperf3 server exited with {proc.returncode}")
+    return proc
+
+
+def iperf3_client_argv(target: str, seconds: float, reverse: bool = False) -> list[str]:
+    """An iperf3 TCP test to ``target`` printing JSON (server->client with ``reverse``)."""
+    return ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", f"{seconds:g}", "-J"] + (
+        ["-R"] if reverse else [])
+
+
+def iperf3_bits_per_second(stdout: str) -> float:
+    """The received TCP goodput from iperf3's JSON output; RuntimeError if the test failed."""
+    try:
+        out = json.loads(stdout)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"iperf3 printed no JSON: {stdout[-300:]!r}") from None
+    if "error" in out:
+        raise RuntimeError(f"iperf3: {out['error']}")
+    return float(out["end"]["sum_received"]["bits_per_second"])
+
+
+def iperf3_tcp(client: Host, server: Host, target: str, seconds: float,
+               reverse: bool = False) -> float:
+    """TCP goodput client->server (server->client with ``reverse``) in bit/s."""
+    srv = start_iperf3_server(server, target)
+    try:
+        res = client.run(iperf3_client_argv(target, seconds, reverse), check=False,
+                         timeout=seconds + 30)
+        return iperf3_bits_per_second(res.stdout)
     finally:
         if srv.poll() is None:
             srv.kill()
         srv.wait()
 
 
-def run_demo(duration: float, progress: bool) -> dict:
-    if shutil.which("iperf3") is None:
-        raise SystemExit("mptun lab: iperf3 is not installed (apt-get install iperf3)")
-    figures: dict = {}
-    with Lab(unique_prefix("lab")) as lab:
-        _progress(progress, "building namespaces srv and cli, veth 198.18.0.0/30")
+# --------------------------------------------------------------------------
+# --quick: one link, ping and iperf3
+# --------------------------------------------------------------------------
+
+def run_quick(duration: float) -> dict[str, Any]:
+    """The smoke test: tunnel over one veth link, ping, iperf3 both ways, raw link for scale."""
+    figures: dict[str, Any] = {}
+    with lab_and_workdir("lab") as (lab, workdir):
+        progress(f"building lab {lab.prefix}: namespaces srv and cli, veth 198.18.0.0/30")
         server, client = lab.add_host("srv"), lab.add_host("cli")
         link = lab.link(server, client, "198.18.0.0/30")
-        _progress(progress, "generating throwaway certificates (CA, server, client 'alice')")
-        stack = TunnelStack(server, client, link.a_addr)
+        progress("generating throwaway certificates (CA, server, client 'alice')")
+        stack = TunnelStack(server, client, link.a_addr, workdir=workdir)
         try:
-            _progress(progress, "starting mptun server and client")
+            progress("starting mptun server and client")
             t0 = time.monotonic()
             stack.start()
             figures["tunnel_up_s"] = round(time.monotonic() - t0, 3)
-            status = stack.server_status()
-            path = status["tunnels"][0]["paths"][0]
+            path = stack.server_status()["tunnels"][0]["paths"][0]
             figures["client_address"] = stack.client_inner()
             figures["cipher"] = path["cipher"]
             figures["inner_mtu"] = int(client.run(["cat", "/sys/class/net/mptun0/mtu"]).stdout)
-            _progress(progress, f"pinging {SERVER_INNER} through the tunnel")
+            progress(f"pinging {SERVER_INNER} through the tunnel")
             figures["ping_ok"] = sum(client.ping(SERVER_INNER, timeout=1.0) for _ in range(PINGS))
             figures["ping_sent"] = PINGS
-            _progress(progress, f"iperf3 TCP through the tunnel, {duration:g} s each way")
-            figures["tunnel_tcp_up_mbps"] = iperf3_tcp(client, server, SERVER_INNER, duration) / 1e6
-            figures["tunnel_tcp_down_mbps"] = iperf3_tcp(client, server, SERVER_INNER, duration, reverse=True) / 1e6
-            _progress(progress, f"iperf3 TCP over the raw link, {duration:g} s")
-            figures["raw_tcp_mbps"] = iperf3_tcp(client, server, link.a_addr, duration) / 1e6
-            figures["tunnel_over_raw"] = round(figures["tunnel_tcp_up_mbps"] / figures["raw_tcp_mbps"], 4)
+            progress(f"iperf3 TCP through the tunnel, {duration:g} s each way")
+            up = iperf3_tcp(client, server, SERVER_INNER, duration)
+            down = iperf3_tcp(client, server, SERVER_INNER, duration, reverse=True)
+            progress(f"iperf3 TCP over the raw link, {duration:g} s")
+            raw = iperf3_tcp(client, server, link.a_addr, duration)
             final = stack.server_status()["tunnels"][0]
             figures["server_delivered"] = final["delivered"]
             figures["dtls_dropped"] = final["paths"][0]["dtls_dropped"]
         finally:
             stack.stop()
-            shutil.rmtree(stack.workdir, ignore_errors=True)
-    for k in ("tunnel_tcp_up_mbps", "tunnel_tcp_down_mbps", "raw_tcp_mbps"):
-        figures[k] = round(figures[k], 1)
+    figures["tunnel_tcp_up_mbps"] = round(up / 1e6, 1)
+    figures["tunnel_tcp_down_mbps"] = round(down / 1e6, 1)
+    figures["raw_tcp_mbps"] = round(raw / 1e6, 1)
+    figures["tunnel_over_raw"] = round(up / raw, 4)
     return figures
 
 
-def format_table(f: dict) -> str:
+def format_quick(f: dict[str, Any]) -> str:
     rows = [
         ("tunnel up after", f"{f['tunnel_up_s']:.2f} s"),
         ("client inner address", f["client_address"]),
@@ -94,21 +218,269 @@ def format_table(f: dict) -> str:
         ("tunnel / raw", f"{f['tunnel_over_raw']:.3f}"),
     ]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    return "\n".join(["mptun lab --quick: one client, one server, one veth link, "
+                      "a DTLS 1.2 tunnel between them"]
+                     + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+# --------------------------------------------------------------------------
+# The showcase: one run per mode over the impaired multipath lab
+# --------------------------------------------------------------------------
+
+@dataclass
+class ModeFigures:
+    """What one mode achieved; the JSON output's per-mode object."""
+
+    media_sent: int
+    media_lost: int
+    media_loss_percent: float
+    media_latency_p50_ms: Optional[float]
+    media_latency_p99_ms: Optional[float]
+    media_longest_gap_ms: float
+    bulk_tcp_mbps: Optional[float]
+    path_tx_share: list[float]  # fraction of the client's records sent on each path
+    tunnel_up_s: float
+
+    @classmethod
+    def of(cls, media: StreamResult, bulk_bps: Optional[float], share: list[float],
+           tunnel_up_s: float) -> ModeFigures:
+        rounded = lambda v: None if v is None else round(v, 2)  # noqa: E731
+        return cls(media_sent=media.sent, media_lost=media.lost,
+                   media_loss_percent=round(100 * media.loss_ratio, 2),
+                   media_latency_p50_ms=rounded(media.latency_p50_ms),
+                   media_latency_p99_ms=rounded(media.latency_p99_ms),
+                   media_longest_gap_ms=round(media.longest_gap_ms, 1),
+                   bulk_tcp_mbps=None if bulk_bps is None else round(bulk_bps / 1e6, 2),
+                   path_tx_share=share, tunnel_up_s=round(tunnel_up_s, 2))
+
+
+def client_tx(stack: TunnelStack, topo: MultipathTopology) -> list[int]:
+    """Records the client has sent on each path so far, in path order."""
+    by_name = {p.get("name"): p.get("tx_packets", 0) for p in stack.client_status()["paths"]}
+    return [by_name.get(path.client_ifname, 0) for path in topo.paths]
+
+
+def tx_share(before: Sequence[int], after: Sequence[int]) -> list[float]:
+    """Each path's fraction of what was sent between two :func:`client_tx` readings.
+
+    A path that reconnected in between restarted its counter from zero.
+    """
+    sent = [a - b if a >= b else a for a, b in zip(after, before)]
+    total = sum(sent) or 1
+    return [round(s / total, 3) for s in sent]
+
+
+def start_tunnel(topo: MultipathTopology, mode: str, workdir: Path) -> TunnelStack:
+    """A fresh server and client in ``mode``; returns once every path has joined."""
+    stack = TunnelStack(topo.server, topo.client, topo.server_addr, workdir=workdir,
+                        server_overrides={"log_level": "info"},
+                        client_overrides={"mode": mode, "log_level": "info"})
+    stack.start(timeout=PATHS_UP_TIMEOUT)
+    n = len(topo.paths)
+    wait_for(lambda: sum(p.get("joined") and p["state"] == "up"
+                         for p in stack.client_status()["paths"]) == n,
+             PATHS_UP_TIMEOUT, message=f"not all {n} paths joined the tunnel; client log: "
+                                       f"{stack.client_log}")
+    return stack
+
+
+class BulkFlow:
+    """An iperf3 TCP flow client -> server through the tunnel, started on demand."""
+
+    def __init__(self, topo: MultipathTopology, seconds: float) -> None:
+        self.topo, self.seconds = topo, seconds
+        self.server = start_iperf3_server(topo.server, SERVER_INNER)
+        self.client: Optional[subprocess.Popen] = None
+
+    def start(self) -> None:
+        self.client = self.topo.client.popen(iperf3_client_argv(SERVER_INNER, self.seconds),
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             text=True)
+
+    def result(self) -> float:
+        """Wait for the flow to end; its goodput in bit/s."""
+        assert self.client is not None
+        stdout, _ = self.client.communicate(timeout=self.seconds + 30)
+        return iperf3_bits_per_second(stdout)
+
+    def stop(self) -> None:
+        for proc in (self.client, self.server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def measure_mode(topo: MultipathTopology, imp: Impairments, stack: TunnelStack,
+                 scenario: Scenario, workdir: Path) -> tuple[StreamResult, Optional[float], list[float]]:
+    """Media stream, bulk flow and outage at once; (media result, bulk bit/s, path shares)."""
+    bulk = BulkFlow(topo, scenario.duration) if scenario.bulk else None
+    before = client_tx(stack, topo)
+
+    def go() -> None:  # called once the media sender runs: the outage counts from here
+        imp.restart_schedule()
+        imp.apply(_plan(scenario, with_outage=True))
+        if bulk:
+            bulk.start()
+
+    try:
+        media = run_stream(topo.client, topo.server, SERVER_INNER, MEDIA_PORT,
+                           scenario.media_rate, scenario.media_size, scenario.media_count(),
+                           workdir, during=go)
+        bulk_bps = bulk.result() if bulk else None
+    finally:
+        if bulk:
+            bulk.stop()
+        imp.apply(_plan(scenario, with_outage=False))
+    return media, bulk_bps, tx_share(before, client_tx(stack, topo))
+
+
+def _plan(scenario: Scenario, with_outage: bool) -> dict:
+    return {(i, d): imp for i, imp in scenario.impairments(with_outage).items()
+            for d in ("up", "down")}
+
+
+def describe_run(scenario: Scenario, mode: str) -> str:
+    """The progress line of one mode's run."""
+    text = f"mode {mode}: streaming {scenario.duration:g} s"
+    if scenario.bulk:
+        text += " beside an iperf3 TCP flow"
+    if (window := scenario.outage_window()) and scenario.outage:
+        text += (f", path {scenario.outage.path} blackholed at {window[0]:g} s"
+                 f" for {window[1] - window[0]:g} s")
+    return text + "..."
+
+
+def run_mode(topo: MultipathTopology, imp: Impairments, scenario: Scenario, mode: str,
+             workdir: Path) -> ModeFigures:
+    """One mode: fresh tunnel, measurement, tunnel stopped again."""
+    progress(f"mode {mode}: starting mptun server and client, waiting for "
+             f"{len(topo.paths)} paths")
+    t0 = time.monotonic()
+    stack = start_tunnel(topo, mode, workdir / mode)
+    try:
+        up_s = time.monotonic() - t0
+        progress(describe_run(scenario, mode))
+        media, bulk_bps, share = measure_mode(topo, imp, stack, scenario, workdir)
+    finally:
+        stack.stop()
+    figures = ModeFigures.of(media, bulk_bps, share, up_s)
+    progress(f"mode {mode}: media loss {figures.media_loss_percent:.2f} %, "
+             f"longest gap {figures.media_longest_gap_ms:.0f} ms"
+             + (f", bulk {figures.bulk_tcp_mbps:.1f} Mbit/s" if bulk_bps is not None else ""))
+    return figures
+
+
+def run_showcase(scenario: Scenario) -> dict[str, Any]:
+    """Every mode of ``scenario`` over one lab; the JSON output."""
+    t0 = time.monotonic()
+    results: dict[str, Any] = {}
+    with lab_and_workdir("lab") as (lab, workdir):
+        progress(f"building lab {lab.prefix}: client, router, server, {len(scenario.paths)} paths: "
+                 + "; ".join(f"path {i} {p.describe()}" for i, p in enumerate(scenario.paths))
+                 + " (each way)")
+        topo = MultipathTopology(lab, n_paths=len(scenario.paths))
+        imp = Impairments(topo, seed=IMPAIRMENT_SEED)
+        imp.apply(_plan(scenario, with_outage=False))
+        for mode in scenario.modes:
+            results[mode] = asdict(run_mode(topo, imp, scenario, mode, workdir))
+        prefix = lab.prefix
+    return {"scenario": scenario.to_json(), "lab_prefix": prefix, "modes": results,
+            "elapsed_s": round(time.monotonic() - t0, 1)}
+
+
+# --------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------
+
+def _ms(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
+
+
+def _row(mode: str, f: dict[str, Any]) -> list[str]:
+    bulk = "-" if f["bulk_tcp_mbps"] is None else f"{f['bulk_tcp_mbps']:.1f} Mbit/s"
+    split = "/".join(f"{100 * s:.0f}" for s in f["path_tx_share"])
+    return [mode, f"{f['media_loss_percent']:.2f} %", _ms(f["media_latency_p50_ms"]),
+            _ms(f["media_latency_p99_ms"]), _ms(f["media_longest_gap_ms"]), bulk, split]
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    """Rows as aligned text: first column left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in rows]
+
+
+def scenario_summary(s: Scenario) -> str:
+    paths = "; ".join(f"path {i}: {p.describe()}" for i, p in enumerate(s.paths))
+    traffic = f"media {s.media_rate:g} packets/s x {s.media_size} bytes"
+    if s.bulk:
+        traffic += " + iperf3 TCP bulk"
+    outage = "no outage"
+    if (window := s.outage_window()) and s.outage:
+        outage = f"path {s.outage.path} blackholed {window[0]:g}-{window[1]:g} s"
+    return (f"mptun lab: scenario {s.name!r} ({s.source}): {len(s.paths)} paths ({paths}; each way)\n"
+            f"  {s.duration:g} s per mode, {traffic}, {outage}")
+
+
+def format_showcase(result: dict[str, Any], scenario: Scenario) -> str:
+    header = ["mode", "media loss", "latency p50", "p99", "longest gap", "bulk TCP",
+              "tx % per path"]
+    rows = [header] + [_row(mode, f) for mode, f in result["modes"].items()]
+    notes = [f"  {mode}: {MODE_NOTES[mode]}" for mode in result["modes"]]
+    return "\n".join([scenario_summary(scenario), ""] + _table(rows) + [
+        "",
+        "How to read it: media figures are the stream's (latency one-way, gap = longest time "
+        "without a packet); bulk is the TCP flow's goodput beside it.",
+        *notes,
+    ])
+
+
+# --------------------------------------------------------------------------
+# Command line (the `lab` sub-parser lives in tunnel/cli.py)
+# --------------------------------------------------------------------------
+
+SHOWCASE_OPTIONS = ("modes", "paths", "delay", "loss", "rate", "scenario")
+
+
+def scenario_from_args(args: argparse.Namespace) -> Scenario:
+    """The scenario file (or the defaults) with the command-line options applied."""
+    base = load_scenario(args.scenario) if args.scenario else Scenario()
+    return with_overrides(base, duration=args.duration, modes=args.modes, paths=args.paths,
+                          delay=args.delay, loss=args.loss, rate=args.rate,
+                          no_outage=args.no_outage)
+
+
+def _quick_conflicts(args: argparse.Namespace) -> list[str]:
+    used = [f"--{name}" for name in SHOWCASE_OPTIONS if getattr(args, name) is not None]
+    return used + (["--no-outage"] if args.no_outage else [])
+
+
+def _run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """Run what ``args`` ask for; (JSON object, table text)."""
+    if args.quick:
+        if conflicts := _quick_conflicts(args):
+            raise ScenarioError(f"command line: {conflicts[0]}: not used by --quick")
+        figures = run_quick(args.duration or QUICK_DURATION)
+        return figures, format_quick(figures)
+    scenario = scenario_from_args(args)
+    result = run_showcase(scenario)
+    return result, format_showcase(result, scenario)
 
 
 def main(args: argparse.Namespace) -> int:
+    """`mptun lab`; scenario errors propagate as ConfigError (the CLI prints them, exit 2)."""
+    if shutil.which("iperf3") is None:
+        print("mptun lab: iperf3 is not installed (apt-get install iperf3)", file=sys.stderr)
+        return 1
     try:
-        figures = run_demo(args.duration, progress=not args.json)
-    except KeyboardInterrupt:
+        with sigterm_interrupts():
+            result, text = _run(args)
+    except KeyboardInterrupt as exc:
         print("mptun lab: interrupted; lab torn down", file=sys.stderr)
-        return 130
-    except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
         print(f"mptun lab: failed: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(figures))
-    else:
-        print("mptun lab: one client, one server, one veth link, a DTLS 1.2 tunnel between them")
-        print(format_table(figures))
-    return 0 if figures["ping_ok"] > 0 else 1
+    print(json.dumps(result) if args.json else text, flush=True)
+    return 0 if result.get("ping_ok", 1) else 1  # --quick: no ping reply is a failure
