@@ -99,9 +99,10 @@ def test_flipped_byte_on_the_wire_is_dropped_and_the_tunnel_stays(tunnel_stack):
     # every flipped record was dropped by DTLS and counted; none reached the TUN
     path = tunnel_stack.server_status()["tunnels"][0]["paths"][0]
     assert path["dtls_dropped"] == flipped
-    # same tunnel throughout: connected once, never down
+    # same tunnel throughout: connected once, never gone (a path may be judged down for a moment on a
+    # loaded machine: flipped probes look like loss, but the tunnel does not notice)
     server_log = tunnel_stack.server_log.read_text()
-    assert server_log.count("connected from") == 1 and "down" not in server_log
+    assert server_log.count("connected from") == 1 and " gone: " not in server_log
     wait_for(lambda: tunnel_stack.client_host.ping(SERVER_INNER, timeout=0.3), 5, message="tunnel broke")
 
 

@@ -159,17 +159,18 @@ def test_burst_loss_clusters(topo: MultipathTopology, imp: Impairments) -> None:
 def test_outage_drops_inside_the_window_only(topo: MultipathTopology, imp: Impairments) -> None:
     """Outages 0.5-1.0 s upstream and 1.5-2.0 s downstream, 200 probes/s.
 
-    Echoes of probes sent more than 20 ms inside a window are all lost, those
-    sent more than 20 ms outside any window all come back (20 ms covers the
-    time from sending to the delay line on a busy machine), and no echo
-    arrives during the downstream window.
+    Echoes of probes sent more than 50 ms inside a window are all lost, those
+    sent more than 50 ms outside any window all come back (50 ms covers the
+    time from sending to the delay line on a busy 2-core machine, where other
+    tests' load can hold a process back for tens of ms), and no echo arrives
+    during the downstream window.
     """
     up, down = (0.5, 1.0), (1.5, 2.0)
     imp.set(0, Impairment(outages=(up,)), "up")
     imp.set(0, Impairment(outages=(down,)), "down")
     start = imp.restart_schedule()
     result = probe(topo, 0, 500, 200)
-    margin = 0.02
+    margin = 0.05
     got = {seq for seq, _ in result["recv"]}
     for seq, sent in enumerate(result["sent"]):
         t = sent - start

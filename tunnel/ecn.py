@@ -18,8 +18,8 @@ def decapsulate(outer_tos: int, pkt: bytes) -> Optional[bytes]:
     """The inner packet to deliver (maybe marked CE), or None to drop it."""
     if outer_tos & 3 != CE:
         return pkt
-    version = pkt[0] >> 4
-    if version == 4:
+    version = pkt[0] >> 4 if pkt else 0
+    if version == 4 and len(pkt) >= 20:
         inner = pkt[1] & 3
         if inner == CE:
             return pkt
@@ -30,7 +30,7 @@ def decapsulate(outer_tos: int, pkt: bytes) -> Optional[bytes]:
         out[1] |= CE
         _fix_checksum(out, old_word, (out[0] << 8) | out[1])
         return bytes(out)
-    if version == 6:
+    if version == 6 and len(pkt) >= 40:
         inner = (pkt[1] >> 4) & 3
         if inner == CE:
             return pkt

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import os
 import select
 import signal
 import time
 from typing import Callable, Optional
+
+
+log = logging.getLogger("mptun")
 
 
 class TimerHandle:
@@ -40,6 +44,7 @@ class EventLoop:
         self._running = False
         self._signals: dict[int, Callable[[], None]] = {}
         self._sig_r: Optional[int] = None
+        self.callback_errors = 0
         self.time = time.monotonic
 
     # -- readers ------------------------------------------------------
@@ -98,13 +103,22 @@ class EventLoop:
             for fd, _ in poll(timeout):
                 entry = readers.get(fd)
                 if entry is not None:
-                    entry[0](*entry[1])
+                    self._call(entry[0], *entry[1])
             if timers:
                 now = self.time()
                 while timers and timers[0][0] <= now:
                     handle = heapq.heappop(timers)[2]
                     if not handle.cancelled:
-                        handle.callback()
+                        self._call(handle.callback)
+
+    def _call(self, callback: Callable, *args) -> None:
+        """Run one callback; a bug in one must not take the tunnel down (it is logged and counted)."""
+        try:
+            callback(*args)
+        except Exception as exc:
+            self.callback_errors += 1
+            log.error("internal error in %s: %s: %s", getattr(callback, "__qualname__", callback), type(exc).__name__, exc)
+            log.debug("traceback", exc_info=True)
 
     def close(self) -> None:
         if self._sig_r is not None:

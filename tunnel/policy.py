@@ -141,6 +141,10 @@ class Policy:
         return cls([TrafficClass("default", 0, mode, redundancy, 0)])
 
     def classify(self, pkt: bytes) -> TrafficClass:
+        n = len(pkt)
+        version = pkt[0] >> 4 if n else 0
+        if not ((version == 4 and n >= 20) or (version == 6 and n >= 40)):
+            return self.classes[-1]  # not a (whole) IP header: the default class
         for c in self._by_dscp[inner_dscp(pkt)]:
             for check in c.checks:
                 if not check(pkt):
@@ -151,6 +155,8 @@ class Policy:
 
     def outer_tos(self, c: TrafficClass, pkt: bytes) -> int:
         """RFC 6040 normal mode: the inner ECN field is copied; DSCP as the class says."""
+        if len(pkt) < 2 or pkt[0] >> 4 not in (4, 6):
+            return max(c.outer_dscp, 0) << 2
         ecn = pkt[1] & 3 if pkt[0] >> 4 == 4 else (pkt[1] >> 4) & 3
         dscp = inner_dscp(pkt) if c.outer_dscp == INHERIT else c.outer_dscp
         return (dscp << 2) | ecn
@@ -166,6 +172,12 @@ def load_policy(path: str | Path) -> Policy:
         raise PolicyError(f"{p}: file not found") from None
     except PermissionError:
         raise PolicyError(f"{p}: not readable") from None
+    except IsADirectoryError:
+        raise PolicyError(f"{p}: is a directory, not a policy file") from None
+    except OSError as exc:
+        raise PolicyError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise PolicyError(f"{p}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"{p}: not valid TOML: {exc}") from None
     return parse_policy(data, str(p))
@@ -249,6 +261,11 @@ def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
 
+def _is_number(text: str) -> bool:
+    text = text.strip()
+    return text.isascii() and text.isdigit()
+
+
 def _ports(value: Any, err: Callable[[str], PolicyError]) -> list[tuple[int, int]]:
     out = []
     for item in _as_list(value):
@@ -256,7 +273,7 @@ def _ports(value: Any, err: Callable[[str], PolicyError]) -> list[tuple[int, int
             lo = hi = item
         elif isinstance(item, str):
             lo_s, _, hi_s = item.partition("-")
-            if not lo_s.strip().isdigit() or (hi_s and not hi_s.strip().isdigit()):
+            if not _is_number(lo_s) or (hi_s and not _is_number(hi_s)):
                 raise err(f"bad port range {item!r} (expected \"LOW-HIGH\" or a port)")
             lo = int(lo_s)
             hi = int(hi_s) if hi_s else lo
@@ -292,7 +309,9 @@ def _compile_match(c: TrafficClass, match: dict, err: Callable[[str, str], Polic
             nets = []
             for v in _as_list(match[key]):
                 try:
+                    if not isinstance(v, str):
+                        raise TypeError(v)
                     nets.append(ipaddress.ip_network(v, strict=False))
                 except (ValueError, TypeError):
-                    raise err(key, f"bad address or CIDR {v!r}") from None
+                    raise err(key, f"bad address or CIDR {v!r} (expected a string like \"10.0.0.0/8\")") from None
             c.checks.append(_cidr_check(nets, which))
