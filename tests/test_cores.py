@@ -412,7 +412,7 @@ def test_tunnel_comes_up(pki: Path, plain) -> None:
     t = net.tunnel()
     assert t.name == "alice" and t.address == FIRST_CLIENT and [p.addr for p in t.paths] == [c.addr("a")]
     assert t.scheduler.mode == "duplicate" and t.stats()["mode"] == "duplicate"
-    assert net.server.routes_v4 == {FIRST_CLIENT.ip.packed: t}
+    assert net.server.route_table.lookup(FIRST_CLIENT.ip.packed) is t
     # on the wire: HELLO(v1, new tunnel, duplicate, k=2, priority 0) up, CONFIG down
     assert frames_seen(plain, "server", frames.Hello) == [frames.Hello(1, frames.NEW_TUNNEL, 1, 2, 0)]
     assert frames_seen(plain, "client", frames.Config) == [cfg]
@@ -852,13 +852,13 @@ def test_server_drops_silent_path_and_tunnel_lingers(pki: Path) -> None:
     assert net.sev(events.PathDown) == [events.PathDown(c.addr("a"), "nothing received for 2.0 s")]
     # the tunnel lingers: no path, but its address, route and id stay
     assert net.server.paths == {} and net.server.tunnels == {t.id: t} and t.paths == []
-    assert t.idle_since == t_gone and net.server.routes_v4 == {FIRST_CLIENT.ip.packed: t}
-    assert net.send_down(down_pkt()) == [] and net.server.counters["no_path"] == 1
+    assert t.idle_since == t_gone and net.server.route_table.lookup(FIRST_CLIENT.ip.packed) is t
+    assert net.send_down(down_pkt()) == [] and net.server.route_table.pending(t) == 1  # a pending route
     assert not net.sev(events.ClientGone)
     t_forgot = net.run_until(lambda: net.sev(events.ClientGone), LINGER + 0.1)
     assert t_forgot == t_gone + LINGER
     assert net.sev(events.ClientGone) == [events.ClientGone("alice", "100.64.0.2/24", "no path for 5 s")]
-    assert net.server.tunnels == {} and net.server.routes_v4 == {} and net.server.by_name == {}
+    assert net.server.tunnels == {} and len(net.server.route_table) == 0 and net.server.by_name == {}
     net.send_down(down_pkt())
     assert net.server.counters["no_route"] == 1
 
@@ -1079,7 +1079,7 @@ def test_tunnel_without_paths_lingers_then_is_forgotten(pki: Path, plain) -> Non
     t_gone = net.run_until(lambda: net.sev(events.ClientGone), LINGER + 0.1)
     assert t_gone == t_idle + LINGER
     assert net.sev(events.ClientGone) == [events.ClientGone("alice", "100.64.0.2/24", "no path for 5 s")]
-    assert net.server.tunnels == {} and net.server.routes_v4 == {}
+    assert net.server.tunnels == {} and len(net.server.route_table) == 0
     # too late: the JOIN is for an unknown tunnel, and the client starts a new one (same address)
     c.add("a3")
     net.run_until(lambda: c.core.state == C_UP, 1.0)
@@ -1190,7 +1190,7 @@ def test_client_close(pki: Path, plain) -> None:
     net.pump()
     closes = frames_seen(plain, "server", frames.Close)
     assert closes and all(f == frames.Close(frames.CLOSE_NORMAL, "client shutting down") for f in closes)
-    assert net.server.paths == {} and net.server.tunnels == {} and net.server.routes_v4 == {}
+    assert net.server.paths == {} and net.server.tunnels == {} and len(net.server.route_table) == 0
     assert c.core.state == C_CLOSED
     (gone,) = net.sev(events.ClientGone)
     assert gone.name == "alice" and gone.reason == "client closed: client shutting down"
@@ -1494,3 +1494,26 @@ def test_pool_exhausted_refuses_next_client(pki: Path, plain) -> None:
     # alice's second path JOINs: a JOIN needs no new address
     a.add("a2")
     assert a.joined() == ["a", "a2"]
+
+
+def test_pending_route_holds_packets_until_a_path_is_back(pki: Path) -> None:
+    """Issue 6: packets for a tunnel without path wait (3 at most), are flushed in order, or expire."""
+    net, c = one_path(pki)
+    t = net.tunnel()
+    net.drop_up.add("a")
+    net.run_until(lambda: net.sev(events.PathDown), TIMEOUT + 0.1)
+    assert t.paths == []
+    pkts = [down_pkt() + bytes([i]) for i in range(5)]
+    for p in pkts:
+        net.send_down(p)
+    assert net.server.route_table.pending(t) == 3 and net.server.route_table.pending_dropped == 2
+    net.drop_up.discard("a")
+    c.core.to_tun.clear()
+    net.run_until(lambda: c.core.to_tun, 5.0)  # the client reconnects and JOINs: the queue is flushed
+    assert c.core.to_tun[:3] == pkts[:3]
+    # past the expiry they are dropped and counted
+    net.drop_up.add("a")
+    net.run_until(lambda: not t.paths, TIMEOUT + 1)
+    net.send_down(pkts[0])
+    net.advance(net.server.route_table.pending_expiry + 0.1)
+    assert net.server.route_table.pending(t) == 0 and net.server.route_table.pending_expired == 1

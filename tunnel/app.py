@@ -2,16 +2,44 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import sys
+from datetime import datetime, timezone
 
 SOCKET_BUFFER = 4 * 1024 * 1024
+LOG_FORMATS = ("text", "json")
 
 
-def setup_logging(role: str, level: str) -> logging.Logger:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC, RFC 3339, ms), level, role, msg (+ exc with a traceback)."""
+
+    def __init__(self, role: str):
+        super().__init__()
+        self.role = role
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "role": self.role,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return json.dumps(obj)
+
+
+def setup_logging(role: str, level: str, fmt: str = "text") -> logging.Logger:
+    """Log to stderr at ``level``; ``fmt`` "text" (one readable line) or "json" (one JSON object a line)."""
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format {fmt!r} is not one of {', '.join(LOG_FORMATS)}")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s mptun-{role} %(levelname)s %(message)s"))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(role))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s mptun-{role} %(levelname)s %(message)s"))
     log = logging.getLogger("mptun")
     log.handlers[:] = [handler]
     log.setLevel(level.upper())

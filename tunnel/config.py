@@ -47,6 +47,14 @@ class ServerConfig:
     linger: float = 30.0
     dedup_window: int = 4096
     policy: Optional[Path] = None
+    client_to_client: bool = False
+    unknown_destination: str = "drop"
+    max_tunnels: int = 1024
+    max_paths: int = 8
+    handshake_rate: float = 10.0
+    pending_queue: int = 3
+    pending_expiry: float = 10.0
+    client_routes: dict[str, list] = field(default_factory=dict)  # name -> prefixes the client routes
     allow_unlisted_clients: bool = True
     log_level: str = "info"
     clients: dict[str, Optional[ipaddress.IPv4Address]] = field(default_factory=dict)  # name -> static address
@@ -249,10 +257,22 @@ def load_server_config(path: str | Path) -> ServerConfig:
     allow = sec.get("allow_unlisted_clients", bool, True)
     mode = sec.choice("mode", "client", ("client",) + MODES)
     linger = sec.seconds("linger", 30.0)
+    limits = {
+        "client_to_client": sec.get("client_to_client", bool, False),
+        "unknown_destination": sec.choice("unknown_destination", "drop", ("drop", "icmp")),
+        "max_tunnels": sec.integer("max_tunnels", 1024, 1, 1_000_000),
+        "max_paths": sec.integer("max_paths", 8, 1, 64),
+        "handshake_rate": float(sec.get("handshake_rate", (int, float), 10.0, what="handshakes per second")),
+        "pending_queue": sec.integer("pending_queue", 3, 0, 1024),
+        "pending_expiry": sec.seconds("pending_expiry", 10.0),
+    }
+    if not 0 < limits["handshake_rate"] <= 100_000:
+        raise sec.error("handshake_rate", f"{limits['handshake_rate']} is out of range (more than 0, at most 100000)")
     common = _common(sec)
     sec.finish()
 
     clients: dict[str, Optional[ipaddress.IPv4Address]] = {}
+    client_routes: dict[str, list] = {}
     ctable = data.get("clients", {})
     if not isinstance(ctable, dict):
         raise ConfigError(f"{p}: [clients] must be a table of [clients.NAME] tables")
@@ -260,6 +280,11 @@ def load_server_config(path: str | Path) -> ServerConfig:
         csec = _Section(p, f"clients.{name}", entry)
         raw = csec.get("address", str, None)
         clients[name] = None
+        for r in csec.get("routes", list, []):
+            try:
+                client_routes.setdefault(name, []).append(ipaddress.IPv4Network(r))
+            except (ValueError, TypeError) as exc:
+                raise csec.error("routes", f"{r!r}: {exc}") from None
         if raw is not None:
             try:
                 a = ipaddress.IPv4Address(raw)
@@ -287,6 +312,8 @@ def load_server_config(path: str | Path) -> ServerConfig:
         mode=mode,
         linger=linger,
         clients=clients,
+        client_routes=client_routes,
+        **limits,
         **common,
     )
 

@@ -83,3 +83,12 @@ class ClientGone:
     name: str
     address: str
     reason: str
+
+
+@dataclass
+class LimitHit:
+    """Server: a limit bit (max_tunnels, max_paths, handshake_rate); reported at most every few seconds."""
+
+    kind: str
+    addr: Hashable
+    reason: str

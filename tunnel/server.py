@@ -38,6 +38,8 @@ def log_event(ev) -> None:
         log.info("path %s joined the tunnel of '%s'", fmt_addr(ev.key), ev.name)
     elif isinstance(ev, events.PathState):
         log.info("path %s of '%s' is %s", fmt_addr(ev.key), ev.name, ev.state)
+    elif isinstance(ev, events.LimitHit):
+        log.warning("limit %s: %s (from %s; counted in mptun status)", ev.kind, ev.reason, fmt_addr(ev.addr))
 
 
 def underlay_mtu(cfg: ServerConfig) -> int:
@@ -70,6 +72,14 @@ def build(cfg: ServerConfig):
         window=cfg.dedup_window,
         linger=cfg.linger,
         policy=load_policy_or_none(cfg.policy),
+        client_routes=cfg.client_routes,
+        client_to_client=cfg.client_to_client,
+        unknown_destination=cfg.unknown_destination,
+        max_tunnels=cfg.max_tunnels,
+        max_paths=cfg.max_paths,
+        handshake_rate=cfg.handshake_rate,
+        pending_size=cfg.pending_queue,
+        pending_expiry=cfg.pending_expiry,
     )
     return core, inner
 
@@ -85,7 +95,8 @@ def run(cfg: ServerConfig) -> int:
         sockets.append(s)
     tun = TunDevice(cfg.tun)
     try:
-        netlink.configure_interface(tun.name, [cfg.address], inner)
+        client_prefixes = [p for prefixes in cfg.client_routes.values() for p in prefixes]
+        netlink.configure_interface(tun.name, [cfg.address], inner, client_prefixes)
         log.info(
             "listening on %s, tun %s %s mtu %d",
             ", ".join(f"{h}:{p}" for h, p in cfg.listen), tun.name, cfg.address, inner,

@@ -24,19 +24,24 @@ from tunnel import events, frames
 from tunnel.dedup import DEFAULT_WINDOW, DedupWindow
 from tunnel.dtls import DTLS_HEADER, DtlsListener, common_name
 from tunnel.ecn import decapsulate
+from tunnel.icmp import unreachable
 from tunnel.path import P_HANDSHAKING, Path
 from tunnel.policy import Policy
 from tunnel.pool import AddressPool, PoolExhausted
+from tunnel.routes import PENDING_EXPIRY, PENDING_SIZE, RouteTable
 from tunnel.scheduler import MODES, Scheduler
 
 LINGER = 30.0  # seconds a tunnel without paths is kept for the client to come back
+HANDSHAKE_RATE = 10.0  # verified handshakes per second per source address (burst: twice that)
+HANDSHAKE_SOURCES = 4096  # source addresses tracked for the handshake rate (least recent forgotten)
+LIMIT_LOG_INTERVAL = 10.0  # a limit that keeps biting is reported at most this often
 
 
 class ServerTunnel:
     """One client's tunnel: identity, inner address, sequence space, paths, scheduler."""
 
     __slots__ = (
-        "id", "name", "address", "key", "paths", "seq", "dedup", "policy", "schedulers",
+        "id", "name", "address", "key", "paths", "seq", "dedup", "policy", "schedulers", "prefixes",
         "class_packets", "class_copies", "spoofed", "malformed", "ecn_dropped", "idle_since", "mode",
     )
 
@@ -45,6 +50,7 @@ class ServerTunnel:
         self.name = name
         self.address = address
         self.key = address.ip.packed  # route-table key: inner IPv4 address bytes
+        self.prefixes: list[tuple[int, int]] = []  # (network, mask) the client may send from (its routed LAN)
         self.paths: list[Path] = []
         self.seq = 0
         self.dedup = DedupWindow(window)
@@ -108,6 +114,14 @@ class ServerCore:
         linger: float = LINGER,
         random_bytes: Callable[[int], bytes] = os.urandom,
         policy: Optional[Policy] = None,
+        client_routes: Optional[dict[str, list]] = None,
+        client_to_client: bool = False,
+        unknown_destination: str = "drop",
+        max_tunnels: int = 1024,
+        max_paths: int = 8,
+        handshake_rate: float = HANDSHAKE_RATE,
+        pending_size: int = PENDING_SIZE,
+        pending_expiry: float = PENDING_EXPIRY,
     ):
         if mode != "client" and mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
@@ -123,12 +137,20 @@ class ServerCore:
         self.window = window
         self.linger = linger
         self.policy = policy  # None: each tunnel uses one class with its client's mode
+        self.client_routes = client_routes or {}  # name -> prefixes the client routes (its LAN)
+        self.client_to_client = client_to_client
+        self.icmp_unreachable = unknown_destination == "icmp"
+        self.max_tunnels = max_tunnels
+        self.max_paths = max_paths
+        self.handshake_rate = handshake_rate
+        self._handshakes: dict[str, tuple[float, float]] = {}  # source ip -> (tokens, at); insertion = recency
+        self._limit_logged: dict[str, float] = {}
+        self.route_table: RouteTable[ServerTunnel] = RouteTable(pending_size, pending_expiry)
         self._random = random_bytes
         self.paths: dict[tuple, Path] = {}  # underlay address -> path
         self._tunnel_of: dict[tuple, ServerTunnel] = {}  # underlay address -> tunnel (after HELLO)
         self.tunnels: dict[bytes, ServerTunnel] = {}  # tunnel id -> tunnel
         self.by_name: dict[str, ServerTunnel] = {}
-        self.routes_v4: dict[bytes, ServerTunnel] = {}  # inner address -> tunnel
         self.outbox: list[tuple[tuple, bytes, int]] = []  # (peer address, datagram, outer TOS)
         self.to_tun: list[bytes] = []
         self._events: deque = deque()
@@ -139,6 +161,11 @@ class ServerCore:
             "no_route": 0,  # packets from the TUN for an address no tunnel has
             "no_path": 0,  # packets for a tunnel that has no path right now
             "not_ipv4": 0,
+            "icmp_sent": 0,  # unreachables for packets with no route (unknown_destination = "icmp")
+            "client_to_client_blocked": 0,
+            "tunnels_refused": 0,  # max_tunnels
+            "paths_refused": 0,  # max_paths
+            "handshakes_rate_limited": 0,
         }
 
     # -- datagrams from the network ----------------------------------
@@ -156,7 +183,7 @@ class ServerCore:
             tunnel = self._tunnel_of.get(addr)
             for rec in records:
                 if rec[0] == frames.DATA and tunnel is not None:
-                    self._on_data(tunnel, rec, tos)
+                    self._on_data(tunnel, rec, tos, now)
                 else:
                     self._on_control(path, tunnel, rec, now)
                     if not path.alive:  # refused or closed: ignore the rest of the datagram
@@ -183,33 +210,70 @@ class ServerCore:
             else:
                 self.counters["junk"] += 1
             return
+        if not self._handshake_allowed(addr[0], now):
+            self.counters["handshakes_rate_limited"] += 1
+            self._limit("handshake_rate", addr, f"more than {self.handshake_rate:g} handshakes/s from {addr[0]}", now)
+            return
         path = Path(session, addr, now, self.probe_interval, self.dead_interval, self.timeout)
         self.paths[addr] = path
         if path.out:
             self._flush(path)
+
+    def _handshake_allowed(self, ip: str, now: float) -> bool:
+        """Token bucket per source address, for handshakes whose cookie was valid (so the
+        address is real): no state is kept for an address before that."""
+        burst = 2 * self.handshake_rate
+        tokens, at = self._handshakes.pop(ip, (burst, now))
+        tokens = min(burst, tokens + (now - at) * self.handshake_rate)
+        allowed = tokens >= 1.0
+        self._handshakes[ip] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._handshakes) > HANDSHAKE_SOURCES:
+            del self._handshakes[next(iter(self._handshakes))]
+        return allowed
+
+    def _limit(self, kind: str, addr, reason: str, now: float) -> None:
+        """Report a biting limit (at most every LIMIT_LOG_INTERVAL per kind; the counter counts all)."""
+        last = self._limit_logged.get(kind)
+        if last is None or now - last >= LIMIT_LOG_INTERVAL:
+            self._limit_logged[kind] = now
+            self._events.append(events.LimitHit(kind, addr, reason))
 
     def _on_established(self, path: Path) -> None:
         cert = path.dtls.peer_certificate
         path.name = common_name(cert) if cert is not None else ""
         self._events.append(events.PathUp(path.addr, path.name, path.dtls.cipher))
 
-    def _on_data(self, tunnel: ServerTunnel, rec: bytes, tos: int) -> None:
+    def _on_data(self, tunnel: ServerTunnel, rec: bytes, tos: int, now: float) -> None:
         try:
             seq, pkt = frames.parse_data(rec)
         except frames.FrameError:
             tunnel.malformed += 1
             return
-        # anti-spoofing: an IPv4 packet must come from the tunnel's own inner address
-        if len(pkt) < 20 or pkt[0] >> 4 != 4 or pkt[12:16] != tunnel.key:
+        # anti-spoofing: an IPv4 packet must come from the tunnel's own inner address (or its LAN)
+        if len(pkt) < 20 or pkt[0] >> 4 != 4 or (pkt[12:16] != tunnel.key and not self._from_prefix(tunnel, pkt)):
             tunnel.spoofed += 1
             return
-        if tunnel.dedup.accept(seq):
-            if tos & 3 == 3:  # outer CE (RFC 6040)
-                pkt = decapsulate(tos, pkt)
-                if pkt is None:
-                    tunnel.ecn_dropped += 1
-                    return
+        if not tunnel.dedup.accept(seq):
+            return
+        if tos & 3 == 3:  # outer CE (RFC 6040)
+            pkt = decapsulate(tos, pkt)
+            if pkt is None:
+                tunnel.ecn_dropped += 1
+                return
+        target = self.route_table.lookup(pkt[16:20])
+        if target is None or target is tunnel:
             self.to_tun.append(pkt)
+        elif self.client_to_client:
+            self._send_via(target, pkt, now)
+        else:
+            self.counters["client_to_client_blocked"] += 1
+
+    @staticmethod
+    def _from_prefix(tunnel: ServerTunnel, pkt: bytes) -> bool:
+        if not tunnel.prefixes:
+            return False
+        src = int.from_bytes(pkt[12:16], "big")
+        return any(src & mask == net for net, mask in tunnel.prefixes)
 
     def _on_control(self, path: Path, tunnel: Optional[ServerTunnel], rec: bytes, now: float) -> None:
         try:
@@ -250,6 +314,10 @@ class ServerCore:
         if hello.tunnel_id != frames.NEW_TUNNEL:
             return self._on_join(path, hello, now)
         old = self.by_name.get(name)
+        if old is None and len(self.tunnels) >= self.max_tunnels:
+            self.counters["tunnels_refused"] += 1
+            self._limit("max_tunnels", path.addr, f"max_tunnels ({self.max_tunnels}) reached", now)
+            return self._refuse(path, frames.CLOSE_REFUSED, "server full", now)
         if old is not None:
             self._remove_tunnel(old, "replaced by a new connection of the same client", now, frames.CLOSE_REPLACED)
         try:
@@ -261,7 +329,10 @@ class ServerCore:
         tunnel = ServerTunnel(self._random(frames.TUNNEL_ID_LEN), name, address, self.window, policy, mode)
         self.tunnels[tunnel.id] = tunnel
         self.by_name[name] = tunnel
-        self.routes_v4[tunnel.key] = tunnel
+        self.route_table.add(ipaddress.IPv4Network(f"{address.ip}/32"), tunnel)
+        for prefix in self.client_routes.get(name, ()):
+            self.route_table.add(prefix, tunnel)
+            tunnel.prefixes.append((int(prefix.network_address), int(prefix.netmask)))
         self._attach(tunnel, path, now)
         self._events.append(events.ClientConnected(name, str(address), path.addr, old is not None))
 
@@ -273,6 +344,10 @@ class ServerCore:
             return self._refuse(
                 path, frames.CLOSE_REFUSED, f"client '{path.name}' may not join the tunnel of '{tunnel.name}'", now
             )
+        if len(tunnel.paths) >= self.max_paths:
+            self.counters["paths_refused"] += 1
+            self._limit("max_paths", path.addr, f"max_paths ({self.max_paths}) reached for '{tunnel.name}'", now)
+            return self._refuse(path, frames.CLOSE_REFUSED, "too many paths", now)
         self._attach(tunnel, path, now)
         self._events.append(events.PathJoined(path.addr, tunnel.name))
 
@@ -282,6 +357,8 @@ class ServerCore:
         tunnel.refresh()
         self._tunnel_of[path.addr] = tunnel
         self._send_config(tunnel, path, now)
+        for pkt in self.route_table.flush(tunnel, now):  # the pending route is live again
+            self._send_via(tunnel, pkt, now)
 
     def _send_config(self, tunnel: ServerTunnel, path: Path, now: float) -> None:
         config = frames.Config(
@@ -300,10 +377,22 @@ class ServerCore:
         if len(pkt) < 20 or pkt[0] >> 4 != 4:
             self.counters["not_ipv4"] += 1
             return
-        tunnel = self.routes_v4.get(pkt[16:20])
+        tunnel = self.route_table.lookup(pkt[16:20])
         if tunnel is None:
             self.counters["no_route"] += 1
+            if self.icmp_unreachable:
+                reply = unreachable(self.pool.server.ip.packed, pkt)
+                if reply is not None:
+                    self.to_tun.append(reply)
+                    self.counters["icmp_sent"] += 1
             return
+        if not tunnel.paths:  # a pending route: hold a few packets until a path is back
+            if not self.route_table.enqueue(tunnel, pkt, now):
+                self.counters["no_path"] += 1
+            return
+        self._send_via(tunnel, pkt, now)
+
+    def _send_via(self, tunnel: ServerTunnel, pkt: bytes, now: float) -> None:
         policy = tunnel.policy
         c = policy.classify(pkt)
         paths = tunnel.schedulers[c.index].select(pkt)
@@ -346,6 +435,7 @@ class ServerCore:
                     self._flush(path)
                 if path.changed:
                     self._path_changed(path, now)
+        self.route_table.expire(now)
         for tunnel in list(self.tunnels.values()):
             if any(p.updated for p in tunnel.paths):  # new estimates: lowest-rtt and balance follow them
                 for p in tunnel.paths:
@@ -396,8 +486,7 @@ class ServerCore:
             return
         if self.by_name.get(tunnel.name) is tunnel:
             del self.by_name[tunnel.name]
-        if self.routes_v4.get(tunnel.key) is tunnel:
-            del self.routes_v4[tunnel.key]
+        self.route_table.remove(tunnel)
         self.pool.release(tunnel.name)
         self._events.append(events.ClientGone(tunnel.name, str(tunnel.address), reason))
 
@@ -420,5 +509,9 @@ class ServerCore:
         return {
             "tunnels": [t.stats() for t in self.tunnels.values()],
             "handshaking": sum(1 for p in self.paths.values() if p.state == P_HANDSHAKING),
-            "counters": dict(self.counters),
+            "counters": {
+                **self.counters,
+                "pending_dropped": self.route_table.pending_dropped,
+                "pending_expired": self.route_table.pending_expired,
+            },
         }

@@ -35,7 +35,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 from tunnel.lab.impair import Impairments
 from tunnel.lab.netns import Host, Lab, unique_prefix, wait_for
@@ -52,18 +52,21 @@ PATHS_UP_TIMEOUT = 20.0  # every path must have joined the tunnel by then
 IMPAIRMENT_SEED = 1  # the delay line's random choices repeat from run to run
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
-# One line per mode under the table: what the mode does and what that means for the figures.
+# One line per mode under the table: what the mode does, so what its figures mean.
 MODE_NOTES = {
-    "duplicate": "every packet on every path, the receiver drops the copies: the outage costs "
-                 "nothing, random loss only bites when all paths lose the same packet; bulk gets "
-                 "one path's worth",
-    "redundant": "every packet on the best `redundancy` paths: like duplicate with 2 paths",
-    "lowest-rtt": "one path at a time, the fastest: its loss goes straight to the media, and the "
-                  "outage costs a gap of about the dead interval (300 ms) before it switches",
-    "balance": "packets spread over the paths by measured rate and loss: the most room for bulk, "
-               "but every path's loss and the outage hit the media",
-    "backup": "the first path until it dies, then the next: like lowest-rtt, ordered by interface",
+    "duplicate": "every packet on every path, the receiver drops the copies: no gap when a path "
+                 "dies; media is lost only when every live path loses the same packet (during "
+                 "the outage: one path's loss); bulk gets one path's capacity",
+    "redundant": "every packet on the best `redundancy` paths: with 2 paths, like duplicate",
+    "lowest-rtt": "one path at a time, the fastest: that path's loss reaches the media, and a "
+                  "dying path costs a gap of about the dead interval (300 ms) unless it had "
+                  "already switched",
+    "balance": "packets spread over the paths by measured rate and loss: bulk can use every "
+               "path's capacity, but every path's loss (and reordering between paths) reaches "
+               "the media and TCP",
+    "backup": "the first path until it dies, then the next: like lowest-rtt, in interface order",
 }
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: tear down, then exit 143."""
@@ -234,40 +237,31 @@ class ModeFigures:
     media_sent: int
     media_lost: int
     media_loss_percent: float
-    media_latency_p50_ms: Optional[float]
+    media_latency_p50_ms: Optional[float]  # one-way
     media_latency_p99_ms: Optional[float]
-    media_longest_gap_ms: float
-    bulk_tcp_mbps: Optional[float]
-    path_tx_share: list[float]  # fraction of the client's records sent on each path
-    tunnel_up_s: float
+    media_longest_gap_ms: float  # longest time without a media packet arriving
+    bulk_tcp_mbps: Optional[float]  # None: the scenario has no bulk flow
+    tunnel_up_s: float  # start of server and client until every path had joined
 
     @classmethod
-    def of(cls, media: StreamResult, bulk_bps: Optional[float], share: list[float],
-           tunnel_up_s: float) -> ModeFigures:
-        rounded = lambda v: None if v is None else round(v, 2)  # noqa: E731
+    def of(cls, media: StreamResult, bulk_bps: Optional[float], tunnel_up_s: float) -> ModeFigures:
         return cls(media_sent=media.sent, media_lost=media.lost,
                    media_loss_percent=round(100 * media.loss_ratio, 2),
-                   media_latency_p50_ms=rounded(media.latency_p50_ms),
-                   media_latency_p99_ms=rounded(media.latency_p99_ms),
+                   media_latency_p50_ms=_rounded(media.latency_p50_ms),
+                   media_latency_p99_ms=_rounded(media.latency_p99_ms),
                    media_longest_gap_ms=round(media.longest_gap_ms, 1),
                    bulk_tcp_mbps=None if bulk_bps is None else round(bulk_bps / 1e6, 2),
-                   path_tx_share=share, tunnel_up_s=round(tunnel_up_s, 2))
+                   tunnel_up_s=round(tunnel_up_s, 2))
 
 
-def client_tx(stack: TunnelStack, topo: MultipathTopology) -> list[int]:
-    """Records the client has sent on each path so far, in path order."""
-    by_name = {p.get("name"): p.get("tx_packets", 0) for p in stack.client_status()["paths"]}
-    return [by_name.get(path.client_ifname, 0) for path in topo.paths]
+def _rounded(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 2)
 
 
-def tx_share(before: Sequence[int], after: Sequence[int]) -> list[float]:
-    """Each path's fraction of what was sent between two :func:`client_tx` readings.
-
-    A path that reconnected in between restarted its counter from zero.
-    """
-    sent = [a - b if a >= b else a for a, b in zip(after, before)]
-    total = sum(sent) or 1
-    return [round(s / total, 3) for s in sent]
+def impairment_plan(scenario: Scenario, with_outage: bool) -> dict[tuple[int, str], Any]:
+    """The scenario's paths as an :meth:`Impairments.apply` plan (same both ways)."""
+    return {(i, d): imp for i, imp in scenario.impairments(with_outage).items()
+            for d in ("up", "down")}
 
 
 def start_tunnel(topo: MultipathTopology, mode: str, workdir: Path) -> TunnelStack:
@@ -277,15 +271,14 @@ def start_tunnel(topo: MultipathTopology, mode: str, workdir: Path) -> TunnelSta
                         client_overrides={"mode": mode, "log_level": "info"})
     stack.start(timeout=PATHS_UP_TIMEOUT)
     n = len(topo.paths)
-    wait_for(lambda: sum(p.get("joined") and p["state"] == "up"
+    wait_for(lambda: sum(bool(p.get("joined")) and p["state"] == "up"
                          for p in stack.client_status()["paths"]) == n,
-             PATHS_UP_TIMEOUT, message=f"not all {n} paths joined the tunnel; client log: "
-                                       f"{stack.client_log}")
+             PATHS_UP_TIMEOUT, message=f"not all {n} paths joined the tunnel")
     return stack
 
 
 class BulkFlow:
-    """An iperf3 TCP flow client -> server through the tunnel, started on demand."""
+    """An iperf3 TCP flow client -> server through the tunnel; the server listens at once."""
 
     def __init__(self, topo: MultipathTopology, seconds: float) -> None:
         self.topo, self.seconds = topo, seconds
@@ -294,7 +287,7 @@ class BulkFlow:
 
     def start(self) -> None:
         self.client = self.topo.client.popen(iperf3_client_argv(SERVER_INNER, self.seconds),
-                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                              text=True)
 
     def result(self) -> float:
@@ -310,15 +303,14 @@ class BulkFlow:
                 proc.wait()
 
 
-def measure_mode(topo: MultipathTopology, imp: Impairments, stack: TunnelStack,
-                 scenario: Scenario, workdir: Path) -> tuple[StreamResult, Optional[float], list[float]]:
-    """Media stream, bulk flow and outage at once; (media result, bulk bit/s, path shares)."""
+def measure_mode(topo: MultipathTopology, imp: Impairments, scenario: Scenario,
+                 workdir: Path) -> tuple[StreamResult, Optional[float]]:
+    """Media stream, bulk flow and outage at once; (media result, bulk bit/s or None)."""
     bulk = BulkFlow(topo, scenario.duration) if scenario.bulk else None
-    before = client_tx(stack, topo)
 
     def go() -> None:  # called once the media sender runs: the outage counts from here
         imp.restart_schedule()
-        imp.apply(_plan(scenario, with_outage=True))
+        imp.apply(impairment_plan(scenario, with_outage=True))
         if bulk:
             bulk.start()
 
@@ -330,13 +322,8 @@ def measure_mode(topo: MultipathTopology, imp: Impairments, stack: TunnelStack,
     finally:
         if bulk:
             bulk.stop()
-        imp.apply(_plan(scenario, with_outage=False))
-    return media, bulk_bps, tx_share(before, client_tx(stack, topo))
-
-
-def _plan(scenario: Scenario, with_outage: bool) -> dict:
-    return {(i, d): imp for i, imp in scenario.impairments(with_outage).items()
-            for d in ("up", "down")}
+    imp.apply(impairment_plan(scenario, with_outage=False))
+    return media, bulk_bps
 
 
 def describe_run(scenario: Scenario, mode: str) -> str:
@@ -354,37 +341,36 @@ def run_mode(topo: MultipathTopology, imp: Impairments, scenario: Scenario, mode
              workdir: Path) -> ModeFigures:
     """One mode: fresh tunnel, measurement, tunnel stopped again."""
     progress(f"mode {mode}: starting mptun server and client, waiting for "
-             f"{len(topo.paths)} paths")
+             f"{len(topo.paths)} paths to join")
     t0 = time.monotonic()
     stack = start_tunnel(topo, mode, workdir / mode)
     try:
         up_s = time.monotonic() - t0
         progress(describe_run(scenario, mode))
-        media, bulk_bps, share = measure_mode(topo, imp, stack, scenario, workdir)
+        media, bulk_bps = measure_mode(topo, imp, scenario, workdir)
     finally:
         stack.stop()
-    figures = ModeFigures.of(media, bulk_bps, share, up_s)
-    progress(f"mode {mode}: media loss {figures.media_loss_percent:.2f} %, "
-             f"longest gap {figures.media_longest_gap_ms:.0f} ms"
-             + (f", bulk {figures.bulk_tcp_mbps:.1f} Mbit/s" if bulk_bps is not None else ""))
+    figures = ModeFigures.of(media, bulk_bps, up_s)
+    progress(f"mode {mode}: media loss {figures.media_loss_percent:.2f} %, longest gap "
+             f"{figures.media_longest_gap_ms:.0f} ms"
+             + ("" if bulk_bps is None else f", bulk {figures.bulk_tcp_mbps:.1f} Mbit/s"))
     return figures
 
 
 def run_showcase(scenario: Scenario) -> dict[str, Any]:
     """Every mode of ``scenario`` over one lab; the JSON output."""
     t0 = time.monotonic()
-    results: dict[str, Any] = {}
+    modes: dict[str, Any] = {}
     with lab_and_workdir("lab") as (lab, workdir):
-        progress(f"building lab {lab.prefix}: client, router, server, {len(scenario.paths)} paths: "
-                 + "; ".join(f"path {i} {p.describe()}" for i, p in enumerate(scenario.paths))
-                 + " (each way)")
+        progress(f"building lab {lab.prefix}: client, router, server and "
+                 f"{len(scenario.paths)} paths ({paths_summary(scenario)}; each way)")
         topo = MultipathTopology(lab, n_paths=len(scenario.paths))
         imp = Impairments(topo, seed=IMPAIRMENT_SEED)
-        imp.apply(_plan(scenario, with_outage=False))
+        imp.apply(impairment_plan(scenario, with_outage=False))
         for mode in scenario.modes:
-            results[mode] = asdict(run_mode(topo, imp, scenario, mode, workdir))
-        prefix = lab.prefix
-    return {"scenario": scenario.to_json(), "lab_prefix": prefix, "modes": results,
+            modes[mode] = asdict(run_mode(topo, imp, scenario, mode, workdir))
+        progress("tearing the lab down")
+    return {"scenario": scenario.to_json(), "lab_prefix": lab.prefix, "modes": modes,
             "elapsed_s": round(time.monotonic() - t0, 1)}
 
 
@@ -392,15 +378,31 @@ def run_showcase(scenario: Scenario) -> dict[str, Any]:
 # Output
 # --------------------------------------------------------------------------
 
+def paths_summary(s: Scenario) -> str:
+    return "; ".join(f"path {i}: {p.describe()}" for i, p in enumerate(s.paths))
+
+
+def scenario_summary(s: Scenario) -> str:
+    """Two lines saying what the table is about."""
+    traffic = f"media {s.media_rate:g} packets/s x {s.media_size} bytes"
+    if s.bulk:
+        traffic += " + iperf3 TCP bulk"
+    outage = "no outage"
+    if (window := s.outage_window()) and s.outage:
+        outage = f"path {s.outage.path} blackholed {window[0]:g}-{window[1]:g} s"
+    return (f"mptun lab: scenario {s.name!r} ({s.source}): {len(s.paths)} paths "
+            f"({paths_summary(s)}; each way)\n"
+            f"  {s.duration:g} s per mode, {traffic}, {outage}")
+
+
 def _ms(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.0f} ms"
 
 
 def _row(mode: str, f: dict[str, Any]) -> list[str]:
     bulk = "-" if f["bulk_tcp_mbps"] is None else f"{f['bulk_tcp_mbps']:.1f} Mbit/s"
-    split = "/".join(f"{100 * s:.0f}" for s in f["path_tx_share"])
     return [mode, f"{f['media_loss_percent']:.2f} %", _ms(f["media_latency_p50_ms"]),
-            _ms(f["media_latency_p99_ms"]), _ms(f["media_longest_gap_ms"]), bulk, split]
+            _ms(f["media_latency_p99_ms"]), _ms(f["media_longest_gap_ms"]), bulk]
 
 
 def _table(rows: list[list[str]]) -> list[str]:
@@ -411,28 +413,14 @@ def _table(rows: list[list[str]]) -> list[str]:
             for r in rows]
 
 
-def scenario_summary(s: Scenario) -> str:
-    paths = "; ".join(f"path {i}: {p.describe()}" for i, p in enumerate(s.paths))
-    traffic = f"media {s.media_rate:g} packets/s x {s.media_size} bytes"
-    if s.bulk:
-        traffic += " + iperf3 TCP bulk"
-    outage = "no outage"
-    if (window := s.outage_window()) and s.outage:
-        outage = f"path {s.outage.path} blackholed {window[0]:g}-{window[1]:g} s"
-    return (f"mptun lab: scenario {s.name!r} ({s.source}): {len(s.paths)} paths ({paths}; each way)\n"
-            f"  {s.duration:g} s per mode, {traffic}, {outage}")
-
-
 def format_showcase(result: dict[str, Any], scenario: Scenario) -> str:
-    header = ["mode", "media loss", "latency p50", "p99", "longest gap", "bulk TCP",
-              "tx % per path"]
+    header = ["mode", "media loss", "latency p50", "p99", "longest gap", "bulk TCP"]
     rows = [header] + [_row(mode, f) for mode, f in result["modes"].items()]
-    notes = [f"  {mode}: {MODE_NOTES[mode]}" for mode in result["modes"]]
     return "\n".join([scenario_summary(scenario), ""] + _table(rows) + [
         "",
-        "How to read it: media figures are the stream's (latency one-way, gap = longest time "
-        "without a packet); bulk is the TCP flow's goodput beside it.",
-        *notes,
+        "How to read it: media = the stream (one-way latency; gap = longest time without a "
+        "packet), bulk = the TCP flow's goodput beside it; random loss makes runs differ.",
+        *(f"  {mode}: {MODE_NOTES[mode]}" for mode in result["modes"]),
     ])
 
 
