@@ -249,11 +249,11 @@ class ServerCore:
         except frames.FrameError:
             tunnel.malformed += 1
             return
+        if not tunnel.dedup.accept(seq):  # first: copies of one packet count once below
+            return
         # anti-spoofing: an IPv4 packet must come from the tunnel's own inner address (or its LAN)
         if len(pkt) < 20 or pkt[0] >> 4 != 4 or (pkt[12:16] != tunnel.key and not self._from_prefix(tunnel, pkt)):
             tunnel.spoofed += 1
-            return
-        if not tunnel.dedup.accept(seq):
             return
         if tos & 3 == 3:  # outer CE (RFC 6040)
             pkt = decapsulate(tos, pkt)

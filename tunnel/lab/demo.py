@@ -35,11 +35,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from tunnel.lab.impair import Impairments
 from tunnel.lab.netns import Host, Lab, unique_prefix, wait_for
-from tunnel.lab.scenario import Scenario, ScenarioError, load_scenario, with_overrides
+from tunnel.lab.scenario import (CLI, Scenario, ScenarioError, load_scenario, range_error,
+                                 with_overrides)
 from tunnel.lab.stack import SERVER_INNER, TunnelStack
 from tunnel.lab.stream import StreamResult, run_stream
 from tunnel.lab.topology import MultipathTopology
@@ -444,26 +445,49 @@ def _quick_conflicts(args: argparse.Namespace) -> list[str]:
     return used + (["--no-outage"] if args.no_outage else [])
 
 
-def _run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    """Run what ``args`` ask for; (JSON object, table text)."""
+def plan(args: argparse.Namespace) -> Callable[[], tuple[dict[str, Any], str]]:
+    """Check ``args``; return what runs them, giving (JSON object, text for the terminal).
+
+    Raises :class:`ScenarioError` for bad options or a bad scenario file.
+    """
     if args.quick:
         if conflicts := _quick_conflicts(args):
-            raise ScenarioError(f"command line: {conflicts[0]}: not used by --quick")
-        figures = run_quick(args.duration or QUICK_DURATION)
-        return figures, format_quick(figures)
+            raise ScenarioError(f"{CLI}: {conflicts[0]}: not used by --quick")
+        duration = QUICK_DURATION if args.duration is None else args.duration
+        if why := range_error("duration", duration):
+            raise ScenarioError(f"{CLI}: --duration: {why}")
+
+        def quick() -> tuple[dict[str, Any], str]:
+            figures = run_quick(duration)
+            return figures, format_quick(figures)
+        return quick
     scenario = scenario_from_args(args)
-    result = run_showcase(scenario)
-    return result, format_showcase(result, scenario)
+
+    def showcase() -> tuple[dict[str, Any], str]:
+        result = run_showcase(scenario)
+        return result, format_showcase(result, scenario)
+    return showcase
+
+
+def missing_requirement() -> Optional[str]:
+    """Why the lab cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    for tool, package in (("iperf3", "iperf3"), ("nft", "nftables"), ("ip", "iproute2")):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (apt-get install {package})"
+    return None
 
 
 def main(args: argparse.Namespace) -> int:
-    """`mptun lab`; scenario errors propagate as ConfigError (the CLI prints them, exit 2)."""
-    if shutil.which("iperf3") is None:
-        print("mptun lab: iperf3 is not installed (apt-get install iperf3)", file=sys.stderr)
+    """`mptun lab`.  Scenario errors propagate as ConfigError: the CLI prints them, exit 2."""
+    run = plan(args)
+    if why := missing_requirement():
+        print(f"mptun lab: {why}", file=sys.stderr)
         return 1
     try:
         with sigterm_interrupts():
-            result, text = _run(args)
+            result, text = run()
     except KeyboardInterrupt as exc:
         print("mptun lab: interrupted; lab torn down", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED

@@ -261,12 +261,9 @@ def load_scenario(path: str | Path) -> Scenario:
         scenario = _media_table(p, data.get("media", {}), scenario)
         if "path" in data:
             scenario = replace(scenario, paths=_paths(p, data["path"]))
-        if "outage" in data:
-            return replace(scenario, outage=_outage_table(p, data["outage"], len(scenario.paths)))
-        if scenario.outage and (problem := outage_error(scenario.outage, len(scenario.paths))):
-            raise ScenarioError(f"{p}: [outage] {problem[0]}: {problem[1]} (the default outage;"
-                                " add an [outage] table)")
-        return scenario
+        # Without an [outage] table the default outage stays: path 0, which always exists.
+        outage = _outage_table(p, data.get("outage", {}), len(scenario.paths))
+        return replace(scenario, outage=outage)
     except ScenarioError:
         raise
     except ConfigError as exc:  # from tunnel.config's helpers: same message, our type
