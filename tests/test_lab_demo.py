@@ -134,6 +134,7 @@ def test_options_override_per_path_lists_repeat_their_last_value() -> None:
     s = with_overrides(Scenario(), paths=3, delay=[10], loss=[1, 5], rate=[8])
     assert [(p.delay_ms, p.loss_percent, p.rate_mbit) for p in s.paths] == [(10, 1, 8), (10, 5, 8), (10, 5, 8)]
     assert with_overrides(Scenario(), delay=[1, 2, 3]).paths[2].delay_ms == 3  # the list sets the count
+    assert [p.rate_mbit for p in with_overrides(Scenario(), rate=[0, 5]).paths] == [None, 5]  # 0: none
     assert with_overrides(Scenario(), paths=1, no_outage=True).paths == (Scenario().paths[0],)
     s = with_overrides(Scenario(), duration=4, modes=["balance"], no_outage=True)
     assert (s.duration, s.modes, s.outage) == (4, ("balance",), None)
@@ -217,7 +218,8 @@ def test_showcase_json_end_to_end() -> None:
     assert res.returncode == 0, res.stderr
     result = json.loads(res.stdout)  # stdout is exactly one JSON object
     assert set(result) == {"scenario", "lab_prefix", "modes", "elapsed_s"}
-    assert "mode duplicate: streaming 6 s beside an iperf3 TCP flow, path 0 blackholed at 2.4 s" in res.stderr
+    assert ("mode duplicate: streaming 6 s beside an iperf3 TCP flow (started 2 s earlier), "
+            "path 0 blackholed at 2.4 s for 1.2 s..." in res.stderr)
     scenario = result["scenario"]
     assert scenario["duration"] == duration and scenario["modes"] == ["duplicate", "balance"]
     assert [p["delay_ms"] for p in scenario["paths"]] == [30, 60]
@@ -228,27 +230,29 @@ def test_showcase_json_end_to_end() -> None:
         assert 0 < figures["media_latency_p50_ms"] <= figures["media_latency_p99_ms"] < 1000, mode
         assert figures["media_loss_percent"] < 20, (mode, figures)  # the outage alone is 20 %
     dup = result["modes"]["duplicate"]
-    # Duplicate masks the outage: it never stalls (lowest-rtt waits out the 300 ms dead
-    # interval), and it does not lose the outage's 20 % of the stream.  What it does lose
-    # is path 1's 2 % random loss while path 0 is out, plus what the bulk flow's
-    # congestion drops on both paths at once: about 1 %, up to 3 % in a short run.
+    # Duplicate masks the outage: no stall (lowest-rtt waits out the 300 ms dead interval
+    # first), and not the outage's 20 % of the stream lost.  It does lose what every path
+    # drops at once: path 1's 2 % random loss while path 0 is out, and the tail drops of
+    # the bulk flow, whose copies fill both 20 Mbit/s queues in step (2.5-5.5 % in 6 s
+    # runs on a 2-core VM; ~0.5 % with --no-bulk).
     assert dup["media_longest_gap_ms"] < 250, dup
-    assert dup["media_loss_percent"] < 5, dup
+    assert dup["media_loss_percent"] < 12, dup
     assert dup["media_latency_p50_ms"] >= 30  # the shorter path's delay is a floor
     assert namespaces(result["lab_prefix"]) == []
 
 
 @pytest.mark.netns
-@pytest.mark.parametrize("signum, code, moment", [
-    (signal.SIGINT, 130, "mode duplicate: streaming"),  # Ctrl-C with everything running
-    (signal.SIGTERM, 143, "mode duplicate: starting mptun"),  # while the tunnel comes up
+@pytest.mark.parametrize("signum, code, moment, wait", [
+    (signal.SIGINT, 130, "mode duplicate: streaming", 3.0),  # Ctrl-C with everything running
+    (signal.SIGTERM, 143, "mode duplicate: starting mptun", 0.0),  # while the tunnel comes up
 ], ids=["ctrl-c-while-streaming", "sigterm-while-starting"])
-def test_interrupt_tears_everything_down(signum: int, code: int, moment: str) -> None:
+def test_interrupt_tears_everything_down(signum: int, code: int, moment: str, wait: float) -> None:
     proc = subprocess.Popen(lab_argv("--duration", "30", "--modes", "duplicate"), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         prefix = read_until(proc, r"building lab (\w+):", 30).group(1)
         read_until(proc, moment, 30)
+        time.sleep(wait)  # 2 s of bulk warm-up, then 1 s into the media stream and its outage
         assert namespaces(prefix) == [f"{prefix}-{h}" for h in ("cli", "rtr", "srv")]
         proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=30)

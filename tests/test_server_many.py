@@ -107,7 +107,7 @@ def fleet(lab, tmp_path):
 
 
 def test_twenty_clients_with_two_paths_each(fleet):
-    f = fleet(20)
+    f = fleet(20, metrics="127.0.0.1:9109")
     f.start_server()
     for name in f.names:
         f.start_client(name)
@@ -122,6 +122,15 @@ def test_twenty_clients_with_two_paths_each(fleet):
     assert f.status()["counters"]["client_to_client_blocked"] >= 1
     out = subprocess.run(mptun_argv("status", "-s", str(f.workdir / "server.sock")), capture_output=True, text=True)
     assert out.stdout.count("client c") == 20 and out.stdout.count("    path ") == 40
+    # the Prometheus endpoint serves the same numbers
+    scrape = f.server.run([sys.executable, "-c",
+                           "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:9109/metrics').read().decode())"])
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {fam.name: fam for fam in text_string_to_metric_families(scrape.stdout)}
+    assert families["mptun_tunnels"].samples[0].value == 20
+    up = [s for s in families["mptun_path_up"].samples if s.value == 1]
+    assert len(up) == 40 and {s.labels["client"] for s in up} == set(f.names)
 
 
 def test_client_to_client_when_enabled_and_restarted_client_keeps_its_address(fleet):

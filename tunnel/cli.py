@@ -13,6 +13,15 @@ from tunnel.policy import PolicyError
 EXIT_CONFIG = 2
 
 
+def _metrics_address(text: str):
+    from tunnel.metrics import parse_metrics_address
+
+    try:
+        return parse_metrics_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _server(args: argparse.Namespace) -> int:
     from tunnel import server
     from tunnel.config import load_server_config
@@ -20,6 +29,8 @@ def _server(args: argparse.Namespace) -> int:
     cfg = load_server_config(args.config)
     if args.policy:
         cfg.policy = args.policy
+    if args.metrics:
+        cfg.metrics = args.metrics
     if args.check_config:
         server.build(cfg)
         print(f"{args.config}: ok")
@@ -34,6 +45,8 @@ def _client(args: argparse.Namespace) -> int:
     cfg = load_client_config(args.config)
     if args.policy:
         cfg.policy = args.policy
+    if args.metrics:
+        cfg.metrics = args.metrics
     if args.check_config:
         client.resolve(cfg)
         from tunnel.app import load_policy_or_none
@@ -65,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-c", "--config", required=True, help=f"{name} TOML file")
         sp.add_argument("--check-config", action="store_true", help="validate the config and exit")
         sp.add_argument("--policy", help="DSCP policy file (overrides the config's policy key)")
+        sp.add_argument("--metrics", type=_metrics_address, metavar="ADDR:PORT",
+                        help="serve Prometheus metrics over HTTP (overrides the config's metrics key)")
         sp.set_defaults(func=func)
     certs.register(sub)
     status.register(sub)
@@ -78,25 +93,25 @@ def build_parser() -> argparse.ArgumentParser:
 Show what mptun's scheduler modes do for a live media stream over bad links,
 on this machine alone (needs root, iperf3 and nftables).
 
-Builds client, router and server network namespaces joined by N paths, adds
-delay and loss to each path, then for each mode starts a fresh mptun server
-and client, sends a media-like stream (50 packets/s of 200 bytes) and a bulk
-iperf3 TCP flow through the tunnel at the same time, and blackholes path 0
-from 40 % to 60 % of the run.  Prints per mode: media loss, one-way latency
-p50/p99, longest gap without media, bulk TCP throughput.
+Builds client, router and server network namespaces joined by N paths and
+impairs each path.  Then, per mode, starts a fresh mptun server and client,
+runs a bulk iperf3 TCP flow through the tunnel and, after 2 s, a media-like
+stream (50 packets/s of 200 bytes, client -> server) beside it, and
+blackholes path 0 from 40 % to 60 % of the stream.  Prints per mode: media
+loss, one-way latency p50/p99, longest gap without media, bulk TCP goodput.
 
-Default scenario (scenarios/default.toml): 2 paths, 30 ms and 60 ms each way,
-2 % random loss each way on both, no rate limit; modes duplicate, lowest-rtt
-and balance, 15 s each: about 70 s in all.  Options override the scenario
-file, which overrides the defaults.  Per-path lists (--delay, --loss, --rate)
+Default scenario (scenarios/default.toml): 2 paths, 30 ms and 60 ms delay,
+2 % random loss and 20 Mbit/s each, each way; modes duplicate, lowest-rtt and
+balance, 15 s each: about 65 s in all.  Options override the scenario file,
+which overrides the defaults.  Per-path lists (--delay, --loss, --rate)
 repeat their last value for further paths.
 
---quick runs a ~10 s smoke test instead: one link, ping, iperf3 up and down
+--quick runs a ~15 s smoke test instead: one link, ping, iperf3 up and down
 through the tunnel and over the raw link (takes only --duration and --json).""",
     )
     lab.add_argument("--json", action="store_true",
                      help="print the result as one JSON object on stdout (progress stays on stderr)")
-    lab.add_argument("--quick", action="store_true", help="the single-link smoke test (~10 s)")
+    lab.add_argument("--quick", action="store_true", help="the single-link smoke test (~15 s)")
     lab.add_argument("--scenario", metavar="FILE", help="TOML scenario file (see scenarios/)")
     lab.add_argument("--duration", type=float, metavar="SECONDS",
                      help="seconds of traffic per mode (default 15; --quick: per iperf3 run, default 3)")
@@ -108,8 +123,9 @@ through the tunnel and over the raw link (takes only --duration and --json).""",
     lab.add_argument("--loss", type=number_list, metavar="PCT,PCT",
                      help="random loss per path in %%, each way (default 2,2)")
     lab.add_argument("--rate", type=number_list, metavar="MBIT,MBIT",
-                     help="rate limit per path in Mbit/s, each way (default none)")
+                     help="rate limit per path in Mbit/s, each way, 0 for none (default 20,20)")
     lab.add_argument("--no-outage", action="store_true", help="do not blackhole a path mid-run")
+    lab.add_argument("--no-bulk", action="store_true", help="media stream only, no iperf3 TCP flow")
     lab.set_defaults(func=_lab)
     return p
 

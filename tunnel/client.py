@@ -11,7 +11,8 @@ from tunnel.app import load_policy_or_none, reloader, setup_logging, udp_socket
 from tunnel.client_core import ClientCore
 from tunnel.config import ClientConfig, ConfigError
 from tunnel.control import default_path
-from tunnel.dtls import make_context
+from tunnel.dtls import common_name, make_context
+from tunnel.metrics import MetricsServer
 from tunnel.shell import ClientShell
 from tunnel.tun import TunDevice
 
@@ -59,6 +60,13 @@ class PathFinder:
         return wanted
 
 
+def client_name(cfg: ClientConfig) -> str:
+    """The client's identity: the common name of its certificate."""
+    from cryptography import x509
+
+    return common_name(x509.load_pem_x509_certificate(cfg.certificate.read_bytes()))
+
+
 def make_socket(key) -> socket.socket:
     """A UDP socket bound to the path's interface and address, connected to the server."""
     ifname, local, server = key
@@ -70,7 +78,7 @@ def make_socket(key) -> socket.socket:
 
 
 def run(cfg: ClientConfig) -> int:
-    setup_logging("client", cfg.log_level)
+    setup_logging("client", cfg.log_level, cfg.log_format)
     ctx = make_context("client", cfg.certificate, cfg.key, cfg.ca, server_name=cfg.server_name)
     finder = PathFinder(cfg, resolve(cfg))
     if not finder.servers:
@@ -136,6 +144,8 @@ def run(cfg: ClientConfig) -> int:
         watcher=netlink.LinkWatcher(),
         on_reload=reloader(cfg.policy, core.set_policy, log),
     )
+    if cfg.metrics:
+        shell.metrics = MetricsServer(*cfg.metrics, shell.status, "client", name=client_name(cfg))
     try:
         shell.run()
     finally:

@@ -47,6 +47,8 @@ class ServerConfig:
     linger: float = 30.0
     dedup_window: int = 4096
     policy: Optional[Path] = None
+    log_format: str = "text"
+    metrics: Optional[tuple[str, int]] = None
     client_to_client: bool = False
     unknown_destination: str = "drop"
     max_tunnels: int = 1024
@@ -83,6 +85,8 @@ class ClientConfig:
     timeout: float = 3.0
     dedup_window: int = 4096
     policy: Optional[Path] = None
+    log_format: str = "text"
+    metrics: Optional[tuple[str, int]] = None
     log_level: str = "info"
     control: Optional[Path] = None
 
@@ -189,6 +193,14 @@ def _common(sec: _Section) -> dict:
     if dead < 2 * probe:
         raise sec.error("dead_interval", f"{dead} s must be at least twice probe_interval ({probe} s)")
     policy = sec.file("policy") if "policy" in sec.table else None
+    metrics = sec.get("metrics", str, None, what='"ADDR:PORT"')
+    if metrics is not None:
+        from tunnel.metrics import parse_metrics_address
+
+        try:
+            metrics = parse_metrics_address(metrics)
+        except ValueError as exc:
+            raise sec.error("metrics", str(exc)) from None
     timeout = sec.seconds("timeout", 3.0)
     if timeout < dead:
         raise sec.error("timeout", f"{timeout} s must not be shorter than dead_interval ({dead} s)")
@@ -202,6 +214,8 @@ def _common(sec: _Section) -> dict:
         "timeout": timeout,
         "dedup_window": sec.integer("dedup_window", 4096, 64, 1 << 20),
         "policy": policy,
+        "metrics": metrics,
+        "log_format": sec.choice("log_format", "text", ("text", "json")),
         "log_level": level,
         "control": Path(control) if control else None,
     }

@@ -11,6 +11,7 @@ from tunnel.app import fmt_addr, load_policy_or_none, reloader, setup_logging, u
 from tunnel.config import ServerConfig
 from tunnel.control import default_path
 from tunnel.dtls import make_context
+from tunnel.metrics import MetricsServer
 from tunnel.pool import AddressPool
 from tunnel.server_core import ServerCore
 from tunnel.shell import ServerShell
@@ -85,7 +86,7 @@ def build(cfg: ServerConfig):
 
 
 def run(cfg: ServerConfig) -> int:
-    setup_logging("server", cfg.log_level)
+    setup_logging("server", cfg.log_level, cfg.log_format)
     core, inner = build(cfg)
     sockets = []
     for host, port in cfg.listen:
@@ -105,6 +106,8 @@ def run(cfg: ServerConfig) -> int:
             core, tun.fd, sockets, log_event, cfg.control or default_path("server", tun.name),
             on_reload=reloader(cfg.policy, core.set_policy, log),
         )
+        if cfg.metrics:
+            shell.metrics = MetricsServer(*cfg.metrics, shell.status, "server")
         shell.run()
         log.info("stopped")
     finally:

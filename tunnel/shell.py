@@ -35,6 +35,7 @@ class Shell:
     def __init__(self, core, tun_fd: Optional[int], control_path=None, on_reload: Optional[Callable[[], None]] = None):
         self.core = core
         self.on_reload = on_reload  # SIGHUP
+        self.metrics = None  # a MetricsServer, started and closed with the loop
         self.tun_fd = tun_fd
         self.control = ControlServer(control_path, self.status) if control_path else None
         self.loop = EventLoop()
@@ -112,6 +113,8 @@ class Shell:
         self.start()
         if self.control is not None:
             self.control.start(self.loop)
+        if self.metrics is not None:
+            self.metrics.start(self.loop)
         self._tick_handle = self.loop.call_later(TICK, self._tick)
         try:
             self.loop.run_forever()
@@ -119,6 +122,8 @@ class Shell:
             self._tick_handle.cancel()
             if self.control is not None:
                 self.control.close()
+            if self.metrics is not None:
+                self.metrics.close()
             self.core.close(self.loop.time())
             self.flush()
             self.shutdown()

@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -49,15 +50,18 @@ PINGS = 10
 IPERF_PORT = 5201
 MEDIA_PORT = 5004
 QUICK_DURATION = 3.0  # seconds of each iperf3 run of --quick
+BULK_WARMUP = 2.0  # seconds the bulk flow runs before the media stream and the measuring start
 PATHS_UP_TIMEOUT = 20.0  # every path must have joined the tunnel by then
 IMPAIRMENT_SEED = 1  # the delay line's random choices repeat from run to run
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+TEXT_WIDTH = 100  # the notes under the table are wrapped to this
 
 # One line per mode under the table: what the mode does, so what its figures mean.
 MODE_NOTES = {
     "duplicate": "every packet on every path, the receiver drops the copies: no gap when a path "
-                 "dies; media is lost only when every live path loses the same packet (during "
-                 "the outage: one path's loss); bulk gets one path's capacity",
+                 "dies; media is lost only when every live path drops the same packet: one "
+                 "path's random loss during the outage, and whenever the bulk flow's copies fill "
+                 "every path's queue at once (try --no-bulk); bulk gets one path's capacity",
     "redundant": "every packet on the best `redundancy` paths: with 2 paths, like duplicate",
     "lowest-rtt": "one path at a time, the fastest: that path's loss reaches the media, and a "
                   "dying path costs a gap of about the dead interval (300 ms) unless it had "
@@ -287,14 +291,15 @@ class BulkFlow:
         self.client: Optional[subprocess.Popen] = None
 
     def start(self) -> None:
-        self.client = self.topo.client.popen(iperf3_client_argv(SERVER_INNER, self.seconds),
-                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                             text=True)
+        """Start the flow; it runs :data:`BULK_WARMUP` seconds unmeasured, then ``seconds``."""
+        argv = iperf3_client_argv(SERVER_INNER, self.seconds) + ["--omit", f"{BULK_WARMUP:g}"]
+        self.client = self.topo.client.popen(argv, stdout=subprocess.PIPE,
+                                             stderr=subprocess.DEVNULL, text=True)
 
     def result(self) -> float:
         """Wait for the flow to end; its goodput in bit/s."""
         assert self.client is not None
-        stdout, _ = self.client.communicate(timeout=self.seconds + 30)
+        stdout, _ = self.client.communicate(timeout=BULK_WARMUP + self.seconds + 30)
         return iperf3_bits_per_second(stdout)
 
     def stop(self) -> None:
@@ -306,19 +311,25 @@ class BulkFlow:
 
 def measure_mode(topo: MultipathTopology, imp: Impairments, scenario: Scenario,
                  workdir: Path) -> tuple[StreamResult, Optional[float]]:
-    """Media stream, bulk flow and outage at once; (media result, bulk bit/s or None)."""
+    """Bulk flow, then media stream and outage; (media result, bulk bit/s or None).
+
+    The bulk flow gets :data:`BULK_WARMUP` seconds' head start, which iperf3
+    leaves out of its figure: both then measure the same steady state, not
+    TCP's slow start overflowing every queue at once.
+    """
     bulk = BulkFlow(topo, scenario.duration) if scenario.bulk else None
 
-    def go() -> None:  # called once the media sender runs: the outage counts from here
+    def start_outage() -> None:  # called once the media sender runs: the outage counts from here
         imp.restart_schedule()
         imp.apply(impairment_plan(scenario, with_outage=True))
-        if bulk:
-            bulk.start()
 
     try:
+        if bulk:
+            bulk.start()
+            time.sleep(BULK_WARMUP)
         media = run_stream(topo.client, topo.server, SERVER_INNER, MEDIA_PORT,
                            scenario.media_rate, scenario.media_size, scenario.media_count(),
-                           workdir, during=go)
+                           workdir, during=start_outage)
         bulk_bps = bulk.result() if bulk else None
     finally:
         if bulk:
@@ -331,7 +342,7 @@ def describe_run(scenario: Scenario, mode: str) -> str:
     """The progress line of one mode's run."""
     text = f"mode {mode}: streaming {scenario.duration:g} s"
     if scenario.bulk:
-        text += " beside an iperf3 TCP flow"
+        text += f" beside an iperf3 TCP flow (started {BULK_WARMUP:g} s earlier)"
     if (window := scenario.outage_window()) and scenario.outage:
         text += (f", path {scenario.outage.path} blackholed at {window[0]:g} s"
                  f" for {window[1] - window[0]:g} s")
@@ -384,16 +395,16 @@ def paths_summary(s: Scenario) -> str:
 
 
 def scenario_summary(s: Scenario) -> str:
-    """Two lines saying what the table is about."""
+    """Three lines saying what the table is about."""
     traffic = f"media {s.media_rate:g} packets/s x {s.media_size} bytes"
     if s.bulk:
         traffic += " + iperf3 TCP bulk"
     outage = "no outage"
     if (window := s.outage_window()) and s.outage:
         outage = f"path {s.outage.path} blackholed {window[0]:g}-{window[1]:g} s"
-    return (f"mptun lab: scenario {s.name!r} ({s.source}): {len(s.paths)} paths "
-            f"({paths_summary(s)}; each way)\n"
-            f"  {s.duration:g} s per mode, {traffic}, {outage}")
+    return "\n".join([f"mptun lab: scenario {s.name!r} ({s.source}), {s.duration:g} s per mode",
+                      _wrapped(f"paths, each way: {paths_summary(s)}", "  "),
+                      f"  traffic: {traffic}; {outage}"])
 
 
 def _ms(value: Optional[float]) -> str:
@@ -414,14 +425,20 @@ def _table(rows: list[list[str]]) -> list[str]:
             for r in rows]
 
 
+def _wrapped(text: str, indent: str = "") -> str:
+    return textwrap.fill(text, width=TEXT_WIDTH, initial_indent=indent,
+                         subsequent_indent=indent + "    ", break_on_hyphens=False)
+
+
 def format_showcase(result: dict[str, Any], scenario: Scenario) -> str:
     header = ["mode", "media loss", "latency p50", "p99", "longest gap", "bulk TCP"]
     rows = [header] + [_row(mode, f) for mode, f in result["modes"].items()]
     return "\n".join([scenario_summary(scenario), ""] + _table(rows) + [
         "",
-        "How to read it: media = the stream (one-way latency; gap = longest time without a "
-        "packet), bulk = the TCP flow's goodput beside it; random loss makes runs differ.",
-        *(f"  {mode}: {MODE_NOTES[mode]}" for mode in result["modes"]),
+        _wrapped("How to read it: media = the stream (one-way latency; gap = longest time "
+                 "without a packet), bulk = the TCP flow's goodput beside it; random loss "
+                 "makes runs differ."),
+        *(_wrapped(f"{mode}: {MODE_NOTES[mode]}", "  ") for mode in result["modes"]),
     ])
 
 
@@ -437,12 +454,13 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
     base = load_scenario(args.scenario) if args.scenario else Scenario()
     return with_overrides(base, duration=args.duration, modes=args.modes, paths=args.paths,
                           delay=args.delay, loss=args.loss, rate=args.rate,
-                          no_outage=args.no_outage)
+                          no_outage=args.no_outage, no_bulk=args.no_bulk)
 
 
 def _quick_conflicts(args: argparse.Namespace) -> list[str]:
     used = [f"--{name}" for name in SHOWCASE_OPTIONS if getattr(args, name) is not None]
-    return used + (["--no-outage"] if args.no_outage else [])
+    return used + [flag for flag, on in (("--no-outage", args.no_outage), ("--no-bulk", args.no_bulk))
+                   if on]
 
 
 def plan(args: argparse.Namespace) -> Callable[[], tuple[dict[str, Any], str]]:

@@ -54,7 +54,7 @@ from tunnel.lab.stack import SERVER_NAME, make_pki
 PORT = 4443  # TCP (TLS/CSTP) and UDP (DTLS)
 NETWORK, NETMASK = "100.66.0.0", "255.255.255.0"  # inside 100.64.0.0/10, a different /24
 SERVER_DEVICE = "vpns"  # ocserv names its TUN devices vpns0, vpns1, ...
-READY = "with SSL connected and DTLS connected"
+CONFIGURED = "Configured as"  # "Configured as A, with SSL connected and DTLS <connected|established|in progress>"
 NFT_TABLE = "mptunbenchoc"
 
 _names = itertools.count()
@@ -203,7 +203,9 @@ class OpenConnectPair:
         script = self.workdir / "openconnect-script.sh"
         script.write_text(_SCRIPT)
         script.chmod(0o755)
-        return ["openconnect", "--non-inter", "--interface", self.client_ifname,
+        # stdbuf: openconnect's stdout is block-buffered into a file, so its progress lines
+        # would only show up when it exits.
+        return ["stdbuf", "-oL", "-eL", "openconnect", "--non-inter", "--interface", self.client_ifname,
                 "--certificate", str(self.workdir / f"{self.client_name}.crt"),
                 "--sslkey", str(self.workdir / f"{self.client_name}.key"),
                 "--servercert", spki_pin(self.workdir / f"{SERVER_NAME}.crt"),
@@ -211,7 +213,7 @@ class OpenConnectPair:
                 f"https://{self.server_addr}:{self.port}/"]
 
     def start(self, timeout: float = 20.0) -> OpenConnectPair:
-        """Start ocserv and openconnect; return once DTLS is up and a ping crosses the tunnel."""
+        """Start ocserv and openconnect; return once a ping crosses the tunnel over DTLS."""
         with open(self.server_log, "ab") as out:
             self.server_proc = self.server_host.popen(["ocserv", "-f", "-c", str(self.server_config())],
                                                       stdout=out, stderr=subprocess.STDOUT)
@@ -224,12 +226,21 @@ class OpenConnectPair:
         with open(self.client_log, "ab") as out:
             self.client_proc = self.client_host.popen(self._client_argv(), stdout=out,
                                                       stderr=subprocess.STDOUT)
-        wait_for(lambda: READY in self._read(self.client_log) or self.client_proc.poll() is not None,
-                 timeout, message=f"openconnect did not get DTLS up; log:\n{self._tail(self.client_log)}")
+        wait_for(lambda: CONFIGURED in self._read(self.client_log) or self.client_proc.poll() is not None,
+                 timeout, message=f"openconnect did not connect; log:\n{self._tail(self.client_log)}")
         self._check_alive(self.client_proc, self.client_log, "openconnect")
-        wait_for(lambda: self.client_host.ping(self.server_inner, timeout=0.5), timeout,
-                 message=f"no ping through openconnect; ocserv log:\n{self._tail(self.server_log)}")
+        wait_for(self._ping_over_dtls, timeout,
+                 message=f"no ping through openconnect over DTLS; log:\n{self._tail(self.client_log)}")
         return self
+
+    def _ping_over_dtls(self) -> bool:
+        """One ping through the tunnel, answered, with its bytes on the DTLS channel only."""
+        assert self.counters is not None
+        self.counters.read(reset=True)
+        if not self.client_host.ping(self.server_inner, timeout=0.5):
+            return False
+        carried = self.counters.read()
+        return carried["dtls"] > 0 and carried["tls"] == 0
 
     @property
     def server_inner(self) -> str:

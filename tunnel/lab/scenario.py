@@ -294,19 +294,25 @@ def _cli_error(option: str, why: str) -> ScenarioError:
     return ScenarioError(f"{CLI}: {option}: {why}")
 
 
-def _per_path(option: str, values: Optional[Sequence[float]], n_paths: int,
-              limit: str) -> Optional[list[float]]:
-    """``values`` stretched to ``n_paths`` (the last one repeats), checked; None if not given."""
-    if values is None:
-        return None
+def _per_path(option: str, values: Sequence[float], n_paths: int, limit: str,
+              zero_is_none: bool = False) -> list[Optional[float]]:
+    """``values`` stretched to ``n_paths`` (the last one repeats) and checked.
+
+    With ``zero_is_none`` a 0 stands for "no such limit" and becomes None.
+    """
     if not values:
         raise _cli_error(option, "no value given")
     if len(values) > n_paths:
         raise _cli_error(option, f"{len(values)} values for {n_paths} paths")
+    checked: list[Optional[float]] = []
     for v in values:
-        if why := range_error(limit, v):
+        if zero_is_none and v == 0:
+            checked.append(None)
+        elif why := range_error(limit, v):
             raise _cli_error(option, why)
-    return [values[min(i, len(values) - 1)] for i in range(n_paths)]
+        else:
+            checked.append(v)
+    return [checked[min(i, len(checked) - 1)] for i in range(n_paths)]
 
 
 def _resized(paths: Sequence[PathSpec], n_paths: int) -> list[PathSpec]:
@@ -317,12 +323,14 @@ def _resized(paths: Sequence[PathSpec], n_paths: int) -> list[PathSpec]:
 def with_overrides(scenario: Scenario, *, duration: Optional[float] = None,
                    modes: Optional[Sequence[str]] = None, paths: Optional[int] = None,
                    delay: Optional[Sequence[float]] = None, loss: Optional[Sequence[float]] = None,
-                   rate: Optional[Sequence[float]] = None, no_outage: bool = False) -> Scenario:
+                   rate: Optional[Sequence[float]] = None, no_outage: bool = False,
+                   no_bulk: bool = False) -> Scenario:
     """``scenario`` with the command line's options applied (None: not given).
 
-    ``delay`` (ms), ``loss`` (%) and ``rate`` (Mbit/s) are per path; a list
-    shorter than the number of paths repeats its last value.  Without
-    ``paths``, the number of paths is the scenario's, or the longest list's.
+    ``delay`` (ms), ``loss`` (%) and ``rate`` (Mbit/s, 0 = no limit) are per
+    path; a list shorter than the number of paths repeats its last value.
+    Without ``paths``, the number of paths is the scenario's, or the longest
+    list's.
     """
     if duration is not None and (why := range_error("duration", duration)):
         raise _cli_error("--duration", why)
@@ -336,12 +344,12 @@ def with_overrides(scenario: Scenario, *, duration: Optional[float] = None,
     specs = _resized(scenario.paths, n)
     for option, values, key in (("--delay", delay, "delay_ms"), ("--loss", loss, "loss_percent"),
                                 ("--rate", rate, "rate_mbit")):
-        stretched = _per_path(option, values, n, key)
-        if stretched is not None:
+        if values is not None:
+            stretched = _per_path(option, values, n, key, zero_is_none=key == "rate_mbit")
             specs = [replace(s, **{key: v}) for s, v in zip(specs, stretched)]
     outage = None if no_outage else scenario.outage
     if outage and (problem := outage_error(outage, n)):
         raise _cli_error("--paths", f"{problem[1]} for the outage; add --no-outage")
     return replace(scenario, duration=scenario.duration if duration is None else duration,
                    modes=tuple(modes) if modes is not None else scenario.modes,
-                   paths=tuple(specs), outage=outage)
+                   paths=tuple(specs), outage=outage, bulk=scenario.bulk and not no_bulk)
