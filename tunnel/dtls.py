@@ -50,6 +50,8 @@ HANDSHAKING, ESTABLISHED, CLOSED, FAILED = "handshaking", "established", "closed
 _SSL_read, _SSL_write = _lib.SSL_read, _lib.SSL_write
 _BIO_read, _BIO_write = _lib.BIO_read, _lib.BIO_write
 _unpack = _ffi.unpack
+_RBUF = _ffi.new("char[]", 65536)  # 128 KiB per session if each had its own
+_WBUF = _ffi.new("char[]", 65536)
 
 
 class DtlsError(Exception):
@@ -244,8 +246,8 @@ class DtlsSession:
         self._ssl = conn._ssl  # type: ignore[attr-defined]
         self._wbio = conn._from_ssl  # type: ignore[attr-defined]
         self._rbio = conn._into_ssl  # type: ignore[attr-defined]
-        self._rbuf = _ffi.new("char[]", 65536)
-        self._wbuf = _ffi.new("char[]", 65536)
+        self._rbuf = _RBUF  # shared: every session runs on the shell's one thread, and a
+        self._wbuf = _WBUF  # buffer is only used between one OpenSSL call and the copy out of it
         conn.set_ciphertext_mtu(mtu)
         if is_client:
             self._handshake(now)

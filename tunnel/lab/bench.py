@@ -355,6 +355,22 @@ class MptunSetup(PairSetup):
         """A counter of every client path, by topology path index."""
         return {self.path_index(p): p.get(key, 0) for p in self.paths()}
 
+    def path_loss_counters(self) -> dict[int, tuple[int, int]]:
+        """(records the client sent, records the server received) per path index."""
+        tunnels = self.stack.server_status()["tunnels"]
+        received = {self.path_index(p): p.get("rx_packets", 0) for p in (tunnels[0]["paths"] if tunnels else [])}
+        return {i: (sent, received.get(i, 0)) for i, sent in self.path_counters().items()}
+
+    @staticmethod
+    def path_loss(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> dict[int, float]:
+        """Upstream loss ratio of each path between two :meth:`path_loss_counters` readings."""
+        out = {}
+        for i, (sent, received) in after.items():
+            d_sent = sent - before.get(i, (0, 0))[0]
+            d_received = received - before.get(i, (0, 0))[1]
+            out[i] = 1.0 - d_received / d_sent if d_sent > 0 else 0.0
+        return out
+
 
 SETUPS: dict[str, type[Setup]] = {cls.name: cls for cls in (
     RawSetup, OpenVpnSetup, WireGuardSetup, OpenConnectSetup, MptunSetup)}
@@ -604,9 +620,11 @@ class Stat:
         return cls(statistics.median(values), min(values), max(values), len(values))
 
     def fmt(self, spec: str) -> str:
-        """"median (min–max)", or the bare value for a single run."""
+        """"median (min–max)", or the bare value for a single run or when all runs agree."""
         f = spec.format
-        return f(self.median) if self.n == 1 else f"{f(self.median)} ({f(self.low)}–{f(self.high)})"
+        if self.n == 1 or f(self.low) == f(self.high):
+            return f(self.median)
+        return f"{f(self.median)} ({f(self.low)}–{f(self.high)})"
 
 
 @dataclass
@@ -767,16 +785,19 @@ def run_loss(args: argparse.Namespace, results: Results) -> None:
                     progress(f"  duplicate, {p:.0%} loss per path: {plan.loss_count} datagrams")
                     imp.apply({(k, d): Impairment(loss=p) for k in range(2) for d in ("up", "down")})
                     states: list[str] = []
+                    before = setup.path_loss_counters()
                     res = stream_through(setup, plan.loss_count, plan.loss_pps, plan.loss_size,
                                          during=lambda: states.extend(
                                              sample_states(setup, plan.loss_count / plan.loss_pps)))
+                    path_loss = setup.path_loss(before, setup.path_loss_counters())
                     imp.clear()
                     down = 100 * sum(s not in ("up", "degraded") for s in states) / max(1, len(states))
                     expected = p * p
                     results.add("loss", f"{p:.2f}", {
                         "sent": res.sent, "lost": res.lost, "loss_pct": 100 * res.loss_ratio,
                         "expected_pct": 100 * expected, "expected_lost": expected * res.sent,
-                        "duplicates": res.duplicates, "down_pct": down})
+                        "duplicates": res.duplicates, "down_pct": down,
+                        "path_loss_pct": 100 * statistics.mean(path_loss.values())})
                     progress(f"  lost {res.lost} of {res.sent} (expected {expected * res.sent:.1f}),"
                              f" paths down {down:.0f} % of the time")
                     setup.wait_paths(2)
@@ -785,14 +806,15 @@ def run_loss(args: argparse.Namespace, results: Results) -> None:
 
 
 def cut_busiest_path(setup: MptunSetup, imp: Impairments, t0: float, cut_at: float) -> int:
-    """Blackhole (both ways) the path that carried most of the stream, ``cut_at`` s after ``t0``.
+    """Blackhole (both ways) the path that carries the stream, ``cut_at`` s after ``t0``.
 
-    The choice is made from the client's per-path tx counters over the
-    second before the cut (the stream dwarfs the 10/s probes).
+    The choice is made from the client's per-path tx counters over the 250 ms
+    just before the cut (the stream, 25 datagrams there, dwarfs the probes):
+    a mode may move the stream between equal paths now and then.
     """
-    _sleep_until(t0 + cut_at - 1.0)
+    _sleep_until(t0 + cut_at - 0.3)
     before = setup.path_counters()
-    _sleep_until(t0 + cut_at - 0.2)
+    _sleep_until(t0 + cut_at - 0.05)
     after = setup.path_counters()
     busiest = max(sorted(after), key=lambda k: after[k] - before.get(k, 0))
     _sleep_until(t0 + cut_at)
@@ -817,7 +839,8 @@ def run_failover(args: argparse.Namespace, results: Results) -> None:
                             during=lambda: cut.append(
                                 cut_busiest_path(setup, imp, time.monotonic(), plan.failover_cut_s)))
                         results.add("failover", mode, {"gap_ms": res.longest_gap_ms, "lost": res.lost,
-                                                       "cut_path": cut[0], "sent": res.sent})
+                                                       "reordered": res.reordered, "cut_path": cut[0],
+                                                       "sent": res.sent})
                         progress(f"  {mode}: cut path {cut[0]}, longest gap {res.longest_gap_ms:.0f} ms,"
                                  f" lost {res.lost}")
             except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError, LookupError) as exc:
@@ -965,6 +988,8 @@ def _single_cell(report: Report, setup: str, metric: Metric) -> str:
     if stat is None or (metric.tunnel_only and setup == "raw"):
         return "-"
     text = stat.fmt(metric.fmt)
+    if stat.n < report.plan.runs:
+        text += f" [{stat.n} of {report.plan.runs} runs]"
     share = report.dtls_share(setup, metric)
     if share is None:
         return text
@@ -1074,22 +1099,26 @@ def section_loss(report: Report) -> list[str]:
         "(nftables in the router, independently per path); mptun in `duplicate` mode; a stream",
         f"of {p.loss_count:,} datagrams of {p.loss_size} B at {p.loss_pps:g}/s from client to server through the",
         "tunnel.  With independent losses a datagram is lost only if both copies are, so the",
-        "expected residual loss is p1·p2.  \"paths down\" is the share of time mptun's client",
+        "expected residual loss is p1·p2.  \"path loss seen\" checks the lab: the upstream loss of",
+        "each path from mptun's own counters (records the client sent on it, probes included,",
+        "against records the server received on it), averaged over the two paths.",
+        "\"paths down\" is the share of time mptun's client",
         "had a path declared down (sampled every 100 ms during the stream): a down path carries",
         "no copies, so while one is down the stream sees the other path's loss p alone.",
         *_not_run(report, "loss"),
     ]
     table = report.results.tables.get("loss", {})
     if table:
-        lines += ["", "| p1 = p2 | receiver: lost | receiver: loss | expected: p1·p2 | expected lost |"
-                  " measured / expected | paths down (% of time) |",
-                  "|--:|--:|--:|--:|--:|--:|--:|"]
+        lines += ["", "| p1 = p2 | path loss seen (%) | receiver: lost | receiver: loss (%) |"
+                  " expected: p1·p2 (%) | expected lost | measured / expected | paths down (% of time) |",
+                  "|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for row in table:
             lost, expected = (report.results.median("loss", row, k) for k in ("lost", "expected_lost"))
             ratio = f"{lost / expected:.1f}x" if lost is not None and expected else "-"
-            lines.append(_row(f"{float(row):.0%}", _cell(report, "loss", row, "lost", "{:.0f}"),
-                              _cell(report, "loss", row, "loss_pct", "{:.2f} %"),
-                              _cell(report, "loss", row, "expected_pct", "{:.2f} %"),
+            lines.append(_row(f"{float(row):.0%}", _cell(report, "loss", row, "path_loss_pct", "{:.1f}"),
+                              _cell(report, "loss", row, "lost", "{:.0f}"),
+                              _cell(report, "loss", row, "loss_pct", "{:.2f}"),
+                              _cell(report, "loss", row, "expected_pct", "{:.2f}"),
                               _cell(report, "loss", row, "expected_lost", "{:.1f}"), ratio,
                               _cell(report, "loss", row, "down_pct", "{:.1f}")))
     return lines + _notes(report, "loss")
@@ -1102,10 +1131,12 @@ def section_failover(report: Report) -> list[str]:
         "## Multipath: failover gap per mode",
         "",
         f"Two paths, no impairment; a stream of {p.failover_pps:g} datagrams/s ({p.failover_count} in all) through",
-        f"mptun; {p.failover_cut_s:g} s into it the path that carried most of the stream (read from the",
-        "client's per-path counters) is blackholed in both directions at the router.",
+        f"mptun; {p.failover_cut_s:g} s into it the path that carried most of the stream over the 250 ms",
+        "before (read from the client's per-path counters) is blackholed in both directions at the",
+        "router.",
         f"\"longest gap\" is the longest time between two consecutive arrivals ({interval:g} ms = no",
-        "interruption); \"lost\" counts datagrams that never arrived.  mptun probes every path every",
+        "interruption); \"lost\" counts datagrams that never arrived, \"reordered\" those that arrived",
+        "after a later one.  mptun probes every path every",
         "100 ms and declares it dead after 300 ms of silence (the defaults).  `interfaces` lists",
         "path 0 first, so it is `backup`'s primary.  With two paths `redundant`",
         "(redundancy 2) sends on both, like `duplicate`.  `balance` spreads the stream over both",
@@ -1115,11 +1146,13 @@ def section_failover(report: Report) -> list[str]:
     ]
     table = report.results.tables.get("failover", {})
     if table:
-        lines += ["", "| mode | longest gap (ms) | lost (datagrams) | path cut |", "|---|--:|--:|---|"]
+        lines += ["", "| mode | longest gap (ms) | lost (datagrams) | reordered (datagrams) | path cut, per run |",
+                  "|---|--:|--:|--:|---|"]
         for mode in table:
             cuts = ", ".join(f"{c:.0f}" for c in table[mode].get("cut_path", []))
             lines.append(_row(f"`{mode}`", _cell(report, "failover", mode, "gap_ms", "{:.0f}"),
-                              _cell(report, "failover", mode, "lost", "{:.0f}"), cuts))
+                              _cell(report, "failover", mode, "lost", "{:.0f}"),
+                              _cell(report, "failover", mode, "reordered", "{:.0f}"), cuts))
     return lines + _notes(report, "failover")
 
 

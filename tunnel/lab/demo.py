@@ -4,16 +4,17 @@ Why: mptun's claim is that a live media stream survives bad and dying links,
 and that the scheduler mode decides what you trade for it.  A claim like that
 is best checked by watching it, so the default `mptun lab` is a showcase: it
 builds the impairment lab (client, router, server namespaces joined by N
-paths, see :mod:`tunnel.lab.topology`), spoils the paths with delay and loss
-(:mod:`tunnel.lab.impair`), and then, once per scheduler mode, starts a fresh
-`mptun server` + `mptun client` (:mod:`tunnel.lab.stack`), sends a media-like
-UDP stream (:mod:`tunnel.lab.stream`) and a bulk iperf3 TCP flow through the
-tunnel at the same time, kills one path for part of the run, and reports per
-mode what the media stream saw and what the bulk flow got.  The conditions
-are a :class:`~tunnel.lab.scenario.Scenario`: built-in defaults, a TOML file,
-command-line options.
+paths, see :mod:`tunnel.lab.topology`), spoils the paths with delay, loss and
+a rate limit (:mod:`tunnel.lab.impair`), and then, once per scheduler mode,
+starts a fresh `mptun server` + `mptun client` (:mod:`tunnel.lab.stack`),
+sends a media-like UDP stream (:mod:`tunnel.lab.stream`) and a bulk iperf3
+TCP flow through the tunnel at the same time, kills one path for part of the
+run, and reports per mode what the media stream saw and what the bulk flow
+got.  The conditions are a :class:`~tunnel.lab.scenario.Scenario`: built-in
+defaults, a TOML file, command-line options.  The lab is built once and
+reused; only the tunnel is restarted per mode.
 
-`mptun lab --quick` keeps the original ~10 s smoke test: one veth link, ping,
+`mptun lab --quick` keeps the original ~15 s smoke test: one veth link, ping,
 iperf3 up and down through the tunnel and over the raw link.
 
 Everything is torn down on success, on error, on Ctrl-C (exit 130) and on
@@ -38,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from tunnel.lab.impair import Impairments
+from tunnel.lab.impair import DIRECTIONS, Direction, Impairment, Impairments
 from tunnel.lab.netns import Host, Lab, unique_prefix, wait_for
 from tunnel.lab.scenario import (CLI, Scenario, ScenarioError, load_scenario, range_error,
                                  with_overrides)
@@ -52,7 +53,7 @@ MEDIA_PORT = 5004
 QUICK_DURATION = 3.0  # seconds of each iperf3 run of --quick
 BULK_WARMUP = 2.0  # seconds the bulk flow runs before the media stream and the measuring start
 PATHS_UP_TIMEOUT = 20.0  # every path must have joined the tunnel by then
-IMPAIRMENT_SEED = 1  # the delay line's random choices repeat from run to run
+IMPAIRMENT_SEED = 1  # the delay line's jitter repeats from run to run (nftables' loss does not)
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 TEXT_WIDTH = 100  # the notes under the table are wrapped to this
 
@@ -263,10 +264,9 @@ def _rounded(value: Optional[float]) -> Optional[float]:
     return None if value is None else round(value, 2)
 
 
-def impairment_plan(scenario: Scenario, with_outage: bool) -> dict[tuple[int, str], Any]:
+def impairment_plan(scenario: Scenario, with_outage: bool) -> dict[tuple[int, Direction], Impairment]:
     """The scenario's paths as an :meth:`Impairments.apply` plan (same both ways)."""
-    return {(i, d): imp for i, imp in scenario.impairments(with_outage).items()
-            for d in ("up", "down")}
+    return {(i, d): imp for i, imp in scenario.impairments(with_outage).items() for d in DIRECTIONS}
 
 
 def start_tunnel(topo: MultipathTopology, mode: str, workdir: Path) -> TunnelStack:
@@ -276,9 +276,17 @@ def start_tunnel(topo: MultipathTopology, mode: str, workdir: Path) -> TunnelSta
                         client_overrides={"mode": mode, "log_level": "info"})
     stack.start(timeout=PATHS_UP_TIMEOUT)
     n = len(topo.paths)
-    wait_for(lambda: sum(bool(p.get("joined")) and p["state"] == "up"
-                         for p in stack.client_status()["paths"]) == n,
-             PATHS_UP_TIMEOUT, message=f"not all {n} paths joined the tunnel")
+
+    def all_joined() -> bool:
+        paths = stack.client_status()["paths"]
+        return sum(bool(p.get("joined")) and p["state"] == "up" for p in paths) == n
+
+    try:
+        wait_for(all_joined, PATHS_UP_TIMEOUT)
+    except TimeoutError:
+        states = ", ".join(f"{p.get('name')} {p['state']}" for p in stack.client_status()["paths"])
+        raise TimeoutError(f"mode {mode}: not all {n} paths joined the tunnel within "
+                           f"{PATHS_UP_TIMEOUT:g} s (client paths: {states})") from None
     return stack
 
 
