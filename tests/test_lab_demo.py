@@ -247,14 +247,19 @@ def test_showcase_json_end_to_end() -> None:
     (signal.SIGTERM, 143, "mode duplicate: starting mptun", 0.0),  # while the tunnel comes up
 ], ids=["ctrl-c-while-streaming", "sigterm-while-starting"])
 def test_interrupt_tears_everything_down(signum: int, code: int, moment: str, wait: float) -> None:
+    # Its own process group, so that Ctrl-C can go to the whole group, as a terminal sends it.
     proc = subprocess.Popen(lab_argv("--duration", "30", "--modes", "duplicate"), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         prefix = read_until(proc, r"building lab (\w+):", 30).group(1)
         read_until(proc, moment, 30)
         time.sleep(wait)  # 2 s of bulk warm-up, then 1 s into the media stream and its outage
         assert namespaces(prefix) == [f"{prefix}-{h}" for h in ("cli", "rtr", "srv")]
-        proc.send_signal(signum)
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:

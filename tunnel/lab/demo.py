@@ -62,8 +62,9 @@ MODE_NOTES = {
     "duplicate": "every packet on every path, the receiver drops the copies: no gap when a path "
                  "dies; media is lost only when every live path drops the same packet: one "
                  "path's random loss during the outage, and whenever the bulk flow's copies fill "
-                 "every path's queue at once (try --no-bulk); bulk gets one path's capacity",
-    "redundant": "every packet on the best `redundancy` paths: with 2 paths, like duplicate",
+                 "every path's queue at once; bulk gets one path's capacity",
+    "redundant": "every packet on the best `redundancy` (2) paths: duplicate's protection at "
+                 "less cost when there are more paths",
     "lowest-rtt": "one path at a time, the fastest: that path's loss reaches the media, and a "
                   "dying path costs a gap of about the dead interval (300 ms) unless it had "
                   "already switched",
@@ -444,8 +445,10 @@ def format_showcase(result: dict[str, Any], scenario: Scenario) -> str:
     return "\n".join([scenario_summary(scenario), ""] + _table(rows) + [
         "",
         _wrapped("How to read it: media = the stream (one-way latency; gap = longest time "
-                 "without a packet), bulk = the TCP flow's goodput beside it; random loss "
-                 "makes runs differ."),
+                 "without a packet)"
+                 + (", bulk = the TCP flow's goodput beside it (--no-bulk: media alone)"
+                    if scenario.bulk else "")
+                 + "; random loss makes runs differ."),
         *(_wrapped(f"{mode}: {MODE_NOTES[mode]}", "  ") for mode in result["modes"]),
     ])
 
