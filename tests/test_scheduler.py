@@ -247,13 +247,19 @@ def test_fallback_up_degraded_down_in_single_path_modes() -> None:
 
 
 # -- balance ----------------------------------------------------------------------------------------
-def test_balance_weights_follow_rate() -> None:
+def test_balance_shares_equally_until_a_path_is_congested() -> None:
+    """A loss-free path's measured rate is what it was given: it must not starve the other."""
     a = FakePath("a", rate=1_000_000)
-    b = FakePath("b", rate=3_000_000)
-    s = sched("balance", [a, b])
-    c = counts(s, 10_000)
-    assert sum(c.values()) == 10_000
-    assert c["b"] / 10_000 == pytest.approx(0.75, abs=0.01)
+    b = FakePath("b", rate=3_000_000, loss=0.02)  # random loss below the congestion mark
+    c = counts(sched("balance", [a, b]), 10_000)
+    assert c == {"a": 5_000, "b": 5_000}
+
+
+def test_balance_weights_a_congested_path_by_what_it_delivers() -> None:
+    a = FakePath("a", rate=1_000_000, loss=0.1)  # congested: 0.9e6
+    b = FakePath("b", rate=500_000)  # loss-free: at least a's weight, plus the probing margin
+    c = counts(sched("balance", [a, b]), 10_000)
+    assert c["b"] / 10_000 == pytest.approx(1.125 / 2.025, abs=0.01)
 
 
 def test_balance_weights_follow_loss() -> None:
@@ -275,8 +281,9 @@ def test_balance_unmeasured_paths_get_the_rate_floor() -> None:
     a, b = FakePath("a"), FakePath("b", rate=RATE_FLOOR / 10)
     c = counts(sched("balance", [a, b]), 10_000)
     assert c == {"a": 5_000, "b": 5_000}
-    big = FakePath("big", rate=3 * RATE_FLOOR)
-    c = counts(sched("balance", [a, big]), 10_000)
+    big = FakePath("big", rate=3 * RATE_FLOOR, loss=0.5)
+    small = FakePath("small", loss=0.5)  # congested and unmeasured: the floor
+    c = counts(sched("balance", [small, big]), 10_000)
     assert c["big"] / 10_000 == pytest.approx(0.75, abs=0.01)
 
 
@@ -286,7 +293,8 @@ def test_balance_is_smooth() -> None:
     s = sched("balance", [a, b])
     seq = [s.select(PKT)[0].name for _ in range(10)]
     assert seq in (["a", "b"] * 5, ["b", "a"] * 5)
-    c2 = FakePath("c", rate=2 * RATE_FLOOR)
+    a.loss = 0.5  # both congested, delivering 1 : 2
+    c2 = FakePath("c", rate=2 * RATE_FLOOR, loss=0.5)
     s = sched("balance", [a, c2])
     seq = "".join(s.select(PKT)[0].name for _ in range(30))
     assert seq.count("c") == 20 and "ccc" not in seq and "aa" not in seq
@@ -317,7 +325,7 @@ def test_pin_flows_keeps_a_five_tuple_on_one_path() -> None:
 
 
 def test_pin_flows_spreads_many_flows_by_weight() -> None:
-    a, b = FakePath("a", rate=1e6), FakePath("b", rate=3e6)
+    a, b = FakePath("a", rate=1e6, loss=0.5), FakePath("b", rate=3e6, loss=0.5)  # congested: 1 : 3
     s = sched("balance", [a, b], pin_flows=True)
     c: Counter = Counter()
     for i in range(10_000):

@@ -5,8 +5,12 @@ Modes (per traffic class; one mode for all traffic until the policy issue):
 - ``redundant``: the best ``k`` paths;
 - ``lowest-rtt``: one path, the one with the lowest smoothed RTT; it changes
   only when another is clearly better (10 %) or the current one fails;
-- ``balance``: one path per packet, smooth weighted round robin by each path's
-  estimated delivery rate and loss; ``pin_flows`` keeps a 5-tuple on one path;
+- ``balance``: one path per packet, smooth weighted round robin; paths share
+  equally until one shows congestion loss, then congested paths are weighted
+  by what they deliver (rate x (1 - loss)) and the others get at least as much
+  plus a probing margin (a path's measured rate is what it was given, not what
+  it could carry, so weighting loss-free paths by it would starve the path that
+  happened to get less); ``pin_flows`` keeps a 5-tuple on one path;
 - ``backup``: the first usable path in priority order.
 
 "Usable" means up; if no path is up, degraded ones; if none is, down ones (a
@@ -26,7 +30,8 @@ from tunnel.estimator import DEGRADED, DOWN, UP
 MODES = ("duplicate", "redundant", "lowest-rtt", "balance", "backup")
 SWITCH_MARGIN = 0.9  # lowest-rtt: another path must be 10 % faster to take over
 RATE_FLOOR = 125_000.0  # 1 Mbit/s: a path with no measured rate yet still gets a share
-PROBE_BOOST = 1.25  # a loss-free path gets 25 % more than it delivered, to find its capacity
+PROBE_BOOST = 1.25  # an uncongested path gets 25 % more than it delivered, to find its capacity
+CONGESTED = 0.05  # smoothed loss from which a path counts as congested (random loss stays below)
 
 
 class SchedulerError(ValueError):
@@ -88,10 +93,17 @@ class Scheduler:
     def _refresh_weights(self, usable: list) -> None:
         old = {id(entry[0]): entry[2] for entry in self._wrr}
         self._wrr = []
+        congested = [max(p.rate, RATE_FLOOR) * (1.0 - p.loss) for p in usable if p.loss >= CONGESTED]
+        floor = max(congested, default=0.0)
         for p in usable:
             rate = max(p.rate, RATE_FLOOR)
-            weight = rate * PROBE_BOOST if p.loss < 0.01 else rate * (1.0 - p.loss)
-            self._wrr.append([p, max(weight, 1.0), old.get(id(p), 0.0)])
+            if not congested:
+                weight = 1.0  # nobody is congested: equal shares
+            elif p.loss >= CONGESTED:
+                weight = rate * (1.0 - p.loss)
+            else:
+                weight = max(rate, floor) * PROBE_BOOST
+            self._wrr.append([p, max(weight, 1e-3), old.get(id(p), 0.0)])
         self._total = sum(e[1] for e in self._wrr)
 
     def select(self, packet: bytes) -> list:
