@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import subprocess
 import tempfile
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
