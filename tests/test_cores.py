@@ -731,14 +731,15 @@ def test_path_down_after_dead_interval_traffic_continues_on_the_other(pki: Path)
     net.run_until(lambda: spb.state == P_DOWN, 1.0)
     assert net.stimes(events.PathState) == [slast + DEAD]
     assert net.sev(events.PathState) == [events.PathState(c.addr("b"), "alice", "down")]
-    # traffic goes on over a alone, both ways
+    # traffic goes on over a, both ways (duplicate mode still puts copies on the down path:
+    # probes lost to random loss can make a live path look down; here b is really cut)
     ups, downs = [up_pkt(i) for i in range(5)], [down_pkt(i) for i in range(5)]
     for u, d in zip(ups, downs):
-        assert c.send_up(u) == ["a"]
-        assert net.send_down(d) == ["a"]
+        assert c.send_up(u) == ["a", "b"]
+        assert net.send_down(d) == ["a", "b"]
     net.pump()
     assert net.server.to_tun == ups and c.core.to_tun == downs
-    assert net.tunnel().dedup.duplicates == 0
+    assert net.tunnel().dedup.duplicates == 0  # nothing came through the cut path
     assert pb.alive and spb.alive  # down, not closed: the sessions wait for the link
 
 

@@ -1,7 +1,9 @@
 """Which paths carry the next packet.
 
 Modes (per traffic class; one mode for all traffic until the policy issue):
-- ``duplicate``: every usable path (hitless failover, for media);
+- ``duplicate``: every established path, down ones included (hitless failover,
+  for media): a path judged down by lost probes may still deliver copies, and a
+  copy on a dead path costs nothing, while skipping a live one costs packets;
 - ``redundant``: the best ``k`` paths;
 - ``lowest-rtt``: one path, the one with the lowest smoothed RTT; it changes
   only when another is clearly better (10 %) or the current one fails;
@@ -69,9 +71,7 @@ class Scheduler:
         usable = _usable(paths)
         mode = self.mode
         if mode == "duplicate":
-            # degraded paths still help duplicates through; down ones only if nothing else is left
-            live = [p for p in paths if p.state in (UP, DEGRADED)]
-            self._chosen = live or usable
+            self._chosen = [p for p in paths if p.state in (UP, DEGRADED, DOWN)]
         elif mode == "redundant":
             live = [p for p in paths if p.state in (UP, DEGRADED)]
             self._chosen = sorted(live or usable, key=lambda p: (p.state != UP, _score(p)))[: self.redundancy]
