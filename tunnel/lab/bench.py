@@ -85,7 +85,7 @@ SMALL, LARGE = 100, 1200  # UDP payload sizes
 SETUP_NAMES = ("raw", "openvpn", "wireguard", "openconnect", "mptun")
 PEERS = ("openvpn", "wireguard", "openconnect")  # what mptun is compared with
 MODES = ("duplicate", "redundant", "lowest-rtt", "balance", "backup")
-SECTION_NAMES = ("single", "loss", "failover", "aggregation", "cpu")
+SECTION_NAMES = ("single", "loss", "failover", "aggregation", "cpu", "server")
 TLS_FLAG = 50.0  # an OpenConnect figure with less of its bytes on DTLS (%) is flagged
 APT_PACKAGES = {  # binary -> Debian package
     "iperf3": "iperf3", "nft": "nftables", "openvpn": "openvpn",
@@ -905,9 +905,29 @@ def run_cpu(args: argparse.Namespace, results: Results) -> None:
             results.failed("cpu", f"round {i + 1}", exc)
 
 
+def run_server(args: argparse.Namespace, results: Results) -> None:
+    """Server memory per tunnel (tunnel/lab/servermem.py): a real server, simulated clients."""
+    from tunnel.lab import servermem
+
+    counts = [20] if args.quick else [20, 100]
+    for i in range(args.plan.runs):
+        progress(f"server memory: {', '.join(map(str, counts))} simulated tunnels (run {i + 1})")
+        try:
+            figures = servermem.measure(counts)
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            results.note("server", f"run {i + 1}: could not be measured: {type(exc).__name__}: {exc}")
+            continue
+        for n in counts:
+            results.add("server", f"{n} tunnels", {
+                "rss_mib": figures[str(n)]["rss_kib"] / 1024,
+                "kib_per_tunnel": figures[str(n)]["kib_per_tunnel"],
+                "base_mib": figures["base_rss_kib"] / 1024,
+            })
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace, Results], None]] = {
     "single": run_single, "loss": run_loss, "failover": run_failover,
-    "aggregation": run_aggregation, "cpu": run_cpu,
+    "aggregation": run_aggregation, "cpu": run_cpu, "server": run_server,
 }
 
 
@@ -1228,6 +1248,25 @@ def section_cpu(report: Report) -> list[str]:
     return lines + _notes(report, "cpu")
 
 
+def section_server(report: Report) -> list[str]:
+    lines = [
+        "## Server: memory per tunnel",
+        "",
+        "A real `mptun server` in a lab namespace; one simulator process runs N in-memory client",
+        "cores (real DTLS handshakes over loopback, one certificate and client name each, one path",
+        "per tunnel) and keeps them up with their probes; the server's RSS (/proc) is read after",
+        "each step.  Per tunnel = (RSS - RSS with no tunnel) / N.",
+        *_not_run(report, "server"),
+    ]
+    table = report.results.tables.get("server", {})
+    if table:
+        lines += ["", "| | server RSS (MiB) | RSS with no tunnel (MiB) | per tunnel (KiB) |", "|---|--:|--:|--:|"]
+        for row in table:
+            lines.append(_row(row, *(_cell(report, "server", row, k, spec) for k, spec in (
+                ("rss_mib", "{:.1f}"), ("base_mib", "{:.1f}"), ("kib_per_tunnel", "{:.0f}")))))
+    return lines + _notes(report, "server")
+
+
 def section_method(report: Report) -> list[str]:
     return [
         "## Method",
@@ -1275,7 +1314,7 @@ def section_method(report: Report) -> list[str]:
 
 SECTIONS: list[Callable[[Report], list[str]]] = [
     section_header, section_single_path, section_loss, section_failover, section_aggregation,
-    section_cpu, section_method]
+    section_cpu, section_server, section_method]
 
 
 def render(report: Report) -> str:
