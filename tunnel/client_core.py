@@ -25,7 +25,7 @@ from tunnel import events, frames
 from tunnel.dedup import DEFAULT_WINDOW, DedupWindow
 from tunnel.dtls import DtlsSession, common_name
 from tunnel.ecn import decapsulate
-from tunnel.path import P_CLOSED, P_HANDSHAKING, Path
+from tunnel.path import P_HANDSHAKING, Path
 from tunnel.policy import Policy
 from tunnel.scheduler import MODES, Scheduler
 

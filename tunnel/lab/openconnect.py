@@ -48,6 +48,7 @@ from typing import Optional
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tunnel.lab.procs import check_alive, read_log, stop_processes, tail
 from tunnel.lab.netns import Host, wait_for
 from tunnel.lab.stack import SERVER_NAME, make_pki
 
@@ -220,17 +221,17 @@ class OpenConnectPair:
         wait_for(lambda: (self.server_host.is_listening(self.port)
                           and self.server_host.is_listening(self.port, udp=True))
                  or self.server_proc.poll() is not None,
-                 10, message=f"ocserv did not start; log:\n{self._tail(self.server_log)}")
-        self._check_alive(self.server_proc, self.server_log, "ocserv")
+                 10, message=f"ocserv did not start; log:\n{tail(self.server_log)}")
+        check_alive(self.server_proc, self.server_log, "ocserv")
         self.counters = ChannelCounters(self.server_host, self.server_addr, self.port)
         with open(self.client_log, "ab") as out:
             self.client_proc = self.client_host.popen(self._client_argv(), stdout=out,
                                                       stderr=subprocess.STDOUT)
-        wait_for(lambda: CONFIGURED in self._read(self.client_log) or self.client_proc.poll() is not None,
-                 timeout, message=f"openconnect did not connect; log:\n{self._tail(self.client_log)}")
-        self._check_alive(self.client_proc, self.client_log, "openconnect")
+        wait_for(lambda: CONFIGURED in read_log(self.client_log) or self.client_proc.poll() is not None,
+                 timeout, message=f"openconnect did not connect; log:\n{tail(self.client_log)}")
+        check_alive(self.client_proc, self.client_log, "openconnect")
         wait_for(self._ping_over_dtls, timeout,
-                 message=f"no ping through openconnect over DTLS; log:\n{self._tail(self.client_log)}")
+                 message=f"no ping through openconnect over DTLS; log:\n{tail(self.client_log)}")
         return self
 
     def _ping_over_dtls(self) -> bool:
@@ -272,39 +273,18 @@ class OpenConnectPair:
 
     def cipher(self) -> str:
         """From openconnect's "Established DTLS connection ... Ciphersuite (DTLS1.2)-(PSK)-(AES-256-GCM)."."""
-        for line in self._read(self.client_log).splitlines():
+        for line in read_log(self.client_log).splitlines():
             if "Established DTLS connection" in line and "Ciphersuite" in line:
                 return line.split("Ciphersuite", 1)[1].strip().rstrip(".")
         return "unknown"
 
     def stop(self, timeout: float = 5.0) -> None:
-        for proc in (self.client_proc, self.server_proc):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_processes((self.client_proc, self.server_proc), timeout)
 
     def remove_workdir(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    @classmethod
-    def _check_alive(cls, proc: subprocess.Popen, log: Path, what: str) -> None:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{cls._tail(log)}")
 
-    @staticmethod
-    def _read(path: Path) -> str:
-        try:
-            return path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    @classmethod
-    def _tail(cls, path: Path, n: int = 15) -> str:
-        return "\n".join(cls._read(path).splitlines()[-n:]) or "(no log)"
 
 
 def _descendants(pid: int) -> list[int]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from tunnel.lab.procs import check_alive, read_log, stop_processes, tail
 from tunnel.lab.netns import Host, wait_for
 from tunnel.lab.stack import SERVER_NAME, make_pki
 
@@ -131,7 +132,7 @@ class OpenVpnPair:
         self.server_proc = self._spawn(self.server_host, self.server_config(), self.server_log)
         wait_for(lambda: self.server_host.is_listening(self.port, udp=True) or self.server_proc.poll() is not None,
                  10, message=f"openvpn server did not start; log: {self.server_log}")
-        self._check_alive(self.server_proc, self.server_log, "server")
+        check_alive(self.server_proc, self.server_log, "openvpn server")
         return self.server_proc
 
     def start_client(self) -> subprocess.Popen:
@@ -141,11 +142,11 @@ class OpenVpnPair:
     def wait_up(self, timeout: float = 20.0) -> None:
         """Wait for the client's "Initialization Sequence Completed", then for a ping through the tunnel."""
         assert self.client_proc is not None
-        wait_for(lambda: READY_LINE in self._read(self.client_log) or self.client_proc.poll() is not None,
-                 timeout, message=f"openvpn client did not connect; log:\n{self._tail(self.client_log)}")
-        self._check_alive(self.client_proc, self.client_log, "client")
+        wait_for(lambda: READY_LINE in read_log(self.client_log) or self.client_proc.poll() is not None,
+                 timeout, message=f"openvpn client did not connect; log:\n{tail(self.client_log)}")
+        check_alive(self.client_proc, self.client_log, "openvpn client")
         wait_for(lambda: self.client_host.ping(self.server_inner, timeout=0.5), timeout,
-                 message=f"no ping through openvpn; server log:\n{self._tail(self.server_log)}")
+                 message=f"no ping through openvpn; server log:\n{tail(self.server_log)}")
 
     def start(self, timeout: float = 20.0) -> OpenVpnPair:
         self.start_server()
@@ -162,30 +163,9 @@ class OpenVpnPair:
         raise LookupError("openvpn client has no tunnel address yet")
 
     def stop(self, timeout: float = 5.0) -> None:
-        for proc in (self.client_proc, self.server_proc):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_processes((self.client_proc, self.server_proc), timeout)
 
     def remove_workdir(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    @classmethod
-    def _check_alive(cls, proc: subprocess.Popen, log: Path, what: str) -> None:
-        if proc.poll() is not None:
-            raise RuntimeError(f"openvpn {what} exited with {proc.returncode}:\n{cls._tail(log)}")
 
-    @staticmethod
-    def _read(path: Path) -> str:
-        try:
-            return path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    @classmethod
-    def _tail(cls, path: Path, n: int = 15) -> str:
-        return "\n".join(cls._read(path).splitlines()[-n:]) or "(no log)"

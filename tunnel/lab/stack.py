@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from tunnel import certs, control
+from tunnel.lab.procs import stop_processes, tail
 from tunnel.lab.netns import Host, wait_for
 
 SERVER_NAME = "mptun-server"
@@ -151,7 +152,7 @@ class TunnelStack:
         wait_for(
             lambda: self.client_host.ping(SERVER_INNER, timeout=0.5),
             timeout,
-            message=f"tunnel did not come up; client log:\n{self._tail(self.client_log)}\nserver log:\n{self._tail(self.server_log)}",
+            message=f"tunnel did not come up; client log:\n{tail(self.client_log)}\nserver log:\n{tail(self.server_log)}",
         )
 
     def start(self, timeout: float = 15.0) -> "TunnelStack":
@@ -168,18 +169,6 @@ class TunnelStack:
         raise LookupError("client has no tunnel address yet")
 
     def stop(self, timeout: float = 5.0) -> None:
-        for proc in (self.client_proc, self.server_proc):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_processes((self.client_proc, self.server_proc), timeout)
 
-    @staticmethod
-    def _tail(path: Path, n: int = 15) -> str:
-        try:
-            return "\n".join(path.read_text().splitlines()[-n:])
-        except OSError:
-            return "(no log)"
+

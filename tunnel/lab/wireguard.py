@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from tunnel.lab.procs import stop_processes
 from tunnel.lab.netns import Host, wait_for
 
 PORT = 51820
@@ -132,14 +133,7 @@ class WireGuardPair:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        for proc in (self.client_proc, self.server_proc):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_processes((self.client_proc, self.server_proc), timeout)
         # A killed wireguard-go leaves its socket behind; a clean exit removes it.
         for ifname in (self.server_ifname, self.client_ifname):
             (SOCKET_DIR / f"{ifname}.sock").unlink(missing_ok=True)
