@@ -54,6 +54,7 @@ import platform
 import select
 import shlex
 import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -1124,7 +1125,8 @@ def section_loss(report: Report) -> list[str]:
         "against records the server received on it), averaged over the two paths.",
         "\"paths down\" is the share of time mptun's client",
         "had a path declared down (sampled every 100 ms during the stream): a down path carries",
-        "no copies, so while one is down the stream sees the other path's loss p alone.",
+        "copies all the same in `duplicate` mode (a path judged down by lost probes may still deliver),",
+        "so the stream keeps the benefit of both paths.",
         *_not_run(report, "loss"),
     ]
     table = report.results.tables.get("loss", {})
@@ -1458,6 +1460,10 @@ def _echo_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("echo-server", "echo-client"):
@@ -1465,6 +1471,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.plan = plan = _plan(args)
+    signal.signal(signal.SIGTERM, _terminate)  # tear the labs down on SIGTERM too, as on Ctrl-C
     if plan.runs < 1 or plan.duration <= 0 or plan.echo_duration <= 0:
         parser.error("--runs, --duration and --echo-duration must be positive")
     partial = args.quick or args.sections != list(SECTION_NAMES) or args.only != list(SETUP_NAMES)
