@@ -134,6 +134,7 @@ class Policy:
         self._by_dscp: list[list[TrafficClass]] = [
             [c for c in classes if c.dscp is None or d in c.dscp] for d in range(64)
         ]
+        self._only = classes[0] if len(classes) == 1 else None  # no policy file: nothing to decide
 
     @classmethod
     def single(cls, mode: str, redundancy: int = 2) -> "Policy":
@@ -141,6 +142,8 @@ class Policy:
         return cls([TrafficClass("default", 0, mode, redundancy, 0)])
 
     def classify(self, pkt: bytes) -> TrafficClass:
+        if self._only is not None:
+            return self._only
         n = len(pkt)
         version = pkt[0] >> 4 if n else 0
         if not ((version == 4 and n >= 20) or (version == 6 and n >= 40)):

@@ -86,7 +86,7 @@ SMALL, LARGE = 100, 1200  # UDP payload sizes
 SETUP_NAMES = ("raw", "openvpn", "wireguard", "openconnect", "mptun")
 PEERS = ("openvpn", "wireguard", "openconnect")  # what mptun is compared with
 MODES = ("duplicate", "redundant", "lowest-rtt", "balance", "backup")
-SECTION_NAMES = ("single", "loss", "failover", "aggregation", "cpu", "server")
+SECTION_NAMES = ("single", "loss", "failover", "aggregation", "cpu", "server", "marking")
 TLS_FLAG = 50.0  # an OpenConnect figure with less of its bytes on DTLS (%) is flagged
 APT_PACKAGES = {  # binary -> Debian package
     "iperf3": "iperf3", "nft": "nftables", "openvpn": "openvpn",
@@ -926,9 +926,52 @@ def run_server(args: argparse.Namespace, results: Results) -> None:
             })
 
 
+def _marking_rates(n: int) -> dict[str, float]:
+    """Packets/s of: plain send, sendmsg with an IP_TOS cmsg (one socket, loopback, 200 B),
+    and classification + outer TOS with no policy and with the shipped WebRTC policy."""
+    from pathlib import Path as _Path
+
+    from tunnel.policy import Policy, load_policy
+    from tunnel.udp import _pack_int
+
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # small: we measure the sender, drops are fine
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.connect(rx.getsockname())
+    data = bytes(200)
+    cmsg = [(socket.IPPROTO_IP, socket.IP_TOS, _pack_int(0xB8))]
+    out = {}
+    for name, fn in (("send", lambda: tx.send(data)), ("sendmsg_tos", lambda: tx.sendmsg([data], cmsg))):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        out[name] = n / (time.perf_counter() - t)
+    tx.close()
+    rx.close()
+    pkts = [bytes([0x45, tos, 0, 228]) + bytes(5) + bytes([proto]) + bytes(2) + bytes([100, 64, 0, 2, 100, 64, 0, 1])
+            + port.to_bytes(2, "big") + (443).to_bytes(2, "big") + bytes(200)
+            for tos, proto, port in ((0xB8, 17, 5000), (0, 17, 12000), (0x60, 6, 4000), (0, 6, 50000))]
+    webrtc = load_policy(_Path(__file__).resolve().parents[2] / "policies" / "webrtc.toml")
+    for name, policy in (("classify_none", Policy.single("duplicate")), ("classify_webrtc", webrtc)):
+        t = time.perf_counter()
+        for i in range(n):
+            p = pkts[i & 3]
+            policy.outer_tos(policy.classify(p), p)
+        out[name] = n / (time.perf_counter() - t)
+    return out
+
+
+def run_marking(args: argparse.Namespace, results: Results) -> None:
+    n = 20_000 if args.quick else 200_000
+    for i in range(args.plan.runs):
+        progress(f"marking: send vs sendmsg+IP_TOS, classification ({n:,} packets, run {i + 1})")
+        results.add("marking", "packets/s", _marking_rates(n))
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace, Results], None]] = {
     "single": run_single, "loss": run_loss, "failover": run_failover,
-    "aggregation": run_aggregation, "cpu": run_cpu, "server": run_server,
+    "aggregation": run_aggregation, "cpu": run_cpu, "server": run_server, "marking": run_marking,
 }
 
 
@@ -1269,6 +1312,31 @@ def section_server(report: Report) -> list[str]:
     return lines + _notes(report, "server")
 
 
+def section_marking(report: Report) -> list[str]:
+    lines = [
+        "## DSCP/ECN: cost of per-packet marking and of classification",
+        "",
+        "In one process, one core: 200-byte datagrams on a connected loopback UDP socket with plain",
+        "`send` and with `sendmsg` carrying an IP_TOS control message (how mptun marks each outer",
+        "datagram; runs of equal marks share one GSO `sendmsg`, and a mark of 0 needs no control",
+        "message); and `Policy.classify` + `outer_tos` over a mix of four packet kinds without a",
+        "policy file and with `policies/webrtc.toml`.",
+        *_not_run(report, "marking"),
+    ]
+    results = report.results
+    if results.tables.get("marking"):
+        keys = (("send", "plain send"), ("sendmsg_tos", "sendmsg + IP_TOS"),
+                ("classify_none", "classify, no policy"), ("classify_webrtc", "classify, webrtc policy"))
+        lines += ["", "| | packets/s | µs/packet | / plain send |", "|---|--:|--:|--:|"]
+        base = results.median("marking", "packets/s", "send")
+        for key, label in keys:
+            med = results.median("marking", "packets/s", key)
+            cell = _cell(report, "marking", "packets/s", key, "{:,.0f}")
+            ratio = f"{med / base:.2f}x" if base and key.startswith("send") else "-"
+            lines.append(_row(label, cell, f"{1e6 / med:.2f}" if med else "-", ratio))
+    return lines + _notes(report, "marking")
+
+
 def section_method(report: Report) -> list[str]:
     return [
         "## Method",
@@ -1316,7 +1384,7 @@ def section_method(report: Report) -> list[str]:
 
 SECTIONS: list[Callable[[Report], list[str]]] = [
     section_header, section_single_path, section_loss, section_failover, section_aggregation,
-    section_cpu, section_server, section_method]
+    section_cpu, section_server, section_marking, section_method]
 
 
 def render(report: Report) -> str:
