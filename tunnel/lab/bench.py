@@ -426,8 +426,10 @@ def tun_counter(host: Host, ifname: str, counter: str) -> int:
     and rx_packets those it wrote into it.
     """
     with host.ipr() as ipr:
-        link = ipr.get_links(ifname=ifname)[0]
-        return int(link.get_attr("IFLA_STATS64")[counter])
+        links = ipr.get_links(ifname=ifname)
+        if not links:
+            raise RuntimeError(f"{ifname} is gone in {host.name}: the tunnel process exited or restarted")
+        return int(links[0].get_attr("IFLA_STATS64")[counter])
 
 
 class CpuSample(NamedTuple):
