@@ -164,9 +164,9 @@ class ServerShell(Shell):
                 dgrams, addr, tos = recv()
             except BlockingIOError:
                 break
-            except OSError:
+            except OSError:  # counted; stop this drain (an error that repeats must not spin the loop)
                 self.counters["recv_errors"] += 1
-                continue
+                break
             if addr not in sock_of:
                 sock_of[addr] = sock
             for data in dgrams:
