@@ -397,7 +397,7 @@ def test_tunnel_comes_up(pki: Path, plain) -> None:
     assert joined == events.PathJoined("a", "a")
     cfg = tunnel_up.config
     assert cfg.addresses == [FIRST_CLIENT]
-    assert cfg.mtu == INNER_MTU == 1426
+    assert cfg.mtu == INNER_MTU == 1422
     assert (cfg.keepalive_ms, cfg.timeout_ms) == (125, 2000)  # the server's probe interval and timeout
     assert cfg.routes == ROUTES
     assert cfg.tunnel_id == (1).to_bytes(16, "big") == c.core.tunnel_id
@@ -1518,3 +1518,95 @@ def test_pending_route_holds_packets_until_a_path_is_back(pki: Path) -> None:
     net.send_down(pkts[0])
     net.advance(net.server.route_table.pending_expiry + 0.1)
     assert net.server.route_table.pending(t) == 0 and net.server.route_table.pending_expired == 1
+
+
+# -- reordering for balance classes (DATA_ORDERED) -------------------------------------------------------
+REORDER_POLICY = {"class": [{"name": "bulk", "mode": "balance", "reorder": True, "reorder_ms": 100}]}
+
+
+def _reorder_pair(pki: Path):
+    from tunnel.policy import parse_policy
+
+    policy = parse_policy(REORDER_POLICY, "test")
+    net, c = two_paths(pki, mode="balance", policy=policy)
+    net.server.set_policy(policy)
+    net.delay["b"] = 0.030  # path b is 30 ms slower each way: balance mode reorders
+    return net, c
+
+
+def test_balance_with_reorder_delivers_in_order_over_unequal_paths(pki: Path) -> None:
+    net, c = _reorder_pair(pki)
+    ups = [up_pkt(i) for i in range(20)]
+    keys = [k for p in ups for k in c.send_up(p)]
+    assert set(keys) == {"a", "b"}  # both paths carried some
+    net.advance(0.1)
+    assert net.server.to_tun == ups  # in the order sent, although b's half came 30 ms late
+    st = net.tunnel().reorder.stats()
+    assert st["released"] > 0 and st["skipped"] == 0 and st["held"] == 0
+    # and down: the server's reordering class sends DATA_ORDERED too
+    downs = [down_pkt(i) for i in range(20)]
+    for p in downs:
+        net.send_down(p)
+    net.advance(0.1)
+    assert c.core.to_tun == downs
+    assert c.core.stats()["reorder"]["released"] > 0
+
+
+def test_balance_without_reorder_delivers_out_of_order(pki: Path) -> None:
+    """The control for the test above: the same paths without ``reorder`` reorder packets."""
+    net, c = two_paths(pki, mode="balance")
+    net.delay["b"] = 0.030
+    ups = [up_pkt(i) for i in range(20)]
+    for p in ups:
+        c.send_up(p)
+    net.advance(0.1)
+    assert sorted(net.server.to_tun) == sorted(ups) and net.server.to_tun != ups
+
+
+def test_reorder_gap_from_a_lost_packet_is_skipped_when_the_other_path_passes_it(pki: Path) -> None:
+    """A packet lost on path a: once path a delivers a later packet, the gap is known lost
+    and the held packets go on at once, long before the hold time (100 ms)."""
+    net, c = _reorder_pair(pki)
+    net.delay["b"] = 0.0
+    lost = {"n": 0}
+
+    def drop(direction, key, data):  # lose the second DATA datagram on path a (not the queue's first)
+        if direction == "up" and key == "a" and len(data) > 60:
+            lost["n"] += 1
+            return lost["n"] == 2
+        return False
+
+    net.drop = drop
+    ups = [up_pkt(i) for i in range(10)]
+    for p in ups:
+        c.send_up(p)
+    net.pump()
+    net.drop = None
+    assert lost["n"] == 5
+    st = net.tunnel().reorder.stats()
+    assert len(net.server.to_tun) == 9 and st["skipped"] == 1 and st["timeouts"] == 0
+    assert net.server.to_tun == [p for p in ups if p in net.server.to_tun]  # in order, one missing
+
+
+def test_reorder_hold_time_runs_out_when_no_path_proves_the_loss(pki: Path) -> None:
+    net, c = _reorder_pair(pki)
+    net.delay["b"] = 0.0
+    sent = []
+
+    def drop(direction, key, data):  # DATA on a is lost while ``sent`` says so
+        return direction == "up" and key == "a" and len(data) > 60 and bool(sent)
+
+    net.drop = drop
+    c.send_up(up_pkt(0))  # a: delivered
+    c.send_up(up_pkt(1))  # b: delivered
+    net.pump()
+    sent.append(True)
+    for i in (2, 3):  # a (lost), then b: b's packet waits for a gap no path can explain
+        c.send_up(up_pkt(i))
+    net.pump()
+    t = net.tunnel()
+    assert net.server.to_tun == [up_pkt(0), up_pkt(1)] and t.reorder.held == 1
+    start = net.now
+    net.run_until(lambda: net.server.to_tun[-1] == up_pkt(3), 0.5)
+    assert 0.1 <= net.now - start <= 0.1 + 2 * STEP
+    assert t.reorder.stats()["timeouts"] == 1

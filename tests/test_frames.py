@@ -177,7 +177,7 @@ def test_data_round_trip_at_varint_boundaries(seq: int) -> None:
     packet = b"\x45" + bytes(range(40))
     wire = frames.encode_data(seq, packet)
     assert wire == b"\x03" + v8(seq) + packet  # constant 9-byte header
-    assert len(wire) == DATA_OVERHEAD + len(packet)
+    assert len(wire) == 9 + len(packet) <= DATA_OVERHEAD + len(packet)
     assert frames.encode(Data(seq, packet)) == wire
     assert frames.parse(wire) == Data(seq, packet)
     assert frames.parse_data(wire) == (seq, packet)
@@ -197,8 +197,36 @@ def test_data_minimal_varint_also_accepted(seq: int) -> None:
 
 
 def test_data_overhead_constant() -> None:
-    assert DATA_OVERHEAD == 9
-    assert all(len(frames.encode_data(s, b"x")) == DATA_OVERHEAD + 1 for s in SEQ_BOUNDARIES)
+    """DATA_OVERHEAD is the larger of the two DATA headers (DATA_ORDERED's 13 bytes)."""
+    assert DATA_OVERHEAD == 13
+    assert all(len(frames.encode_data(s, b"x")) == 9 + 1 for s in SEQ_BOUNDARIES)
+    assert all(len(frames.encode_data_ordered(s, 255, 65535, 255, b"x")) == DATA_OVERHEAD + 1 for s in SEQ_BOUNDARIES)
+
+
+@pytest.mark.parametrize("seq", SEQ_BOUNDARIES)
+def test_data_ordered_round_trip(seq: int) -> None:
+    packet = b"\x45" + bytes(range(40))
+    wire = frames.encode_data_ordered(seq, 7, 65535, 13, packet)
+    assert wire == b"\x07" + v8(seq) + b"\x07\xff\xff\x0d" + packet
+    frame = frames.parse(wire)
+    assert frame == frames.DataOrdered(seq, 7, 65535, 52, packet)
+    assert frames.encode(frame) == wire
+    assert frames.parse_data_ordered(wire) == (seq, 7, 65535, 52, packet)
+    # minimal varint form of the sequence number is accepted too
+    assert frames.parse_data_ordered(b"\x07" + v(seq) + b"\x07\xff\xff\x0d" + packet) == (seq, 7, 65535, 52, packet)
+
+
+def test_data_ordered_errors() -> None:
+    wire = frames.encode_data_ordered(5, 1, 2, 3, b"\x45" * 20)
+    for cut in range(1, 14):  # truncated inside the header, or no packet at all
+        with pytest.raises(frames.FrameError):
+            frames.parse_data_ordered(wire[:cut])
+    with pytest.raises(frames.FrameError):
+        frames.parse_data_ordered(frames.encode_data(5, b"\x45" * 20))  # plain DATA is not DATA_ORDERED
+    with pytest.raises(ValueError):
+        frames.encode(frames.DataOrdered(1, 0, 0, 3, b"x"))  # hold not a multiple of 4 ms
+    with pytest.raises(ValueError):
+        frames.encode(frames.DataOrdered(1, 0, 0, 1024, b"x"))  # hold beyond 1020 ms
 
 
 def test_data_seq_beyond_varint_range_cannot_be_encoded() -> None:
@@ -262,7 +290,7 @@ def test_data_truncated_seq_rejected(seq: int) -> None:
 
 @pytest.mark.parametrize(
     "wire",
-    [b"\x00", b"\x07", b"\x3f", b"\x00" + bytes(20), b"\x07\x01\x02", b"\x41\x00", v(2**62 - 1) + b"x", v(0x1234)],
+    [b"\x00", b"\x08", b"\x3f", b"\x00" + bytes(20), b"\x08\x01\x02", b"\x41\x00", v(2**62 - 1) + b"x", v(0x1234)],
 )
 def test_unknown_type_rejected(wire: bytes) -> None:
     with pytest.raises(FrameError, match="unknown frame type"):
@@ -371,7 +399,7 @@ def _parse_or_frame_error(data: bytes):
         frame = frames.parse(data)
     except FrameError:
         return None
-    assert isinstance(frame, (Hello, Config, Data, Ping, Pong, Close))
+    assert isinstance(frame, (Hello, Config, Data, frames.DataOrdered, Ping, Pong, Close))
     return frame
 
 
@@ -459,7 +487,7 @@ def test_protocol_doc_config_example() -> None:
     example = Config(
         (1).to_bytes(16, "big"),
         [ipaddress.ip_interface("100.64.0.2/24")],
-        1426,
+        1422,
         100,
         3000,
         [ipaddress.ip_network("10.9.0.0/16")],

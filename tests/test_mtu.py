@@ -16,24 +16,24 @@ MAX_SEQ = 2**62 - 1  # the largest DATA header (9 bytes)
 def test_constants() -> None:
     assert mtu.UDP_HEADER == 8 and mtu.IP_HEADER == {4: 20, 6: 40}
     assert RECORD_OVERHEAD == 13 + 8 + 16  # DTLS header + explicit nonce + GCM tag
-    assert frames.DATA_OVERHEAD == 1 + 8
+    assert frames.DATA_OVERHEAD == 1 + 8 + 4
     assert mtu.MIN_INNER_MTU == 576
 
 
 def test_ipv4_underlay() -> None:
     assert mtu.datagram_mtu(1500) == mtu.datagram_mtu(1500, 4) == 1472
-    assert mtu.inner_mtu(1500) == mtu.inner_mtu(1500, 4) == 1426
+    assert mtu.inner_mtu(1500) == mtu.inner_mtu(1500, 4) == 1422
 
 
 def test_ipv6_underlay() -> None:
     assert mtu.datagram_mtu(1500, 6) == 1452
-    assert mtu.inner_mtu(1500, 6) == 1406
+    assert mtu.inner_mtu(1500, 6) == 1402
 
 
 @pytest.mark.parametrize("link", [576, 1280, 1420, 1500, 9000, 65535])
 @pytest.mark.parametrize("family", [4, 6])
 def test_inner_mtu_is_link_minus_all_headers(link: int, family: int) -> None:
-    assert mtu.inner_mtu(link, family) == link - {4: 20, 6: 40}[family] - 8 - 37 - 9
+    assert mtu.inner_mtu(link, family) == link - {4: 20, 6: 40}[family] - 8 - 37 - 13
     assert mtu.inner_mtu(link, family) + frames.DATA_OVERHEAD + RECORD_OVERHEAD == mtu.datagram_mtu(link, family)
 
 
@@ -92,7 +92,7 @@ def test_largest_data_record_fits_underlay(pki: Path, ciphers: bytes, name: str,
     assert name in client.cipher and client.cipher == server.cipher
     inner = mtu.inner_mtu(1500, family)
     packet = b"\x45" + b"x" * (inner - 1)
-    record = frames.encode_data(MAX_SEQ, packet)
+    record = frames.encode_data_ordered(MAX_SEQ, 255, 65535, 255, packet)  # the larger DATA header
     assert len(record) == inner + frames.DATA_OVERHEAD
     for sender, receiver in ((client, server), (server, client)):
         datagram = sender.send(record)
@@ -103,7 +103,7 @@ def test_largest_data_record_fits_underlay(pki: Path, ciphers: bytes, name: str,
         else:  # ChaCha20-Poly1305 has no explicit nonce: 8 bytes to spare
             assert len(datagram) == limit - 8
         assert receiver.receive_datagram(datagram, 0.0) == [record]
-        assert frames.parse(record) == frames.Data(MAX_SEQ, packet)
+        assert frames.parse(record) == frames.DataOrdered(MAX_SEQ, 255, 65535, 1020, packet)
     assert client.cleartext_mtu >= len(record)
 
 
@@ -116,6 +116,7 @@ def test_default_cipher_choice_fits(pki: Path) -> None:
 @pytest.mark.parametrize("link", [1280, 1420, 9000])
 def test_other_link_mtus_fit(pki: Path, link: int) -> None:
     client, server = session_pair(pki, mtu.datagram_mtu(link), b"ECDHE-ECDSA-AES256-GCM-SHA384")
-    d = client.send(frames.encode_data(MAX_SEQ, b"x" * mtu.inner_mtu(link)))
+    record = frames.encode_data_ordered(MAX_SEQ, 1, 2, 3, b"x" * mtu.inner_mtu(link))
+    d = client.send(record)
     assert d is not None and len(d) == mtu.datagram_mtu(link)
-    assert server.receive_datagram(d, 0.0) == [frames.encode_data(MAX_SEQ, b"x" * mtu.inner_mtu(link))]
+    assert server.receive_datagram(d, 0.0) == [record]

@@ -27,6 +27,7 @@ from tunnel.dtls import DtlsSession, common_name
 from tunnel.ecn import decapsulate
 from tunnel.path import P_HANDSHAKING, Path
 from tunnel.policy import Policy
+from tunnel.reorder import Reorderer, floor, queue_of
 from tunnel.scheduler import MODES, Scheduler
 
 BACKOFF_MIN = 0.25
@@ -89,6 +90,8 @@ class ClientCore:
         self._joined: list[Path] = []  # paths that carry the tunnel
         self._seq = 0
         self._dedup = DedupWindow(window)
+        self._qseq = [0] * 256  # per-queue sequence numbers of DATA_ORDERED (reordering classes)
+        self._reorder = Reorderer()
         self.malformed = 0
         self.dropped_no_path = 0  # packets from the TUN while no path carried the tunnel
         self.not_ipv4 = 0
@@ -169,6 +172,8 @@ class ClientCore:
                 except frames.FrameError:
                     self.malformed += 1
                     continue
+                if seq > path.rx_seq:
+                    path.rx_seq = seq
                 if self._dedup.accept(seq):
                     if tos & 3 == 3:  # outer CE (RFC 6040)
                         payload = decapsulate(tos, payload)
@@ -176,12 +181,33 @@ class ClientCore:
                             self.ecn_dropped += 1
                             continue
                     self.to_tun.append(payload)
+                if self._reorder.waiting:  # this packet may prove a gap in an ordered queue lost
+                    self._reorder.progress(floor(self._joined), self.to_tun)
+            elif rec[0] == frames.DATA_ORDERED and slot.joined:
+                self._on_data_ordered(path, rec, tos, now)
             else:
                 self._on_control(slot, rec, now)
         if path.out:
             self._collect(path)
         if path.changed and slot.path is path:
             self._path_changed(slot, now)
+
+    def _on_data_ordered(self, path: Path, rec: bytes, tos: int, now: float) -> None:
+        try:
+            seq, queue, qseq, hold_ms, payload = frames.parse_data_ordered(rec)
+        except frames.FrameError:
+            self.malformed += 1
+            return
+        if seq > path.rx_seq:
+            path.rx_seq = seq
+        if not self._dedup.accept(seq):
+            return
+        if tos & 3 == 3:  # outer CE (RFC 6040)
+            payload = decapsulate(tos, payload)
+            if payload is None:
+                self.ecn_dropped += 1
+                return
+        self._reorder.push(queue, qseq, hold_ms / 1000.0, seq, payload, now, floor(self._joined), self.to_tun)
 
     def _on_established(self, slot: PathSlot, now: float) -> None:
         path = slot.path
@@ -229,6 +255,8 @@ class ClientCore:
         if new_tunnel:
             self._seq = 0
             self._dedup = DedupWindow(self.window)
+            self._qseq = [0] * 256
+            self._reorder = Reorderer()
             for other in self.slots.values():  # joined to a tunnel that is gone
                 if other is not slot and other.joined:
                     other.joined = other.hello_sent = False
@@ -304,7 +332,13 @@ class ClientCore:
             return
         tos = policy.outer_tos(c, packet)
         self._seq = seq = self._seq + 1
-        record = frames.encode_data(seq, packet)
+        if c.reorder:
+            q = queue_of(packet)
+            qseq = self._qseq[q]
+            self._qseq[q] = (qseq + 1) & 0xFFFF
+            record = frames.encode_data_ordered(seq, q, qseq, c.hold_units, packet)
+        else:
+            record = frames.encode_data(seq, packet)
         outbox = self.outbox
         for path in paths:
             dgram = path.encrypt(record, now)
@@ -359,6 +393,9 @@ class ClientCore:
             if slot.hello_sent and not slot.joined and slot.path is path and now - slot.hello_at >= HELLO_RETRY:
                 slot.hello_sent = False  # HELLO or CONFIG was lost: ask again
                 self._send_hello(slot, now)
+        if self._reorder.waiting:
+            self._reorder.expire(now, self.to_tun)
+            self._reorder.progress(floor(self._joined), self.to_tun)
         if any(p.updated for p in self._joined):  # new estimates: lowest-rtt and balance follow them
             for p in self._joined:
                 p.updated = False
@@ -389,6 +426,7 @@ class ClientCore:
             "delivered": self._dedup.delivered,
             "duplicates": self._dedup.duplicates,
             "too_old": self._dedup.too_old,
+            "reorder": self._reorder.stats(),
             "malformed": self.malformed,
             "dropped_no_path": self.dropped_no_path,
             "not_ipv4": self.not_ipv4,

@@ -54,6 +54,7 @@ class Path:
         self._token = 0
         self.tx_records = self.rx_records = self.tx_bytes = self.rx_bytes = 0
         self.malformed = 0  # records that were not valid frames
+        self.rx_seq = -1  # highest tunnel sequence number of the DATA this path delivered (reordering)
         self._pull_dtls_output()
 
     # -- estimator views (what the scheduler reads) -------------------

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from tunnel.frames import HOLD_UNIT_MS
 from tunnel.scheduler import MODES
 
 try:
@@ -57,6 +58,10 @@ class TrafficClass:
     reorder_ms: int = 50
     dscp: Optional[frozenset] = None  # None: any
     checks: list = field(default_factory=list)  # compiled predicates on the packet
+    hold_units: int = 13  # reorder_ms in DATA_ORDERED's 4 ms units, rounded up
+
+    def __post_init__(self) -> None:
+        self.hold_units = -(-self.reorder_ms // HOLD_UNIT_MS)
 
     @property
     def matches_all(self) -> bool:

@@ -28,6 +28,7 @@ from tunnel.icmp import unreachable
 from tunnel.path import P_HANDSHAKING, Path
 from tunnel.policy import Policy
 from tunnel.pool import AddressPool, PoolExhausted
+from tunnel.reorder import Reorderer, floor, queue_of
 from tunnel.routes import PENDING_EXPIRY, PENDING_SIZE, RouteTable
 from tunnel.scheduler import MODES, Scheduler
 
@@ -43,6 +44,7 @@ class ServerTunnel:
     __slots__ = (
         "id", "name", "address", "key", "paths", "seq", "dedup", "policy", "schedulers", "prefixes",
         "class_packets", "class_copies", "spoofed", "malformed", "ecn_dropped", "idle_since", "mode",
+        "qseq", "reorder",
     )
 
     def __init__(self, tid: bytes, name: str, address: ipaddress.IPv4Interface, window: int, policy: Policy, mode: str):
@@ -54,6 +56,8 @@ class ServerTunnel:
         self.paths: list[Path] = []
         self.seq = 0
         self.dedup = DedupWindow(window)
+        self.qseq = [0] * 256  # per-queue sequence numbers of DATA_ORDERED (reordering classes)
+        self.reorder = Reorderer()
         self.mode = mode  # the mode without a policy (the client's choice or the server's)
         self.set_policy(policy)
         self.spoofed = 0
@@ -91,6 +95,7 @@ class ServerTunnel:
             "delivered": self.dedup.delivered,
             "duplicates": self.dedup.duplicates,
             "too_old": self.dedup.too_old,
+            "reorder": self.reorder.stats(),
             "spoofed": self.spoofed,
             "malformed": self.malformed,
             "paths": [p.stats() for p in self.paths],
@@ -183,7 +188,9 @@ class ServerCore:
             tunnel = self._tunnel_of.get(addr)
             for rec in records:
                 if rec[0] == frames.DATA and tunnel is not None:
-                    self._on_data(tunnel, rec, tos, now)
+                    self._on_data(tunnel, path, rec, tos, now)
+                elif rec[0] == frames.DATA_ORDERED and tunnel is not None:
+                    self._on_data_ordered(tunnel, path, rec, tos, now)
                 else:
                     self._on_control(path, tunnel, rec, now)
                     if not path.alive:  # refused or closed: ignore the rest of the datagram
@@ -243,23 +250,62 @@ class ServerCore:
         path.name = common_name(cert) if cert is not None else ""
         self._events.append(events.PathUp(path.addr, path.name, path.dtls.cipher))
 
-    def _on_data(self, tunnel: ServerTunnel, rec: bytes, tos: int, now: float) -> None:
+    def _on_data(self, tunnel: ServerTunnel, path: Path, rec: bytes, tos: int, now: float) -> None:
         try:
             seq, pkt = frames.parse_data(rec)
         except frames.FrameError:
             tunnel.malformed += 1
             return
+        if seq > path.rx_seq:
+            path.rx_seq = seq
         if not tunnel.dedup.accept(seq):  # first: copies of one packet count once below
             return
+        pkt = self._admit(tunnel, pkt, tos)
+        if pkt is not None:
+            self._deliver(tunnel, pkt, now)
+        if tunnel.reorder.waiting:  # this packet may prove a gap in an ordered queue lost
+            self._reorder_release(tunnel, now)
+
+    def _on_data_ordered(self, tunnel: ServerTunnel, path: Path, rec: bytes, tos: int, now: float) -> None:
+        try:
+            seq, queue, qseq, hold_ms, pkt = frames.parse_data_ordered(rec)
+        except frames.FrameError:
+            tunnel.malformed += 1
+            return
+        if seq > path.rx_seq:
+            path.rx_seq = seq
+        if not tunnel.dedup.accept(seq):
+            return
+        pkt = self._admit(tunnel, pkt, tos)
+        if pkt is None:
+            return
+        out: list = []
+        tunnel.reorder.push(queue, qseq, hold_ms / 1000.0, seq, pkt, now, floor(tunnel.paths), out)
+        for p in out:
+            self._deliver(tunnel, p, now)
+
+    def _reorder_release(self, tunnel: ServerTunnel, now: float, expire: bool = False) -> None:
+        out: list = []
+        if expire:
+            tunnel.reorder.expire(now, out)
+        tunnel.reorder.progress(floor(tunnel.paths), out)
+        for p in out:
+            self._deliver(tunnel, p, now)
+
+    def _admit(self, tunnel: ServerTunnel, pkt: bytes, tos: int) -> Optional[bytes]:
+        """The packet if it may enter (anti-spoofing, RFC 6040 decapsulation), else None."""
         # anti-spoofing: an IPv4 packet must come from the tunnel's own inner address (or its LAN)
         if len(pkt) < 20 or pkt[0] >> 4 != 4 or (pkt[12:16] != tunnel.key and not self._from_prefix(tunnel, pkt)):
             tunnel.spoofed += 1
-            return
+            return None
         if tos & 3 == 3:  # outer CE (RFC 6040)
             pkt = decapsulate(tos, pkt)
             if pkt is None:
                 tunnel.ecn_dropped += 1
-                return
+                return None
+        return pkt
+
+    def _deliver(self, tunnel: ServerTunnel, pkt: bytes, now: float) -> None:
         target = self.route_table.lookup(pkt[16:20])
         if target is None or target is tunnel:
             self.to_tun.append(pkt)
@@ -401,7 +447,13 @@ class ServerCore:
             return
         tos = policy.outer_tos(c, pkt)
         tunnel.seq = seq = tunnel.seq + 1
-        record = frames.encode_data(seq, pkt)
+        if c.reorder:
+            q = queue_of(pkt)
+            qseq = tunnel.qseq[q]
+            tunnel.qseq[q] = (qseq + 1) & 0xFFFF
+            record = frames.encode_data_ordered(seq, q, qseq, c.hold_units, pkt)
+        else:
+            record = frames.encode_data(seq, pkt)
         outbox = self.outbox
         for path in paths:
             dgram = path.encrypt(record, now)
@@ -437,6 +489,8 @@ class ServerCore:
                     self._path_changed(path, now)
         self.route_table.expire(now)
         for tunnel in list(self.tunnels.values()):
+            if tunnel.reorder.waiting:
+                self._reorder_release(tunnel, now, expire=True)
             if any(p.updated for p in tunnel.paths):  # new estimates: lowest-rtt and balance follow them
                 for p in tunnel.paths:
                     p.updated = False
