@@ -60,6 +60,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -86,7 +87,7 @@ SMALL, LARGE = 100, 1200  # UDP payload sizes
 SETUP_NAMES = ("raw", "openvpn", "wireguard", "openconnect", "mptun")
 PEERS = ("openvpn", "wireguard", "openconnect")  # what mptun is compared with
 MODES = ("duplicate", "redundant", "lowest-rtt", "balance", "backup")
-SECTION_NAMES = ("single", "loss", "failover", "aggregation", "cpu", "server", "marking")
+SECTION_NAMES = ("single", "loss", "failover", "aggregation", "reorder", "cpu", "server", "marking")
 TLS_FLAG = 50.0  # an OpenConnect figure with less of its bytes on DTLS (%) is flagged
 APT_PACKAGES = {  # binary -> Debian package
     "iperf3": "iperf3", "nft": "nftables", "openvpn": "openvpn",
@@ -886,6 +887,47 @@ def run_aggregation(args: argparse.Namespace, results: Results) -> None:
             results.failed("aggregation", f"round {i + 1}", exc)
 
 
+REORDER_DELAYS_MS = (5, 25)  # one-way delay of path 0 and path 1 in the reorder section
+REORDER_HOLD_MS = 100
+
+
+def _reorder_policy(workdir: Path, reorder: bool) -> str:
+    path = Path(workdir) / f"reorder-{reorder}.toml"
+    path.write_text('[[class]]\nname = "all"\nmode = "balance"\n'
+                    + (f"reorder = true\nreorder_ms = {REORDER_HOLD_MS}\n" if reorder else ""))
+    return str(path)
+
+
+def run_reorder(args: argparse.Namespace, results: Results) -> None:
+    """Balance mode over two rate-limited paths with different delays, with and without
+    receiver-side reordering: TCP throughput, and order and latency of a UDP stream."""
+    plan: Plan = args.plan
+    for i in range(plan.runs):
+        progress(f"reorder: round {i + 1}/{plan.runs}")
+        try:
+            with lab_topology("bro", 2) as (topo, imp), tempfile.TemporaryDirectory(prefix="mptun-bench-") as tmp:
+                imp.apply({(k, d): Impairment(delay_ms=REORDER_DELAYS_MS[k], rate_mbit=plan.link_mbit)
+                           for k in range(2) for d in ("up", "down")})
+                with started(RawSetup(topo)) as raw:  # unbound sockets leave through path 0
+                    results.add("reorder", "raw", {"mbps": tcp_throughput(raw, plan.duration)})
+                for row, reorder in (("balance", False), ("balance+reorder", True)):
+                    with started(MptunSetup(topo, mode="balance", policy=_reorder_policy(tmp, reorder))) as setup:
+                        setup.wait_paths(2)
+                        mbps = tcp_throughput(setup, plan.duration)
+                        res = run_stream(topo.client, topo.server, SERVER_INNER, 5008, rate=plan.loss_pps,
+                                         size=plan.loss_size, count=plan.loss_count // 2, workdir=tmp)
+                        tunnel = setup.stack.server_status()["tunnels"][0]
+                        results.add("reorder", row, {
+                            "mbps": mbps, "reordered_pct": 100 * res.reordered / max(1, res.received),
+                            "lost": res.lost, "p50_ms": res.latency_p50_ms or 0.0,
+                            "p99_ms": res.latency_p99_ms or 0.0,
+                            "released": tunnel["reorder"]["released"], "timeouts": tunnel["reorder"]["timeouts"]})
+                progress("  " + ", ".join(f"{row} {results.tables['reorder'][row]['mbps'][-1]:.1f}"
+                                          for row in results.tables.get("reorder", {})) + " Mbit/s")
+        except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError, LookupError) as exc:
+            results.failed("reorder", f"round {i + 1}", exc)
+
+
 def run_cpu(args: argparse.Namespace, results: Results) -> None:
     """CPU per packet at a fixed offered load: duplicate over two paths vs one path."""
     plan: Plan = args.plan
@@ -973,7 +1015,7 @@ def run_marking(args: argparse.Namespace, results: Results) -> None:
 
 RUNNERS: dict[str, Callable[[argparse.Namespace, Results], None]] = {
     "single": run_single, "loss": run_loss, "failover": run_failover,
-    "aggregation": run_aggregation, "cpu": run_cpu, "server": run_server, "marking": run_marking,
+    "aggregation": run_aggregation, "reorder": run_reorder, "cpu": run_cpu, "server": run_server, "marking": run_marking,
 }
 
 
@@ -1264,6 +1306,45 @@ def section_aggregation(report: Report) -> list[str]:
     return lines + _notes(report, "aggregation")
 
 
+def section_reorder(report: Report) -> list[str]:
+    p = report.plan
+    d0, d1 = REORDER_DELAYS_MS
+    lines = [
+        "## Multipath: receiver-side reordering in balance mode",
+        "",
+        f"Two paths, each rate-limited to {p.link_mbit:g} Mbit/s, with {d0} ms and {d1} ms of one-way delay",
+        "(the lab's delay line, both directions), so balance mode's packets arrive out of order.",
+        f"mptun `balance` without and with `reorder = true` (`reorder_ms = {REORDER_HOLD_MS}`, policy file on the",
+        f"client): one iperf3 TCP flow client -> server for {p.duration:g} s, then a UDP stream of",
+        f"{p.loss_count // 2} datagrams of {p.loss_size} B at {p.loss_pps:g}/s (share arriving out of order, and its",
+        "one-way latency).  `raw` is TCP over path 0 alone (no tunnel), in the same lab and run.",
+        *_not_run(report, "reorder"),
+    ]
+    results = report.results
+    table = results.tables.get("reorder", {})
+    if table:
+        raw = results.median("reorder", "raw", "mbps")
+        lines += ["", "| | TCP Mbit/s | / raw path 0 | UDP out of order (%) | UDP latency p50 / p99 (ms) | "
+                      "held and released / hold timeouts |", "|---|--:|--:|--:|--:|--:|"]
+        for row in ("raw", "balance", "balance+reorder"):
+            if row not in table:
+                continue
+            value = results.median("reorder", row, "mbps")
+            if row == "raw":
+                lines.append(_row("raw path 0", _cell(report, "reorder", row, "mbps", "{:.1f}"), "1.00x",
+                                  "-", "-", "-"))
+                continue
+            lines.append(_row(
+                f"mptun `{row}`", _cell(report, "reorder", row, "mbps", "{:.1f}"),
+                _fmt_ratio(value / raw if value is not None and raw else None),
+                _cell(report, "reorder", row, "reordered_pct", "{:.1f}"),
+                _cell(report, "reorder", row, "p50_ms", "{:.1f}") + " / "
+                + _cell(report, "reorder", row, "p99_ms", "{:.1f}"),
+                _cell(report, "reorder", row, "released", "{:.0f}") + " / "
+                + _cell(report, "reorder", row, "timeouts", "{:.0f}")))
+    return lines + _notes(report, "reorder")
+
+
 def section_cpu(report: Report) -> list[str]:
     p = report.plan
     lines = [
@@ -1386,7 +1467,7 @@ def section_method(report: Report) -> list[str]:
 
 SECTIONS: list[Callable[[Report], list[str]]] = [
     section_header, section_single_path, section_loss, section_failover, section_aggregation,
-    section_cpu, section_server, section_marking, section_method]
+    section_reorder, section_cpu, section_server, section_marking, section_method]
 
 
 def render(report: Report) -> str:
@@ -1530,7 +1611,21 @@ def _echo_main(argv: Sequence[str]) -> int:
     return 0
 
 
+_MAIN_PID = os.getpid()
+
+
 def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM like Ctrl-C, in this process only.
+
+    pyroute2 forks helpers (to create a namespace) and ends them with SIGTERM;
+    raising in such a child would unwind a copy of our stack there and run our
+    ``finally`` blocks, deleting the lab under us (seen: "Cannot open network
+    namespace ...-cli").
+    """
+    if os.getpid() != _MAIN_PID:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise KeyboardInterrupt
 
 
