@@ -96,13 +96,14 @@ on this machine alone (needs root, iperf3 and nftables).
 Builds client, router and server network namespaces joined by N paths and
 impairs each path.  Then, per mode, starts a fresh mptun server and client,
 runs a bulk iperf3 TCP flow through the tunnel and, after 2 s, a media-like
-stream (50 packets/s of 200 bytes, client -> server) beside it, and
+stream (50 packets/s of 200 bytes, marked EF, client -> server) beside it, and
 blackholes path 0 from 40 % to 60 % of the stream.  Prints per mode: media
 loss, one-way latency p50/p99, longest gap without media, bulk TCP goodput.
 
 Default scenario (scenarios/default.toml): 2 paths, 30 ms and 60 ms delay,
 2 % random loss and 20 Mbit/s each, each way; modes duplicate, lowest-rtt and
-balance, 15 s each: about 65 s in all.  Options override the scenario file,
+balance, plus a run with policies/webrtc.toml ("webrtc": media duplicated,
+bulk balanced and reordered), 15 s each: about 85 s in all.  Options override the scenario file,
 which overrides the defaults.  Per-path lists (--delay, --loss, --rate)
 repeat their last value for further paths.
 
@@ -116,7 +117,8 @@ through the tunnel and over the raw link (takes only --duration and --json).""",
     lab.add_argument("--duration", type=float, metavar="SECONDS",
                      help="seconds of traffic per mode (default 15; --quick: per iperf3 run, default 3)")
     lab.add_argument("--modes", type=mode_list, metavar="M,M",
-                     help="scheduler modes to compare (default duplicate,lowest-rtt,balance)")
+                     help="scheduler modes to compare, or webrtc for policies/webrtc.toml "
+                          "(default duplicate,lowest-rtt,balance,webrtc)")
     lab.add_argument("--paths", type=int, metavar="N", help="number of paths (default 2)")
     lab.add_argument("--delay", type=number_list, metavar="MS,MS",
                      help="one-way delay per path, each way (default 30,60)")

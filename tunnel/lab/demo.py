@@ -41,8 +41,8 @@ from typing import Any, Callable, Iterator, Optional
 
 from tunnel.lab.impair import DIRECTIONS, Direction, Impairment, Impairments
 from tunnel.lab.netns import Host, Lab, unique_prefix, wait_for
-from tunnel.lab.scenario import (CLI, Scenario, ScenarioError, load_scenario, range_error,
-                                 with_overrides)
+from tunnel.lab.scenario import (CLI, POLICY_RUNS, Scenario, ScenarioError, load_scenario,
+                                 range_error, with_overrides)
 from tunnel.lab.stack import SERVER_INNER, TunnelStack
 from tunnel.lab.stream import StreamResult, run_stream
 from tunnel.lab.topology import MultipathTopology
@@ -72,7 +72,12 @@ MODE_NOTES = {
                "path's capacity, but every path's loss (and reordering between paths) reaches "
                "the media and TCP",
     "backup": "the first path until it dies, then the next: like lowest-rtt, in interface order",
+    "webrtc": "policies/webrtc.toml on both ends: the media (marked EF, as WebRTC stacks mark "
+              "audio) duplicated on every path and marked EF outside, everything else "
+              "balanced and put back in order: duplicate's media with balance's bulk",
 }
+MEDIA_TOS = 0xB8  # the media stream is marked EF, as a WebRTC stack marks audio (RFC 8837)
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
 
 class Terminated(KeyboardInterrupt):
@@ -272,9 +277,13 @@ def impairment_plan(scenario: Scenario, with_outage: bool) -> dict[tuple[int, Di
 
 def start_tunnel(topo: MultipathTopology, mode: str, workdir: Path) -> TunnelStack:
     """A fresh server and client in ``mode``; returns once every path has joined."""
+    server, client = {"log_level": "info"}, {"mode": mode, "log_level": "info"}
+    if mode in POLICY_RUNS:
+        policy = str(POLICIES / POLICY_RUNS[mode])
+        server["policy"] = client["policy"] = policy
+        client["mode"] = "duplicate"  # what the policy's classes do not say (nothing: it has a default)
     stack = TunnelStack(topo.server, topo.client, topo.server_addr, workdir=workdir,
-                        server_overrides={"log_level": "info"},
-                        client_overrides={"mode": mode, "log_level": "info"})
+                        server_overrides=server, client_overrides=client)
     stack.start(timeout=PATHS_UP_TIMEOUT)
     n = len(topo.paths)
 
@@ -338,7 +347,7 @@ def measure_mode(topo: MultipathTopology, imp: Impairments, scenario: Scenario,
             time.sleep(BULK_WARMUP)
         media = run_stream(topo.client, topo.server, SERVER_INNER, MEDIA_PORT,
                            scenario.media_rate, scenario.media_size, scenario.media_count(),
-                           workdir, during=start_outage)
+                           workdir, tos=MEDIA_TOS, during=start_outage)
         bulk_bps = bulk.result() if bulk else None
     finally:
         if bulk:

@@ -15,7 +15,7 @@ File format (every key optional; an empty file is the default scenario)::
     name = "default"
     description = "..."
     duration = 15                 # seconds of traffic per mode
-    modes = ["duplicate", "lowest-rtt", "balance"]
+    modes = ["duplicate", "lowest-rtt", "balance", "webrtc"]  # webrtc: policies/webrtc.toml
     bulk = true                   # an iperf3 TCP flow beside the media stream
 
     [media]
@@ -119,7 +119,7 @@ class Scenario:
     description: str = ("two lossy 20 Mbit/s paths of different length; "
                         "the shorter one fails for a fifth of each run")
     duration: float = 15.0
-    modes: tuple[str, ...] = ("duplicate", "lowest-rtt", "balance")
+    modes: tuple[str, ...] = ("duplicate", "lowest-rtt", "balance", "webrtc")
     # The rate limit makes the links the bottleneck, as they are in real life: without one
     # it is this machine's CPU (Python tunnel and delay line), and the figures would
     # describe the machine more than the modes.
@@ -160,13 +160,17 @@ def range_error(key: str, value: float) -> Optional[str]:
     return None if lo <= value <= hi else f"{value:g} is out of range ({lo:g} to {hi:g})"
 
 
+# Runs that use a policy file instead of one mode for everything (name -> file in policies/).
+POLICY_RUNS = {"webrtc": "webrtc.toml"}
+
+
 def mode_error(modes: Sequence[str]) -> Optional[str]:
-    """Why ``modes`` is not a usable list of scheduler modes, or None."""
+    """Why ``modes`` is not a usable list of scheduler modes (or policy runs), or None."""
     if not modes:
         return "no mode given"
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if m not in MODES and m not in POLICY_RUNS]
     if unknown:
-        return f"{unknown[0]!r} is not one of {', '.join(MODES)}"
+        return f"{unknown[0]!r} is not one of {', '.join((*MODES, *POLICY_RUNS))}"
     if len(set(modes)) != len(modes):
         return "a mode is listed twice"
     return None
