@@ -8,6 +8,7 @@ import socket
 
 from tunnel import events, mtu as mtu_math, netlink
 from tunnel.app import load_policy_or_none, reloader, setup_logging, udp_socket
+from tunnel.certs import key_mode_warning
 from tunnel.client_core import ClientCore
 from tunnel.config import ClientConfig, ConfigError
 from tunnel.control import default_path
@@ -79,6 +80,8 @@ def make_socket(key) -> socket.socket:
 
 def run(cfg: ClientConfig) -> int:
     setup_logging("client", cfg.log_level, cfg.log_format)
+    if (warning := key_mode_warning(cfg.key)) is not None:
+        log.warning("%s", warning)
     ctx = make_context("client", cfg.certificate, cfg.key, cfg.ca, server_name=cfg.server_name)
     finder = PathFinder(cfg, resolve(cfg))
     if not finder.servers:
