@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import socket
 
-from tunnel import events, mtu as mtu_math, netlink
+from tunnel import events, mtu as mtu_math, netlink, privs
 from tunnel.app import load_policy_or_none, reloader, setup_logging, udp_socket
 from tunnel.certs import key_mode_warning
 from tunnel.client_core import ClientCore
@@ -83,6 +83,9 @@ def run(cfg: ClientConfig) -> int:
     if (warning := key_mode_warning(cfg.key)) is not None:
         log.warning("%s", warning)
     ctx = make_context("client", cfg.certificate, cfg.key, cfg.ca, server_name=cfg.server_name)
+    target = privs.resolve(cfg.user, cfg.group) if cfg.user else None
+    if target is not None:
+        privs.check(target)  # not root: say so before anything is set up
     finder = PathFinder(cfg, resolve(cfg))
     if not finder.servers:
         raise ConfigError(f"{cfg.path}: [client] server: no IPv4 server address (IPv6 underlay is not supported yet)")
@@ -149,6 +152,8 @@ def run(cfg: ClientConfig) -> int:
     )
     if cfg.metrics:
         shell.metrics = MetricsServer(*cfg.metrics, shell.status, "client", name=client_name(cfg))
+    if target is not None:
+        shell.after_start = lambda: log.info("privileges dropped: %s", privs.drop(target))
     try:
         shell.run()
     finally:

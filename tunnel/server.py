@@ -7,7 +7,7 @@ import logging
 import socket
 import time
 
-from tunnel import events, mtu as mtu_math, netlink
+from tunnel import events, mtu as mtu_math, netlink, privs
 from tunnel.app import fmt_addr, load_policy_or_none, reloader, setup_logging, udp_socket
 from tunnel.certs import CertError, crl_next_update, key_mode_warning, load_crl
 from tunnel.config import ConfigError, ServerConfig, load_revocation_keys
@@ -140,6 +140,9 @@ def run(cfg: ServerConfig) -> int:
     if (warning := key_mode_warning(cfg.key)) is not None:
         log.warning("%s", warning)
     core, inner = build(cfg)
+    target = privs.resolve(cfg.user, cfg.group) if cfg.user else None
+    if target is not None:
+        privs.check(target)  # not root: say so before anything is set up
     sockets = []
     for host, port in cfg.listen:
         fam = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
@@ -167,6 +170,8 @@ def run(cfg: ServerConfig) -> int:
         )
         if cfg.metrics:
             shell.metrics = MetricsServer(*cfg.metrics, shell.status, "server")
+        if target is not None:
+            shell.after_start = lambda: log.info("privileges dropped: %s", privs.drop(target))
         shell.run()
         log.info("stopped")
     finally:
