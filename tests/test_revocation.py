@@ -4,6 +4,7 @@ server core refusing revoked clients at handshake and closing them on reload."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,16 @@ def test_key_mode_warning(tmp_path: Path) -> None:
     assert w is not None and str(key) in w and "0640" in w and "group" in w and "others" not in w
     key.chmod(0o604)
     assert "accessible by others" in certs.key_mode_warning(key)
+    # group access for the daemon's own (non-root) group is fine: packaging/README.md's 0640 root:mptun
+    os.chown(key, 0, 65534)
+    key.chmod(0o640)
+    assert certs.key_mode_warning(key, {65534}) is None
+    assert "group" in certs.key_mode_warning(key, {1234})
+    key.chmod(0o644)
+    assert "accessible by others" in certs.key_mode_warning(key, {65534})
+    os.chown(key, 0, 0)
+    key.chmod(0o640)
+    assert "0640" in certs.key_mode_warning(key, {0})  # group root is no excuse
 
 
 # -- the server core -----------------------------------------------------------

@@ -377,16 +377,23 @@ def load_identity(cert_path: StrPath, key_path: StrPath) -> None:
 # revocation
 
 
-def key_mode_warning(path: StrPath) -> str | None:
-    """A warning line if the key file is readable (or writable) by group or others, else None."""
+def key_mode_warning(path: StrPath, own_groups: Iterable[int] = ()) -> str | None:
+    """A warning line if the key file is readable (or writable) by group or others, else None.
+
+    Group access is fine when the file's group is in ``own_groups``: the daemon's own
+    unprivileged group (packaging/README.md: keys 0640 root:mptun).  Group root never is."""
     try:
-        mode = os.stat(path).st_mode & 0o7777
+        st = os.stat(path)
     except OSError:
         return None  # loading the key reports that
+    mode = st.st_mode & 0o7777
+    if st.st_gid != 0 and st.st_gid in set(own_groups):
+        mode &= ~0o070
     if not mode & 0o077:
         return None
     who = " and ".join(w for w, bits in (("group", 0o070), ("others", 0o007)) if mode & bits)
-    return f"key file {path} has mode {mode:04o}: accessible by {who}; it should be 0600 (chmod 600 {path})"
+    return (f"key file {path} has mode {st.st_mode & 0o7777:04o}: accessible by {who}; "
+            f"it should be 0600 (chmod 600 {path})")
 
 
 def load_crl(path: StrPath, ca_path: StrPath) -> frozenset[int]:

@@ -4,6 +4,7 @@ interface and server address; TUN made on the first CONFIG."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 
 from tunnel import events, mtu as mtu_math, netlink, privs
@@ -80,12 +81,13 @@ def make_socket(key) -> socket.socket:
 
 def run(cfg: ClientConfig) -> int:
     setup_logging("client", cfg.log_level, cfg.log_format)
-    if (warning := key_mode_warning(cfg.key)) is not None:
-        log.warning("%s", warning)
     ctx = make_context("client", cfg.certificate, cfg.key, cfg.ca, server_name=cfg.server_name)
     target = privs.resolve(cfg.user, cfg.group) if cfg.user else None
     if target is not None:
         privs.check(target)  # not root: say so before anything is set up
+    own_groups = {os.getegid(), target.gid} if target is not None else {os.getegid()}
+    if (warning := key_mode_warning(cfg.key, own_groups)) is not None:
+        log.warning("%s", warning)
     finder = PathFinder(cfg, resolve(cfg))
     if not finder.servers:
         raise ConfigError(f"{cfg.path}: [client] server: no IPv4 server address (IPv6 underlay is not supported yet)")

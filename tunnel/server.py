@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 import time
 
@@ -137,12 +138,13 @@ def build(cfg: ServerConfig):
 
 def run(cfg: ServerConfig) -> int:
     setup_logging("server", cfg.log_level, cfg.log_format)
-    if (warning := key_mode_warning(cfg.key)) is not None:
-        log.warning("%s", warning)
     core, inner = build(cfg)
     target = privs.resolve(cfg.user, cfg.group) if cfg.user else None
     if target is not None:
         privs.check(target)  # not root: say so before anything is set up
+    own_groups = {os.getegid(), target.gid} if target is not None else {os.getegid()}
+    if (warning := key_mode_warning(cfg.key, own_groups)) is not None:
+        log.warning("%s", warning)
     sockets = []
     for host, port in cfg.listen:
         fam = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
