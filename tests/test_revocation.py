@@ -172,3 +172,26 @@ def test_reload_closes_every_path_of_a_revoked_connected_client(pki: Path, plain
     net.advance(12.0)
     assert "alice" not in net.server.by_name
     assert net.server.counters["revoked"] >= 2
+
+
+def test_bad_crl_or_deny_at_start_is_a_config_error(tmp_path: Path, capsys) -> None:
+    from tunnel.lab.stack import make_pki, write_toml
+
+    make_pki(tmp_path)
+    certs.create_ca(tmp_path / "other", name="Other CA")
+    revoke(tmp_path / "other")
+    base = {"listen": "127.0.0.1:4433", "certificate": "mptun-server.crt", "key": "mptun-server.key",
+            "ca": "ca.crt", "address": "100.64.0.1/24"}
+    cfg = write_toml(tmp_path / "s.toml", {"server": {**base, "crl": "other/ca.crl"}})
+    assert cli.main(["server", "-c", str(cfg), "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}: [server] crl: CRL {tmp_path}/other/ca.crl is issued by 'CN=Other CA'" in err
+    cfg = write_toml(tmp_path / "s.toml", {"server": {**base, "crl": "missing.crl"}})
+    assert cli.main(["server", "-c", str(cfg), "--check-config"]) == 2
+    assert "[server] crl: file" in capsys.readouterr().err
+    cfg = write_toml(tmp_path / "s.toml", {"server": {**base, "deny": ["alice", 3]}})
+    assert cli.main(["server", "-c", str(cfg), "--check-config"]) == 2
+    assert "[server] deny: 3 is not a client name" in capsys.readouterr().err
+    revoke(tmp_path, [tmp_path / "alice.crt"])
+    cfg = write_toml(tmp_path / "s.toml", {"server": {**base, "crl": "ca.crl", "deny": ["bob"]}})
+    assert cli.main(["server", "-c", str(cfg), "--check-config"]) == 0
