@@ -32,6 +32,9 @@ __all__ = [
     "issue_server",
     "issue_client",
     "load_identity",
+    "load_crl",
+    "revoke",
+    "key_mode_warning",
     "register",
 ]
 
@@ -40,6 +43,7 @@ PrivateKey = Union[ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey]
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
+CA_CRL = "ca.crl"
 KEY_TYPES = ("ec", "rsa")
 RSA_SIZES = (2048, 3072)
 CLOCK_SKEW = dt.timedelta(minutes=5)
@@ -370,6 +374,112 @@ def load_identity(cert_path: StrPath, key_path: StrPath) -> None:
 
 
 # --------------------------------------------------------------------------
+# revocation
+
+
+def key_mode_warning(path: StrPath, own_groups: Iterable[int] = ()) -> str | None:
+    """A warning line if the key file is readable (or writable) by group or others, else None.
+
+    Group access is fine when the file's group is in ``own_groups``: the daemon's own
+    unprivileged group (packaging/README.md: keys 0640 root:mptun).  Group root never is."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # loading the key reports that
+    mode = st.st_mode & 0o7777
+    if st.st_gid != 0 and st.st_gid in set(own_groups):
+        mode &= ~0o070
+    if not mode & 0o077:
+        return None
+    who = " and ".join(w for w, bits in (("group", 0o070), ("others", 0o007)) if mode & bits)
+    return (f"key file {path} has mode {st.st_mode & 0o7777:04o}: accessible by {who}; "
+            f"it should be 0600 (chmod 600 {path})")
+
+
+def load_crl(path: StrPath, ca_path: StrPath) -> frozenset[int]:
+    """The serial numbers a CRL revokes, after checking that the CA signed it.
+
+    The CRL may be PEM or DER; its issuer must be the CA's subject and its
+    signature must verify with the CA's key.  Raises CertError naming the file.
+    """
+    path, ca_path = Path(path), Path(ca_path)
+    data = _read(path, "CRL")
+    try:
+        crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+    except ValueError:
+        raise CertError(f"CRL {path} is not a valid PEM or DER certificate revocation list") from None
+    ca = _load_cert(ca_path, "CA certificate")
+    if crl.issuer != ca.subject:
+        raise CertError(
+            f"CRL {path} is issued by '{crl.issuer.rfc4514_string()}', not by the CA "
+            f"'{ca.subject.rfc4514_string()}' of {ca_path}"
+        )
+    try:
+        valid = crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    except (TypeError, UnsupportedAlgorithm):
+        valid = False
+    if not valid:
+        raise CertError(f"CRL {path}: signature does not verify with the CA key of {ca_path}")
+    return frozenset(r.serial_number for r in crl)
+
+
+def crl_next_update(path: StrPath) -> dt.datetime | None:
+    """When a (loadable) CRL says it will be replaced; None if it does not say."""
+    data = Path(path).read_bytes()
+    crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+    return crl.next_update_utc
+
+
+def revoke(
+    directory: StrPath,
+    certificates: Iterable[StrPath] = (),
+    days: int = 30,
+    *,
+    crl_path: StrPath | None = None,
+) -> tuple[Path, list[int]]:
+    """Add the serials of ``certificates`` to the CA's CRL (directory/ca.crl), signed by the CA.
+
+    An existing CRL is read (and checked) first, so revocations accumulate; with no
+    certificates the CRL is only re-signed (a fresh next_update).  Returns the CRL
+    path and the serials newly revoked.
+    """
+    if days < 1:
+        raise CertError(f"--days must be at least 1, not {days}")
+    ca_dir = Path(directory)
+    ca_cert, ca_key = _load_ca(ca_dir)
+    out = Path(crl_path) if crl_path is not None else ca_dir / CA_CRL
+    now = dt.datetime.now(dt.timezone.utc)
+    entries: dict[int, dt.datetime] = {}
+    if out.exists():
+        load_crl(out, ca_dir / CA_CERT)  # refuse to extend a CRL the CA did not sign
+        data = out.read_bytes()
+        old = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+        entries = {r.serial_number: r.revocation_date_utc for r in old}
+    added = []
+    for c in certificates:
+        cert = _load_cert(Path(c))
+        if cert.issuer != ca_cert.subject:
+            raise CertError(f"certificate {c} was not issued by the CA in {ca_dir}")
+        if cert.serial_number not in entries:
+            entries[cert.serial_number] = now
+            added.append(cert.serial_number)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - CLOCK_SKEW)
+        .next_update(now + dt.timedelta(days=days))
+    )
+    for serial, when in sorted(entries.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _prepare_dir(out.parent)
+    _write(out, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    return out, added
+
+
+# --------------------------------------------------------------------------
 # CLI
 
 
@@ -428,6 +538,15 @@ def _cmd_client(args: argparse.Namespace) -> list[str]:
     return [f"wrote {p}" for p in paths]
 
 
+def _cmd_revoke(args: argparse.Namespace) -> list[str]:
+    files = [Path(args.dir) / f"{n}.crt" for n in (args.name or [])] + [Path(f) for f in (args.cert or [])]
+    path, added = revoke(args.dir, files, args.days, crl_path=args.crl)
+    lines = [f"revoked serial {s:x}" for s in added]
+    if files and not added:
+        lines.append("already revoked")
+    return lines + [f"wrote {path}"]
+
+
 def _cmd_show(args: argparse.Namespace) -> list[str]:
     lines: list[str] = []
     for i, f in enumerate(args.file):
@@ -484,6 +603,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="client name: CN (matches [clients.NAME] on the server) and file name")
     p.add_argument("--days", type=int, default=825, help="validity in days (default: %(default)s)")
     p.set_defaults(func=_runner(_cmd_client))
+
+    p = sub.add_parser("revoke", help="revoke certificates: add them to the CA's CRL (DIR/ca.crl)")
+    p.add_argument("--dir", required=True, metavar="DIR", help="directory holding ca.crt/ca.key (and ca.crl)")
+    p.add_argument("--name", action="append", metavar="NAME", help="revoke DIR/NAME.crt (repeatable)")
+    p.add_argument("--cert", action="append", metavar="FILE", help="revoke this certificate file (repeatable)")
+    p.add_argument("--crl", metavar="FILE", help="the CRL to create or extend (default: DIR/ca.crl)")
+    p.add_argument("--days", type=int, default=30,
+                   help="days until the CRL's nextUpdate (default: %(default)s); re-run to refresh")
+    p.set_defaults(func=_runner(_cmd_revoke))
 
     p = sub.add_parser("show", help="print a certificate's subject, issuer, SANs, EKU and validity")
     p.add_argument("file", nargs="+", metavar="FILE", help="PEM certificate file")

@@ -9,6 +9,7 @@ from tunnel import __version__, certs, status
 from tunnel.config import ConfigError
 from tunnel.dtls import DtlsError
 from tunnel.policy import PolicyError
+from tunnel.privs import PrivilegeError
 
 EXIT_CONFIG = 2
 
@@ -22,6 +23,17 @@ def _metrics_address(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _user(args: argparse.Namespace, cfg) -> None:
+    """--user/--group override the config's user/group keys; checked here, used after set-up."""
+    if args.group and not args.user:
+        raise PrivilegeError("--group needs --user")
+    if args.user:
+        from tunnel import privs
+
+        privs.resolve(args.user, args.group)  # no such user/group: an error now
+        cfg.user, cfg.group = args.user, args.group
+
+
 def _server(args: argparse.Namespace) -> int:
     from tunnel import server
     from tunnel.config import load_server_config
@@ -31,6 +43,7 @@ def _server(args: argparse.Namespace) -> int:
         cfg.policy = args.policy
     if args.metrics:
         cfg.metrics = args.metrics
+    _user(args, cfg)
     if args.check_config:
         server.build(cfg)
         print(f"{args.config}: ok")
@@ -47,6 +60,7 @@ def _client(args: argparse.Namespace) -> int:
         cfg.policy = args.policy
     if args.metrics:
         cfg.metrics = args.metrics
+    _user(args, cfg)
     if args.check_config:
         client.resolve(cfg)
         from tunnel.app import load_policy_or_none
@@ -80,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--policy", help="DSCP policy file (overrides the config's policy key)")
         sp.add_argument("--metrics", type=_metrics_address, metavar="ADDR:PORT",
                         help="serve Prometheus metrics over HTTP (overrides the config's metrics key)")
+        sp.add_argument("--user", metavar="USER",
+                        help="after set-up, switch to USER keeping only CAP_NET_ADMIN/CAP_NET_RAW "
+                             "(overrides the config's user key; needs root)")
+        sp.add_argument("--group", metavar="GROUP", help="with --user: this primary group instead of USER's")
         sp.set_defaults(func=func)
     certs.register(sub)
     status.register(sub)
@@ -136,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DtlsError, PolicyError) as exc:
+    except (ConfigError, DtlsError, PolicyError, PrivilegeError) as exc:
         print(f"mptun {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:

@@ -61,6 +61,10 @@ class ServerConfig:
     log_level: str = "info"
     clients: dict[str, Optional[ipaddress.IPv4Address]] = field(default_factory=dict)  # name -> static address
     control: Optional[Path] = None
+    crl: Optional[Path] = None  # CRL signed by the CA: revoked client certificates (reloaded on SIGHUP)
+    deny: list[str] = field(default_factory=list)  # client names refused (reloaded on SIGHUP)
+    user: Optional[str] = None  # drop to this user after set-up (keeping CAP_NET_ADMIN/CAP_NET_RAW)
+    group: Optional[str] = None
 
     @property
     def static_addresses(self) -> dict[str, ipaddress.IPv4Address]:
@@ -89,6 +93,8 @@ class ClientConfig:
     metrics: Optional[tuple[str, int]] = None
     log_level: str = "info"
     control: Optional[Path] = None
+    user: Optional[str] = None  # drop to this user after set-up (keeping CAP_NET_ADMIN/CAP_NET_RAW)
+    group: Optional[str] = None
 
 
 class _Section:
@@ -218,7 +224,30 @@ def _common(sec: _Section) -> dict:
         "log_format": sec.choice("log_format", "text", ("text", "json")),
         "log_level": level,
         "control": Path(control) if control else None,
+        **_privileges(sec),
     }
+
+
+def _privileges(sec: _Section) -> dict:
+    """``user`` / ``group``: who the daemon becomes after set-up; both must exist here."""
+    import grp
+    import pwd
+
+    user = sec.get("user", str, None, what="a user name")
+    group = sec.get("group", str, None, what="a group name")
+    if user is not None:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            raise sec.error("user", f"no such user {user!r}") from None
+    if group is not None:
+        if user is None:
+            raise sec.error("group", "needs user too (group alone does not drop privileges)")
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise sec.error("group", f"no such group {group!r}") from None
+    return {"user": user, "group": group}
 
 
 def _only_tables(path: Path, data: dict, allowed: set[str]) -> None:
@@ -282,6 +311,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
     }
     if not 0 < limits["handshake_rate"] <= 100_000:
         raise sec.error("handshake_rate", f"{limits['handshake_rate']} is out of range (more than 0, at most 100000)")
+    crl, deny = _revocation_keys(sec)
     common = _common(sec)
     sec.finish()
 
@@ -327,9 +357,29 @@ def load_server_config(path: str | Path) -> ServerConfig:
         linger=linger,
         clients=clients,
         client_routes=client_routes,
+        crl=crl,
+        deny=deny,
         **limits,
         **common,
     )
+
+
+def _revocation_keys(sec: _Section) -> tuple[Optional[Path], list[str]]:
+    crl = sec.file("crl") if "crl" in sec.table else None
+    deny = sec.get("deny", list, [], what="a list of client names")
+    for name in deny:
+        if not isinstance(name, str) or not name:
+            raise sec.error("deny", f"{name!r} is not a client name")
+    return crl, deny
+
+
+def load_revocation_keys(path: str | Path) -> tuple[Optional[Path], list[str]]:
+    """Only ``crl`` and ``deny`` of a server config (SIGHUP: the daemon may no longer be
+    able to read the key files the full config check opens)."""
+    p, data = _load(path)
+    if not isinstance(data.get("server"), dict):
+        raise ConfigError(f"{p}: missing [server] table")
+    return _revocation_keys(_Section(p, "server", data["server"]))
 
 
 def load_client_config(path: str | Path) -> ClientConfig:

@@ -95,6 +95,8 @@ class ControlServer:
             self.path.unlink()
         except FileNotFoundError:
             pass
+        except PermissionError:  # privileges dropped (tunnel.privs): the next start replaces it
+            pass
 
 
 def query(path: str | Path, command: str = "status", timeout: float = 5.0) -> dict:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
+import time
 
-from tunnel import events, mtu as mtu_math, netlink
+from tunnel import events, mtu as mtu_math, netlink, privs
 from tunnel.app import fmt_addr, load_policy_or_none, reloader, setup_logging, udp_socket
-from tunnel.config import ServerConfig
+from tunnel.certs import CertError, crl_next_update, key_mode_warning, load_crl
+from tunnel.config import ConfigError, ServerConfig, load_revocation_keys
 from tunnel.control import default_path
 from tunnel.dtls import make_context
 from tunnel.metrics import MetricsServer
 from tunnel.pool import AddressPool
+from tunnel.revocation import Revocation
 from tunnel.server_core import ServerCore
 from tunnel.shell import ServerShell
 from tunnel.tun import TunDevice
@@ -49,6 +53,48 @@ def underlay_mtu(cfg: ServerConfig) -> int:
     return min(known) if known else DEFAULT_UNDERLAY_MTU
 
 
+def load_serials(cfg: ServerConfig, crl) -> frozenset[int]:
+    """The serials the CRL at ``crl`` revokes (checked against the CA); CertError if it is bad."""
+    if crl is None:
+        return frozenset()
+    serials = load_crl(crl, cfg.ca)
+    try:
+        next_update = crl_next_update(crl)
+    except (OSError, ValueError):
+        next_update = None
+    if next_update is not None and next_update.timestamp() < time.time():
+        log.warning("CRL %s is past its nextUpdate (%s UTC); still used. `mptun certs revoke` re-signs it",
+                    crl, f"{next_update:%Y-%m-%d %H:%M}")
+    return serials
+
+
+def revocation_reloader(cfg: ServerConfig, core: ServerCore, clock):
+    """SIGHUP: read ``crl`` and ``deny`` again; close the tunnels of clients now refused.
+    A bad config file keeps everything; a bad CRL keeps the old serials (and says why)."""
+
+    def reload() -> None:
+        try:
+            crl, deny = load_revocation_keys(cfg.path)
+        except ConfigError as exc:
+            log.error("SIGHUP: revocation not reloaded, keeping the old one: %s", exc)
+            return
+        serials = core.revocation.serials
+        try:
+            serials = load_serials(cfg, crl)
+        except CertError as exc:
+            log.error("SIGHUP: CRL not reloaded, keeping the old one (%d serials): %s", len(serials), exc)
+        else:
+            cfg.crl = crl
+        cfg.deny = deny
+        closed = core.set_revocation(Revocation(serials, frozenset(deny)), clock())
+        log.info("SIGHUP: revocation reloaded: %d revoked serials%s, %d denied names",
+                 len(serials), f" ({cfg.crl})" if cfg.crl else "", len(deny))
+        for reason in closed:
+            log.warning("SIGHUP: %s: disconnected", reason)
+
+    return reload
+
+
 def build(cfg: ServerConfig):
     """Everything that can fail on bad input happens here, before any device exists."""
     ctx = make_context("server", cfg.certificate, cfg.key, cfg.ca)
@@ -59,6 +105,10 @@ def build(cfg: ServerConfig):
         log.warning("mtu %d is larger than the underlay allows (%d): packets will fragment", inner, mtu_math.inner_mtu(link_mtu, family))
     pool = AddressPool(cfg.address, cfg.static_addresses, cfg.pool_first, cfg.pool_last)
     allowed = None if cfg.allow_unlisted_clients else set(cfg.clients)
+    try:
+        serials = load_serials(cfg, cfg.crl)
+    except CertError as exc:
+        raise ConfigError(f"{cfg.path}: [server] crl: {exc}") from None
     core = ServerCore(
         ctx,
         mtu_math.datagram_mtu(link_mtu, family),
@@ -81,6 +131,7 @@ def build(cfg: ServerConfig):
         handshake_rate=cfg.handshake_rate,
         pending_size=cfg.pending_queue,
         pending_expiry=cfg.pending_expiry,
+        revocation=Revocation(serials, frozenset(cfg.deny)),
     )
     return core, inner
 
@@ -88,6 +139,12 @@ def build(cfg: ServerConfig):
 def run(cfg: ServerConfig) -> int:
     setup_logging("server", cfg.log_level, cfg.log_format)
     core, inner = build(cfg)
+    target = privs.resolve(cfg.user, cfg.group) if cfg.user else None
+    if target is not None:
+        privs.check(target)  # not root: say so before anything is set up
+    own_groups = {os.getegid(), target.gid} if target is not None else {os.getegid()}
+    if (warning := key_mode_warning(cfg.key, own_groups)) is not None:
+        log.warning("%s", warning)
     sockets = []
     for host, port in cfg.listen:
         fam = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
@@ -102,12 +159,21 @@ def run(cfg: ServerConfig) -> int:
             "listening on %s, tun %s %s mtu %d",
             ", ".join(f"{h}:{p}" for h, p in cfg.listen), tun.name, cfg.address, inner,
         )
+        reload_policy = reloader(cfg.policy, core.set_policy, log)
+        reload_revocation = revocation_reloader(cfg, core, lambda: shell.loop.time())
+
+        def on_reload() -> None:
+            reload_policy()
+            reload_revocation()
+
         shell = ServerShell(
             core, tun.fd, sockets, log_event, cfg.control or default_path("server", tun.name),
-            on_reload=reloader(cfg.policy, core.set_policy, log),
+            on_reload=on_reload,
         )
         if cfg.metrics:
             shell.metrics = MetricsServer(*cfg.metrics, shell.status, "server")
+        if target is not None:
+            shell.after_start = lambda: log.info("privileges dropped: %s", privs.drop(target))
         shell.run()
         log.info("stopped")
     finally:

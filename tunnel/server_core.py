@@ -29,6 +29,7 @@ from tunnel.path import P_HANDSHAKING, Path
 from tunnel.policy import Policy
 from tunnel.pool import AddressPool, PoolExhausted
 from tunnel.reorder import Reorderer, floor, queue_of
+from tunnel.revocation import Revocation
 from tunnel.routes import PENDING_EXPIRY, PENDING_SIZE, RouteTable
 from tunnel.scheduler import MODES, Scheduler
 
@@ -127,6 +128,7 @@ class ServerCore:
         handshake_rate: float = HANDSHAKE_RATE,
         pending_size: int = PENDING_SIZE,
         pending_expiry: float = PENDING_EXPIRY,
+        revocation: Optional[Revocation] = None,
     ):
         if mode != "client" and mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
@@ -139,6 +141,7 @@ class ServerCore:
         self.dead_interval = dead_interval
         self.timeout = timeout
         self.allowed = allowed_clients  # None: any client with a certificate from our CA
+        self.revocation = revocation or Revocation()  # CRL serials and denied names
         self.window = window
         self.linger = linger
         self.policy = policy  # None: each tunnel uses one class with its client's mode
@@ -171,6 +174,7 @@ class ServerCore:
             "tunnels_refused": 0,  # max_tunnels
             "paths_refused": 0,  # max_paths
             "handshakes_rate_limited": 0,
+            "revoked": 0,  # handshakes refused and tunnels closed for a revoked or denied client
         }
 
     # -- datagrams from the network ----------------------------------
@@ -183,7 +187,9 @@ class ServerCore:
         handshaking = path.state == P_HANDSHAKING
         records = path.receive(data, now)
         if handshaking and path.established:
-            self._on_established(path)
+            self._on_established(path, now)
+            if not path.alive:  # refused (revoked): nothing it sent counts
+                records = []
         if records:
             tunnel = self._tunnel_of.get(addr)
             for rec in records:
@@ -245,10 +251,14 @@ class ServerCore:
             self._limit_logged[kind] = now
             self._events.append(events.LimitHit(kind, addr, reason))
 
-    def _on_established(self, path: Path) -> None:
+    def _on_established(self, path: Path, now: float = 0.0) -> None:
         cert = path.dtls.peer_certificate
         path.name = common_name(cert) if cert is not None else ""
         self._events.append(events.PathUp(path.addr, path.name, path.dtls.cipher))
+        reason = self.revocation.check(path.name, cert.serial_number if cert is not None else None)
+        if reason is not None:
+            self.counters["revoked"] += 1
+            self._refuse(path, frames.CLOSE_REFUSED, reason, now)
 
     def _on_data(self, tunnel: ServerTunnel, path: Path, rec: bytes, tos: int, now: float) -> None:
         try:
@@ -552,6 +562,28 @@ class ServerCore:
             path.close(None, now)
             self._flush(path)
         self.paths.clear()
+
+    def set_revocation(self, revocation: Revocation, now: float) -> list[str]:
+        """New revocation data (SIGHUP); closes the tunnels (all paths) and the handshaken
+        paths of clients it now refuses.  Returns the reasons, one per client closed."""
+        self.revocation = revocation
+        closed = []
+        for path in list(self.paths.values()):
+            if self.paths.get(path.addr) is not path or not path.established or not path.alive:
+                continue
+            cert = path.dtls.peer_certificate
+            reason = revocation.check(path.name, cert.serial_number if cert is not None else None)
+            if reason is None:
+                continue
+            self.counters["revoked"] += 1
+            closed.append(reason)
+            tunnel = self._tunnel_of.get(path.addr)
+            if tunnel is not None:
+                self._remove_tunnel(tunnel, f"disconnected: {reason}", now, frames.CLOSE_REFUSED)
+            else:
+                self._refuse(path, frames.CLOSE_REFUSED, reason, now)
+                self._drop_path(path, "refused", now)
+        return closed
 
     def set_policy(self, policy: Optional[Policy]) -> None:
         """A new (reloaded) policy for every tunnel; None: each back to its client's mode."""

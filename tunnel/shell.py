@@ -41,6 +41,7 @@ class Shell:
         self.loop = EventLoop()
         self.counters = {"send_errors": 0, "tun_write_errors": 0, "recv_errors": 0}
         self._tick_handle: Optional[TimerHandle] = None
+        self.after_start: Optional[Callable[[], None]] = None  # once everything is set up (privilege drop)
 
     # -- TUN ----------------------------------------------------------
     def _on_tun_readable(self) -> None:
@@ -117,6 +118,8 @@ class Shell:
             self.metrics.start(self.loop)
         self._tick_handle = self.loop.call_later(TICK, self._tick)
         try:
+            if self.after_start is not None:
+                self.after_start()
             self.loop.run_forever()
         finally:
             self._tick_handle.cancel()
