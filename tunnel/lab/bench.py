@@ -1583,7 +1583,15 @@ def _echo_main(argv: Sequence[str]) -> int:
     return 0
 
 
+_MAIN_PID = os.getpid()
+
+
 def _terminate(signum: int, frame: object) -> None:
+    if os.getpid() != _MAIN_PID:
+        # A forked child (pyroute2 forks to enter a namespace and SIGTERMs the child when done):
+        # raising here would unwind the parent's stack copy in the child, whose Lab.__exit__
+        # would then delete the parent's namespaces.  Die as SIGTERM would.
+        os._exit(128 + signum)
     raise KeyboardInterrupt
 
 
