@@ -256,3 +256,15 @@ def test_outer_ce_marks_an_ect_ipv6_packet_at_the_server(pki: Path) -> None:
     (got,) = net.server.to_tun
     assert (got[1] >> 4) & 3 == 3 and got[2:] == ect0[2:]  # CE in the traffic class, the rest unchanged
     assert net.tunnel().ecn_dropped == 1
+
+
+def test_protocol_doc_config_example_with_ipv6() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text()
+    marker = "With an IPv6 address too (tunnel id 1"
+    block = doc.split(marker, 1)[1].split("```", 2)[1]
+    wire = bytes.fromhex("".join(line.split("  ")[0] for line in block.strip().splitlines()))
+    example = frames.Config((1).to_bytes(16, "big"),
+                            [ipaddress.ip_interface("100.64.0.2/24"), ipaddress.ip_interface("fd00:6d70::2/64")],
+                            1426, 100, 3000, [])
+    assert wire == frames.encode(example)
+    assert f"{len(wire)} bytes" in doc.split(marker, 1)[1].split("```")[0]
