@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from tunnel.lab.netns import wait_for
+from tunnel.lab.stack import mptun_argv
 
 pytestmark = pytest.mark.netns
 
@@ -56,6 +57,8 @@ def test_ping6_both_ways_and_forged_ipv6_source_dropped(tunnel_stack):
     assert client6 == "fd00:6d70::2"
     (tunnel,) = stack.server_status()["tunnels"]
     assert tunnel["address6"] == "fd00:6d70::2/64"
+    out = subprocess.run(mptun_argv("status", "-s", str(stack.server_socket)), capture_output=True, text=True)
+    assert "fd00:6d70::2/64" in out.stdout, out
     # the address is on the TUN device, and IPv6 has no link-local address there
     shown = client.run(["ip", "-6", "addr", "show", "dev", "mptun0"]).stdout
     assert "fd00:6d70::2/64" in shown and "fe80:" not in shown
