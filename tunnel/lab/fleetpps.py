@@ -122,7 +122,7 @@ def measure(n: int = 20, seconds: float = 5.0) -> dict:
                 ccfg = write_toml(workdir / f"{name}.toml", {"client": {
                     "server": f"{addr}:{PORT}", "server_name": SERVER_NAME, "certificate": f"{name}.crt",
                     "key": f"{name}.key", "ca": "ca.crt", "tun": "mptun0", "log_level": "info",
-                    "timeout": 10.0,
+                    "timeout": 10.0, "control": str(workdir / f"{name}.sock"),
                 }})
                 host.popen(mptun_argv("client", "-c", str(ccfg)), stdout=subprocess.DEVNULL,
                            stderr=open(workdir / f"{name}.log", "ab"))
