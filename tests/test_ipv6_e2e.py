@@ -50,6 +50,7 @@ for i in range(int(sys.argv[2])):
 def test_ping6_both_ways_and_forged_ipv6_source_dropped(tunnel_stack):
     stack = tunnel_stack
     stack.server_overrides["pool6"] = POOL6
+    stack.server_overrides["routes"] = ["10.9.0.0/16", "fd00:99::/48"]  # pushed to the client, IPv6 too
     stack.start()
     client, server = stack.client_host, stack.server_host
     wait_for(lambda: stack.client_status().get("address6"), 10, message="client has no IPv6 address")
@@ -62,6 +63,8 @@ def test_ping6_both_ways_and_forged_ipv6_source_dropped(tunnel_stack):
     # the address is on the TUN device, and IPv6 has no link-local address there
     shown = client.run(["ip", "-6", "addr", "show", "dev", "mptun0"]).stdout
     assert "fd00:6d70::2/64" in shown and "fe80:" not in shown
+    assert "fd00:99::/48 dev mptun0" in client.run(["ip", "-6", "route", "show"]).stdout
+    assert "10.9.0.0/16 dev mptun0" in client.run(["ip", "route", "show"]).stdout
     assert client.ping(SERVER6, count=3, timeout=2.0)
     assert server.ping(client6, count=3, timeout=2.0)
 
