@@ -1352,7 +1352,7 @@ def section_fleet(report: Report) -> list[str]:
         "Aggregate = sum of the receivers' (packets - lost) / seconds.  Server CPU per packet: CPU time",
         "of the `mptun server` process over the packets it wrote into its TUN.  Everything (20 client",
         "processes, the server, 40 iperf3) shares the machine's cores, so the clients compete with",
-        "the server; loss is mostly the client TUN queues overflowing under the flood.",
+        "the server for CPU.  Loss = offered minus received: under a flood, whatever is slowest drops.",
         *_not_run(report, "fleet"),
     ]
     row = "20 clients"
@@ -1364,6 +1364,10 @@ def section_fleet(report: Report) -> list[str]:
         lines.append(_row(row, *(_cell(report, "fleet", row, k, spec) for k, spec in (
             ("tunnel_pps", "{:,.0f}"), ("raw_pps", "{:,.0f}"), ("ratio", "{:.2f}x"), ("server_cpu_us", "{:.1f}"),
             ("per_client_min_pps", "{:,.0f}"))), loss))
+        pps, us = (report.results.median("fleet", row, k) for k in ("tunnel_pps", "server_cpu_us"))
+        if pps and us:
+            lines += ["", f"The server process was busy {pps * us / 1e4:.0f} % of one core at the median rate"
+                          " (packets/s x CPU per packet)."]
     return lines + _notes(report, "fleet")
 
 
