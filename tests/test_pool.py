@@ -131,3 +131,39 @@ def test_only_first_or_last() -> None:
     assert pool.lease("a").ip == A("10.0.0.2")
     with pytest.raises(PoolExhausted):
         pool.lease("b")
+
+
+# -- IPv6 ------------------------------------------------------------------
+from ipaddress import IPv6Address as A6  # noqa: E402
+from ipaddress import IPv6Interface as I6  # noqa: E402
+from ipaddress import IPv6Network as N6  # noqa: E402
+
+from tunnel.pool import AddressPool6  # noqa: E402
+
+
+def test_pool6_server_first_clients_next_with_prefix_length() -> None:
+    pool = AddressPool6(N6("fd00:6d70::/64"))
+    assert pool.server == I6("fd00:6d70::1/64")
+    assert pool.lease("alice") == I6("fd00:6d70::2/64")
+    assert pool.lease("bob") == I6("fd00:6d70::3/64")
+
+
+def test_pool6_sticky_per_name_and_static_skipped() -> None:
+    pool = AddressPool6(N6("fd00:6d70::/64"), {"carol": A6("fd00:6d70::3"), "dave": A6("fd00:6d70::99")})
+    a = pool.lease("alice")
+    assert pool.lease("bob").ip == A6("fd00:6d70::4")  # ::3 is carol's, never dynamic
+    pool.release("alice")
+    assert pool.lease("erin").ip == A6("fd00:6d70::5")
+    assert pool.lease("alice") == a  # back: same address
+    assert pool.lease("dave").ip == A6("fd00:6d70::99")
+
+
+def test_pool6_small_prefix_reuses_oldest_idle_then_exhausts() -> None:
+    pool = AddressPool6(N6("fd00::/126"))  # ::1 server, ::2 and ::3 for clients
+    assert [str(pool.lease(n).ip) for n in "ab"] == ["fd00::2", "fd00::3"]
+    with pytest.raises(PoolExhausted):
+        pool.lease("c")
+    pool.release("a")
+    assert str(pool.lease("c").ip) == "fd00::2"
+    with pytest.raises(ValueError):
+        AddressPool6(N6("fd00::/127"))

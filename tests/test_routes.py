@@ -48,3 +48,25 @@ def test_removing_a_target_drops_its_queue():
     rt.enqueue("t", b"p", 0.0)
     rt.remove("t")
     assert rt.lookup(ip("100.64.0.2")) is None and rt.pending("t") == 0
+
+
+def test_ipv6_longest_prefix_match_beside_ipv4():
+    rt = RouteTable()
+    n6 = ipaddress.IPv6Network
+    a6 = lambda t: ipaddress.IPv6Address(t).packed  # noqa: E731
+    rt.add(net("10.0.0.0/8"), "v4wide")
+    rt.add(n6("fd00:1::/32"), "wide")
+    rt.add(n6("fd00:1:2::/48"), "narrow")
+    rt.add(n6("fd00:6d70::2/128"), "host")
+    assert rt.lookup(a6("fd00:6d70::2")) == "host"
+    assert rt.lookup(a6("fd00:6d70::3")) is None
+    assert rt.lookup(a6("fd00:1:2::9")) == "narrow"
+    assert rt.lookup(a6("fd00:1:3::9")) == "wide"
+    assert rt.lookup(a6("fd00:2::1")) is None
+    # an IPv4 destination never matches an IPv6 prefix (and the other way round)
+    assert rt.lookup(ip("10.1.2.3")) == "v4wide"
+    assert rt.lookup(a6("::a01:203")) is None  # the same bits as 10.1.2.3 in the low 32
+    assert len(rt) == 4
+    rt.remove("narrow")
+    rt.remove("host")
+    assert rt.lookup(a6("fd00:1:2::9")) == "wide" and rt.lookup(a6("fd00:6d70::2")) is None and len(rt) == 2

@@ -95,6 +95,8 @@ class ClientCore:
         self.malformed = 0
         self.dropped_no_path = 0  # packets from the TUN while no path carried the tunnel
         self.not_ipv4 = 0
+        self.ipv6 = False  # the CONFIG gave an IPv6 address: IPv6 packets are carried too
+        self.local6 = 0  # IPv6 link-local/multicast packets from the TUN (ND, MLD): never carried
         self.ecn_dropped = 0  # Not-ECT packets that arrived with outer CE (RFC 6040)
 
     def set_policy(self, policy: Policy) -> None:
@@ -269,6 +271,7 @@ class ClientCore:
         self._refresh()
         if new_tunnel or self.state != C_UP:
             self.config = config
+            self.ipv6 = any(a.version == 6 for a in config.addresses)
             self.state = C_UP
             self._events.append(events.TunnelUp(config))
         self._events.append(events.PathJoined(slot.key, slot.name))
@@ -322,8 +325,12 @@ class ClientCore:
     def send_packet(self, packet: bytes, now: float) -> None:
         """An IP packet read from the TUN device."""
         if packet[0] >> 4 != 4:
-            self.not_ipv4 += 1  # the tunnel carries IPv4 only (for now)
-            return
+            if packet[0] >> 4 != 6 or not self.ipv6 or len(packet) < 40:
+                self.not_ipv4 += 1  # IPv6 only when the server gave an IPv6 address
+                return
+            if packet[24] == 0xFF or (packet[8] == 0xFE and packet[9] & 0xC0 == 0x80):
+                self.local6 += 1  # multicast or from a link-local address: for this link only
+                return
         policy = self.policy
         c = policy.classify(packet)
         paths = self.schedulers[c.index].select(packet)
@@ -430,5 +437,7 @@ class ClientCore:
             "malformed": self.malformed,
             "dropped_no_path": self.dropped_no_path,
             "not_ipv4": self.not_ipv4,
+            "address6": next((str(a) for a in self.config.addresses if a.version == 6), None) if self.config else None,
+            "local6": self.local6,
             "paths": paths,
         }

@@ -65,6 +65,8 @@ class ServerConfig:
     deny: list[str] = field(default_factory=list)  # client names refused (reloaded on SIGHUP)
     user: Optional[str] = None  # drop to this user after set-up (keeping CAP_NET_ADMIN/CAP_NET_RAW)
     group: Optional[str] = None
+    pool6: Optional[ipaddress.IPv6Network] = None  # IPv6 inside the tunnel: one /128 per client from this prefix
+    static_addresses6: dict[str, ipaddress.IPv6Address] = field(default_factory=dict)  # [clients.NAME] address6
 
     @property
     def static_addresses(self) -> dict[str, ipaddress.IPv4Address]:
@@ -291,12 +293,24 @@ def load_server_config(path: str | Path) -> ServerConfig:
     mtu = sec.get("mtu", int, None)
     if mtu is not None and not 576 <= mtu <= 65535:
         raise sec.error("mtu", f"{mtu} is out of range (576 to 65535)")
+    pool6 = None
+    raw6 = sec.get("pool6", str, None, what='an IPv6 prefix, like "fd00:6d70::/64"')
+    if raw6 is not None:
+        try:
+            pool6 = ipaddress.IPv6Network(raw6)
+        except ValueError as exc:
+            raise sec.error("pool6", f"{raw6!r}: {exc}") from None
+        if pool6.prefixlen > 126:
+            raise sec.error("pool6", f"{pool6} has no room for clients (at most /126)")
+        if mtu is not None and mtu < 1280:
+            raise sec.error("mtu", f"{mtu} is below 1280, the smallest MTU IPv6 allows (pool6 is set)")
     routes = []
     for r in sec.get("routes", list, []):
         try:
-            routes.append(ipaddress.IPv4Network(r))
+            routes.append(ipaddress.IPv4Network(r) if pool6 is None else ipaddress.ip_network(r))
         except (ValueError, TypeError) as exc:
-            raise sec.error("routes", f"{r!r}: {exc}") from None
+            raise sec.error("routes", f"{r!r}: {exc}" + ("" if pool6 is not None or ":" not in str(r)
+                                                          else " (IPv6 routes need pool6)")) from None
     allow = sec.get("allow_unlisted_clients", bool, True)
     mode = sec.choice("mode", "client", ("client",) + MODES)
     linger = sec.seconds("linger", 30.0)
@@ -317,6 +331,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
 
     clients: dict[str, Optional[ipaddress.IPv4Address]] = {}
     client_routes: dict[str, list] = {}
+    static6: dict[str, ipaddress.IPv6Address] = {}
     ctable = data.get("clients", {})
     if not isinstance(ctable, dict):
         raise ConfigError(f"{p}: [clients] must be a table of [clients.NAME] tables")
@@ -326,9 +341,25 @@ def load_server_config(path: str | Path) -> ServerConfig:
         clients[name] = None
         for r in csec.get("routes", list, []):
             try:
-                client_routes.setdefault(name, []).append(ipaddress.IPv4Network(r))
+                client_routes.setdefault(name, []).append(
+                    ipaddress.IPv4Network(r) if pool6 is None else ipaddress.ip_network(r))
             except (ValueError, TypeError) as exc:
-                raise csec.error("routes", f"{r!r}: {exc}") from None
+                raise csec.error("routes", f"{r!r}: {exc}" + ("" if pool6 is not None or ":" not in str(r)
+                                                               else " (IPv6 routes need pool6)")) from None
+        raw6 = csec.get("address6", str, None, what="an IPv6 address")
+        if raw6 is not None:
+            if pool6 is None:
+                raise csec.error("address6", "needs pool6 in [server]")
+            try:
+                a6 = ipaddress.IPv6Address(raw6)
+            except ValueError as exc:
+                raise csec.error("address6", str(exc)) from None
+            if a6 not in pool6 or a6 in (pool6.network_address, pool6.network_address + 1):
+                raise csec.error("address6", f"{a6} is not a free address of pool6 {pool6}"
+                                             f" ({pool6.network_address + 1} is the server's)")
+            if a6 in static6.values():
+                raise csec.error("address6", f"{a6} is given to another client too")
+            static6[name] = a6
         if raw is not None:
             try:
                 a = ipaddress.IPv4Address(raw)
@@ -359,6 +390,8 @@ def load_server_config(path: str | Path) -> ServerConfig:
         client_routes=client_routes,
         crl=crl,
         deny=deny,
+        pool6=pool6,
+        static_addresses6=static6,
         **limits,
         **common,
     )

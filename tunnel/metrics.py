@@ -78,7 +78,8 @@ PATH_COUNTERS = (
 )
 CLIENT_COUNTERS = (
     ("dropped_no_path", "Packets from the TUN dropped because no path was up."),
-    ("not_ipv4", "Packets from the TUN dropped because they were not IPv4."),
+    ("not_ipv4", "Packets from the TUN dropped because they were not IPv4 (nor IPv6 with an IPv6 address)."),
+    ("local6", "IPv6 link-local or multicast packets from the TUN, kept off the tunnel."),
 )
 
 

@@ -32,18 +32,25 @@ def configure_interface(
 ) -> None:
     """Set ``ifname``'s MTU and addresses (replacing old ones), bring it up, add routes.
 
-    IPv6 is switched off on the device: the tunnel carries IPv4 today, and an
-    IPv6-enabled TUN emits link-local chatter (MLD, router solicitations) the
-    peer could only count as junk.
+    IPv6 is switched off on the device unless an IPv6 address is among
+    ``addresses``: an IPv6-enabled TUN emits link-local chatter (MLD, router
+    solicitations) the peer could only count as junk.  With an IPv6 address,
+    IPv6 is switched on without a link-local address and without router
+    advertisements, so the device has only the tunnel's address.
     """
-    _disable_ipv6(ifname)
+    addresses = list(addresses)
+    if any(a.version == 6 for a in addresses):
+        _enable_ipv6(ifname)
+    else:
+        _disable_ipv6(ifname)
     with IPRoute() as ipr:
         idx = _index(ipr, ifname)
         ipr.link("set", index=idx, mtu=mtu)
         wanted = {(str(a.ip), a.network.prefixlen) for a in addresses}
         for msg in ipr.get_addr(index=idx):
             have = (msg.get_attr("IFA_ADDRESS"), msg["prefixlen"])
-            if have not in wanted and msg["family"] == socket.AF_INET:
+            if have not in wanted and (msg["family"] == socket.AF_INET or (
+                    msg["family"] == socket.AF_INET6 and not have[0].startswith("fe80"))):
                 ipr.addr("del", index=idx, address=have[0], prefixlen=have[1])
         present = {(msg.get_attr("IFA_ADDRESS"), msg["prefixlen"]) for msg in ipr.get_addr(index=idx)}
         for ip, plen in wanted - present:
@@ -51,7 +58,8 @@ def configure_interface(
         ipr.link("set", index=idx, state="up")
         for net in routes:
             try:
-                ipr.route("replace", dst=str(net.network_address), dst_len=net.prefixlen, oif=idx)
+                ipr.route("replace", dst=str(net.network_address), dst_len=net.prefixlen, oif=idx,
+                          family=socket.AF_INET6 if net.version == 6 else socket.AF_INET)
             except NetlinkError as exc:
                 raise NetlinkErrorMsg(f"route {net} via {ifname}: {exc}") from None
 
@@ -63,6 +71,17 @@ def _disable_ipv6(ifname: str) -> None:
             f.write("1")
     except OSError:
         pass  # no IPv6 in this kernel or namespace: nothing to silence
+
+
+def _enable_ipv6(ifname: str) -> None:
+    """IPv6 on, but no link-local address (addr_gen_mode 1) and no router advertisements."""
+    base = f"/proc/sys/net/ipv6/conf/{ifname}/"
+    try:
+        for key, value in (("addr_gen_mode", "1"), ("accept_ra", "0"), ("disable_ipv6", "0")):
+            with open(base + key, "w") as f:
+                f.write(value)
+    except OSError as exc:
+        raise NetlinkErrorMsg(f"cannot enable IPv6 on {ifname}: {exc}") from None
 
 
 def route_mtu(dst: str) -> Optional[int]:

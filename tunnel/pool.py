@@ -59,3 +59,53 @@ class AddressPool:
     @staticmethod
     def parse_static(items: Iterable[tuple[str, str]]) -> dict[str, ipaddress.IPv4Address]:
         return {name: ipaddress.IPv4Address(addr) for name, addr in items}
+
+
+class AddressPool6:
+    """IPv6 inner addresses: one /128 per client from ``network`` (e.g. a ULA /64).
+
+    The server has the prefix's first address (``::1``); clients get the next
+    free ones in order, or their static address.  Like :class:`AddressPool`, a
+    lease is kept by name, so a returning client gets the same address; the
+    prefix is usually far too large to run dry, but a small one reuses the
+    oldest idle lease.  Client addresses are given out with the prefix's
+    length (``fd00:6d70::2/64``) so the client routes the whole prefix into
+    the tunnel, as with IPv4.
+    """
+
+    def __init__(self, network: ipaddress.IPv6Network, static: Optional[dict[str, ipaddress.IPv6Address]] = None):
+        if network.num_addresses < 4:
+            raise ValueError(f"{network} has no room for clients")
+        self.network = network
+        self.server = ipaddress.IPv6Interface(f"{network.network_address + 1}/{network.prefixlen}")
+        self.static = dict(static or {})
+        self._reserved = set(self.static.values()) | {self.server.ip}
+        self._next = int(network.network_address) + 2
+        self._last = int(network.broadcast_address)
+        self._leases: dict[str, ipaddress.IPv6Address] = {}
+        self._in_use: set[str] = set()
+
+    def lease(self, name: str) -> ipaddress.IPv6Interface:
+        if name in self.static:
+            addr = self.static[name]
+        elif name in self._leases:
+            addr = self._leases[name]
+        else:
+            addr = self._take()
+            self._leases[name] = addr
+        self._in_use.add(name)
+        return ipaddress.IPv6Interface(f"{addr}/{self.network.prefixlen}")
+
+    def release(self, name: str) -> None:
+        self._in_use.discard(name)
+
+    def _take(self) -> ipaddress.IPv6Address:
+        while self._next <= self._last:
+            addr = ipaddress.IPv6Address(self._next)
+            self._next += 1
+            if addr not in self._reserved:
+                return addr
+        for name in list(self._leases):
+            if name not in self._in_use:
+                return self._leases.pop(name)
+        raise PoolExhausted(f"address pool {self.network} is exhausted")

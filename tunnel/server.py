@@ -15,7 +15,7 @@ from tunnel.config import ConfigError, ServerConfig, load_revocation_keys
 from tunnel.control import default_path
 from tunnel.dtls import make_context
 from tunnel.metrics import MetricsServer
-from tunnel.pool import AddressPool
+from tunnel.pool import AddressPool, AddressPool6
 from tunnel.revocation import Revocation
 from tunnel.server_core import ServerCore
 from tunnel.shell import ServerShell
@@ -104,6 +104,7 @@ def build(cfg: ServerConfig):
     if inner > mtu_math.inner_mtu(link_mtu, family):
         log.warning("mtu %d is larger than the underlay allows (%d): packets will fragment", inner, mtu_math.inner_mtu(link_mtu, family))
     pool = AddressPool(cfg.address, cfg.static_addresses, cfg.pool_first, cfg.pool_last)
+    pool6 = AddressPool6(cfg.pool6, cfg.static_addresses6) if cfg.pool6 is not None else None
     allowed = None if cfg.allow_unlisted_clients else set(cfg.clients)
     try:
         serials = load_serials(cfg, cfg.crl)
@@ -132,6 +133,7 @@ def build(cfg: ServerConfig):
         pending_size=cfg.pending_queue,
         pending_expiry=cfg.pending_expiry,
         revocation=Revocation(serials, frozenset(cfg.deny)),
+        pool6=pool6,
     )
     return core, inner
 
@@ -154,10 +156,11 @@ def run(cfg: ServerConfig) -> int:
     tun = TunDevice(cfg.tun)
     try:
         client_prefixes = [p for prefixes in cfg.client_routes.values() for p in prefixes]
-        netlink.configure_interface(tun.name, [cfg.address], inner, client_prefixes)
+        own = [cfg.address] + ([core.pool6.server] if core.pool6 is not None else [])
+        netlink.configure_interface(tun.name, own, inner, client_prefixes)
         log.info(
             "listening on %s, tun %s %s mtu %d",
-            ", ".join(f"{h}:{p}" for h, p in cfg.listen), tun.name, cfg.address, inner,
+            ", ".join(f"{h}:{p}" for h, p in cfg.listen), tun.name, ", ".join(map(str, own)), inner,
         )
         reload_policy = reloader(cfg.policy, core.set_policy, log)
         reload_revocation = revocation_reloader(cfg, core, lambda: shell.loop.time())

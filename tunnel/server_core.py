@@ -24,10 +24,10 @@ from tunnel import events, frames
 from tunnel.dedup import DEFAULT_WINDOW, DedupWindow
 from tunnel.dtls import DTLS_HEADER, DtlsListener, common_name
 from tunnel.ecn import decapsulate
-from tunnel.icmp import unreachable
+from tunnel.icmp import unreachable, unreachable6
 from tunnel.path import P_HANDSHAKING, Path
 from tunnel.policy import Policy
-from tunnel.pool import AddressPool, PoolExhausted
+from tunnel.pool import AddressPool, AddressPool6, PoolExhausted
 from tunnel.reorder import Reorderer, floor, queue_of
 from tunnel.revocation import Revocation
 from tunnel.routes import PENDING_EXPIRY, PENDING_SIZE, RouteTable
@@ -45,7 +45,7 @@ class ServerTunnel:
     __slots__ = (
         "id", "name", "address", "key", "paths", "seq", "dedup", "policy", "schedulers", "prefixes",
         "class_packets", "class_copies", "spoofed", "malformed", "ecn_dropped", "idle_since", "mode",
-        "qseq", "reorder",
+        "qseq", "reorder", "address6", "key6", "prefixes6",
     )
 
     def __init__(self, tid: bytes, name: str, address: ipaddress.IPv4Interface, window: int, policy: Policy, mode: str):
@@ -65,6 +65,9 @@ class ServerTunnel:
         self.malformed = 0
         self.ecn_dropped = 0
         self.idle_since: Optional[float] = None  # when the last path went away
+        self.address6: Optional[ipaddress.IPv6Interface] = None  # with pool6 only
+        self.key6: Optional[bytes] = None  # its 16 bytes
+        self.prefixes6: list[tuple[int, int]] = []  # IPv6 (network, mask) the client may send from
 
     def set_policy(self, policy: Policy) -> None:
         self.policy = policy
@@ -86,6 +89,7 @@ class ServerTunnel:
         return {
             "name": self.name,
             "address": str(self.address),
+            "address6": str(self.address6) if self.address6 else None,
             "mode": self.mode,
             "policy": self.policy.source,
             "classes": [
@@ -129,11 +133,13 @@ class ServerCore:
         pending_size: int = PENDING_SIZE,
         pending_expiry: float = PENDING_EXPIRY,
         revocation: Optional[Revocation] = None,
+        pool6: Optional[AddressPool6] = None,
     ):
         if mode != "client" and mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
         self.listener = DtlsListener(ctx, mtu)
         self.pool = pool
+        self.pool6 = pool6  # None: the tunnel carries IPv4 only
         self.inner_mtu = inner_mtu
         self.routes = list(routes)
         self.mode = mode  # "client": use the mode the client asks for in HELLO
@@ -168,7 +174,7 @@ class ServerCore:
             "handshakes_failed": 0,
             "no_route": 0,  # packets from the TUN for an address no tunnel has
             "no_path": 0,  # packets for a tunnel that has no path right now
-            "not_ipv4": 0,
+            "not_ipv4": 0,  # neither IPv4 nor (with pool6) IPv6
             "icmp_sent": 0,  # unreachables for packets with no route (unknown_destination = "icmp")
             "client_to_client_blocked": 0,
             "tunnels_refused": 0,  # max_tunnels
@@ -304,8 +310,11 @@ class ServerCore:
 
     def _admit(self, tunnel: ServerTunnel, pkt: bytes, tos: int) -> Optional[bytes]:
         """The packet if it may enter (anti-spoofing, RFC 6040 decapsulation), else None."""
-        # anti-spoofing: an IPv4 packet must come from the tunnel's own inner address (or its LAN)
-        if len(pkt) < 20 or pkt[0] >> 4 != 4 or (pkt[12:16] != tunnel.key and not self._from_prefix(tunnel, pkt)):
+        # anti-spoofing: a packet must come from the tunnel's own inner address (or its LAN)
+        version = pkt[0] >> 4
+        if not ((version == 4 and len(pkt) >= 20 and (pkt[12:16] == tunnel.key or self._from_prefix(tunnel, pkt)))
+                or (version == 6 and len(pkt) >= 40
+                    and (pkt[8:24] == tunnel.key6 or self._from_prefix6(tunnel, pkt)))):
             tunnel.spoofed += 1
             return None
         if tos & 3 == 3:  # outer CE (RFC 6040)
@@ -316,7 +325,7 @@ class ServerCore:
         return pkt
 
     def _deliver(self, tunnel: ServerTunnel, pkt: bytes, now: float) -> None:
-        target = self.route_table.lookup(pkt[16:20])
+        target = self.route_table.lookup(pkt[16:20] if pkt[0] >> 4 == 4 else pkt[24:40])
         if target is None or target is tunnel:
             self.to_tun.append(pkt)
         elif self.client_to_client:
@@ -330,6 +339,13 @@ class ServerCore:
             return False
         src = int.from_bytes(pkt[12:16], "big")
         return any(src & mask == net for net, mask in tunnel.prefixes)
+
+    @staticmethod
+    def _from_prefix6(tunnel: ServerTunnel, pkt: bytes) -> bool:
+        if not tunnel.prefixes6:
+            return False
+        src = int.from_bytes(pkt[8:24], "big")
+        return any(src & mask == net for net, mask in tunnel.prefixes6)
 
     def _on_control(self, path: Path, tunnel: Optional[ServerTunnel], rec: bytes, now: float) -> None:
         try:
@@ -380,15 +396,26 @@ class ServerCore:
             address = self.pool.lease(name)
         except PoolExhausted as exc:
             return self._refuse(path, frames.CLOSE_REFUSED, str(exc), now)
+        address6 = None
+        if self.pool6 is not None:
+            try:
+                address6 = self.pool6.lease(name)
+            except PoolExhausted as exc:
+                self.pool.release(name)
+                return self._refuse(path, frames.CLOSE_REFUSED, str(exc), now)
         mode = self.mode if self.mode != "client" else MODES[(hello.mode or 1) - 1]
         policy = self.policy or Policy.single(mode, hello.redundancy or 2)
         tunnel = ServerTunnel(self._random(frames.TUNNEL_ID_LEN), name, address, self.window, policy, mode)
         self.tunnels[tunnel.id] = tunnel
         self.by_name[name] = tunnel
         self.route_table.add(ipaddress.IPv4Network(f"{address.ip}/32"), tunnel)
+        if address6 is not None:
+            tunnel.address6, tunnel.key6 = address6, address6.ip.packed
+            self.route_table.add(ipaddress.IPv6Network(f"{address6.ip}/128"), tunnel)
         for prefix in self.client_routes.get(name, ()):
             self.route_table.add(prefix, tunnel)
-            tunnel.prefixes.append((int(prefix.network_address), int(prefix.netmask)))
+            (tunnel.prefixes if prefix.version == 4 else tunnel.prefixes6).append(
+                (int(prefix.network_address), int(prefix.netmask)))
         self._attach(tunnel, path, now)
         self._events.append(events.ClientConnected(name, str(address), path.addr, old is not None))
 
@@ -419,7 +446,7 @@ class ServerCore:
     def _send_config(self, tunnel: ServerTunnel, path: Path, now: float) -> None:
         config = frames.Config(
             tunnel.id,
-            [tunnel.address],
+            [tunnel.address] + ([tunnel.address6] if tunnel.address6 is not None else []),
             self.inner_mtu,
             int(self.probe_interval * 1000),
             int(self.timeout * 1000),
@@ -430,14 +457,22 @@ class ServerCore:
 
     # -- packets from the TUN device ----------------------------------
     def send_packet(self, pkt: bytes, now: float) -> None:
-        if len(pkt) < 20 or pkt[0] >> 4 != 4:
+        version = pkt[0] >> 4 if pkt else 0
+        if version == 4 and len(pkt) >= 20:
+            dst = pkt[16:20]
+        elif version == 6 and len(pkt) >= 40 and self.pool6 is not None:
+            dst = pkt[24:40]
+        else:
             self.counters["not_ipv4"] += 1
             return
-        tunnel = self.route_table.lookup(pkt[16:20])
+        tunnel = self.route_table.lookup(dst)
         if tunnel is None:
             self.counters["no_route"] += 1
             if self.icmp_unreachable:
-                reply = unreachable(self.pool.server.ip.packed, pkt)
+                if version == 4:
+                    reply = unreachable(self.pool.server.ip.packed, pkt)
+                else:
+                    reply = unreachable6(self.pool6.server.ip.packed, pkt)  # type: ignore[union-attr]
                 if reply is not None:
                     self.to_tun.append(reply)
                     self.counters["icmp_sent"] += 1
@@ -552,6 +587,8 @@ class ServerCore:
             del self.by_name[tunnel.name]
         self.route_table.remove(tunnel)
         self.pool.release(tunnel.name)
+        if self.pool6 is not None:
+            self.pool6.release(tunnel.name)
         self._events.append(events.ClientGone(tunnel.name, str(tunnel.address), reason))
 
     def close(self, now: float) -> None:

@@ -31,13 +31,15 @@ def format_status(sock: str, st: dict) -> str:
         lines.append(f"  tunnels {len(st['tunnels'])}, handshaking {st['handshaking']}, counters {st['counters']}")
         for t in st["tunnels"]:
             lines.append(
-                f"  client {t['name']:<16} {t['address']:<18} mode {t['mode']}  paths {len(t['paths'])}  "
+                f"  client {t['name']:<16} {t['address']:<18}{' ' + t['address6'] if t.get('address6') else ''}"
+                f" mode {t['mode']}  paths {len(t['paths'])}  "
                 f"delivered {t['delivered']} duplicates {t['duplicates']} too-old {t['too_old']} spoofed {t['spoofed']}"
             )
             lines += _path_rows(t["paths"], "    ")
     else:
         lines.append(
-            f"  tunnel {st['state']}  address {st.get('address') or '-'}  mode {st['mode']}  "
+            f"  tunnel {st['state']}  address {st.get('address') or '-'}"
+            f"{' ' + st['address6'] if st.get('address6') else ''}  mode {st['mode']}  "
             f"delivered {st['delivered']} duplicates {st['duplicates']} too-old {st['too_old']}"
         )
         lines += _path_rows(st["paths"], "    ")

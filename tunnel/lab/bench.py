@@ -27,6 +27,11 @@ Sections (``--sections``):
   Linux MPTCP on the same links;
 - ``cpu``: CPU per packet of duplicate mode over two paths against one path
   at the same offered load.
+- ``server``: server memory per tunnel (tunnel/lab/servermem.py);
+- ``fleet``: aggregate packets/s of 20 clients flooding one server at once
+  against the same 20 namespaces over the raw underlay, and the server's CPU
+  per packet (tunnel/lab/fleetpps.py);
+- ``marking``: cost of per-packet DSCP/ECN marking and of classification.
 
 One driver measures every setup; a setup (a small class) only knows how to
 start and stop itself, which address to send to, which processes do the
@@ -87,7 +92,7 @@ SMALL, LARGE = 100, 1200  # UDP payload sizes
 SETUP_NAMES = ("raw", "openvpn", "wireguard", "openconnect", "mptun")
 PEERS = ("openvpn", "wireguard", "openconnect")  # what mptun is compared with
 MODES = ("duplicate", "redundant", "lowest-rtt", "balance", "backup")
-SECTION_NAMES = ("single", "loss", "failover", "aggregation", "reorder", "cpu", "server", "marking")
+SECTION_NAMES = ("single", "loss", "failover", "aggregation", "reorder", "cpu", "server", "fleet", "marking")
 TLS_FLAG = 50.0  # an OpenConnect figure with less of its bytes on DTLS (%) is flagged
 APT_PACKAGES = {  # binary -> Debian package
     "iperf3": "iperf3", "nft": "nftables", "openvpn": "openvpn",
@@ -970,6 +975,26 @@ def run_server(args: argparse.Namespace, results: Results) -> None:
             })
 
 
+def run_fleet(args: argparse.Namespace, results: Results) -> None:
+    """Aggregate packets/s of 20 clients through one server vs the same 20 over the raw underlay
+    (tunnel/lab/fleetpps.py)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from tunnel.lab import fleetpps
+
+    for i in range(args.plan.runs):
+        progress(f"fleet: 20 clients flooding {fleetpps.SIZE} B UDP through one server, then raw (run {i + 1})")
+        try:
+            f = fleetpps.measure(20, args.plan.duration)
+        except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError, LookupError, NetlinkError) as exc:
+            results.failed("fleet", f"run {i + 1}", exc)
+            continue
+        results.add("fleet", "20 clients", {k: f[k] for k in (
+            "tunnel_pps", "raw_pps", "ratio", "tunnel_loss", "raw_loss", "server_cpu_us", "per_client_min_pps")})
+        progress(f"  tunnel {f['tunnel_pps']:,.0f} packets/s, raw {f['raw_pps']:,.0f} ({f['ratio']:.2f}x),"
+                 f" server {f['server_cpu_us']:.1f} µs per packet")
+
+
 def _marking_rates(n: int) -> dict[str, float]:
     """Packets/s of: plain send, sendmsg with an IP_TOS cmsg (one socket, loopback, 200 B),
     and classification + outer TOS with no policy and with the shipped WebRTC policy."""
@@ -1015,7 +1040,8 @@ def run_marking(args: argparse.Namespace, results: Results) -> None:
 
 RUNNERS: dict[str, Callable[[argparse.Namespace, Results], None]] = {
     "single": run_single, "loss": run_loss, "failover": run_failover,
-    "aggregation": run_aggregation, "reorder": run_reorder, "cpu": run_cpu, "server": run_server, "marking": run_marking,
+    "aggregation": run_aggregation, "reorder": run_reorder, "cpu": run_cpu, "server": run_server,
+    "fleet": run_fleet, "marking": run_marking,
 }
 
 
@@ -1395,6 +1421,37 @@ def section_server(report: Report) -> list[str]:
     return lines + _notes(report, "server")
 
 
+def section_fleet(report: Report) -> list[str]:
+    lines = [
+        "## Server: aggregate packets/s with 20 clients",
+        "",
+        "A server namespace and 20 client namespaces, each joined to the server by its own veth link",
+        "and running a real `mptun client` with that one path.  All 20 at once flood",
+        f"`iperf3 -u -b 0 -l {SMALL}` through their tunnels to the server's inner address for",
+        f"{report.plan.duration:g} s (one iperf3 receiver per client in the server namespace); then, in",
+        "the same lab, the same 20 namespaces flood the server's underlay addresses with no tunnel.",
+        "Aggregate = sum of the receivers' (packets - lost) / seconds.  Server CPU per packet: CPU time",
+        "of the `mptun server` process over the packets it wrote into its TUN.  Everything (20 client",
+        "processes, the server, 40 iperf3) shares the machine's cores, so the clients compete with",
+        "the server for CPU.  Loss = offered minus received: under a flood, whatever is slowest drops.",
+        *_not_run(report, "fleet"),
+    ]
+    row = "20 clients"
+    if report.results.tables.get("fleet", {}).get(row):
+        lines += ["", "| | through mptun (packets/s) | raw underlay (packets/s) | mptun / raw |"
+                      " server CPU (µs/packet) | slowest client (packets/s) | loss mptun / raw (%) |",
+                  "|---|--:|--:|--:|--:|--:|--:|"]
+        loss = f"{_cell(report, 'fleet', row, 'tunnel_loss', '{:.0f}')} / {_cell(report, 'fleet', row, 'raw_loss', '{:.0f}')}"
+        lines.append(_row(row, *(_cell(report, "fleet", row, k, spec) for k, spec in (
+            ("tunnel_pps", "{:,.0f}"), ("raw_pps", "{:,.0f}"), ("ratio", "{:.2f}x"), ("server_cpu_us", "{:.1f}"),
+            ("per_client_min_pps", "{:,.0f}"))), loss))
+        pps, us = (report.results.median("fleet", row, k) for k in ("tunnel_pps", "server_cpu_us"))
+        if pps and us:
+            lines += ["", f"The server process was busy {pps * us / 1e4:.0f} % of one core at the median rate"
+                          " (packets/s x CPU per packet)."]
+    return lines + _notes(report, "fleet")
+
+
 def section_marking(report: Report) -> list[str]:
     lines = [
         "## DSCP/ECN: cost of per-packet marking and of classification",
@@ -1467,7 +1524,7 @@ def section_method(report: Report) -> list[str]:
 
 SECTIONS: list[Callable[[Report], list[str]]] = [
     section_header, section_single_path, section_loss, section_failover, section_aggregation,
-    section_reorder, section_cpu, section_server, section_marking, section_method]
+    section_reorder, section_cpu, section_server, section_fleet, section_marking, section_method]
 
 
 def render(report: Report) -> str:

@@ -140,6 +140,24 @@ with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
 sys.exit(1)
 """
 
+# The same for IPv6: ICMPv6 echo (the kernel fills in the checksum of a raw
+# ICMPv6 socket, and hands back the ICMPv6 message without the IPv6 header).
+_PING6_SRC = r"""
+import os, select, socket, struct, sys, time
+addr, count, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+ident = os.getpid() & 0xFFFF
+with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as s:
+    for seq in range(count):
+        body = struct.pack("!HH", ident, seq) + b"mptunlab"
+        s.sendto(struct.pack("!BBH", 128, 0, 0) + body, (addr, 0))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and select.select([s], [], [], left)[0]:
+            icmp = s.recv(2048)
+            if icmp[0] == 129 and icmp[4:8] == body[:4]:
+                sys.exit(0)
+sys.exit(1)
+"""
+
 
 class CommandError(subprocess.CalledProcessError):
     """CalledProcessError whose message includes the command's stderr."""
@@ -218,9 +236,10 @@ class Host:
         self.run(["sh", "-c", 'echo "$1" > "$2"', "sh", str(value), path])
 
     def ping(self, addr: str, count: int = 1, timeout: float = 1.0) -> bool:
-        """True if ``addr`` (IPv4) answers at least one of ``count`` ICMP echos,
-        waiting up to ``timeout`` seconds for each."""
-        res = self.run([sys.executable, "-c", _PING_SRC, addr, str(count), str(timeout)],
+        """True if ``addr`` (IPv4, or IPv6 with ICMPv6) answers at least one of
+        ``count`` ICMP echos, waiting up to ``timeout`` seconds for each."""
+        src = _PING6_SRC if ":" in addr else _PING_SRC
+        res = self.run([sys.executable, "-c", src, addr, str(count), str(timeout)],
                        check=False, timeout=count * timeout + 10)
         return res.returncode == 0
 
