@@ -265,6 +265,6 @@ def test_protocol_doc_config_example_with_ipv6() -> None:
     wire = bytes.fromhex("".join(line.split("  ")[0] for line in block.strip().splitlines()))
     example = frames.Config((1).to_bytes(16, "big"),
                             [ipaddress.ip_interface("100.64.0.2/24"), ipaddress.ip_interface("fd00:6d70::2/64")],
-                            1426, 100, 3000, [])
+                            1422, 100, 3000, [])
     assert wire == frames.encode(example)
     assert f"{len(wire)} bytes" in doc.split(marker, 1)[1].split("```")[0]
