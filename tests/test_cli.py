@@ -92,3 +92,38 @@ def test_missing_and_invalid_config_files(tmp_path):
     broken.write_text("[server\nlisten = ")
     res = mptun("client", "-c", str(broken))
     assert res.returncode == 2 and "broken.toml: not valid TOML" in res.stderr
+
+
+def test_netlink_trouble_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """A netlink failure while setting up the TUN (e.g. no such device, a route the kernel
+    refuses) ends the command with one line and exit 1."""
+    from tunnel import cli, netlink
+
+    def fail(args):
+        netlink.configure_interface("mptun-no-such-dev", [], 1400)
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["status"])
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv=None: args)
+    args.func = fail
+    assert cli.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mptun status: error: ") and "mptun-no-such-dev" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_other_errors_are_not_swallowed(monkeypatch):
+    from tunnel import cli
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["status"])
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv=None: args)
+
+    def boom(args):
+        raise RuntimeError("a bug")
+
+    args.func = boom
+    with pytest.raises(RuntimeError):
+        cli.main([])

@@ -157,5 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DtlsError, PolicyError, PrivilegeError) as exc:
         print(f"mptun {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except Exception as exc:
+        # netlink trouble (e.g. a pushed route clashes with one the host has): one line, no
+        # traceback.  tunnel.netlink is only imported by the commands that use it (pyroute2
+        # costs 0.2 s at start), so its error class is looked up here.
+        netlink = sys.modules.get("tunnel.netlink")
+        if netlink is None or not isinstance(exc, netlink.NetlinkErrorMsg):
+            raise
+        print(f"mptun {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

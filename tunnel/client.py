@@ -119,7 +119,10 @@ def run(cfg: ClientConfig) -> int:
             c = ev.config
             shell.ensure_tun()
             state["mtu"] = mtu = tun_mtu(c.mtu)
-            netlink.configure_interface(tun_holder[0].name, c.addresses, mtu, c.routes)
+            try:
+                netlink.configure_interface(tun_holder[0].name, c.addresses, mtu, c.routes)
+            except netlink.NetlinkErrorMsg as exc:  # the tunnel stays up; what failed is said
+                log.error("tunnel up, but %s", exc)
             log.info(
                 "tunnel up: %s address %s mtu %d mode %s%s",
                 tun_holder[0].name, ", ".join(map(str, c.addresses)), mtu, cfg.mode,
@@ -129,7 +132,10 @@ def run(cfg: ClientConfig) -> int:
             log.info("path %s joined the tunnel", path_label(ev.key))
             if state["mtu"] is not None and core.config is not None and tun_mtu(core.config.mtu) < state["mtu"]:
                 state["mtu"] = tun_mtu(core.config.mtu)
-                netlink.configure_interface(tun_holder[0].name, core.config.addresses, state["mtu"], core.config.routes)
+                try:
+                    netlink.configure_interface(tun_holder[0].name, core.config.addresses, state["mtu"], core.config.routes)
+                except netlink.NetlinkErrorMsg as exc:
+                    log.error("%s", exc)
                 log.info("tunnel mtu lowered to %d for the new path", state["mtu"])
         elif isinstance(ev, events.TunnelDown):
             log.warning("tunnel down: %s; reconnecting", ev.reason)

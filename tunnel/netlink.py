@@ -38,7 +38,15 @@ def configure_interface(
     IPv6 is switched on without a link-local address and without router
     advertisements, so the device has only the tunnel's address.
     """
-    addresses = list(addresses)
+    try:
+        _configure(ifname, list(addresses), mtu, routes)
+    except NetlinkError as exc:
+        raise NetlinkErrorMsg(f"cannot configure {ifname}: {exc}") from None
+    except OSError as exc:  # e.g. the device vanished, or no CAP_NET_ADMIN
+        raise NetlinkErrorMsg(f"cannot configure {ifname}: {exc}") from None
+
+
+def _configure(ifname: str, addresses: list, mtu: int, routes: Iterable) -> None:
     if any(a.version == 6 for a in addresses):
         _enable_ipv6(ifname)
     else:
