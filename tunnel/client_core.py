@@ -293,7 +293,7 @@ class ClientCore:
     # -- output -------------------------------------------------------
     def send_packet(self, packet: bytes, now: float) -> None:
         """An IP packet read from the TUN device."""
-        if packet[0] >> 4 != 4:
+        if not packet or packet[0] >> 4 != 4:
             self.not_ipv4 += 1  # the tunnel carries IPv4 only (for now)
             return
         policy = self.policy

@@ -122,7 +122,11 @@ class _Section:
         p = Path(value)
         if not p.is_absolute():
             p = self.path.parent / p
-        if not p.exists():
+        try:
+            exists = p.exists()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+            raise self.error(key, f"not a usable file path: {exc}") from None
+        if not exists:
             raise self.error(key, f"file {p} not found")
         if not os.access(p, os.R_OK):
             raise self.error(key, f"file {p} is not readable")
@@ -163,6 +167,10 @@ def _load(path: str | Path) -> tuple[Path, dict]:
         raise ConfigError(f"{p}: not readable") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    except OSError as exc:  # a directory, an I/O error
+        raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from None
 
 
 def _endpoint(sec: _Section, key: str, value: Any) -> tuple[str, int]:
