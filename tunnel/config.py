@@ -54,6 +54,7 @@ class ServerConfig:
     max_tunnels: int = 1024
     max_paths: int = 8
     handshake_rate: float = 10.0
+    max_handshakes: int = 256
     pending_queue: int = 3
     pending_expiry: float = 10.0
     client_routes: dict[str, list] = field(default_factory=dict)  # name -> prefixes the client routes
@@ -285,6 +286,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         "max_tunnels": sec.integer("max_tunnels", 1024, 1, 1_000_000),
         "max_paths": sec.integer("max_paths", 8, 1, 64),
         "handshake_rate": float(sec.get("handshake_rate", (int, float), 10.0, what="handshakes per second")),
+        "max_handshakes": sec.integer("max_handshakes", 256, 1, 1_000_000),
         "pending_queue": sec.integer("pending_queue", 3, 0, 1024),
         "pending_expiry": sec.seconds("pending_expiry", 10.0),
     }

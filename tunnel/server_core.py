@@ -33,6 +33,7 @@ from tunnel.scheduler import MODES, Scheduler
 
 LINGER = 30.0  # seconds a tunnel without paths is kept for the client to come back
 HANDSHAKE_RATE = 10.0  # verified handshakes per second per source address (burst: twice that)
+MAX_HANDSHAKES = 256  # verified handshakes in progress at once (all sources together)
 HANDSHAKE_SOURCES = 4096  # source addresses tracked for the handshake rate (least recent forgotten)
 LIMIT_LOG_INTERVAL = 10.0  # a limit that keeps biting is reported at most this often
 
@@ -120,6 +121,7 @@ class ServerCore:
         max_tunnels: int = 1024,
         max_paths: int = 8,
         handshake_rate: float = HANDSHAKE_RATE,
+        max_handshakes: int = MAX_HANDSHAKES,
         pending_size: int = PENDING_SIZE,
         pending_expiry: float = PENDING_EXPIRY,
     ):
@@ -143,6 +145,8 @@ class ServerCore:
         self.max_tunnels = max_tunnels
         self.max_paths = max_paths
         self.handshake_rate = handshake_rate
+        self.max_handshakes = max_handshakes
+        self._half_open: set[tuple] = set()  # addresses whose path is still in the DTLS handshake
         self._handshakes: dict[str, tuple[float, float]] = {}  # source ip -> (tokens, at); insertion = recency
         self._limit_logged: dict[str, float] = {}
         self.route_table: RouteTable[ServerTunnel] = RouteTable(pending_size, pending_expiry)
@@ -166,6 +170,7 @@ class ServerCore:
             "tunnels_refused": 0,  # max_tunnels
             "paths_refused": 0,  # max_paths
             "handshakes_rate_limited": 0,
+            "handshakes_refused": 0,  # max_handshakes: too many handshakes in progress
         }
 
     # -- datagrams from the network ----------------------------------
@@ -210,14 +215,25 @@ class ServerCore:
             else:
                 self.counters["junk"] += 1
             return
+        if len(self._half_open) >= self.max_handshakes and not self._prune_half_open():
+            self.counters["handshakes_refused"] += 1
+            self._limit("max_handshakes", addr, f"max_handshakes ({self.max_handshakes}) in progress", now)
+            return
         if not self._handshake_allowed(addr[0], now):
             self.counters["handshakes_rate_limited"] += 1
             self._limit("handshake_rate", addr, f"more than {self.handshake_rate:g} handshakes/s from {addr[0]}", now)
             return
         path = Path(session, addr, now, self.probe_interval, self.dead_interval, self.timeout)
         self.paths[addr] = path
+        self._half_open.add(addr)
         if path.out:
             self._flush(path)
+
+    def _prune_half_open(self) -> bool:
+        """Forget addresses whose handshake ended; True if there is room for another one."""
+        paths = self.paths
+        self._half_open = {a for a in self._half_open if a in paths and paths[a].state == P_HANDSHAKING}
+        return len(self._half_open) < self.max_handshakes
 
     def _handshake_allowed(self, ip: str, now: float) -> bool:
         """Token bucket per source address, for handshakes whose cookie was valid (so the
@@ -239,6 +255,7 @@ class ServerCore:
             self._events.append(events.LimitHit(kind, addr, reason))
 
     def _on_established(self, path: Path) -> None:
+        self._half_open.discard(path.addr)
         cert = path.dtls.peer_certificate
         path.name = common_name(cert) if cert is not None else ""
         self._events.append(events.PathUp(path.addr, path.name, path.dtls.cipher))
@@ -458,6 +475,7 @@ class ServerCore:
         if self.paths.get(path.addr) is not path:
             return
         del self.paths[path.addr]
+        self._half_open.discard(path.addr)
         tunnel = self._tunnel_of.pop(path.addr, None)
         if tunnel is None:
             if not path.name and reason not in ("closed locally", "refused"):

@@ -1,0 +1,256 @@
+"""Hostile datagrams and floods at a real server (issue #8 parts 2 and 4).
+
+An attacker namespace ("atk") hangs off the server on its own link and can send
+from any address of ATTACK_SOURCES (a local route for the whole /24, so it binds
+them all; the server routes the /24 back to it).  Everything it sends goes to the
+lab's own server.  The attacks run while a legitimate client streams media through
+the tunnel.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tunnel.dtls import DtlsSession, make_context
+from tunnel.lab.attack import client_hello, dtls_context
+from tunnel.lab.netns import Host, Lab, wait_for
+from tunnel.lab.servermem import rss_kib
+from tunnel.lab.stack import PORT, SERVER_INNER
+from tunnel.lab.stream import run_stream
+from tunnel.pool import AddressPool
+
+from conftest import STREAM_PORT
+from test_cores import DGRAM_MTU, INNER_MTU, SERVER_INNER as CORE_INNER, T0, pki  # noqa: F401
+
+ATTACK_LINK = "198.18.20.0/30"  # server .1, attacker .2
+ATTACK_SOURCES = "198.18.21.0/24"
+
+
+def add_attacker(lab: Lab, server: Host) -> Host:
+    atk = lab.add_host("atk")
+    link = lab.link(server, atk, ATTACK_LINK)
+    atk.run(["ip", "route", "add", "local", ATTACK_SOURCES, "dev", "lo"])
+    atk.run(["ip", "route", "add", "default", "via", link.a_addr])
+    server.run(["ip", "route", "add", ATTACK_SOURCES, "via", link.b_addr])
+    return atk
+
+
+def attack_argv(*args) -> list[str]:
+    return [sys.executable, "-m", "tunnel.lab.attack", *map(str, args)]
+
+
+def attack(host: Host, *args, timeout: float = 60) -> dict:
+    res = host.run(attack_argv(*args), timeout=timeout)
+    return json.loads(res.stdout.splitlines()[-1])
+
+
+def raw_send(host: Host, workdir: Path, src: str, to: str, payloads: list[bytes], gap: float = 0.0) -> int:
+    f = workdir / f"payloads-{time.monotonic_ns()}.json"
+    f.write_text(json.dumps([p.hex() for p in payloads]))
+    return attack(host, "raw", "--to", to, "--src", src, "--payloads", f, "--gap", gap)["sent"]
+
+
+def capture_records(host: Host, iface: str, seconds: float, workdir: Path) -> list[list]:
+    out = workdir / f"capture-{time.monotonic_ns()}.json"
+    host.run([sys.executable, "-m", "tunnel.lab.capture", iface, PORT, seconds, out, "payloads"], timeout=seconds + 30)
+    return json.loads(out.read_text())
+
+
+def counters(stack) -> dict:
+    return stack.server_status()["counters"]
+
+
+# -- max_handshakes in the core (unit) -------------------------------------------------------------------
+def _verified_hello(core, ctx, addr, now) -> None:
+    """A real client's ClientHello, HelloVerifyRequest, ClientHello with the cookie."""
+    s = DtlsSession.client(ctx, DGRAM_MTU, now)
+    for d in s.datagrams_to_send():
+        core.receive_datagram(d, addr, now)
+    for _, d, _ in core.datagrams_to_send():
+        s.receive_datagram(d, now)
+    for d in s.datagrams_to_send():
+        core.receive_datagram(d, addr, now)
+    core.datagrams_to_send()
+
+
+def test_max_handshakes_caps_verified_handshakes_in_progress(pki) -> None:  # noqa: F811
+    from tunnel.server_core import ServerCore
+
+    core = ServerCore(make_context("server", pki / "srv.crt", pki / "srv.key", pki / "ca.crt"), DGRAM_MTU,
+                      AddressPool(CORE_INNER), INNER_MTU, max_handshakes=3, handshake_rate=1000)
+    ctx = make_context("client", pki / "alice.crt", pki / "alice.key", pki / "ca.crt", "srv")
+    for port in range(5):
+        _verified_hello(core, ctx, ("198.18.21.1", 1000 + port), T0)
+    assert core.stats()["handshaking"] == 3  # the cookie was valid for all five: two were refused
+    assert core.counters["handshakes_refused"] == 2 and core.counters["cookies_sent"] == 5
+    kinds = []
+    while (ev := core.next_event()) is not None:
+        kinds.append(getattr(ev, "kind", None))
+    assert kinds.count("max_handshakes") == 1  # reported once, counted every time
+    core.handle_timer(T0 + 11)  # half-open handshakes time out (HANDSHAKE_TIMEOUT): room again
+    assert core.stats()["handshaking"] == 0
+    _verified_hello(core, ctx, ("198.18.21.1", 2000), T0 + 11)
+    assert core.stats()["handshaking"] == 1 and core.counters["handshakes_refused"] == 2
+
+
+# -- hostile datagrams while a stream runs ------------------------------------------------------------------
+@pytest.mark.netns
+def test_hostile_datagrams_are_counted_and_dropped_while_the_tunnel_carries_media(lab, multipath, tmp_path) -> None:
+    mp = multipath(2)
+    atk = add_attacker(lab, mp.server)
+    mp.start()
+    stack, work = mp.stack, tmp_path
+    srv0, srv1 = mp.links[0].a_addr, mp.links[1].a_addr
+    # client->server application-data records of path 0 (probes), captured where they arrive
+    captured = capture_records(mp.server, mp.links[0].a_ifname, 1.5, work)
+    records = [bytes.fromhex(p) for src, sp, dst, dp, p in captured if dp == PORT and p[:2] == "17"]
+    assert len(records) >= 10, captured
+    cport0 = next(sp for src, sp, dst, dp, p in captured if dp == PORT)
+    paths = {p["addr"].split(":")[0]: p["addr"] for p in mp.server_paths()}
+    path1_client = paths[mp.links[1].b_addr]
+    hello_bytes = client_hello(dtls_context())[1]
+    truncated_hellos = [hello_bytes[:n] for n in range(13, len(hello_bytes), 7)]
+    truncated_records = [r[: len(r) // 2] for r in records[:10]] + [r[:13] for r in records[:10]]
+
+    def dropped() -> list[int]:
+        by_addr = {p["addr"].split(":")[0]: p["dtls_dropped"] for p in mp.server_paths()}
+        return [by_addr[mp.links[0].b_addr], by_addr[mp.links[1].b_addr]]
+
+    before, drop0 = counters(stack), dropped()
+    sent: dict[str, int] = {}
+    handshaking: list[int] = []
+
+    def attacks() -> None:
+        time.sleep(0.5)
+        # 1. random bytes from 254 addresses
+        sent["junk"] = attack(atk, "junk", "--to", f"{srv0}:{PORT}", "--rate", 2000, "--seconds", 1,
+                              "--sources", ATTACK_SOURCES)["sent"]
+        handshaking.append(stack.server_status()["handshaking"])
+        # 2. truncated DTLS records: ClientHellos from the attacker, application data on the live path
+        sent["trunc_hello"] = raw_send(atk, work, "198.18.21.7:4000", f"{srv0}:{PORT}", truncated_hellos)
+        sent["trunc_path"] = raw_send(mp.client, work, f"{mp.links[0].b_addr}:{cport0}", f"{srv0}:{PORT}",
+                                      truncated_records)
+        # 3. a ClientHello replayed from 254 addresses (no cookie: each gets a HelloVerifyRequest, nothing kept)
+        sent["hello"] = attack(atk, "hello", "--to", f"{srv1}:{PORT}", "--rate", 500, "--seconds", 1,
+                               "--sources", ATTACK_SOURCES)["hellos"]
+        handshaking.append(stack.server_status()["handshaking"])
+        # 4. valid records seconds after they were sent: on their own path, then on the other path
+        sent["replay_same"] = raw_send(mp.client, work, f"{mp.links[0].b_addr}:{cport0}", f"{srv0}:{PORT}",
+                                       records, gap=0.002)
+        sent["replay_other"] = raw_send(mp.client, work, path1_client, f"{srv1}:{PORT}", records, gap=0.002)
+        # 5. the same records from an address that has no session
+        sent["no_session"] = raw_send(atk, work, "198.18.21.9:4433", f"{srv0}:{PORT}", records)
+        handshaking.append(stack.server_status()["handshaking"])
+
+    result = mp.stream(50, 500, during=attacks)
+    after = counters(stack)
+    delta = {k: after[k] - before[k] for k in after}
+    drop_delta = [a - b for a, b in zip(dropped(), drop0)]
+    # the media stream lost nothing while all that went on
+    assert result.lost == 0 and result.sent == 500, result
+    # every kind was counted: junk, truncated hellos and records without a session as junk ...
+    junk_expected = sent["junk"] + sent["trunc_hello"] + sent["no_session"]
+    assert 0.98 * junk_expected <= delta["junk"] <= junk_expected, (delta, sent)
+    # ... the cookie-less ClientHellos each got a HelloVerifyRequest and nothing else ...
+    assert 0.98 * sent["hello"] <= delta["cookies_sent"] <= sent["hello"], (delta, sent)
+    assert delta["handshakes_rate_limited"] == delta["handshakes_failed"] == 0
+    # ... replays and truncated records on the paths were dropped by DTLS (replay window, bad MAC)
+    assert drop_delta[0] == sent["trunc_path"] + sent["replay_same"], (drop_delta, sent)
+    assert drop_delta[1] == sent["replay_other"], (drop_delta, sent)
+    # no state for any unverified source, during or after: still the one tunnel with its two paths
+    status = stack.server_status()
+    assert handshaking == [0, 0, 0] and status["handshaking"] == 0
+    assert len(status["tunnels"]) == 1 and len(mp.server_paths()) == 2
+    log = stack.server_log.read_text()
+    assert "Traceback" not in log and log.count("connected from") == 1 and " gone: " not in log
+
+
+# -- flood -------------------------------------------------------------------------------------------------
+FLOOD_SECONDS = 10
+JUNK_RATE = 20_000
+HELLO_RATE = 800  # cookie-less ClientHellos/s, plus ANSWER x ANSWER_RATE real cookie exchanges/s = 1000 attempts/s
+ANSWER, ANSWER_RATE = 4, 50
+MAX_HANDSHAKES = 64
+
+
+def _udp_rcvbuf_errors(host: Host) -> int:
+    lines = [l.split() for l in host.run(["cat", "/proc/net/snmp"]).stdout.splitlines() if l.startswith("Udp:")]
+    return int(lines[1][lines[0].index("RcvbufErrors")])
+
+
+@pytest.mark.netns
+def test_flood_of_junk_and_handshakes_leaves_the_media_stream_alone(tunnel_stack, tmp_path) -> None:
+    hosts = tunnel_stack.hosts
+    atk = add_attacker(hosts.lab, hosts.server)
+    tunnel_stack.server_overrides["max_handshakes"] = MAX_HANDSHAKES
+    tunnel_stack.start()
+    stack = tunnel_stack
+    pid = stack.server_proc.pid
+    time.sleep(1.0)  # settle (first status requests, log setup) before the baseline
+    rss_before, before = rss_kib(pid), counters(stack)
+    rcvbuf_before = _udp_rcvbuf_errors(hosts.server)
+    target = f"{hosts.server_addr}:{PORT}"
+    procs: list[subprocess.Popen] = []
+    samples: list[tuple[int, int]] = []  # (rss KiB, handshakes in progress) every 0.5 s
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            try:
+                samples.append((rss_kib(pid), stack.server_status()["handshaking"]))
+            except Exception:  # a slow status reply under the flood: skip that sample
+                pass
+
+    def flood() -> None:
+        procs.append(atk.popen(attack_argv("junk", "--to", target, "--rate", JUNK_RATE, "--seconds", FLOOD_SECONDS,
+                                           "--sources", ATTACK_SOURCES), stdout=subprocess.PIPE, text=True))
+        procs.append(atk.popen(attack_argv("hello", "--to", target, "--rate", HELLO_RATE, "--seconds", FLOOD_SECONDS,
+                                           "--sources", ATTACK_SOURCES, "--answer", ANSWER,
+                                           "--answer-rate", ANSWER_RATE), stdout=subprocess.PIPE, text=True))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        # 50 packets/s for 14 s: starts before the flood, outlasts it
+        result = run_stream(hosts.client, hosts.server, SERVER_INNER, STREAM_PORT, 50, 200, 700, stack.workdir,
+                            during=flood)
+        reports = [json.loads(p.communicate(timeout=60)[0].splitlines()[-1]) for p in procs]
+    finally:
+        stop.set()
+        sampler.join(5)
+    junk, hello = reports
+    after = counters(stack)
+    delta = {k: after[k] - before[k] for k in after}
+    rss_after = rss_kib(pid)
+    peak_rss = max([rss_after] + [r for r, _ in samples])
+    rcvbuf_drops = _udp_rcvbuf_errors(hosts.server) - rcvbuf_before
+    print(f"flood: junk {junk['rate']}/s ({junk['sent']}), hellos {hello['rate']}/s, cookie exchanges "
+          f"{hello['verified']}, server flights {hello['server_flights']}; counters {delta}; rss before "
+          f"{rss_before} KiB, peak {peak_rss} KiB, after {rss_after} KiB; max handshaking "
+          f"{max(h for _, h in samples)}; rcvbuf drops {rcvbuf_drops}; stream lost {result.lost}/{result.sent}")
+    # the flood happened at the rates asked for (measured by the senders)
+    assert junk["rate"] >= 0.9 * JUNK_RATE and junk["seconds"] >= FLOOD_SECONDS - 0.1, junk
+    attempts = (hello["hellos"] + hello["attempts"]) / hello["seconds"]
+    assert attempts >= 0.9 * (HELLO_RATE + ANSWER * ANSWER_RATE), hello
+    # the server saw it and counted it (a few may be lost in the socket buffer; those are counted too)
+    assert delta["junk"] >= 0.9 * junk["sent"], delta
+    assert delta["cookies_sent"] >= 0.9 * hello["hellos"], delta
+    # real cookie exchanges got past the cookie, and the handshake limits bit and were counted
+    assert hello["server_flights"] > 0
+    assert delta["handshakes_rate_limited"] > 0 and delta["handshakes_refused"] > 0, delta
+    assert max(h for _, h in samples) <= MAX_HANDSHAKES
+    log = stack.server_log.read_text()
+    assert "limit handshake_rate" in log and "limit max_handshakes" in log
+    # memory stays bounded: the state the flood can create is capped (MAX_HANDSHAKES half-open handshakes)
+    assert peak_rss - rss_before < 40 * 1024, (rss_before, peak_rss)
+    # the legitimate tunnel kept its stream: nothing lost, same tunnel throughout
+    assert result.sent == 700 and result.lost == 0, result
+    assert "Traceback" not in log and log.count("connected from") == 1 and " gone: " not in log
+    assert len(stack.server_status()["tunnels"]) == 1
