@@ -21,8 +21,10 @@ from hypothesis import strategies as st
 
 from tunnel import frames
 from tunnel.config import ConfigError, load_client_config, load_server_config
+from tunnel.dtls import client_hello_cookie
 from tunnel.ecn import CE, decapsulate, ipv4_checksum
 from tunnel.icmp import unreachable
+from tunnel.lab.attack import client_hello, dtls_context
 from tunnel.policy import MATCH_KEYS, Policy, PolicyError, TrafficClass, load_policy, parse_policy
 from tunnel.routes import RouteTable
 
@@ -30,6 +32,7 @@ from test_cores import C_UP, P_UP, ipv4, one_path, pki  # noqa: F401  (pki is a 
 
 EXAMPLES = int(os.environ.get("MPTUN_FUZZ_EXAMPLES", "0")) or None
 ROOT = Path(__file__).resolve().parent.parent
+HELLO = client_hello(dtls_context())[1]  # a real DTLS ClientHello, to mutate
 
 
 def fuzz(n: int):
@@ -324,6 +327,14 @@ def test_route_lookup_is_longest_prefix_match(routes, dsts) -> None:
             assert got is None
         else:
             assert got is not None and ipaddress.IPv4Network(got).prefixlen == max(n.prefixlen for n in matching)
+
+
+@fuzz(400)
+@given(st.binary(max_size=120), st.integers(0, 2000), mutations)
+def test_client_hello_reader_takes_any_datagram(data: bytes, cut: int, ops) -> None:
+    for d in (data, bytes([22]) + data, mutate(HELLO, ops), HELLO[:cut]):
+        got = client_hello_cookie(d)
+        assert got is None or (len(got[0]) <= 255 and len(got[1]) == 8)
 
 
 # -- the cores -----------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tunnel.dtls import DtlsSession, make_context
+from OpenSSL import SSL
+
+from tunnel.dtls import DtlsListener, DtlsSession, _ConnState, client_hello_cookie, make_context
 from tunnel.lab.attack import client_hello, dtls_context
 from tunnel.lab.netns import Host, Lab, wait_for
 from tunnel.lab.servermem import rss_kib
@@ -98,6 +100,35 @@ def test_max_handshakes_caps_verified_handshakes_in_progress(pki) -> None:  # no
     assert core.stats()["handshaking"] == 0
     _verified_hello(core, ctx, ("198.18.21.1", 2000), T0 + 11)
     assert core.stats()["handshaking"] == 1 and core.counters["handshakes_refused"] == 2
+
+
+def _openssl_listen_reply(ctx, listener: DtlsListener, data: bytes, addr) -> bytes:
+    """What OpenSSL's own DTLSv1_listen answers (the path the hand-made reply replaces)."""
+    conn = SSL.Connection(ctx, None)
+    conn.set_app_data(_ConnState(addr))
+    conn.set_accept_state()
+    conn.bio_write(data)
+    with pytest.raises(SSL.WantReadError):
+        conn.DTLSv1_listen()
+    return conn.bio_read(65536)
+
+
+def test_hand_made_hello_verify_request_is_byte_for_byte_openssls(pki) -> None:  # noqa: F811
+    ctx = make_context("server", pki / "srv.crt", pki / "srv.key", pki / "ca.crt")
+    listener = DtlsListener(ctx, DGRAM_MTU)
+    cctx = make_context("client", pki / "alice.crt", pki / "alice.key", pki / "ca.crt", "srv")
+    hellos = [DtlsSession.client(cctx, DGRAM_MTU, T0).datagrams_to_send()[0] for _ in range(3)]
+    hellos += [client_hello(dtls_context())[1] for _ in range(3)]  # another stack's options (DTLS 1.0 record)
+    for i, ch in enumerate(hellos):
+        addr = ("198.18.21.3", 5000 + i)
+        session, replies = listener.accept(ch, addr, T0)
+        assert session is None and replies == [_openssl_listen_reply(ctx, listener, ch, addr)]
+        assert client_hello_cookie(ch)[0] == b""
+    # (a ClientHello with the cookie goes on to OpenSSL: every handshake in test_cores/test_dtls does that)
+    # every truncation of a ClientHello is refused without an answer
+    for n in range(len(hellos[0])):
+        assert client_hello_cookie(hellos[0][:n]) is None
+        assert listener.accept(hellos[0][:n], ("198.18.21.3", 6000), T0) == (None, [])
 
 
 # -- hostile datagrams while a stream runs ------------------------------------------------------------------
