@@ -215,13 +215,13 @@ class ServerCore:
             else:
                 self.counters["junk"] += 1
             return
-        if len(self._half_open) >= self.max_handshakes and not self._prune_half_open():
-            self.counters["handshakes_refused"] += 1
-            self._limit("max_handshakes", addr, f"max_handshakes ({self.max_handshakes}) in progress", now)
-            return
         if not self._handshake_allowed(addr[0], now):
             self.counters["handshakes_rate_limited"] += 1
             self._limit("handshake_rate", addr, f"more than {self.handshake_rate:g} handshakes/s from {addr[0]}", now)
+            return
+        if len(self._half_open) >= self.max_handshakes and not self._prune_half_open():
+            self.counters["handshakes_refused"] += 1
+            self._limit("max_handshakes", addr, f"max_handshakes ({self.max_handshakes}) in progress", now)
             return
         path = Path(session, addr, now, self.probe_interval, self.dead_interval, self.timeout)
         self.paths[addr] = path
