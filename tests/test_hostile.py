@@ -103,6 +103,21 @@ def test_max_handshakes_caps_verified_handshakes_in_progress(pki) -> None:  # no
     assert core.stats()["handshaking"] == 1 and core.counters["handshakes_refused"] == 2
 
 
+@pytest.mark.parametrize("value, ok", [(1, True), (256, True), (0, False), (-5, False), ("many", False), (1.5, False)])
+def test_max_handshakes_config_key(pki, value, ok) -> None:  # noqa: F811
+    from tunnel.config import ConfigError, load_server_config
+    from tunnel.lab.stack import write_toml
+
+    path = write_toml(pki / "limits.toml", {"server": {
+        "listen": "198.18.0.1:4433", "address": "100.64.0.1/24", "certificate": "srv.crt", "key": "srv.key",
+        "ca": "ca.crt", "max_handshakes": value}})
+    if ok:
+        assert load_server_config(path).max_handshakes == value
+    else:
+        with pytest.raises(ConfigError, match=r"limits.toml: \[server\] max_handshakes: "):
+            load_server_config(path)
+
+
 def _openssl_listen_reply(ctx, listener: DtlsListener, data: bytes, addr) -> bytes:
     """What OpenSSL's own DTLSv1_listen answers (the path the hand-made reply replaces)."""
     conn = SSL.Connection(ctx, None)
