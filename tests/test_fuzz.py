@@ -12,7 +12,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import struct
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from tunnel.lab.attack import client_hello, dtls_context
 from tunnel.policy import MATCH_KEYS, Policy, PolicyError, TrafficClass, load_policy, parse_policy
 from tunnel.routes import RouteTable
 
-from test_cores import C_UP, P_UP, ipv4, one_path, pki  # noqa: F401  (pki is a fixture)
+from test_cores import C_UP, one_path, pki  # noqa: F401  (pki is a fixture)
 
 EXAMPLES = int(os.environ.get("MPTUN_FUZZ_EXAMPLES", "0")) or None
 ROOT = Path(__file__).resolve().parent.parent
