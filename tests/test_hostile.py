@@ -71,8 +71,9 @@ def counters(stack) -> dict:
 
 
 # -- max_handshakes in the core (unit) -------------------------------------------------------------------
-def _verified_hello(core, ctx, addr, now) -> None:
-    """A real client's ClientHello, HelloVerifyRequest, ClientHello with the cookie."""
+def _verified_hello(core, ctx, addr, now) -> int:
+    """A real client's ClientHello, HelloVerifyRequest, ClientHello with the cookie; the number
+    of datagrams the server answers that with (its first flight, or nothing)."""
     s = DtlsSession.client(ctx, DGRAM_MTU, now)
     for d in s.datagrams_to_send():
         core.receive_datagram(d, addr, now)
@@ -80,7 +81,7 @@ def _verified_hello(core, ctx, addr, now) -> None:
         s.receive_datagram(d, now)
     for d in s.datagrams_to_send():
         core.receive_datagram(d, addr, now)
-    core.datagrams_to_send()
+    return len(core.datagrams_to_send())
 
 
 def test_max_handshakes_caps_verified_handshakes_in_progress(pki) -> None:  # noqa: F811
@@ -89,10 +90,12 @@ def test_max_handshakes_caps_verified_handshakes_in_progress(pki) -> None:  # no
     core = ServerCore(make_context("server", pki / "srv.crt", pki / "srv.key", pki / "ca.crt"), DGRAM_MTU,
                       AddressPool(CORE_INNER), INNER_MTU, max_handshakes=3, handshake_rate=1000)
     ctx = make_context("client", pki / "alice.crt", pki / "alice.key", pki / "ca.crt", "srv")
-    for port in range(5):
-        _verified_hello(core, ctx, ("198.18.21.1", 1000 + port), T0)
+    flights = [_verified_hello(core, ctx, ("198.18.21.1", 1000 + port), T0) for port in range(5)]
     assert core.stats()["handshaking"] == 3  # the cookie was valid for all five: two were refused
     assert core.counters["handshakes_refused"] == 2 and core.counters["cookies_sent"] == 5
+    assert core.counters["junk"] == 0
+    # the refused ones got no answer: the server did no key exchange or signature for them
+    assert all(flights[:3]) and flights[3:] == [0, 0]
     kinds = []
     while (ev := core.next_event()) is not None:
         kinds.append(getattr(ev, "kind", None))
@@ -308,8 +311,10 @@ def test_flood_of_junk_and_handshakes_leaves_the_media_stream_alone(tunnel_stack
     # the server saw it and counted it (a few may be lost in the socket buffer; those are counted too)
     assert delta["junk"] + rcvbuf_drops >= 0.98 * junk["sent"] and delta["junk"] >= 0.8 * junk["sent"], delta
     assert delta["cookies_sent"] >= 0.8 * hello["hellos"], delta
-    # real cookie exchanges got past the cookie, and the handshake limits bit and were counted
-    assert hello["server_flights"] > 0
+    # real cookie exchanges got past the cookie, and the handshake limits bit and were counted; a refused
+    # ClientHello gets no answer (no key exchange or signature is spent on it)
+    refused = delta["handshakes_rate_limited"] + delta["handshakes_refused"]
+    assert 0 < hello["server_flights"] <= hello["verified"] - 0.9 * refused, (hello, delta)
     assert delta["handshakes_rate_limited"] > 0 and delta["handshakes_refused"] > 0, delta
     assert max((h for _, h in samples), default=0) <= MAX_HANDSHAKES
     log = stack.server_log.read_text()

@@ -23,7 +23,7 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -485,8 +485,13 @@ class DtlsListener:
             lambda conn, cookie: self.cookies.check(conn.get_app_data().addr, cookie)
         )
 
-    def accept(self, data: bytes, addr, now: float) -> tuple[Optional[DtlsSession], list[bytes]]:
-        """Return (session or None, datagrams to send back to ``addr``)."""
+    def accept(self, data: bytes, addr, now: float,
+               admit: Optional[Callable[[], bool]] = None) -> tuple[Optional[DtlsSession], list[bytes]]:
+        """Return (session or None, datagrams to send back to ``addr``).
+
+        ``admit``, if given, is asked once the cookie is known to be valid and before
+        OpenSSL does any work; False drops the ClientHello without an answer.
+        """
         # Only a DTLS handshake record (content type 22) can start a session.
         if len(data) < DTLS_HEADER or data[0] != 22:
             return None, []
@@ -497,6 +502,8 @@ class DtlsListener:
         cookie, record_seq = hello
         if not self.cookies.check(addr, cookie):  # stateless answer without OpenSSL
             return None, [hello_verify_request(record_seq, self.cookies.make(addr))]
+        if admit is not None and not admit():
+            return None, []
         conn = SSL.Connection(self._ctx, None)
         conn.set_app_data(_ConnState(addr))
         conn.set_accept_state()

@@ -147,6 +147,7 @@ class ServerCore:
         self.handshake_rate = handshake_rate
         self.max_handshakes = max_handshakes
         self._half_open: set[tuple] = set()  # addresses whose path is still in the DTLS handshake
+        self._refused = False  # the ClientHello being accepted was refused by a handshake limit
         self._handshakes: dict[str, tuple[float, float]] = {}  # source ip -> (tokens, at); insertion = recency
         self._limit_logged: dict[str, float] = {}
         self.route_table: RouteTable[ServerTunnel] = RouteTable(pending_size, pending_expiry)
@@ -202,8 +203,9 @@ class ServerCore:
         if len(data) < DTLS_HEADER or data[0] != 22:
             self.counters["junk"] += 1
             return
+        self._refused = False
         try:
-            session, replies = self.listener.accept(data, addr, now)
+            session, replies = self.listener.accept(data, addr, now, lambda: self._admit(addr, now))
         except Exception:  # pyOpenSSL can raise odd errors on garbage; nothing is kept
             self.counters["junk"] += 1
             return
@@ -212,22 +214,28 @@ class ServerCore:
         if session is None:
             if replies:
                 self.counters["cookies_sent"] += 1
-            else:
+            elif not self._refused:
                 self.counters["junk"] += 1
-            return
-        if not self._handshake_allowed(addr[0], now):
-            self.counters["handshakes_rate_limited"] += 1
-            self._limit("handshake_rate", addr, f"more than {self.handshake_rate:g} handshakes/s from {addr[0]}", now)
-            return
-        if len(self._half_open) >= self.max_handshakes and not self._prune_half_open():
-            self.counters["handshakes_refused"] += 1
-            self._limit("max_handshakes", addr, f"max_handshakes ({self.max_handshakes}) in progress", now)
             return
         path = Path(session, addr, now, self.probe_interval, self.dead_interval, self.timeout)
         self.paths[addr] = path
         self._half_open.add(addr)
         if path.out:
             self._flush(path)
+
+    def _admit(self, addr: tuple, now: float) -> bool:
+        """May a ClientHello whose cookie is valid start a handshake?  Asked before OpenSSL does
+        any work for it (the server's first flight costs a key exchange and a signature)."""
+        if not self._handshake_allowed(addr[0], now):
+            self.counters["handshakes_rate_limited"] += 1
+            self._limit("handshake_rate", addr, f"more than {self.handshake_rate:g} handshakes/s from {addr[0]}", now)
+        elif len(self._half_open) >= self.max_handshakes and not self._prune_half_open():
+            self.counters["handshakes_refused"] += 1
+            self._limit("max_handshakes", addr, f"max_handshakes ({self.max_handshakes}) in progress", now)
+        else:
+            return True
+        self._refused = True
+        return False
 
     def _prune_half_open(self) -> bool:
         """Forget addresses whose handshake ended; True if there is room for another one."""

@@ -131,7 +131,8 @@ def hello(args) -> dict:
     per_attempt = 1.0 / args.answer_rate if answering else 0.0
     next_attempt = {src: 0.0 for src in answering}
     sel = selectors.DefaultSelector()
-    stats = {"hellos": 0, "errors": 0, "attempts": 0, "cookies": 0, "verified": 0, "server_flights": 0}
+    stats = {"hellos": 0, "errors": 0, "attempts": 0, "cookies": 0, "verified": 0, "server_flights": 0,
+             "other_replies": 0}
 
     def attempt(src: str) -> None:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -160,17 +161,23 @@ def hello(args) -> dict:
                 sel.unregister(s)
                 s.close()
                 continue
-            stats["cookies"] += 1
             conn.bio_write(data)
             try:
                 conn.do_handshake()
             except SSL.WantReadError:
                 pass
             except SSL.Error:
+                ch2 = b""
+            try:
+                ch2 = conn.bio_read(65536)
+            except SSL.Error:
+                ch2 = b""
+            if not ch2:  # no HelloVerifyRequest: e.g. a reused port the server still has a session for
+                stats["other_replies"] += 1
                 sel.unregister(s)
                 s.close()
                 continue
-            ch2 = conn.bio_read(65536)
+            stats["cookies"] += 1
             try:
                 s.sendto(ch2, to)
                 stats["verified"] += 1
