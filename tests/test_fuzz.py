@@ -372,12 +372,15 @@ def test_server_takes_any_datagram_from_an_unknown_address(live, data: bytes, to
 @given(datagrams, st.integers(0, 255))
 def test_cores_take_any_datagram_on_a_live_path(live, data: bytes, tos: int) -> None:
     net, c = live
-    server, spath = net.server, net.spath(c, "a")
+    server, spath, cpath = net.server, net.spath(c, "a"), c.path("a")
+    before = (spath.dtls.records_dropped, cpath.dtls.records_dropped)
     server.receive_datagram(data, c.addr("a"), net.now, tos)
     c.core.receive_datagram("a", data, net.now, tos)
     c.core.receive_datagram("no such path", data, net.now, tos)
-    assert c.core.state == C_UP and spath.alive and server.paths[c.addr("a")] is spath
+    assert c.core.state == C_UP and spath.alive and server.paths[c.addr("a")] is spath and c.path("a") is cpath
     assert server.to_tun == [] and c.core.to_tun == []
+    if data and not 20 <= data[0] <= 22:  # application data or no DTLS record at all: counted as a drop
+        assert (spath.dtls.records_dropped, cpath.dtls.records_dropped) == (before[0] + 1, before[1] + 1)
 
 
 @fuzz(300)

@@ -298,8 +298,8 @@ class DtlsSession:
             else:
                 out = self._read_records()
                 self._collect()  # a retransmitted flight or an alert may need an answer
-            if not out and data[0] == CT_APPLICATION_DATA:
-                self.records_dropped += 1  # bad MAC, replay or junk: DTLS drops it silently
+            if not out and (data[0] == CT_APPLICATION_DATA or not 20 <= data[0] <= 23):
+                self.records_dropped += 1  # bad MAC, replay or junk (no DTLS content type): dropped silently
             return out
         if self.state != HANDSHAKING:
             return []
