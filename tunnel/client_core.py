@@ -324,8 +324,8 @@ class ClientCore:
     # -- output -------------------------------------------------------
     def send_packet(self, packet: bytes, now: float) -> None:
         """An IP packet read from the TUN device."""
-        if packet[0] >> 4 != 4:
-            if packet[0] >> 4 != 6 or not self.ipv6 or len(packet) < 40:
+        if not packet or packet[0] >> 4 != 4:
+            if not packet or packet[0] >> 4 != 6 or not self.ipv6 or len(packet) < 40:
                 self.not_ipv4 += 1  # IPv6 only when the server gave an IPv6 address
                 return
             if packet[24] == 0xFF or (packet[8] == 0xFE and packet[9] & 0xC0 == 0x80):

@@ -54,6 +54,7 @@ class ServerConfig:
     max_tunnels: int = 1024
     max_paths: int = 8
     handshake_rate: float = 10.0
+    max_handshakes: int = 256
     pending_queue: int = 3
     pending_expiry: float = 10.0
     client_routes: dict[str, list] = field(default_factory=dict)  # name -> prefixes the client routes
@@ -130,7 +131,11 @@ class _Section:
         p = Path(value)
         if not p.is_absolute():
             p = self.path.parent / p
-        if not p.exists():
+        try:
+            exists = p.exists()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+            raise self.error(key, f"not a usable file path: {exc}") from None
+        if not exists:
             raise self.error(key, f"file {p} not found")
         if not os.access(p, os.R_OK):
             raise self.error(key, f"file {p} is not readable")
@@ -171,6 +176,10 @@ def _load(path: str | Path) -> tuple[Path, dict]:
         raise ConfigError(f"{p}: not readable") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    except OSError as exc:  # a directory, an I/O error
+        raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from None
 
 
 def _endpoint(sec: _Section, key: str, value: Any) -> tuple[str, int]:
@@ -320,6 +329,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         "max_tunnels": sec.integer("max_tunnels", 1024, 1, 1_000_000),
         "max_paths": sec.integer("max_paths", 8, 1, 64),
         "handshake_rate": float(sec.get("handshake_rate", (int, float), 10.0, what="handshakes per second")),
+        "max_handshakes": sec.integer("max_handshakes", 256, 1, 1_000_000),
         "pending_queue": sec.integer("pending_queue", 3, 0, 1024),
         "pending_expiry": sec.seconds("pending_expiry", 10.0),
     }

@@ -87,7 +87,7 @@ class ClientGone:
 
 @dataclass
 class LimitHit:
-    """Server: a limit bit (max_tunnels, max_paths, handshake_rate); reported at most every few seconds."""
+    """Server: a limit bit (max_tunnels, max_paths, handshake_rate, max_handshakes); reported at most every few seconds."""
 
     kind: str
     addr: Hashable

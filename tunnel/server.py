@@ -130,6 +130,7 @@ def build(cfg: ServerConfig):
         max_tunnels=cfg.max_tunnels,
         max_paths=cfg.max_paths,
         handshake_rate=cfg.handshake_rate,
+        max_handshakes=cfg.max_handshakes,
         pending_size=cfg.pending_queue,
         pending_expiry=cfg.pending_expiry,
         revocation=Revocation(serials, frozenset(cfg.deny)),

@@ -35,6 +35,7 @@ from tunnel.scheduler import MODES, Scheduler
 
 LINGER = 30.0  # seconds a tunnel without paths is kept for the client to come back
 HANDSHAKE_RATE = 10.0  # verified handshakes per second per source address (burst: twice that)
+MAX_HANDSHAKES = 256  # verified handshakes in progress at once (all sources together)
 HANDSHAKE_SOURCES = 4096  # source addresses tracked for the handshake rate (least recent forgotten)
 LIMIT_LOG_INTERVAL = 10.0  # a limit that keeps biting is reported at most this often
 
@@ -130,6 +131,7 @@ class ServerCore:
         max_tunnels: int = 1024,
         max_paths: int = 8,
         handshake_rate: float = HANDSHAKE_RATE,
+        max_handshakes: int = MAX_HANDSHAKES,
         pending_size: int = PENDING_SIZE,
         pending_expiry: float = PENDING_EXPIRY,
         revocation: Optional[Revocation] = None,
@@ -157,6 +159,9 @@ class ServerCore:
         self.max_tunnels = max_tunnels
         self.max_paths = max_paths
         self.handshake_rate = handshake_rate
+        self.max_handshakes = max_handshakes
+        self._half_open: set[tuple] = set()  # addresses whose path is still in the DTLS handshake
+        self._refused = False  # the ClientHello being accepted was refused by a handshake limit
         self._handshakes: dict[str, tuple[float, float]] = {}  # source ip -> (tokens, at); insertion = recency
         self._limit_logged: dict[str, float] = {}
         self.route_table: RouteTable[ServerTunnel] = RouteTable(pending_size, pending_expiry)
@@ -181,6 +186,7 @@ class ServerCore:
             "paths_refused": 0,  # max_paths
             "handshakes_rate_limited": 0,
             "revoked": 0,  # handshakes refused and tunnels closed for a revoked or denied client
+            "handshakes_refused": 0,  # max_handshakes: too many handshakes in progress
         }
 
     # -- datagrams from the network ----------------------------------
@@ -216,8 +222,9 @@ class ServerCore:
         if len(data) < DTLS_HEADER or data[0] != 22:
             self.counters["junk"] += 1
             return
+        self._refused = False
         try:
-            session, replies = self.listener.accept(data, addr, now)
+            session, replies = self.listener.accept(data, addr, now, lambda: self._admit(addr, now))
         except Exception:  # pyOpenSSL can raise odd errors on garbage; nothing is kept
             self.counters["junk"] += 1
             return
@@ -226,17 +233,34 @@ class ServerCore:
         if session is None:
             if replies:
                 self.counters["cookies_sent"] += 1
-            else:
+            elif not self._refused:
                 self.counters["junk"] += 1
-            return
-        if not self._handshake_allowed(addr[0], now):
-            self.counters["handshakes_rate_limited"] += 1
-            self._limit("handshake_rate", addr, f"more than {self.handshake_rate:g} handshakes/s from {addr[0]}", now)
             return
         path = Path(session, addr, now, self.probe_interval, self.dead_interval, self.timeout)
         self.paths[addr] = path
+        self._half_open.add(addr)
         if path.out:
             self._flush(path)
+
+    def _admit(self, addr: tuple, now: float) -> bool:
+        """May a ClientHello whose cookie is valid start a handshake?  Asked before OpenSSL does
+        any work for it (the server's first flight costs a key exchange and a signature)."""
+        if not self._handshake_allowed(addr[0], now):
+            self.counters["handshakes_rate_limited"] += 1
+            self._limit("handshake_rate", addr, f"more than {self.handshake_rate:g} handshakes/s from {addr[0]}", now)
+        elif len(self._half_open) >= self.max_handshakes and not self._prune_half_open():
+            self.counters["handshakes_refused"] += 1
+            self._limit("max_handshakes", addr, f"max_handshakes ({self.max_handshakes}) in progress", now)
+        else:
+            return True
+        self._refused = True
+        return False
+
+    def _prune_half_open(self) -> bool:
+        """Forget addresses whose handshake ended; True if there is room for another one."""
+        paths = self.paths
+        self._half_open = {a for a in self._half_open if a in paths and paths[a].state == P_HANDSHAKING}
+        return len(self._half_open) < self.max_handshakes
 
     def _handshake_allowed(self, ip: str, now: float) -> bool:
         """Token bucket per source address, for handshakes whose cookie was valid (so the
@@ -258,6 +282,7 @@ class ServerCore:
             self._events.append(events.LimitHit(kind, addr, reason))
 
     def _on_established(self, path: Path, now: float = 0.0) -> None:
+        self._half_open.discard(path.addr)
         cert = path.dtls.peer_certificate
         path.name = common_name(cert) if cert is not None else ""
         self._events.append(events.PathUp(path.addr, path.name, path.dtls.cipher))
@@ -276,7 +301,7 @@ class ServerCore:
             path.rx_seq = seq
         if not tunnel.dedup.accept(seq):  # first: copies of one packet count once below
             return
-        pkt = self._admit(tunnel, pkt, tos)
+        pkt = self._admit_packet(tunnel, pkt, tos)
         if pkt is not None:
             self._deliver(tunnel, pkt, now)
         if tunnel.reorder.waiting:  # this packet may prove a gap in an ordered queue lost
@@ -292,7 +317,7 @@ class ServerCore:
             path.rx_seq = seq
         if not tunnel.dedup.accept(seq):
             return
-        pkt = self._admit(tunnel, pkt, tos)
+        pkt = self._admit_packet(tunnel, pkt, tos)
         if pkt is None:
             return
         out: list = []
@@ -308,7 +333,7 @@ class ServerCore:
         for p in out:
             self._deliver(tunnel, p, now)
 
-    def _admit(self, tunnel: ServerTunnel, pkt: bytes, tos: int) -> Optional[bytes]:
+    def _admit_packet(self, tunnel: ServerTunnel, pkt: bytes, tos: int) -> Optional[bytes]:
         """The packet if it may enter (anti-spoofing, RFC 6040 decapsulation), else None."""
         # anti-spoofing: a packet must come from the tunnel's own inner address (or its LAN)
         version = pkt[0] >> 4
@@ -557,6 +582,7 @@ class ServerCore:
         if self.paths.get(path.addr) is not path:
             return
         del self.paths[path.addr]
+        self._half_open.discard(path.addr)
         tunnel = self._tunnel_of.pop(path.addr, None)
         if tunnel is None:
             if not path.name and reason not in ("closed locally", "refused"):

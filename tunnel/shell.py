@@ -160,6 +160,7 @@ class ServerShell(Shell):
     def _on_sock_readable(self, sock: BatchSocket) -> None:
         receive, recv = self.core.receive_datagram, sock.recv_batch
         sock_of = self._sock_of
+        record = sock is not self.sockets[0]  # replies go out on sockets[0] unless recorded otherwise
         now = self.loop.time()
         n = 0
         while True:
@@ -170,7 +171,7 @@ class ServerShell(Shell):
             except OSError:  # counted; stop this drain (an error that repeats must not spin the loop)
                 self.counters["recv_errors"] += 1
                 break
-            if addr not in sock_of:
+            if record and addr not in sock_of:
                 sock_of[addr] = sock
             for data in dgrams:
                 receive(data, addr, now, tos)
