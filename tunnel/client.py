@@ -32,6 +32,8 @@ def resolve(cfg: ClientConfig) -> list[tuple[int, tuple]]:
 
 
 def path_label(key) -> str:
+    if isinstance(key, events.SpareKey):
+        return path_label(key.base) + " (spare)"
     ifname, local, server = key
     return f"{ifname} {local} -> {server[0]}:{server[1]}"
 
@@ -123,6 +125,8 @@ def run(cfg: ClientConfig) -> int:
                 state["mtu"] = tun_mtu(core.config.mtu)
                 netlink.configure_interface(tun_holder[0].name, core.config.addresses, state["mtu"], core.config.routes)
                 log.info("tunnel mtu lowered to %d for the new path", state["mtu"])
+        elif isinstance(ev, events.Rebound):
+            log.info("path %s: a new session from a new source port replaced the silent one", path_label(ev.key))
         elif isinstance(ev, events.TunnelDown):
             log.warning("tunnel down: %s; reconnecting", ev.reason)
         elif isinstance(ev, events.PathUp):
