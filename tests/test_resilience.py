@@ -14,6 +14,7 @@ tests/test_server_many.py and tests/test_cores.py.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from tunnel.lab.netns import wait_for
 from tunnel.lab.procs import tail
 from tunnel.lab.stack import SERVER_INNER, TunnelStack
 from tunnel.lab.stream import run_stream
-from tunnel.lab.topology import MultipathTopology
+from tunnel.lab.topology import MultipathTopology, echo_server_argv, probe_argv
 
 pytestmark = pytest.mark.netns
 STREAM_PORT = 5004
@@ -187,48 +188,42 @@ def _log_time(log: Path, needle: str, after: float = 0.0, also: str = "") -> flo
     raise LookupError(needle)
 
 
-def _first_reply_after(ping_out: Path, t: float) -> float:
-    for line in ping_out.read_text().splitlines():
-        if line.startswith("[") and "bytes from" in line:
-            ts = float(line[1 : line.index("]")])
-            if ts > t:
-                return ts
-    raise LookupError("no reply")
+ECHO_PORT = 7007
 
 
 def test_server_restart_traffic_resumes_within_two_seconds(tunnel_stack):
+    """A paced UDP echo through the tunnel (tunnel.lab.topology.probe, CLOCK_MONOTONIC stamps) runs
+    while the server is killed and started again; the figure is the first echo after the new
+    server logged that it listens."""
     stack = tunnel_stack
+    echo = stack.server_host.popen(echo_server_argv(ECHO_PORT))
+    wait_for(lambda: stack.server_host.is_listening(ECHO_PORT, udp=True), 10, message="echo server")
     stack.start()
-    ping_out = stack.workdir / "ping.out"
-    ping = stack.client_host.popen(
-        ["ping", "-D", "-n", "-i", "0.05", SERVER_INNER], stdout=open(ping_out, "w"), stderr=subprocess.STDOUT
-    )
+    probe = stack.client_host.popen(probe_argv(SERVER_INNER, ECHO_PORT, 1000, 100, grace=1.0), stdout=subprocess.PIPE)
     try:
-        wait_for(lambda: "bytes from" in ping_out.read_text(), 5, message="no ping replies before the restart")
-        killed = time.time()
+        time.sleep(1.0)  # echoes flow (checked below from the probe's record)
+        killed = time.monotonic()
         stack.server_proc.kill()  # no CLOSE: the client must notice by itself
         stack.server_proc.wait(5)
         stack.start_server()
-        listening = _log_time(stack.server_log, "listening on", after=killed - 0.01)
-        wait_for(lambda: _replied_after(ping_out, listening), 10, interval=0.05,
-                 message=f"no traffic after the restart\n{tail(stack.client_log)}")
-        resumed = _first_reply_after(ping_out, listening) - listening
+        out, _ = probe.communicate(timeout=30)
     finally:
-        ping.terminate()
-        ping.wait(5)
-    print(f"server restart: down {listening - killed:.2f} s (process start), traffic again {resumed * 1000:.0f} ms "
-          f"after the new server listened")
+        if probe.poll() is None:
+            probe.kill()
+        echo.kill()
+    to_mono = time.monotonic() - time.time()
+    listening = _log_time(stack.server_log, "listening on", after=killed - to_mono) + to_mono
+    result = json.loads(out)
+    echoes = sorted(t for _, t in result["recv"])
+    assert any(t < killed for t in echoes), "no echo before the restart"
+    after = [t for t in echoes if t > listening]
+    assert after, f"no echo after the restart\n{tail(stack.client_log)}"
+    resumed = after[0] - listening
+    print(f"server restart: server back {listening - killed:.2f} s after the kill (process start); "
+          f"traffic again {resumed * 1000:.0f} ms after it listened")
     assert resumed < 2.0
     assert stack.client_inner() == "100.64.0.2"
     assert len(stack.server_status()["tunnels"]) == 1
-
-
-def _replied_after(ping_out: Path, t: float) -> bool:
-    try:
-        _first_reply_after(ping_out, t)
-        return True
-    except LookupError:
-        return False
 
 
 def test_all_paths_down_for_30_s_then_back_the_tunnel_resumes(lab, tmp_path):
@@ -240,8 +235,8 @@ def test_all_paths_down_for_30_s_then_back_the_tunnel_resumes(lab, tmp_path):
         rules = tmp_path / "bh.nft"
         rules.write_text(
             "add table inet bh\n"
-            "add chain inet bh fwd { type filter hook forward priority 0; }\n"
-            "add rule inet bh fwd drop\n"
+            "add chain inet bh outage { type filter hook forward priority 0; }\n"
+            "add rule inet bh outage drop\n"
         )
         topo.router.run(["nft", "-f", str(rules)])
         start = time.monotonic()
@@ -257,11 +252,11 @@ def test_all_paths_down_for_30_s_then_back_the_tunnel_resumes(lab, tmp_path):
                  message=f"tunnel did not resume\n{tail(stack.client_log)}")
         resumed = time.monotonic() - back
         wait_for(lambda: len(stack.server_status()["tunnels"][0]["paths"]) == 2, 10, message="paths did not rejoin")
+        _same_tunnel(stack)  # JOINed within the linger time: same tunnel, same address
     finally:
         stack.stop()
     print(f"30 s outage: traffic again {resumed * 1000:.0f} ms after the links came back")
     assert resumed < 3.0
-    _same_tunnel(stack)  # JOINed within the linger time: same tunnel, same address
     assert handshakes["handshakes_rate_limited"] == 0
     # bounded attempts during the outage: at most one ClientHello per 1.25 s per path (plus retransmits)
     attempts = stack.client_log.read_text().count("connecting (attempt")
