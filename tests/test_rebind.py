@@ -179,3 +179,18 @@ def test_server_replaces_only_stale_paths_on_join(pki: Path) -> None:
     net.run_until(lambda: "d" in c.joined(), 2.0)
     assert net.server.counters["paths_replaced"] == 1
     assert sorted(p.addr for p in net.tunnel().paths) == sorted(c.addr(k) for k in "abd")
+
+
+def test_datagrams_read_from_the_spare_socket_after_promotion_reach_the_path(pki: Path) -> None:
+    """The shell drains a socket under the key it was opened with: datagrams that follow the
+    promoting CONFIG in the same drain still come in under the spare's key."""
+    net, c = one_path(pki)
+    net.advance(0.5)
+    nat_rebind(net, c, "a")
+    net.run_until(lambda: c.core.stats()["rebinds"] == 1, 2.0)
+    c.core.to_tun.clear()
+    net.server.send_packet(down_pkt(7), net.now)
+    ((addr, dgram, _tos),) = net.server.datagrams_to_send()
+    assert addr == c.addr("a")
+    c.core.receive_datagram(events.SpareKey("a"), dgram, net.now)
+    assert c.core.to_tun == [down_pkt(7)]

@@ -114,6 +114,7 @@ class ClientCore:
         self.rebinds = 0  # silent sessions replaced by a spare from a new source port
         self.rebind_attempts = 0  # spare sessions started
         self._spares: dict = {}  # SpareKey -> slot
+        self._promoted: dict = {}  # SpareKey -> slot whose path is that spare now
 
     def set_policy(self, policy: Policy) -> None:
         """Install a (new) policy: one scheduler per traffic class."""
@@ -175,9 +176,12 @@ class ClientCore:
         """One datagram from path ``key``; ``tos``: its outer TOS byte (for ECN)."""
         slot = self.slots.get(key)
         if slot is None or slot.path is None or not slot.path.alive:
-            slot = self._spares.get(key)
-            if slot is not None and slot.spare is not None:
-                self._spare_datagram(slot, data, now, tos)
+            spare_of = self._spares.get(key)
+            if spare_of is not None and spare_of.spare is not None:
+                self._spare_datagram(spare_of, data, now, tos)
+            elif (promoted := self._promoted.get(key)) is not None and promoted.key in self.slots:
+                # read from the spare's socket in the same drain as the CONFIG that promoted it
+                self.receive_datagram(promoted.key, data, now, tos)
             return
         path = slot.path
         handshaking = path.state == P_HANDSHAKING
@@ -443,6 +447,7 @@ class ClientCore:
     # -- NAT rebinding: a spare session per silent path ----------------
     def _start_spare(self, slot: PathSlot, now: float) -> None:
         key = SpareKey(slot.key)
+        self._promoted.pop(key, None)
         self.rebind_attempts += 1
         slot.spare_heard = False
         slot.spare_hello_at = 0.0
@@ -528,6 +533,7 @@ class ClientCore:
         slot.spare = None
         key = spare.key
         del self._spares[key]
+        self._promoted[key] = slot
         self._collect(spare)
         self.outbox = [(slot.key if k == key else k, d, t) for k, d, t in self.outbox]
         spare.key = slot.key
