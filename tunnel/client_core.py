@@ -24,8 +24,8 @@ from OpenSSL import SSL
 from tunnel import events, frames
 from tunnel.dedup import DEFAULT_WINDOW, DedupWindow
 from tunnel.dtls import DtlsSession, common_name
-from tunnel.events import SpareKey
 from tunnel.ecn import decapsulate
+from tunnel.events import SpareKey
 from tunnel.path import P_DOWN, P_HANDSHAKING, Path
 from tunnel.policy import Policy
 from tunnel.scheduler import MODES, Scheduler
@@ -37,9 +37,10 @@ HELLO_RETRY = 0.5  # resend HELLO/JOIN when no CONFIG came back within this time
 # NAT rebinding and outages (docs/PROTOCOL.md, Reconnect): a joined path that has had no PONG for
 # REBIND_AFTER beyond its dead interval starts a spare session from a new socket (a new source
 # port, so a new NAT mapping) beside the silent one; the spare JOINs and, once it has CONFIG,
-# replaces the silent session (dropped if the old one answers again first); a reconnect handshake that hears nothing at all for
-# SILENT_ATTEMPT (or 4 RTTs of the path's last session, if longer) is abandoned and retried after
-# SILENT_BACKOFF: at most one ClientHello per 1.25 s per path while the outage lasts.
+# replaces the silent session (it is dropped if the old one answers again first).  A reconnect
+# handshake (or spare) that hears nothing at all for SILENT_ATTEMPT (or 4 RTTs of the path's last
+# session, if longer) is abandoned and retried after SILENT_BACKOFF: at most one ClientHello per
+# 1.25 s per path while an outage lasts.
 REBIND_AFTER = 0.2
 SILENT_ATTEMPT = 1.0
 SILENT_BACKOFF = 0.25
