@@ -194,3 +194,19 @@ def test_datagrams_read_from_the_spare_socket_after_promotion_reach_the_path(pki
     assert addr == c.addr("a")
     c.core.receive_datagram(events.SpareKey("a"), dgram, net.now)
     assert c.core.to_tun == [down_pkt(7)]
+
+
+def test_server_restart_one_unknown_tunnel_restarts_every_silent_path(pki: Path) -> None:
+    """The first spare to hear CLOSE_UNKNOWN_TUNNEL restarts the other silent paths too: their
+    sessions belong to the server that is gone, so none waits for its own timeout."""
+    net, c = two_paths(pki)
+    net.advance(0.5)
+    net.delay["b"] = 0.05  # b's spare is slower than a's
+    tid = c.core.tunnel_id
+    net.restart_server()
+    t0 = net.now
+    t_up = net.run_until(lambda: c.joined() == ["a", "b"] and c.core.state == C_UP and c.core.tunnel_id != tid, TIMEOUT)
+    assert t_up - t0 < TIMEOUT  # b did not wait for its timeout
+    for key in "ab":
+        assert [e.reason for e in c.evs(events.PathDown) if e.addr == key] == ["the server no longer knows the tunnel"]
+    assert len(net.tunnel().paths) == 2

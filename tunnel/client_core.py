@@ -497,8 +497,9 @@ class ClientCore:
                 self._drop_spare(slot, now, SILENT_BACKOFF)
                 if frame.code == frames.CLOSE_UNKNOWN_TUNNEL:  # the server forgot the tunnel: start over
                     self._forget_tunnel()
-                    if slot.path is not None and slot.path.alive:
-                        self._abandon(slot, "the server no longer knows the tunnel", now, 0.0)
+                    for other in list(self.slots.values()):  # and silent sessions belong to the old server
+                        if other.path is not None and other.path.alive and (other is slot or other.path.state == P_DOWN):
+                            self._abandon(other, "the server no longer knows the tunnel", now, 0.0)
                 return
             self.malformed += 1
         self._collect(spare)
