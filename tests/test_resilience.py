@@ -8,8 +8,8 @@
 - Server restart: traffic flows again within 2 s of the new server listening.
 - All paths down for 30 s, then back: the tunnel resumes (JOIN, same address).
 
-Client restart (the server replaces the old tunnel) is tested in
-tests/test_server_many.py and tests/test_cores.py.
+- Client restart: the new process's HELLO replaces the old tunnel (also in
+  tests/test_server_many.py and tests/test_cores.py).
 """
 
 from __future__ import annotations
@@ -261,3 +261,24 @@ def test_all_paths_down_for_30_s_then_back_the_tunnel_resumes(lab, tmp_path):
     # bounded attempts during the outage: at most one ClientHello per 1.25 s per path (plus retransmits)
     attempts = stack.client_log.read_text().count("connecting (attempt")
     assert attempts <= 2 * (30 / 1.25 + 4), attempts
+
+
+def test_client_restart_replaces_the_old_tunnel(tunnel_stack):
+    """The client process dies without a CLOSE and starts again: its new HELLO replaces the tunnel
+    the server still holds (same inner address), and only the new one is left."""
+    stack = tunnel_stack
+    stack.start()
+    stack.client_proc.kill()
+    stack.client_proc.wait(5)
+    assert len(stack.server_status()["tunnels"][0]["paths"]) == 1  # the server does not know yet
+    started = time.monotonic()
+    stack.start_client()
+    stack.wait_up(timeout=15)
+    print(f"client restart: traffic {time.monotonic() - started:.2f} s after the new client process started")
+    log = stack.server_log.read_text()
+    assert log.count("connected from") == 2 and "(replaces its previous tunnel)" in log
+    assert "replaced by a new connection of the same client" in log
+    st = stack.server_status()
+    assert len(st["tunnels"]) == 1 and len(st["tunnels"][0]["paths"]) == 1
+    assert st["tunnels"][0]["address"] == "100.64.0.2/24"
+    assert stack.client_inner() == "100.64.0.2"
