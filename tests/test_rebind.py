@@ -210,3 +210,31 @@ def test_server_restart_one_unknown_tunnel_restarts_every_silent_path(pki: Path)
     for key in "ab":
         assert [e.reason for e in c.evs(events.PathDown) if e.addr == key] == ["the server no longer knows the tunnel"]
     assert len(net.tunnel().paths) == 2
+
+
+def test_spare_that_lost_the_race_is_closed_on_the_server(pki: Path, monkeypatch) -> None:
+    """The spare is established on the server (its JOIN unanswered) when the old session answers
+    again: the client keeps the old one and ends the spare with CLOSE_PATH, so the server does
+    not keep a session nobody uses."""
+    from tunnel.estimator import PathEstimator
+    from tunnel.server_core import ServerCore
+
+    net, c = two_paths(pki)
+    net.advance(0.5)
+    old = c.path("b")
+    blocked = {"pongs": True, "join": True}
+    on_pong, on_join = PathEstimator.on_pong, ServerCore._on_join
+    monkeypatch.setattr(PathEstimator, "on_pong",
+                        lambda self, *a: None if blocked["pongs"] and self is old.est else on_pong(self, *a))
+    monkeypatch.setattr(ServerCore, "_on_join",
+                        lambda self, path, hello, now: None if blocked["join"] else on_join(self, path, hello, now))
+    net.run_until(lambda: (s := c.core.slots["b"].spare) is not None and s.established, 1.0)
+    spare_addr = c.addrs[events.SpareKey("b")]
+    assert spare_addr in net.server.paths  # the server holds the spare's session
+    blocked["pongs"] = False
+    net.run_until(lambda: c.core.slots["b"].spare is None, 1.0)
+    blocked["join"] = False
+    net.pump()
+    assert c.path("b") is old and old.state == P_UP and c.core.stats()["rebinds"] == 0
+    assert spare_addr not in net.server.paths  # closed by the client's CLOSE_PATH
+    assert sorted(p.addr for p in net.tunnel().paths) == sorted([c.addr("a"), c.addr("b")])
