@@ -124,7 +124,7 @@ def test_full_socket_buffer_eagain_is_counted_not_fatal(two_hosts):
     _tbf(two_hosts.client, two_hosts.link.b_ifname, "10mb")
     out = _script(two_hosts.client, SEND_SCRIPT, two_hosts.server_addr, "0")
     errnos = out["errnos"]
-    assert errnos.get("EAGAIN", 0) >= 50, out  # both the GSO runs and single sends failed, and went on
+    assert errnos.get("EAGAIN", 0) >= 400, out  # GSO runs and single sends failed, and it went on
     assert out["counters"]["send_errors"] == sum(errnos.values())
 
 
@@ -132,7 +132,7 @@ def test_qdisc_drop_enobufs_is_counted_not_fatal(two_hosts):
     _tbf(two_hosts.client, two_hosts.link.b_ifname, "1600")  # room for one datagram
     out = _script(two_hosts.client, SEND_SCRIPT, two_hosts.server_addr, "1")
     errnos = out["errnos"]
-    assert errnos.get("ENOBUFS", 0) >= 50, out
+    assert errnos.get("ENOBUFS", 0) >= 400, out
     assert out["counters"]["send_errors"] == sum(errnos.values())
 
 
