@@ -140,7 +140,7 @@ def client_status() -> dict:
         "state": "up", "mode": "duplicate", "policy": None,
         "classes": [{"name": "default", "mode": "duplicate", "outer_dscp": None, "packets": 3, "copies": 6}],
         "ecn_dropped": 0, "address": "100.64.0.2/24",
-        "delivered": 50, "duplicates": 49, "too_old": 1, "malformed": 0, "dropped_no_path": 4, "not_ipv4": 2,
+        "delivered": 50, "duplicates": 49, "too_old": 1, "malformed": 0, "dropped_no_path": 4, "not_ipv4": 2, "rebinds": 3, "rebind_attempts": 5,
         "paths": [
             {
                 "addr": "198.18.0.1:4433", "name": "eth0", "state": "up", "priority": 0, "rtt_ms": 1.0,
@@ -220,6 +220,7 @@ def test_client_metrics_from_a_literal_status(serve) -> None:
     assert ("mptun_path_tx_bytes_total", L(**wwan)) not in m  # a reconnecting path has no counters
     assert m[("mptun_client_dropped_no_path_total", L())] == 4
     assert m[("mptun_client_not_ipv4_total", L())] == 2
+    assert m[("mptun_client_rebinds_total", L())] == 3 and m[("mptun_client_rebind_attempts_total", L())] == 5
     assert not any(name.startswith("mptun_server_") for name, _ in m)
 
     st.update(state="connecting", address=None, paths=[])

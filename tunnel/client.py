@@ -34,6 +34,8 @@ def resolve(cfg: ClientConfig) -> list[tuple[int, tuple]]:
 
 
 def path_label(key) -> str:
+    if isinstance(key, events.SpareKey):
+        return path_label(key.base) + " (spare)"
     ifname, local, server = key
     return f"{ifname} {local} -> {server[0]}:{server[1]}"
 
@@ -137,6 +139,8 @@ def run(cfg: ClientConfig) -> int:
                 except netlink.NetlinkErrorMsg as exc:
                     log.error("%s", exc)
                 log.info("tunnel mtu lowered to %d for the new path", state["mtu"])
+        elif isinstance(ev, events.Rebound):
+            log.info("path %s: a new session from a new source port replaced the silent one", path_label(ev.key))
         elif isinstance(ev, events.TunnelDown):
             log.warning("tunnel down: %s; reconnecting", ev.reason)
         elif isinstance(ev, events.PathUp):

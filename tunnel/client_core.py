@@ -25,7 +25,8 @@ from tunnel import events, frames
 from tunnel.dedup import DEFAULT_WINDOW, DedupWindow
 from tunnel.dtls import DtlsSession, common_name
 from tunnel.ecn import decapsulate
-from tunnel.path import P_HANDSHAKING, Path
+from tunnel.events import SpareKey
+from tunnel.path import P_DOWN, P_HANDSHAKING, Path
 from tunnel.policy import Policy
 from tunnel.reorder import Reorderer, floor, queue_of
 from tunnel.scheduler import MODES, Scheduler
@@ -34,6 +35,17 @@ BACKOFF_MIN = 0.25
 BACKOFF_MAX = 5.0
 BACKOFF_REFUSED = 10.0  # after the server refused us, retry slowly
 HELLO_RETRY = 0.5  # resend HELLO/JOIN when no CONFIG came back within this time
+# NAT rebinding and outages (docs/PROTOCOL.md, Reconnect): a joined path that has had no PONG for
+# REBIND_AFTER beyond its dead interval starts a spare session from a new socket (a new source
+# port, so a new NAT mapping) beside the silent one; the spare JOINs and, once it has CONFIG,
+# replaces the silent session (it is dropped if the old one answers again first).  A reconnect
+# handshake (or spare) that hears nothing at all for SILENT_ATTEMPT (or 4 RTTs of the path's last
+# session, if longer) is abandoned and retried after SILENT_BACKOFF: at most one ClientHello per
+# 1.25 s per path while an outage lasts.
+REBIND_AFTER = 0.2
+SILENT_ATTEMPT = 1.0
+SILENT_BACKOFF = 0.25
+SPARE_LIMIT = 3.0  # a spare session that has not joined by then is given up (and retried)
 
 C_CONNECTING, C_UP, C_CLOSED = "connecting", "up", "closed"
 
@@ -43,6 +55,7 @@ class PathSlot:
 
     __slots__ = (
         "key", "server", "name", "priority", "mtu", "path", "retry_at", "backoff", "hello_sent", "hello_at", "joined", "attempts",
+        "heard", "srtt", "spare", "spare_heard", "spare_hello_at", "spare_retry",
     )
 
     def __init__(self, key: Hashable, server: tuple, name: str, priority: int, mtu: int):
@@ -54,6 +67,12 @@ class PathSlot:
         self.hello_at = 0.0
         self.joined = False
         self.attempts = 0
+        self.heard = False  # the current handshake got an answer
+        self.srtt: Optional[float] = None  # the last session's RTT (None: never established)
+        self.spare: Optional[Path] = None  # a second session from a new socket while the path is silent
+        self.spare_heard = False
+        self.spare_hello_at = 0.0
+        self.spare_retry = 0.0
 
 
 class ClientCore:
@@ -98,6 +117,10 @@ class ClientCore:
         self.ipv6 = False  # the CONFIG gave an IPv6 address: IPv6 packets are carried too
         self.local6 = 0  # IPv6 link-local/multicast packets from the TUN (ND, MLD): never carried
         self.ecn_dropped = 0  # Not-ECT packets that arrived with outer CE (RFC 6040)
+        self.rebinds = 0  # silent sessions replaced by a spare from a new source port
+        self.rebind_attempts = 0  # spare sessions started
+        self._spares: dict = {}  # SpareKey -> slot
+        self._promoted: dict = {}  # SpareKey -> slot whose path is that spare now
 
     def set_policy(self, policy: Policy) -> None:
         """Install a (new) policy: one scheduler per traffic class."""
@@ -138,7 +161,7 @@ class ClientCore:
     def _connect(self, slot: PathSlot, now: float) -> None:
         slot.attempts += 1
         slot.retry_at = None
-        slot.hello_sent = slot.joined = False
+        slot.hello_sent = slot.joined = slot.heard = False
         self._events.append(events.Connecting(slot.key, slot.attempts))
         dtls = DtlsSession.client(self.ctx, slot.mtu, now)
         slot.path = Path(
@@ -159,9 +182,17 @@ class ClientCore:
         """One datagram from path ``key``; ``tos``: its outer TOS byte (for ECN)."""
         slot = self.slots.get(key)
         if slot is None or slot.path is None or not slot.path.alive:
+            spare_of = self._spares.get(key)
+            if spare_of is not None and spare_of.spare is not None:
+                self._spare_datagram(spare_of, data, now, tos)
+            elif (promoted := self._promoted.get(key)) is not None and promoted.key in self.slots:
+                # read from the spare's socket in the same drain as the CONFIG that promoted it
+                self.receive_datagram(promoted.key, data, now, tos)
             return
         path = slot.path
         handshaking = path.state == P_HANDSHAKING
+        if handshaking:
+            slot.heard = True
         records = path.receive(data, now)
         if handshaking and path.established:
             self._on_established(slot, now)
@@ -213,6 +244,8 @@ class ClientCore:
 
     def _on_established(self, slot: PathSlot, now: float) -> None:
         path = slot.path
+        if slot.srtt is None:
+            slot.srtt = 0.0
         cert = path.dtls.peer_certificate
         self._events.append(events.PathUp(slot.key, common_name(cert) if cert else "?", path.dtls.cipher))
         self._send_hello(slot, now)
@@ -298,8 +331,22 @@ class ClientCore:
             self._refresh()
             self._events.append(events.PathState(slot.key, slot.name, path.state))
 
-    def _lost(self, slot: PathSlot, reason: str, now: float, backoff: Optional[float] = None, reconnect: bool = True) -> None:
+    def _abandon(self, slot: PathSlot, reason: str, now: float, backoff: float, report: bool = True) -> None:
+        """Give up the slot's session locally (its socket closes with it: no CLOSE) and reconnect."""
         path = slot.path
+        path.close(None, now)
+        path.out.clear()
+        self._lost(slot, reason, now, backoff=backoff, report=report)
+
+    def _lost(
+        self, slot: PathSlot, reason: str, now: float, backoff: Optional[float] = None, reconnect: bool = True,
+        report: bool = True,
+    ) -> None:
+        path = slot.path
+        if slot.spare is not None:
+            self._drop_spare(slot, now)
+        if path is not None and path.srtt is not None:
+            slot.srtt = path.srtt
         if path is not None and path in self._joined:
             self._joined.remove(path)
             self._refresh()
@@ -309,7 +356,8 @@ class ClientCore:
             self._creating = None
             for other in self.slots.values():  # let another path create the tunnel
                 self._send_hello(other, now)
-        self._events.append(events.PathDown(slot.key, reason))
+        if report:
+            self._events.append(events.PathDown(slot.key, reason))
         if was_joined and not self._joined and self.state == C_UP:
             self.state = C_CONNECTING
             self._events.append(events.TunnelDown(reason))
@@ -377,6 +425,8 @@ class ClientCore:
                 t = slot.path.get_timer()
                 if t is not None:
                     timers.append(t)
+                if slot.spare is not None and (t := slot.spare.get_timer()) is not None:
+                    timers.append(t)
         return min(timers) if timers else None
 
     def handle_timer(self, now: float) -> None:
@@ -400,6 +450,8 @@ class ClientCore:
             if slot.hello_sent and not slot.joined and slot.path is path and now - slot.hello_at >= HELLO_RETRY:
                 slot.hello_sent = False  # HELLO or CONFIG was lost: ask again
                 self._send_hello(slot, now)
+            if slot.path is path:
+                self._check_silence(slot, path, now)
         if self._reorder.waiting:
             self._reorder.expire(now, self.to_tun)
             self._reorder.progress(floor(self._joined), self.to_tun)
@@ -407,6 +459,142 @@ class ClientCore:
             for p in self._joined:
                 p.updated = False
             self._refresh()
+
+    def _check_silence(self, slot: PathSlot, path: Path, now: float) -> None:
+        """Long outages (SILENT_ATTEMPT) and NAT rebinding (REBIND_AFTER: start a spare session)."""
+        if path.state == P_HANDSHAKING:
+            if slot.srtt is not None and not slot.heard and now - path.created >= max(SILENT_ATTEMPT, 4 * slot.srtt):
+                self._abandon(slot, "no answer from the server", now, SILENT_BACKOFF, report=False)
+            return
+        spare = slot.spare
+        if path.state != P_DOWN or not slot.joined:
+            if spare is not None:  # the old session answers again: it stays
+                self._drop_spare(slot, now)
+            return
+        if spare is None:
+            est = path.est
+            if now - est.last_ack >= est.effective_dead_interval + REBIND_AFTER and now >= slot.spare_retry:
+                self._start_spare(slot, now)
+            return
+        t = spare.get_timer()
+        if t is not None and now >= t:
+            spare.handle_timer(now)
+            self._collect(spare)
+        if not spare.alive:
+            self._drop_spare(slot, now, SILENT_BACKOFF)
+        elif not slot.spare_heard and now - spare.created >= max(SILENT_ATTEMPT, 4 * (slot.srtt or 0.0)):
+            self._drop_spare(slot, now, SILENT_BACKOFF)
+        elif now - spare.created >= SPARE_LIMIT:
+            self._drop_spare(slot, now, SILENT_BACKOFF)
+        elif spare.established and now - slot.spare_hello_at >= HELLO_RETRY:
+            self._spare_join(slot, now)
+
+    # -- NAT rebinding: a spare session per silent path ----------------
+    def _start_spare(self, slot: PathSlot, now: float) -> None:
+        key = SpareKey(slot.key)
+        self._promoted.pop(key, None)
+        self.rebind_attempts += 1
+        slot.spare_heard = False
+        slot.spare_hello_at = 0.0
+        self._spares[key] = slot
+        self._events.append(events.Connecting(key, slot.attempts))  # the shell opens a new socket for it
+        dtls = DtlsSession.client(self.ctx, slot.mtu, now)
+        slot.spare = Path(
+            dtls, slot.server, now, self.probe_interval, self.dead_interval, self.timeout, key=key, name=slot.name
+        )
+        slot.spare.priority = slot.priority
+        self._collect(slot.spare)
+
+    def _drop_spare(self, slot: PathSlot, now: float, retry: float = 0.0) -> None:
+        spare, slot.spare = slot.spare, None
+        self._spares.pop(spare.key, None)
+        if spare.established and spare.alive:  # the server may hold it: tell it (on the spare's socket)
+            spare.close(frames.encode(frames.Close(frames.CLOSE_PATH, "spare session not needed")), now)
+        elif spare.alive:
+            spare.close(None, now)
+        self._collect(spare)
+        slot.spare_retry = now + retry
+
+    def _spare_datagram(self, slot: PathSlot, data: bytes, now: float, tos: int) -> None:
+        spare = slot.spare
+        handshaking = spare.state == P_HANDSHAKING
+        slot.spare_heard = True
+        records = spare.receive(data, now)
+        if handshaking and spare.established:
+            self._spare_join(slot, now)
+        for i, rec in enumerate(records):
+            if rec[0] == frames.DATA:
+                continue  # not joined yet: the server sends no DATA before CONFIG
+            try:
+                frame = frames.parse(rec)
+            except frames.FrameError:
+                self.malformed += 1
+                continue
+            if isinstance(frame, frames.Config) and frame.tunnel_id == self.tunnel_id:
+                self._promote(slot, now)
+                for rest in records[i + 1 :]:  # e.g. packets the server held for the tunnel
+                    if rest[0] == frames.DATA:
+                        self._spare_data(rest, tos)
+                return
+            if isinstance(frame, frames.Close):
+                spare.close(None, now)
+                self._drop_spare(slot, now, SILENT_BACKOFF)
+                if frame.code == frames.CLOSE_UNKNOWN_TUNNEL:  # the server forgot the tunnel: start over
+                    self._forget_tunnel()
+                    for other in list(self.slots.values()):  # and silent sessions belong to the old server
+                        if other.path is not None and other.path.alive and (other is slot or other.path.state == P_DOWN):
+                            self._abandon(other, "the server no longer knows the tunnel", now, 0.0)
+                return
+            self.malformed += 1
+        self._collect(spare)
+        if not spare.alive:
+            self._drop_spare(slot, now, SILENT_BACKOFF)
+
+    def _spare_data(self, rec: bytes, tos: int) -> None:
+        try:
+            seq, payload = frames.parse_data(rec)
+        except frames.FrameError:
+            self.malformed += 1
+            return
+        if self._dedup.accept(seq):
+            if tos & 3 == 3:
+                payload = decapsulate(tos, payload)
+                if payload is None:
+                    self.ecn_dropped += 1
+                    return
+            self.to_tun.append(payload)
+
+    def _spare_join(self, slot: PathSlot, now: float) -> None:
+        if self.tunnel_id == frames.NEW_TUNNEL:
+            return
+        hello = frames.Hello(frames.PROTOCOL_VERSION, self.tunnel_id, self.hello_mode, self.redundancy, slot.priority)
+        slot.spare.send(frames.encode(hello), now)
+        self._collect(slot.spare)
+        slot.spare_hello_at = now
+
+    def _promote(self, slot: PathSlot, now: float) -> None:
+        """The spare joined the tunnel: it replaces the silent session (dropped without a word:
+        its socket closes, and the server has replaced it on the JOIN)."""
+        spare, old = slot.spare, slot.path
+        slot.spare = None
+        key = spare.key
+        del self._spares[key]
+        self._promoted[key] = slot
+        self._collect(spare)
+        self.outbox = [(slot.key if k == key else k, d, t) for k, d, t in self.outbox]
+        spare.key = slot.key
+        old.close(None, now)
+        old.out.clear()
+        old.changed = False
+        if old in self._joined:
+            self._joined.remove(old)
+        self._joined.append(spare)
+        slot.path = spare
+        slot.backoff = BACKOFF_MIN
+        self.rebinds += 1
+        self._refresh()
+        self._events.append(events.Rebound(slot.key))
+        self._events.append(events.PathJoined(slot.key, slot.name))
 
     def _class_stats(self) -> list[dict]:
         return [
@@ -439,5 +627,7 @@ class ClientCore:
             "not_ipv4": self.not_ipv4,
             "address6": next((str(a) for a in self.config.addresses if a.version == 6), None) if self.config else None,
             "local6": self.local6,
+            "rebinds": self.rebinds,
+            "rebind_attempts": self.rebind_attempts,
             "paths": paths,
         }

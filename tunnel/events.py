@@ -92,3 +92,18 @@ class LimitHit:
     kind: str
     addr: Hashable
     reason: str
+
+
+@dataclass(frozen=True)
+class SpareKey:
+    """Client: the key of a slot's spare session (NAT rebinding), a socket of its own."""
+
+    base: Hashable
+
+
+@dataclass
+class Rebound:
+    """Client: the spare session of path ``key`` joined the tunnel and replaced the silent
+    one; its socket (opened for ``SpareKey(key)``) is now the path's socket."""
+
+    key: Hashable

@@ -30,7 +30,7 @@ client role the ``name`` given to MetricsServer):
     mptun_path_state{client,path,name,state}               1 (one series per path: its current state)
     mptun_path_joined{client,path,name}                    (client) 1 if the path joined the tunnel
     mptun_server_<counter>_total                           each entry of the server's ``counters``
-    mptun_client_<counter>_total                           dropped_no_path, not_ipv4 (client)
+    mptun_client_<counter>_total                           dropped_no_path, not_ipv4, rebind_attempts, rebinds (client)
     mptun_io_<counter>_total                               each entry of the shell's ``io``
 
 The path state is not a label of the counters: a counter series would restart
@@ -80,6 +80,8 @@ CLIENT_COUNTERS = (
     ("dropped_no_path", "Packets from the TUN dropped because no path was up."),
     ("not_ipv4", "Packets from the TUN dropped because they were not IPv4 (nor IPv6 with an IPv6 address)."),
     ("local6", "IPv6 link-local or multicast packets from the TUN, kept off the tunnel."),
+    ("rebind_attempts", "Spare sessions started for silent paths (NAT rebinding)."),
+    ("rebinds", "Silent path sessions replaced by a spare from a new source port."),
 )
 
 

@@ -25,7 +25,7 @@ from tunnel.dedup import DEFAULT_WINDOW, DedupWindow
 from tunnel.dtls import DTLS_HEADER, DtlsListener, common_name
 from tunnel.ecn import decapsulate
 from tunnel.icmp import unreachable, unreachable6
-from tunnel.path import P_HANDSHAKING, Path
+from tunnel.path import P_DOWN, P_HANDSHAKING, Path
 from tunnel.policy import Policy
 from tunnel.pool import AddressPool, AddressPool6, PoolExhausted
 from tunnel.reorder import Reorderer, floor, queue_of
@@ -187,6 +187,7 @@ class ServerCore:
             "handshakes_rate_limited": 0,
             "revoked": 0,  # handshakes refused and tunnels closed for a revoked or denied client
             "handshakes_refused": 0,  # max_handshakes: too many handshakes in progress
+            "paths_replaced": 0,  # stale paths a JOIN replaced (NAT rebinding, reconnect after an outage)
         }
 
     # -- datagrams from the network ----------------------------------
@@ -452,12 +453,24 @@ class ServerCore:
             return self._refuse(
                 path, frames.CLOSE_REFUSED, f"client '{path.name}' may not join the tunnel of '{tunnel.name}'", now
             )
+        self._replace_stale(tunnel, now)
         if len(tunnel.paths) >= self.max_paths:
             self.counters["paths_refused"] += 1
             self._limit("max_paths", path.addr, f"max_paths ({self.max_paths}) reached for '{tunnel.name}'", now)
             return self._refuse(path, frames.CLOSE_REFUSED, "too many paths", now)
         self._attach(tunnel, path, now)
         self._events.append(events.PathJoined(path.addr, tunnel.name))
+
+    def _replace_stale(self, tunnel: ServerTunnel, now: float) -> None:
+        """A JOIN replaces the tunnel's stale paths: down (no PONG for the dead interval) or silent
+        for the dead interval.  The client rejoins from a new source port when a path stops
+        answering (NAT rebinding, docs/PROTOCOL.md), so the old one is most likely gone for good."""
+        dead = self.dead_interval
+        for p in [p for p in tunnel.paths if p.state == P_DOWN or now - p.est.last_rx >= dead]:
+            self.counters["paths_replaced"] += 1
+            p.close(frames.encode(frames.Close(frames.CLOSE_PATH, "replaced by a newer path of the client")), now)
+            self._flush(p)
+            self._drop_path(p, "stale: replaced by a newer path of the client", now)
 
     def _attach(self, tunnel: ServerTunnel, path: Path, now: float) -> None:
         tunnel.paths.append(path)

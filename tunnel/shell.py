@@ -260,6 +260,7 @@ class ClientShell(Shell):
             core.remove_path(key, now)
             self.flush()  # the CLOSE goes out on the old socket
             self._close_socket(key)
+            self._close_socket(events.SpareKey(key))
         for key, (server, name, priority, mtu) in wanted.items():
             if key not in core.slots:
                 core.add_path(key, server, now, name=name, priority=priority, mtu=mtu)
@@ -268,7 +269,7 @@ class ClientShell(Shell):
     def _open_socket(self, key: Hashable) -> None:
         self._close_socket(key)
         try:
-            sock = BatchSocket(self._make_socket(key))
+            sock = BatchSocket(self._make_socket(key.base if isinstance(key, events.SpareKey) else key))
         except OSError as exc:
             log.warning("path %s: cannot open a socket: %s", key, exc)
             return
@@ -330,6 +331,13 @@ class ClientShell(Shell):
     def on_event(self, ev) -> None:
         if isinstance(ev, events.Connecting):
             self._open_socket(ev.key)
+        elif isinstance(ev, events.Rebound):  # the spare session's socket becomes the path's
+            self._close_socket(ev.key)
+            sock = self.socks.pop(events.SpareKey(ev.key), None)
+            if sock is not None:
+                self.loop.remove_reader(sock.fileno())
+                self.socks[ev.key] = sock
+                self.loop.add_reader(sock.fileno(), self._on_sock_readable, ev.key, sock)
         self._on_event(ev)
 
     def shutdown(self) -> None:

@@ -91,7 +91,8 @@ class BatchSocket:
                     self.gso = False  # this path cannot offload: stop trying
                     self._send_each(run, addr, on_error, tos_cmsg)
                 else:
-                    on_error(exc)
+                    for _ in run:  # e.g. EAGAIN on a full send buffer: every datagram of the run is lost
+                        on_error(exc)
 
     def _send_each(self, dgrams: Iterable[bytes], addr, on_error: Callable[[OSError], None], cmsg: list) -> None:
         sock = self.sock
