@@ -1,0 +1,646 @@
+"""A real WebRTC call (aiortc, unmodified) between two lab namespaces, measured.
+
+Why: mptun is built for live media, and the honest test of that is a real
+WebRTC stack on both ends: ICE, DTLS-SRTP, RTP/RTCP with its own NACK/RTX and
+jitter buffers, sending audio and video through whatever the routing gives it.
+Nothing in aiortc is patched or configured towards the tunnel: the peers only
+get host candidates (no STUN/TURN servers), and routing alone decides whether
+the media crosses mptun or a raw link.
+
+Pieces:
+
+- ``python -m tunnel.lab.webrtc peer ...``: one peer, run inside a namespace
+  (``Host.popen``).  Offer/answer go through files in a shared directory (the
+  signalling is not the point).  It sends synthetic audio (a tone, Opus) and
+  video (noise frames, VP8: incompressible, so the encoder fills full-size RTP
+  packets), runs for ``--seconds`` after the connection is up, and writes a
+  JSON result: getStats ``inbound-rtp``, the frames its receiving tracks
+  decoded (and the longest pause between two decoded frames) and, from an
+  AF_PACKET capture on ``--iface`` with kernel timestamps, every RTP packet
+  it received (per SSRC: loss from sequence numbers, longest gap, RFC 3550
+  jitter, largest IP packet, TOS bytes, IP fragments).
+- ``python -m tunnel.lab.webrtc outer IFACE PORT OUT``: a capture of the
+  tunnel's outer UDP datagrams (length, TOS, fragment bits) until SIGTERM.
+- :func:`run_call`: runs a whole call between two hosts and returns both
+  results; :class:`CallLab`: the multipath topology plus a namespace "far"
+  behind the server, with the switches the test and the bench need (direct
+  route, tunnel up with a mode or policy, impairments).
+
+App layer only (lab), like the rest of :mod:`tunnel.lab`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fractions
+import json
+import math
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+ETH_P_ALL = 0x0003
+PACKET_OUTGOING = 4
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+WARMUP_S = 1.0  # gaps are measured from this long after the connection is up
+MEDIA_PORTS = (10000, 20000)  # the media port range of policies/webrtc.toml
+
+
+# --------------------------------------------------------------------------
+# Capture (AF_PACKET, kernel receive timestamps)
+# --------------------------------------------------------------------------
+
+def _open_capture(iface: str) -> socket.socket:
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))  # no link header
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    s.bind((iface, ETH_P_ALL))
+    s.settimeout(0.2)
+    return s
+
+
+def _recv(s: socket.socket) -> Optional[tuple[bytes, int, float]]:
+    """(packet, pkttype, kernel receive time) or None on timeout."""
+    try:
+        pkt, anc, _flags, addr = s.recvmsg(65535, 64)
+    except socket.timeout:
+        return None
+    t = time.time()
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+            sec, nsec = struct.unpack_from("qq", data)
+            t = sec + nsec * 1e-9
+    return pkt, addr[2], t
+
+
+def _udp(pkt: bytes) -> Optional[tuple[int, int, int, int, int, int]]:
+    """(ip_len, tos, frag bits, src port, dst port, payload offset) of an IPv4 packet, else None.
+
+    ``frag bits`` is the MF flag and fragment offset (0 for an unfragmented packet).
+    """
+    if len(pkt) < 20 or pkt[0] >> 4 != 4:
+        return None
+    ihl = (pkt[0] & 0x0F) * 4
+    frag = int.from_bytes(pkt[6:8], "big") & 0x3FFF
+    if pkt[9] != 17 or len(pkt) < ihl + 8:
+        return (int.from_bytes(pkt[2:4], "big"), pkt[1], frag, -1, -1, -1)
+    sport, dport = struct.unpack_from("!HH", pkt, ihl)
+    return int.from_bytes(pkt[2:4], "big"), pkt[1], frag, sport, dport, ihl + 8
+
+
+class RtpCapture(threading.Thread):
+    """Every RTP packet received on ``iface``: [t, ssrc, seq, rtp_ts, pt, ip_len, tos].
+
+    RTP is told from STUN, DTLS and RTCP (all on the same ports with
+    rtcp-mux) by its first two bytes (RFC 7983 and RFC 5761: version 2,
+    payload type outside 64-95).  SRTP leaves the RTP header in the clear.
+    """
+
+    def __init__(self, iface: str) -> None:
+        super().__init__(daemon=True, name="rtp-capture")
+        self.sock = _open_capture(iface)
+        self.packets: list[list] = []
+        self.fragments = 0  # received IPv4 packets with MF set or a fragment offset
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            got = _recv(self.sock)
+            if got is None:
+                continue
+            pkt, pkttype, t = got
+            if pkttype == PACKET_OUTGOING:
+                continue
+            head = _udp(pkt)
+            if head is None:
+                continue
+            ip_len, tos, frag, _sport, _dport, off = head
+            if frag:
+                self.fragments += 1
+            if off < 0 or frag or len(pkt) < off + 12:
+                continue
+            b0, b1 = pkt[off], pkt[off + 1]
+            if b0 >> 6 != 2 or 64 <= (b1 & 0x7F) <= 95:
+                continue
+            seq, ts, ssrc = struct.unpack_from("!HII", pkt, off + 2)
+            self.packets.append([t, ssrc, seq, ts, b1 & 0x7F, ip_len, tos])
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(2)
+        self.sock.close()
+
+
+def outer_capture(iface: str, port: int, out: str) -> None:
+    """Outer datagrams to/from ``port`` on ``iface`` until SIGTERM: [ip_len, tos, frag] each.
+
+    Also catches IPv4 fragments of any protocol (a non-first fragment has no
+    UDP header, so it cannot be told by port): they are written as [ip_len, tos, frag].
+    """
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    s = _open_capture(iface)
+    seen: list[list[int]] = []
+    Path(out + ".ready").touch()
+    while not stop.is_set():
+        got = _recv(s)
+        if got is None:
+            continue
+        head = _udp(got[0])
+        if head is None:
+            continue
+        ip_len, tos, frag, sport, dport, _ = head
+        if frag or port in (sport, dport):
+            seen.append([ip_len, tos, frag])
+    tmp = out + ".tmp"
+    Path(tmp).write_text(json.dumps(seen))
+    os.replace(tmp, out)
+
+
+# --------------------------------------------------------------------------
+# Figures from a capture
+# --------------------------------------------------------------------------
+
+def stream_figures(packets: Sequence[Sequence], clock_rate: int, start: float, end: float) -> dict:
+    """Loss, longest gap and jitter of one SSRC's captured packets.
+
+    Loss counts unique sequence numbers against the range seen (as RFC 3550's
+    cumulative loss); duplicates are counted apart.  The longest gap is taken
+    between consecutive arrivals in [start, end].  Jitter is RFC 3550's
+    interarrival jitter from the kernel timestamps, in ms.
+    """
+    if not packets:
+        return {"received": 0, "expected": 0, "lost": 0, "duplicates": 0, "loss_pct": 100.0,
+                "gap_ms": (end - start) * 1e3, "jitter_ms": 0.0, "max_ip_len": 0, "tos": []}
+    ext: list[int] = []
+    last = None
+    cycles = 0
+    for p in packets:  # extend 16-bit sequence numbers
+        seq = p[2]
+        if last is not None and seq < last and last - seq > 0x8000:
+            cycles += 0x10000
+        elif last is not None and seq > last and seq - last > 0x8000:
+            ext.append(seq + cycles - 0x10000)
+            continue
+        last = seq
+        ext.append(seq + cycles)
+    unique = set(ext)
+    expected = max(unique) - min(unique) + 1
+    lost = expected - len(unique)
+    times = [p[0] for p in packets if start <= p[0] <= end]
+    gap = max((b - a for a, b in zip(times, times[1:])), default=(end - start))
+    if times:
+        gap = max(gap, times[0] - start, end - times[-1])
+    jitter = 0.0
+    prev = None
+    for p in packets:
+        if prev is not None and p[3] != prev[3]:
+            d_ts = ((p[3] - prev[3] + 0x80000000) & 0xFFFFFFFF) - 0x80000000  # signed 32-bit difference
+            d = abs((p[0] - prev[0]) - d_ts / clock_rate)
+            jitter += (d - jitter) / 16
+        prev = p
+    return {
+        "received": len(packets), "expected": expected, "lost": lost,
+        "duplicates": len(ext) - len(unique), "loss_pct": 100.0 * lost / expected,
+        "gap_ms": gap * 1e3, "jitter_ms": jitter * 1e3,
+        "max_ip_len": max(p[5] for p in packets), "tos": sorted({p[6] for p in packets}),
+    }
+
+
+def _sdp_ssrcs(sdp: str) -> dict[int, dict]:
+    """SSRC -> {"kind", "rtx"} from the a=ssrc / a=ssrc-group:FID lines of an SDP."""
+    out: dict[int, dict] = {}
+    kind = None
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            kind = line[2:].split(" ", 1)[0]
+        elif line.startswith("a=ssrc-group:FID ") and kind:
+            primary, *rtx = (int(x) for x in line.split()[1:])
+            out.setdefault(primary, {"kind": kind, "rtx": False})
+            for r in rtx:
+                out[r] = {"kind": kind, "rtx": True}
+        elif line.startswith("a=ssrc:") and kind:
+            ssrc = int(line[7:].split(" ", 1)[0])
+            out.setdefault(ssrc, {"kind": kind, "rtx": False})
+    return out
+
+
+# --------------------------------------------------------------------------
+# The peer (runs inside a namespace)
+# --------------------------------------------------------------------------
+
+def _tracks():
+    """A 440 Hz tone (48 kHz, 20 ms frames) and 320x240 noise video at 30 frames/s."""
+    import av
+    from aiortc.mediastreams import AUDIO_PTIME, AudioStreamTrack, VideoStreamTrack
+
+    class ToneTrack(AudioStreamTrack):
+        rate = 48000
+
+        def __init__(self) -> None:
+            super().__init__()
+            n = int(AUDIO_PTIME * self.rate)
+            self._samples = n
+            self._pcm = struct.pack(f"<{n}h", *(int(8000 * math.sin(2 * math.pi * 440 * i / self.rate))
+                                                for i in range(n)))  # 440 Hz: whole periods per frame
+
+        async def recv(self):
+            if hasattr(self, "_timestamp"):
+                self._timestamp += self._samples
+                await asyncio.sleep(self._start + self._timestamp / self.rate - time.time())
+            else:
+                self._start, self._timestamp = time.time(), 0
+            frame = av.AudioFrame(format="s16", layout="mono", samples=self._samples)
+            frame.planes[0].update(self._pcm)
+            frame.pts, frame.sample_rate = self._timestamp, self.rate
+            frame.time_base = fractions.Fraction(1, self.rate)
+            return frame
+
+    class NoiseTrack(VideoStreamTrack):
+        """Grey 320x240 frames with a fresh 96x64 patch of noise each: incompressible
+        enough for frames of several full-size RTP packets, cheap enough to encode."""
+
+        def __init__(self, width: int = 320, height: int = 240, patch: tuple[int, int] = (96, 64)) -> None:
+            super().__init__()
+            self._size = (width, height)
+            self._patch = patch
+            self._noise = [os.urandom(patch[0] * patch[1]) for _ in range(8)]
+            self._n = 0
+
+        async def recv(self):
+            pts, time_base = await self.next_timestamp()
+            width, height = self._size
+            frame = av.VideoFrame(width, height, "yuv420p")
+            luma = bytearray(b"\x80" * frame.planes[0].buffer_size)
+            noise = self._noise[self._n % len(self._noise)]
+            self._n += 1
+            pw, ph = self._patch
+            stride = frame.planes[0].line_size
+            for row in range(ph):
+                luma[row * stride:row * stride + pw] = noise[row * pw:(row + 1) * pw]
+            frame.planes[0].update(bytes(luma))
+            for plane in frame.planes[1:]:
+                plane.update(b"\x80" * plane.buffer_size)
+            frame.pts, frame.time_base = pts, time_base
+            return frame
+
+    return ToneTrack(), NoiseTrack()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+async def _wait_file(path: Path, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {path.name} within {timeout:g} s")
+        await asyncio.sleep(0.05)
+    return json.loads(path.read_text())
+
+
+async def _peer(role: str, workdir: Path, seconds: float, iface: Optional[str], timeout: float) -> dict:
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+    from aiortc.mediastreams import MediaStreamError
+
+    capture = RtpCapture(iface) if iface else None
+    if capture:
+        capture.start()
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates only
+    audio, video = _tracks()
+    pc.addTrack(audio)
+    pc.addTrack(video)
+    frames: dict[str, list[float]] = {"audio": [], "video": []}
+    tasks = []
+
+    @pc.on("track")
+    def on_track(track) -> None:
+        async def consume() -> None:
+            stamps = frames[track.kind]
+            try:
+                while True:
+                    await track.recv()
+                    stamps.append(time.monotonic())
+            except MediaStreamError:
+                pass
+        tasks.append(asyncio.ensure_future(consume()))
+
+    if role == "offer":
+        await pc.setLocalDescription(await pc.createOffer())  # returns once gathering is complete
+        _write_json(workdir / "offer.json", {"sdp": pc.localDescription.sdp, "type": "offer"})
+        answer = await _wait_file(workdir / "answer.json", timeout)
+        await pc.setRemoteDescription(RTCSessionDescription(**answer))
+    else:
+        offer = await _wait_file(workdir / "offer.json", timeout)
+        await pc.setRemoteDescription(RTCSessionDescription(**offer))
+        await pc.setLocalDescription(await pc.createAnswer())
+        _write_json(workdir / "answer.json", {"sdp": pc.localDescription.sdp, "type": "answer"})
+    deadline = time.monotonic() + timeout
+    while pc.connectionState != "connected":
+        if pc.connectionState in ("failed", "closed") or time.monotonic() > deadline:
+            raise RuntimeError(f"{role}: connection {pc.connectionState}")
+        await asyncio.sleep(0.02)
+    connected = time.monotonic()
+    _write_json(workdir / f"{role}.connected", {"monotonic": connected, "time": time.time()})
+    start_wall = time.time()
+    await asyncio.sleep(seconds)
+    end_wall = time.time()
+    end = time.monotonic()
+
+    inbound, outbound = [], []
+    for transceiver in pc.getTransceivers():
+        for obj in (transceiver.receiver, transceiver.sender):
+            for s in (await obj.getStats()).values():
+                if s.type == "inbound-rtp":
+                    inbound.append({"kind": s.kind, "ssrc": s.ssrc, "packetsReceived": s.packetsReceived,
+                                    "packetsLost": s.packetsLost, "jitter": s.jitter})
+                elif s.type == "outbound-rtp":
+                    outbound.append({"kind": s.kind, "ssrc": s.ssrc, "packetsSent": s.packetsSent})
+    remote_sdp = pc.remoteDescription.sdp
+    if capture:
+        capture.stop()
+    await pc.close()
+    for task in tasks:
+        task.cancel()
+
+    ssrcs = _sdp_ssrcs(remote_sdp)
+    rtp: dict[str, dict] = {}
+    if capture:
+        by_ssrc: dict[int, list] = {}
+        for p in capture.packets:
+            by_ssrc.setdefault(p[1], []).append(p)
+        for ssrc, pkts in by_ssrc.items():
+            info = ssrcs.get(ssrc, {"kind": "?", "rtx": False})
+            rate = 48000 if info["kind"] == "audio" else 90000
+            fig = stream_figures(pkts, rate, start_wall + WARMUP_S, end_wall)
+            rtp[str(ssrc)] = {**info, "pt": pkts[0][4], **fig}
+    decoded = {}
+    for kind, stamps in frames.items():
+        inside = [t for t in stamps if connected + WARMUP_S <= t <= end]
+        pause = max((b - a for a, b in zip(inside, inside[1:])), default=seconds)
+        decoded[kind] = {"frames": len(stamps), "longest_pause_ms": pause * 1e3}
+    return {
+        "role": role, "seconds": seconds, "connected": connected,
+        "inbound": inbound, "outbound": outbound, "decoded": decoded, "rtp": rtp,
+        "fragments": capture.fragments if capture else None,
+        "all_rtp_gap_ms": _all_gap(capture.packets, start_wall + WARMUP_S, end_wall) if capture else None,
+    }
+
+
+def _all_gap(packets: list[list], start: float, end: float) -> float:
+    times = sorted(p[0] for p in packets if start <= p[0] <= end)
+    if not times:
+        return (end - start) * 1e3
+    return 1e3 * max([b - a for a, b in zip(times, times[1:])] + [times[0] - start, end - times[-1]])
+
+
+def peer_main(args: argparse.Namespace) -> int:
+    workdir = Path(args.dir)
+    try:
+        result = asyncio.run(_peer(args.role, workdir, args.seconds, args.iface, args.timeout))
+    except Exception as exc:  # reported to the harness in the result file, not as a traceback
+        result = {"role": args.role, "error": f"{type(exc).__name__}: {exc}"}
+    _write_json(workdir / f"{args.role}.json", result)
+    return 0 if "error" not in result else 1
+
+
+# --------------------------------------------------------------------------
+# Harness (root namespace)
+# --------------------------------------------------------------------------
+
+def peer_argv(role: str, workdir: Path, seconds: float, iface: Optional[str], timeout: float = 30.0) -> list[str]:
+    argv = [sys.executable, "-m", "tunnel.lab.webrtc", "peer", role, str(workdir), "--seconds", str(seconds),
+            "--timeout", str(timeout)]
+    return argv + (["--iface", iface] if iface else [])
+
+
+def run_call(offer_host, offer_iface: Optional[str], answer_host, answer_iface: Optional[str], workdir: Path,
+             seconds: float, during: Optional[Callable[[float], None]] = None, timeout: float = 30.0) -> dict:
+    """One call: the offerer in ``offer_host``, the answerer in ``answer_host``.
+
+    Each side captures the RTP it receives on its ``*_iface``.  ``during(t0)``
+    is called once both sides are connected (``t0``: the later connection
+    time, ``time.monotonic()``, shared by all namespaces); it may impair the
+    paths on a schedule.  Returns ``{"offer": result, "answer": result}``.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in ("offer.json", "answer.json", "offer.connected", "answer.connected"):
+        (workdir / name).unlink(missing_ok=True)
+    logs = []
+    procs = []
+    for role, host, iface in (("answer", answer_host, answer_iface), ("offer", offer_host, offer_iface)):
+        log = open(workdir / f"{role}.log", "ab")
+        logs.append(log)
+        procs.append(host.popen(peer_argv(role, workdir, seconds, iface, timeout),
+                                stdout=subprocess.DEVNULL, stderr=log))
+    try:
+        from tunnel.lab.netns import wait_for
+
+        def connected() -> Optional[list[float]]:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError(_failure(workdir, "a peer exited before connecting"))
+            files = [workdir / f"{r}.connected" for r in ("offer", "answer")]
+            return [json.loads(f.read_text())["monotonic"] for f in files] if all(f.exists() for f in files) else None
+
+        t0 = max(wait_for(connected, timeout + 10, message="WebRTC peers did not connect"))
+        if during:
+            during(t0)
+        for p in procs:
+            p.wait(timeout=max(1.0, t0 + seconds - time.monotonic()) + 30)
+        results = {}
+        for role in ("offer", "answer"):
+            path = workdir / f"{role}.json"
+            if not path.exists():
+                raise RuntimeError(_failure(workdir, f"{role} wrote no result"))
+            results[role] = json.loads(path.read_text())
+            if "error" in results[role]:
+                raise RuntimeError(_failure(workdir, f"{role}: {results[role]['error']}"))
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(5)
+        for log in logs:
+            log.close()
+
+
+def _failure(workdir: Path, what: str) -> str:
+    tails = []
+    for role in ("offer", "answer"):
+        log = workdir / f"{role}.log"
+        if log.exists():
+            tails.append(f"{role} log:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+    return what + "\n" + "\n".join(tails)
+
+
+def summary(result: dict) -> dict:
+    """The figures of one receiving side: per kind, from getStats and from the capture.
+
+    ``loss_pct`` (getStats packetsLost / (received + lost)), ``jitter_ms``
+    (getStats jitter over the clock rate), ``frames`` decoded and the longest
+    pause between decoded frames; from the capture of the primary (non-RTX)
+    stream: ``rtp_loss_pct``, ``gap_ms``, ``max_ip_len``; RTX packets received.
+    """
+    out: dict[str, Any] = {"all_rtp_gap_ms": result.get("all_rtp_gap_ms"), "fragments": result.get("fragments")}
+    rates = {"audio": 48000, "video": 90000}
+    for kind in ("audio", "video"):
+        primary = [v for v in result["rtp"].values() if v["kind"] == kind and not v["rtx"]]
+        rtx = [v for v in result["rtp"].values() if v["kind"] == kind and v["rtx"]]
+        primary_ssrcs = {int(k) for k, v in result["rtp"].items() if v["kind"] == kind and not v["rtx"]}
+        stats = [s for s in result["inbound"] if s["kind"] == kind]
+        # aiortc files every SSRC of a receiver under one stats id, so an RTX stream can
+        # replace the primary one in getStats: prefer the entry of the primary SSRC.
+        chosen = [s for s in stats if s["ssrc"] in primary_ssrcs] or stats
+        fig: dict[str, Any] = {}
+        if chosen:
+            s = chosen[0]
+            total = s["packetsReceived"] + max(0, s["packetsLost"])
+            fig.update(stats_ssrc=s["ssrc"], packets_received=s["packetsReceived"], packets_lost=s["packetsLost"],
+                       loss_pct=100.0 * max(0, s["packetsLost"]) / total if total else 100.0,
+                       jitter_ms=1e3 * s["jitter"] / rates[kind])
+        if primary:
+            p = primary[0]
+            fig.update(rtp_received=p["received"], rtp_loss_pct=p["loss_pct"], gap_ms=p["gap_ms"],
+                       capture_jitter_ms=p["jitter_ms"], max_ip_len=p["max_ip_len"], tos=p["tos"])
+        fig["rtx_received"] = sum(v["received"] for v in rtx)
+        d = result["decoded"][kind]
+        fig.update(frames=d["frames"], longest_pause_ms=d["longest_pause_ms"])
+        out[kind] = fig
+    return out
+
+
+def freeze_threshold_ms(frames: int, seconds: float) -> float:
+    """WebRTC's freeze: a pause longer than max(3 x the mean frame interval, mean + 150 ms)."""
+    mean = 1e3 * seconds / max(1, frames)
+    return max(3 * mean, mean + 150)
+
+
+# --------------------------------------------------------------------------
+# The lab: multipath topology + "far" behind the server
+# --------------------------------------------------------------------------
+
+FAR_SUBNET = "198.18.251.0/30"  # server .1, far .2
+
+
+class CallLab:
+    """``MultipathTopology`` with one more namespace ``far`` behind the server.
+
+    ``far`` (198.18.251.2) hangs off the server (198.18.251.1, forwarding on)
+    and routes everything via the server.  The router has **no** route to
+    ``far``: like a LAN behind a VPN server, it is reachable from the client
+    only through the tunnel (the server pushes the route) unless
+    :meth:`direct` opens the raw way for a comparison call.
+    """
+
+    def __init__(self, lab, n_paths: int = 2, workdir: Optional[Path] = None) -> None:
+        import tempfile
+
+        from tunnel.lab.impair import Impairments
+        from tunnel.lab.topology import MultipathTopology
+
+        self.lab = lab
+        self.topo = MultipathTopology(lab, n_paths=n_paths)
+        self.client, self.router, self.server = self.topo.client, self.topo.router, self.topo.server
+        self.far = lab.add_host("far")
+        link = lab.link(self.server, self.far, FAR_SUBNET)
+        self.far_ifname, self.far_addr = link.b_ifname, link.b_addr
+        self.server_far_addr = link.a_addr
+        self.server.sysctl("net.ipv4.ip_forward", 1)
+        self.far.add_route("default", self.server_far_addr)
+        # aiortc binds its ICE sockets to port 0: give the client's media the ports the
+        # shipped policy (policies/webrtc.toml, class media-ports) recognises.
+        self.client.sysctl("net.ipv4.ip_local_port_range", f"{MEDIA_PORTS[0]} {MEDIA_PORTS[1]}")
+        self.imp = Impairments(self.topo)
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="mptun-webrtc-"))
+        self.stack = None
+        self._calls = 0
+
+    def close(self) -> None:
+        self.stop_tunnel()
+        self.imp.clear()
+
+    def direct(self, on: bool, path: int = 0) -> None:
+        """Open (or close) the raw way client -> path ``path`` -> router -> server -> far.
+
+        The router gets a route to ``far``; the client's other paths are made
+        unreachable for ``far`` so ICE can only pair the candidate of ``path``.
+        """
+        with self.router.ipr() as ipr:
+            ipr.route("add" if on else "del", dst=FAR_SUBNET, gateway=self.topo.server_addr)
+        from tunnel.lab.topology import CLIENT_TABLE
+        with self.client.ipr() as ipr:
+            for p in self.topo.paths:
+                if p.index != path:
+                    ipr.route("add" if on else "del", dst=FAR_SUBNET, type="unreachable", table=CLIENT_TABLE + p.index)
+
+    def start_tunnel(self, mode: str = "duplicate", policy: Optional[Path] = None, log_level: str = "info"):
+        """mptun server (pushing the route to far) and client; waits for every path to be up."""
+        from tunnel.lab.stack import TunnelStack
+        from tunnel.lab.netns import wait_for
+
+        server = {"routes": [FAR_SUBNET], "log_level": log_level}
+        client = {"mode": mode, "log_level": log_level,
+                  "interfaces": [p.client_ifname for p in self.topo.paths]}
+        if policy is not None:
+            server["policy"] = client["policy"] = str(Path(policy).resolve())
+        self.stack = TunnelStack(self.server, self.client, self.topo.server_addr,
+                                 workdir=self.workdir / f"stack{self._calls}",
+                                 server_overrides=server, client_overrides=client)
+        self._calls += 1
+        self.stack.start()
+        n = len(self.topo.paths)
+
+        def ready() -> bool:
+            up = sum(bool(p.get("joined")) and p.get("state") == "up" for p in self.stack.client_status()["paths"])
+            tunnels = self.stack.server_status()["tunnels"]
+            return up == n and bool(tunnels) and len(tunnels[0]["paths"]) == n
+        wait_for(ready, 20, message="mptun paths did not all come up")
+        wait_for(lambda: self.client.ping(self.far_addr, timeout=0.5), 10, message="far not reachable through mptun")
+        return self.stack
+
+    def stop_tunnel(self) -> None:
+        if self.stack is not None:
+            self.stack.stop()
+            self.stack = None
+
+    def call(self, seconds: float, via: str, during: Optional[Callable[[float], None]] = None) -> dict:
+        """A call client (offer) <-> far (answer); ``via`` "tunnel" (capture on mptun0) or "raw"."""
+        iface = "mptun0" if via == "tunnel" else self.topo.paths[0].client_ifname
+        self._calls += 1
+        return run_call(self.client, iface, self.far, self.far_ifname, self.workdir / f"call{self._calls}",
+                        seconds, during=during)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tunnel.lab.webrtc")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    peer = sub.add_parser("peer", help="one aiortc peer; writes ROLE.json in DIR")
+    peer.add_argument("role", choices=("offer", "answer"))
+    peer.add_argument("dir")
+    peer.add_argument("--seconds", type=float, default=10.0, help="call length once connected")
+    peer.add_argument("--iface", help="capture the RTP received on this interface")
+    peer.add_argument("--timeout", type=float, default=30.0, help="for signalling and connecting")
+    outer = sub.add_parser("outer", help="capture outer datagrams to/from PORT until SIGTERM")
+    outer.add_argument("iface")
+    outer.add_argument("port", type=int)
+    outer.add_argument("out")
+    args = parser.parse_args(argv)
+    if args.cmd == "peer":
+        return peer_main(args)
+    outer_capture(args.iface, args.port, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
