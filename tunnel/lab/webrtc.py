@@ -43,8 +43,9 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
@@ -98,6 +99,9 @@ def _udp(pkt: bytes) -> Optional[tuple[int, int, int, int, int, int]]:
 class RtpCapture(threading.Thread):
     """Every RTP packet received on ``iface``: [t, ssrc, seq, rtp_ts, pt, ip_len, tos].
 
+    Those sent out through ``iface`` go to ``sent`` in the same form, so a
+    gap at the receiver can be told apart from one the (CPU-starved) sender made.
+
     RTP is told from STUN, DTLS and RTCP (all on the same ports with
     rtcp-mux) by its first two bytes (RFC 7983 and RFC 5761: version 2,
     payload type outside 64-95).  SRTP leaves the RTP header in the clear.
@@ -107,6 +111,7 @@ class RtpCapture(threading.Thread):
         super().__init__(daemon=True, name="rtp-capture")
         self.sock = _open_capture(iface)
         self.packets: list[list] = []
+        self.sent: list[list] = []
         self.fragments = 0  # received IPv4 packets with MF set or a fragment offset
         self.stopping = threading.Event()
 
@@ -116,13 +121,11 @@ class RtpCapture(threading.Thread):
             if got is None:
                 continue
             pkt, pkttype, t = got
-            if pkttype == PACKET_OUTGOING:
-                continue
             head = _udp(pkt)
             if head is None:
                 continue
             ip_len, tos, frag, _sport, _dport, off = head
-            if frag:
+            if frag and pkttype != PACKET_OUTGOING:
                 self.fragments += 1
             if off < 0 or frag or len(pkt) < off + 12:
                 continue
@@ -130,7 +133,7 @@ class RtpCapture(threading.Thread):
             if b0 >> 6 != 2 or 64 <= (b1 & 0x7F) <= 95:
                 continue
             seq, ts, ssrc = struct.unpack_from("!HII", pkt, off + 2)
-            self.packets.append([t, ssrc, seq, ts, b1 & 0x7F, ip_len, tos])
+            (self.sent if pkttype == PACKET_OUTGOING else self.packets).append([t, ssrc, seq, ts, b1 & 0x7F, ip_len, tos])
 
     def stop(self) -> None:
         self.stopping.set()
@@ -138,27 +141,52 @@ class RtpCapture(threading.Thread):
         self.sock.close()
 
 
-def outer_capture(iface: str, port: int, out: str) -> None:
-    """Outer datagrams to/from ``port`` on ``iface`` until SIGTERM: [ip_len, tos, frag] each.
+SOL_PACKET = getattr(socket, "SOL_PACKET", 263)
+PACKET_VNET_HDR = 15
+ETH_HEADER = 14
+_VNET_HDR = struct.Struct("<BBHHHH")  # struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_*
 
-    Also catches IPv4 fragments of any protocol (a non-first fragment has no
-    UDP header, so it cannot be told by port): they are written as [ip_len, tos, frag].
+
+def outer_capture(iface: str, port: int, out: str) -> None:
+    """Outer datagrams to/from ``port`` on ``iface`` until SIGTERM.
+
+    Writes [ip_len, tos, frag bits, datagrams, largest datagram] per packet
+    seen.  mptun sends batches with UDP GSO, and a capture on the sending
+    side sees such a batch as one packet: with ``PACKET_VNET_HDR`` the kernel
+    tells its segment size, so ``datagrams`` and ``largest datagram`` (IP
+    length) are those that go on the wire (the kernel allows the header only
+    on SOCK_RAW sockets, so ``iface`` must be an Ethernet-like one, e.g. a
+    veth).  IPv4 fragments of any protocol are kept too (a non-first fragment
+    has no UDP header to match the port).
     """
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    s = _open_capture(iface)
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+    s.bind((iface, ETH_P_ALL))
+    s.settimeout(0.2)
     seen: list[list[int]] = []
     Path(out + ".ready").touch()
     while not stop.is_set():
-        got = _recv(s)
-        if got is None:
+        try:
+            raw = s.recv(65535 + _VNET_HDR.size)
+        except socket.timeout:
             continue
-        head = _udp(got[0])
+        if len(raw) < _VNET_HDR.size + ETH_HEADER or raw[_VNET_HDR.size + 12:_VNET_HDR.size + 14] != b"\x08\x00":
+            continue  # not IPv4
+        gso_size = _VNET_HDR.unpack_from(raw)[3]
+        pkt = raw[_VNET_HDR.size + ETH_HEADER:]
+        head = _udp(pkt)
         if head is None:
             continue
-        ip_len, tos, frag, sport, dport, _ = head
+        ip_len, tos, frag, sport, dport, off = head
         if frag or port in (sport, dport):
-            seen.append([ip_len, tos, frag])
+            payload = ip_len - off if off > 0 else ip_len
+            if gso_size and payload > gso_size:
+                seen.append([ip_len, tos, frag, -(-payload // gso_size), gso_size + off])
+            else:
+                seen.append([ip_len, tos, frag, 1, ip_len])
     tmp = out + ".tmp"
     Path(tmp).write_text(json.dumps(seen))
     os.replace(tmp, out)
@@ -353,9 +381,11 @@ async def _peer(role: str, workdir: Path, seconds: float, iface: Optional[str], 
     connected = time.monotonic()
     _write_json(workdir / f"{role}.connected", {"monotonic": connected, "time": time.time()})
     start_wall = time.time()
+    lag = asyncio.ensure_future(_loop_lag(connected + WARMUP_S, connected + seconds))
     await asyncio.sleep(seconds)
     end_wall = time.time()
     end = time.monotonic()
+    loop_lag_ms = await lag
 
     inbound, outbound = [], []
     for transceiver in pc.getTransceivers():
@@ -366,7 +396,7 @@ async def _peer(role: str, workdir: Path, seconds: float, iface: Optional[str], 
                                     "packetsLost": s.packetsLost, "jitter": s.jitter})
                 elif s.type == "outbound-rtp":
                     outbound.append({"kind": s.kind, "ssrc": s.ssrc, "packetsSent": s.packetsSent})
-    remote_sdp = pc.remoteDescription.sdp
+    remote_sdp, local_sdp = pc.remoteDescription.sdp, pc.localDescription.sdp
     if capture:
         capture.stop()
     await pc.close()
@@ -384,17 +414,42 @@ async def _peer(role: str, workdir: Path, seconds: float, iface: Optional[str], 
             rate = 48000 if info["kind"] == "audio" else 90000
             fig = stream_figures(pkts, rate, start_wall + WARMUP_S, end_wall)
             rtp[str(ssrc)] = {**info, "pt": pkts[0][4], **fig}
+    sent: dict[str, dict] = {}
+    if capture:
+        for ssrc, info in _sdp_ssrcs(local_sdp).items():
+            pkts = [p for p in capture.sent if p[1] == ssrc]
+            times = [p[0] for p in pkts if start_wall + WARMUP_S <= p[0] <= end_wall]
+            sent[str(ssrc)] = {**info, "sent": len(pkts),
+                               "gap_ms": _all_gap([[t] for t in times], start_wall + WARMUP_S, end_wall)}
     decoded = {}
     for kind, stamps in frames.items():
         inside = [t for t in stamps if connected + WARMUP_S <= t <= end]
         pause = max((b - a for a, b in zip(inside, inside[1:])), default=seconds)
         decoded[kind] = {"frames": len(stamps), "longest_pause_ms": pause * 1e3}
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "role": role, "seconds": seconds, "connected": connected,
-        "inbound": inbound, "outbound": outbound, "decoded": decoded, "rtp": rtp,
+        "cpu_s": usage.ru_utime + usage.ru_stime, "loop_lag_ms": loop_lag_ms,
+        "inbound": inbound, "outbound": outbound, "decoded": decoded, "rtp": rtp, "sent": sent,
+        "window": [start_wall + WARMUP_S, end_wall],
+        "rx": [p[:3] for p in capture.packets] if capture else [], "tx": [p[:4] for p in capture.sent] if capture else [],
         "fragments": capture.fragments if capture else None,
         "all_rtp_gap_ms": _all_gap(capture.packets, start_wall + WARMUP_S, end_wall) if capture else None,
     }
+
+
+async def _loop_lag(start: float, end: float, tick: float = 0.01) -> float:
+    """The longest a 10 ms timer of this event loop fired late between ``start`` and ``end``, in ms:
+    how long the app (aiortc's RTP handling, jitter buffers, track consumers) was not scheduled."""
+    worst = 0.0
+    while (now := time.monotonic()) < end:
+        await asyncio.sleep(tick)
+        late = time.monotonic() - now - tick
+        if now >= start:
+            worst = max(worst, late)
+    return worst * 1e3
 
 
 def _all_gap(packets: list[list], start: float, end: float) -> float:
@@ -484,15 +539,18 @@ def _failure(workdir: Path, what: str) -> str:
     return what + "\n" + "\n".join(tails)
 
 
-def summary(result: dict) -> dict:
+def summary(result: dict, sender: Optional[dict] = None) -> dict:
     """The figures of one receiving side: per kind, from getStats and from the capture.
 
     ``loss_pct`` (getStats packetsLost / (received + lost)), ``jitter_ms``
     (getStats jitter over the clock rate), ``frames`` decoded and the longest
     pause between decoded frames; from the capture of the primary (non-RTX)
     stream: ``rtp_loss_pct``, ``gap_ms``, ``max_ip_len``; RTX packets received.
+    With the ``sender``'s result: ``sent`` (its capture of the same stream
+    leaving) and ``sender_gap_ms``, the longest pause in its sending.
     """
-    out: dict[str, Any] = {"all_rtp_gap_ms": result.get("all_rtp_gap_ms"), "fragments": result.get("fragments")}
+    out: dict[str, Any] = {"all_rtp_gap_ms": result.get("all_rtp_gap_ms"), "fragments": result.get("fragments"),
+                           "loop_lag_ms": result.get("loop_lag_ms"), "cpu_s": result.get("cpu_s")}
     rates = {"audio": 48000, "video": 90000}
     for kind in ("audio", "video"):
         primary = [v for v in result["rtp"].values() if v["kind"] == kind and not v["rtx"]]
@@ -514,10 +572,81 @@ def summary(result: dict) -> dict:
             fig.update(rtp_received=p["received"], rtp_loss_pct=p["loss_pct"], gap_ms=p["gap_ms"],
                        capture_jitter_ms=p["jitter_ms"], max_ip_len=p["max_ip_len"], tos=p["tos"])
         fig["rtx_received"] = sum(v["received"] for v in rtx)
+        if sender is not None:
+            mine = [(int(k), v) for k, v in sender.get("sent", {}).items() if v["kind"] == kind and not v["rtx"]]
+            if mine:
+                ssrc, v = mine[0]
+                fig.update(sent=v["sent"], sender_gap_ms=v["gap_ms"],
+                           frames_sent=len({p[3] for p in sender["tx"] if p[1] == ssrc}),
+                           net_gap_ms=net_gap_ms(result, sender, ssrc, 20.0 if kind == "audio" else 1e3 / 30))
         d = result["decoded"][kind]
         fig.update(frames=d["frames"], longest_pause_ms=d["longest_pause_ms"])
         out[kind] = fig
     return out
+
+
+def net_gap_ms(receiver: dict, sender: dict, ssrc: int, interval_ms: float) -> float:
+    """The longest gap in arrivals of ``ssrc`` that the sender did not make itself, in ms.
+
+    Both captures stamp packets with the kernel's clock, so they compare.
+    For consecutive arrivals a, b: (arrival b - arrival a) minus how much
+    longer than ``interval_ms`` the sender waited after a before sending
+    its next packet.  A pause of a CPU-starved sender thus does not count;
+    lost packets and added delay do.
+    """
+    start, end = receiver["window"]
+    sent: dict[int, float] = {}
+    order: list[int] = []
+    for t, s, seq, _ts in sender["tx"]:
+        if s == ssrc and seq not in sent:
+            sent[seq] = t
+            order.append(seq)
+    following = {a: sent[b] - sent[a] for a, b in zip(order, order[1:])}
+    arrivals = []
+    seen = set()
+    for t, s, seq in receiver["rx"]:
+        if s == ssrc and seq not in seen and start <= t <= end:
+            seen.add(seq)
+            arrivals.append((t, seq))
+    if len(arrivals) < 2:
+        return (end - start) * 1e3
+    worst = 0.0
+    for (ta, a), (tb, _b) in zip(arrivals, arrivals[1:]):
+        pause = max(0.0, following.get(a, 0.0) * 1e3 - interval_ms)
+        worst = max(worst, (tb - ta) * 1e3 - pause)
+    return worst
+
+
+def call_summary(call: dict) -> dict:
+    """:func:`summary` of both receivers of a :func:`run_call` result, each with its sender."""
+    out = {"offer": summary(call["offer"], call["answer"]), "answer": summary(call["answer"], call["offer"])}
+    if "outer" in call:
+        out["outer"] = call["outer"]
+    return out
+
+
+def starved(fig: dict, seconds: float, max_lag_ms: float = 100.0) -> Optional[str]:
+    """Why a call's app-level figures (getStats, decoded frames) say more about the machine
+    than about the network, or None.
+
+    On a shared, overloaded machine the Python peers fall behind: the sender
+    sends late or in bursts, the receiving app is not scheduled for a while and
+    drops datagrams at its socket (getStats counts them as lost) or shows a
+    frame late.  The capture figures (kernel timestamps; ``rtp_loss_pct``,
+    ``net_gap_ms``) do not depend on that.  App figures are judged only if
+    both audio senders sent 90 % of their packets, both receiving apps took
+    all the audio that reached their interface and neither event loop was
+    late by more than ``max_lag_ms``.
+    """
+    for role in ("offer", "answer"):
+        a = fig[role]["audio"]
+        if a.get("sent", 0) < 0.9 * 50 * seconds:
+            return f"{role}: its audio sender sent {a.get('sent')} packets in {seconds:g} s"
+        if a.get("packets_received", 0) < a.get("rtp_received", 0) - 2:
+            return f"{role}: the app got {a.get('packets_received')} of {a.get('rtp_received')} audio packets"
+        if (fig[role].get("loop_lag_ms") or 0) > max_lag_ms:
+            return f"{role}: its event loop was {fig[role]['loop_lag_ms']:.0f} ms late"
+    return None
 
 
 def freeze_threshold_ms(frames: int, seconds: float) -> float:
@@ -599,27 +728,84 @@ class CallLab:
                                  server_overrides=server, client_overrides=client)
         self._calls += 1
         self.stack.start()
+        self.wait_paths_up()
+        wait_for(lambda: self.client.ping(self.far_addr, timeout=0.5), 10, message="far not reachable through mptun")
+        return self.stack
+
+    def wait_paths_up(self, timeout: float = 20.0) -> None:
+        """Until every path is joined and up on the client and the server lists them all."""
+        from tunnel.lab.netns import wait_for
+
         n = len(self.topo.paths)
 
         def ready() -> bool:
             up = sum(bool(p.get("joined")) and p.get("state") == "up" for p in self.stack.client_status()["paths"])
             tunnels = self.stack.server_status()["tunnels"]
             return up == n and bool(tunnels) and len(tunnels[0]["paths"]) == n
-        wait_for(ready, 20, message="mptun paths did not all come up")
-        wait_for(lambda: self.client.ping(self.far_addr, timeout=0.5), 10, message="far not reachable through mptun")
-        return self.stack
+        wait_for(ready, timeout, message="mptun paths did not all come up")
 
     def stop_tunnel(self) -> None:
         if self.stack is not None:
             self.stack.stop()
             self.stack = None
 
-    def call(self, seconds: float, via: str, during: Optional[Callable[[float], None]] = None) -> dict:
-        """A call client (offer) <-> far (answer); ``via`` "tunnel" (capture on mptun0) or "raw"."""
+    def mark_client_media(self, dscp: int) -> None:
+        """Mark the client's outgoing media (UDP from the media ports into mptun0) with ``dscp``,
+        as an OS QoS policy would for a stack that does not mark (aiortc does not)."""
+        rules = (
+            "add table inet wrtcmark\n"
+            "add chain inet wrtcmark out { type filter hook output priority mangle; }\n"
+            f"add rule inet wrtcmark out oifname mptun0 udp sport {MEDIA_PORTS[0]}-{MEDIA_PORTS[1]} ip dscp set {dscp}\n"
+        )
+        path = self.workdir / "mark.nft"
+        path.write_text(rules)
+        self.client.run(["nft", "-f", str(path)])
+
+    @contextmanager
+    def outer_capture(self) -> Iterator[list]:
+        """Capture the tunnel's outer datagrams on the server's link while the block runs.
+
+        The list it yields is filled at the end: [ip_len, tos, frag bits, datagrams,
+        largest datagram] per packet (see :func:`outer_capture`).
+        """
+        from tunnel.lab.netns import wait_for
+        from tunnel.lab.stack import PORT
+
+        self._calls += 1
+        out = self.workdir / f"outer{self._calls}.json"
+        proc = self.server.popen([sys.executable, "-m", "tunnel.lab.webrtc", "outer", self.topo.server_ifname,
+                                  str(PORT), str(out)], stderr=open(str(out) + ".log", "ab"))
+        wait_for(lambda: Path(str(out) + ".ready").exists() or proc.poll() is not None, 10,
+                 message="outer capture did not start")
+        if proc.poll() is not None:
+            raise RuntimeError(f"outer capture exited with {proc.returncode}: "
+                               + Path(str(out) + ".log").read_text(errors="replace")[-500:])
+        seen: list = []
+        try:
+            yield seen
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+        if not out.exists():
+            raise RuntimeError("outer capture wrote nothing")
+        seen.extend(json.loads(out.read_text()))
+
+    def call(self, seconds: float, via: str, during: Optional[Callable[[float], None]] = None,
+             outer: bool = False) -> dict:
+        """A call client (offer) <-> far (answer); ``via`` "tunnel" (capture on mptun0) or "raw".
+
+        With ``outer`` the result also holds ``"outer"``: the tunnel's datagrams
+        on the server's link during the call (:meth:`outer_capture`).
+        """
         iface = "mptun0" if via == "tunnel" else self.topo.paths[0].client_ifname
         self._calls += 1
-        return run_call(self.client, iface, self.far, self.far_ifname, self.workdir / f"call{self._calls}",
-                        seconds, during=during)
+        workdir = self.workdir / f"call{self._calls}"
+        if not outer:
+            return run_call(self.client, iface, self.far, self.far_ifname, workdir, seconds, during=during)
+        with self.outer_capture() as seen:
+            result = run_call(self.client, iface, self.far, self.far_ifname, workdir, seconds, during=during)
+        return {**result, "outer": seen}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
