@@ -19,7 +19,7 @@ import pytest
 
 from tunnel.lab.impair import Impairment
 from tunnel.lab.netns import wait_for
-from tunnel.lab.webrtc import CallLab, call_summary, freeze_threshold_ms, starved
+from tunnel.lab.webrtc import CallLab, freeze_threshold_ms, judged_call
 
 pytestmark = pytest.mark.netns
 WEBRTC = Path(__file__).resolve().parent.parent / "policies" / "webrtc.toml"
@@ -29,27 +29,9 @@ EF, AF41 = 0xB8, 0x88
 RECEIVERS = {"offer": "client (downstream)", "answer": "far (upstream)"}
 
 
-ATTEMPTS = 3
-
-
-def _call(cl: CallLab, via: str, during=None, reset=None, outer: bool = False) -> tuple[dict, Optional[str]]:
-    """A call's figures, and why its app-level figures cannot be judged (None if they can).
-
-    The capture figures (loss and gaps at the interfaces, kernel timestamps)
-    hold on a loaded machine; getStats and decoded frames do not when a peer
-    is not scheduled (see tunnel.lab.webrtc.starved).  Up to ATTEMPTS calls
-    are made to get one the machine kept up with; ``reset`` undoes ``during``
-    between them.
-    """
-    for attempt in range(ATTEMPTS):
-        if attempt and reset:
-            reset()
-        fig = call_summary(cl.call(SECONDS, via, during=during, outer=outer))
-        why = starved(fig, SECONDS)
-        if why is None:
-            return fig, None
-        print(f"{via} call {attempt + 1}: app figures not judged: {why}")
-    return fig, why
+def _call(cl: CallLab, via: str, **kw) -> tuple[dict, Optional[str]]:
+    """See tunnel.lab.webrtc.judged_call: figures, and why the app ones cannot be judged (or None)."""
+    return judged_call(cl, SECONDS, via, **kw)
 
 
 def _residual_bound(n: int, p: float = LOSS * LOSS) -> float:

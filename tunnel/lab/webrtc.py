@@ -649,6 +649,29 @@ def starved(fig: dict, seconds: float, max_lag_ms: float = 100.0) -> Optional[st
     return None
 
 
+def judged_call(cl: "CallLab", seconds: float, via: str, during: Optional[Callable[[float], None]] = None,
+                reset: Optional[Callable[[], None]] = None, outer: bool = False,
+                attempts: int = 3) -> tuple[dict, Optional[str]]:
+    """A call's :func:`call_summary`, and why its app-level figures cannot be judged (None if they can).
+
+    The capture figures (loss and gaps at the interfaces, kernel timestamps)
+    hold on a loaded machine; getStats and decoded frames do not when a peer
+    is not scheduled (:func:`starved`).  Up to ``attempts`` calls are made to
+    get one the machine kept up with; ``reset`` undoes ``during`` between them.
+    """
+    why: Optional[str] = None
+    fig: dict = {}
+    for attempt in range(attempts):
+        if attempt and reset:
+            reset()
+        fig = call_summary(cl.call(seconds, via, during=during, outer=outer))
+        why = starved(fig, seconds)
+        if why is None:
+            return fig, None
+        print(f"webrtc: {via} call {attempt + 1}: app figures not judged: {why}", file=sys.stderr)
+    return fig, why
+
+
 def freeze_threshold_ms(frames: int, seconds: float) -> float:
     """WebRTC's freeze: a pause longer than max(3 x the mean frame interval, mean + 150 ms)."""
     mean = 1e3 * seconds / max(1, frames)
