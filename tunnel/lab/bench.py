@@ -977,6 +977,7 @@ def run_marking(args: argparse.Namespace, results: Results) -> None:
 
 WEBRTC_ROWS = ("raw", "duplicate", "balance", "lowest-rtt")  # raw link, then mptun per mode
 WEBRTC_POLICY = REPO_ROOT / "policies" / "webrtc.toml"
+WEBRTC_OUTAGE_S = 2.0  # the blackhole scenario's outage, from the middle of the call
 
 
 def _webrtc_call(cl, row: str, scenario: str, seconds: float) -> tuple[dict, Optional[str]]:
@@ -985,24 +986,26 @@ def _webrtc_call(cl, row: str, scenario: str, seconds: float) -> tuple[dict, Opt
 
     def cut(t0: float) -> None:
         if row == "raw":
+            cut_paths.append(0)
+        else:  # the path carrying the call (lowest-rtt, balance: it may be either)
+            stack = cl.stack
+
+            def which(status: dict) -> int:  # as MptunSetup.path_index: by interface name or address
+                text = json.dumps(status)
+                return next((x.index for x in cl.topo.paths if x.client_ifname in text or x.client_addr in text), -1)
+
+            def counters() -> dict[int, int]:
+                return {which(p): p.get("tx_packets", 0) for p in stack.client_status()["paths"]}
+            _sleep_until(t0 + seconds / 2 - 0.3)
+            before = counters()
             _sleep_until(t0 + seconds / 2)
-            cl.imp.blackhole(0)
-            return
-        stack = cl.stack
-
-        def which(status: dict) -> int:  # as MptunSetup.path_index: by interface name or address
-            text = json.dumps(status)
-            return next((x.index for x in cl.topo.paths if x.client_ifname in text or x.client_addr in text), -1)
-
-        def counters() -> dict[int, int]:
-            return {which(p): p.get("tx_packets", 0) for p in stack.client_status()["paths"]}
-        _sleep_until(t0 + seconds / 2 - 0.3)
-        before = counters()
+            after = counters()
+            busiest = max(sorted(after), key=lambda k: after[k] - before.get(k, 0))
+            cut_paths.append(max(0, busiest))
         _sleep_until(t0 + seconds / 2)
-        after = counters()
-        busiest = max(sorted(after), key=lambda k: after[k] - before.get(k, 0))
-        cut_paths.append(busiest if busiest >= 0 else 0)
         cl.imp.blackhole(cut_paths[-1])
+        _sleep_until(t0 + seconds / 2 + WEBRTC_OUTAGE_S)
+        cl.imp.blackhole(cut_paths[-1], on=False)
 
     def heal() -> None:
         for i in range(len(cl.topo.paths)):
@@ -1500,7 +1503,7 @@ def section_webrtc(report: Report) -> list[str]:
         "`policies/webrtc.toml` (the call is in its media-ports class), `balance` and `lowest-rtt` without a",
         "policy.  *loss*: 10 % random loss on both paths, both directions, at the router.  *blackhole*:",
         "halfway through, the path carrying the call (path 0 for the raw link; for mptun the one with more",
-        "client tx packets in the 300 ms before) drops everything for the rest of the call.",
+        f"client tx packets in the 300 ms before) drops everything for {WEBRTC_OUTAGE_S:g} s.",
         "Cells are up (client -> far) / down; audio loss is getStats packetsLost / (received + lost);",
         "wire loss is the same count from an AF_PACKET capture at the receiver (video: before NACK/RTX);",
         "jitter is getStats' (RFC 3550) over the clock rate; the longest gap is between audio RTP",

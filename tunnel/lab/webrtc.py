@@ -614,6 +614,9 @@ def net_gap_ms(receiver: dict, sender: dict, ssrc: int, interval_ms: float) -> f
     for (ta, a), (tb, _b) in zip(arrivals, arrivals[1:]):
         pause = max(0.0, following.get(a, 0.0) * 1e3 - interval_ms)
         worst = max(worst, (tb - ta) * 1e3 - pause)
+    t_last, last = arrivals[-1]
+    if last in sent and any(t > sent[last] for t in sent.values() if t <= end):
+        worst = max(worst, (end - t_last) * 1e3)  # sent after the last arrival, never arrived
     return worst
 
 
