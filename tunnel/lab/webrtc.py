@@ -423,8 +423,9 @@ async def _peer(role: str, workdir: Path, seconds: float, iface: Optional[str], 
                                "gap_ms": _all_gap([[t] for t in times], start_wall + WARMUP_S, end_wall)}
     decoded = {}
     for kind, stamps in frames.items():
-        inside = [t for t in stamps if connected + WARMUP_S <= t <= end]
-        pause = max((b - a for a, b in zip(inside, inside[1:])), default=seconds)
+        # from the start of the window to its end: frames that stop coming are a pause too
+        inside = [connected + WARMUP_S] + [t for t in stamps if connected + WARMUP_S <= t <= end] + [end]
+        pause = max(b - a for a, b in zip(inside, inside[1:]))
         decoded[kind] = {"frames": len(stamps), "longest_pause_ms": pause * 1e3}
     import resource
 
