@@ -570,7 +570,7 @@ def summary(result: dict, sender: Optional[dict] = None) -> dict:
                        jitter_ms=1e3 * s["jitter"] / rates[kind])
         if primary:
             p = primary[0]
-            fig.update(rtp_received=p["received"], rtp_loss_pct=p["loss_pct"], gap_ms=p["gap_ms"],
+            fig.update(rtp_received=p["received"], rtp_lost=p["lost"], rtp_loss_pct=p["loss_pct"], gap_ms=p["gap_ms"],
                        capture_jitter_ms=p["jitter_ms"], max_ip_len=p["max_ip_len"], tos=p["tos"])
         fig["rtx_received"] = sum(v["received"] for v in rtx)
         if sender is not None:
@@ -674,6 +674,17 @@ def judged_call(cl: "CallLab", seconds: float, via: str, during: Optional[Callab
             return fig, None
         print(f"webrtc: {via} call {attempt + 1}: app figures not judged: {why}", file=sys.stderr)
     return fig, why
+
+
+def repaired(video: dict) -> bool:
+    """Did retransmissions (RTX) arrive for at least as many video packets as the wire lost?
+
+    aiortc NACKs a missing packet once; if that NACK or its RTX is lost too,
+    the packet is never repaired and aiortc's video jitter buffer (512
+    packets) holds every later frame until it overflows: a freeze of several
+    seconds that says nothing more about the network than one lost packet.
+    """
+    return video.get("rtx_received", 0) >= video.get("rtp_lost", 0)
 
 
 def freeze_threshold_ms(frames: int, seconds: float) -> float:
