@@ -466,7 +466,7 @@ def peer_main(args: argparse.Namespace) -> int:
         result = asyncio.run(_peer(args.role, workdir, args.seconds, args.iface, args.timeout))
     except Exception as exc:  # reported to the harness in the result file, not as a traceback
         result = {"role": args.role, "error": f"{type(exc).__name__}: {exc}"}
-    _write_json(workdir / f"{args.role}.json", result)
+    _write_json(workdir / f"{args.role}.result.json", result)
     return 0 if "error" not in result else 1
 
 
@@ -475,7 +475,7 @@ def peer_main(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------
 
 def peer_argv(role: str, workdir: Path, seconds: float, iface: Optional[str], timeout: float = 30.0) -> list[str]:
-    argv = [sys.executable, "-m", "tunnel.lab.webrtc", "peer", role, str(workdir), "--seconds", str(seconds),
+    argv = [sys.executable, "-X", "faulthandler", "-m", "tunnel.lab.webrtc", "peer", role, str(workdir), "--seconds", str(seconds),
             "--timeout", str(timeout)]
     return argv + (["--iface", iface] if iface else [])
 
@@ -490,7 +490,8 @@ def run_call(offer_host, offer_iface: Optional[str], answer_host, answer_iface: 
     paths on a schedule.  Returns ``{"offer": result, "answer": result}``.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    for name in ("offer.json", "answer.json", "offer.connected", "answer.connected"):
+    for name in ("offer.json", "answer.json", "offer.connected", "answer.connected",
+                 "offer.result.json", "answer.result.json"):
         (workdir / name).unlink(missing_ok=True)
     logs = []
     procs = []
@@ -504,7 +505,8 @@ def run_call(offer_host, offer_iface: Optional[str], answer_host, answer_iface: 
 
         def connected() -> Optional[list[float]]:
             if any(p.poll() is not None for p in procs):
-                raise RuntimeError(_failure(workdir, "a peer exited before connecting"))
+                codes = ", ".join(f"{r} {p.returncode}" for r, p in zip(("answer", "offer"), procs))
+                raise RuntimeError(_failure(workdir, f"a peer exited before connecting (exit codes: {codes})"))
             files = [workdir / f"{r}.connected" for r in ("offer", "answer")]
             return [json.loads(f.read_text())["monotonic"] for f in files] if all(f.exists() for f in files) else None
 
@@ -515,7 +517,7 @@ def run_call(offer_host, offer_iface: Optional[str], answer_host, answer_iface: 
             p.wait(timeout=max(1.0, t0 + seconds - time.monotonic()) + 30)
         results = {}
         for role in ("offer", "answer"):
-            path = workdir / f"{role}.json"
+            path = workdir / f"{role}.result.json"
             if not path.exists():
                 raise RuntimeError(_failure(workdir, f"{role} wrote no result"))
             results[role] = json.loads(path.read_text())
@@ -534,6 +536,9 @@ def run_call(offer_host, offer_iface: Optional[str], answer_host, answer_iface: 
 def _failure(workdir: Path, what: str) -> str:
     tails = []
     for role in ("offer", "answer"):
+        result = workdir / f"{role}.result.json"
+        if result.exists():
+            tails.append(f"{role}: {json.loads(result.read_text()).get('error', 'no error')}")
         log = workdir / f"{role}.log"
         if log.exists():
             tails.append(f"{role} log:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
@@ -668,7 +673,13 @@ def judged_call(cl: "CallLab", seconds: float, via: str, during: Optional[Callab
     for attempt in range(attempts):
         if attempt and reset:
             reset()
-        fig = call_summary(cl.call(seconds, via, during=during, outer=outer))
+        try:
+            fig = call_summary(cl.call(seconds, via, during=during, outer=outer))
+        except RuntimeError as exc:  # e.g. ICE or DTLS gave up over a lossy raw link
+            if attempt == attempts - 1:
+                raise
+            print(f"webrtc: {via} call {attempt + 1} failed, trying again: {exc}", file=sys.stderr)
+            continue
         why = starved(fig, seconds)
         if why is None:
             return fig, None
@@ -849,7 +860,7 @@ class CallLab:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tunnel.lab.webrtc")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    peer = sub.add_parser("peer", help="one aiortc peer; writes ROLE.json in DIR")
+    peer = sub.add_parser("peer", help="one aiortc peer; writes ROLE.result.json in DIR")
     peer.add_argument("role", choices=("offer", "answer"))
     peer.add_argument("dir")
     peer.add_argument("--seconds", type=float, default=10.0, help="call length once connected")
