@@ -31,7 +31,10 @@ Sections (``--sections``):
 - ``fleet``: aggregate packets/s of 20 clients flooding one server at once
   against the same 20 namespaces over the raw underlay, and the server's CPU
   per packet (tunnel/lab/fleetpps.py);
-- ``marking``: cost of per-packet DSCP/ECN marking and of classification.
+- ``marking``: cost of per-packet DSCP/ECN marking and of classification;
+- ``webrtc``: a real aiortc call (tunnel/lab/webrtc.py) over the raw link and
+  through mptun per mode, under 10 % random loss on both paths and with the
+  call's path blackholed mid-call: RTP loss, jitter, longest gap.
 
 One driver measures every setup; a setup (a small class) only knows how to
 start and stop itself, which address to send to, which processes do the
@@ -92,7 +95,8 @@ SMALL, LARGE = 100, 1200  # UDP payload sizes
 SETUP_NAMES = ("raw", "openvpn", "wireguard", "openconnect", "mptun")
 PEERS = ("openvpn", "wireguard", "openconnect")  # what mptun is compared with
 MODES = ("duplicate", "redundant", "lowest-rtt", "balance", "backup")
-SECTION_NAMES = ("single", "loss", "failover", "aggregation", "reorder", "cpu", "server", "fleet", "marking")
+SECTION_NAMES = ("single", "loss", "failover", "aggregation", "reorder", "cpu", "server", "fleet", "marking",
+                 "webrtc")
 TLS_FLAG = 50.0  # an OpenConnect figure with less of its bytes on DTLS (%) is flagged
 APT_PACKAGES = {  # binary -> Debian package
     "iperf3": "iperf3", "nft": "nftables", "openvpn": "openvpn",
@@ -118,9 +122,10 @@ class Plan:
     link_mbit: float = 20.0  # rate limit of each path for the aggregation test
     cpu_pps: int = 5000  # offered load of the CPU test ...
     cpu_size: int = LARGE  # ... in datagrams of this size
+    webrtc_seconds: float = 10.0  # length of each WebRTC call
 
 
-QUICK = Plan(runs=1, duration=2.0, echo_duration=3.0, loss_count=1000, failover_count=250)
+QUICK = Plan(runs=1, duration=2.0, echo_duration=3.0, loss_count=1000, failover_count=250, webrtc_seconds=6.0)
 
 
 def progress(msg: str) -> None:
@@ -1038,10 +1043,111 @@ def run_marking(args: argparse.Namespace, results: Results) -> None:
         results.add("marking", "packets/s", _marking_rates(n))
 
 
+WEBRTC_ROWS = ("raw", "duplicate", "balance", "lowest-rtt")  # raw link, then mptun per mode
+WEBRTC_POLICY = REPO_ROOT / "policies" / "webrtc.toml"
+WEBRTC_OUTAGE_S = 2.0  # the blackhole scenario's outage, from the middle of the call
+
+
+def _webrtc_call(cl, row: str, scenario: str, seconds: float) -> tuple[dict, Optional[str]]:
+    """One call for a row of the webrtc section; the blackhole scenario cuts the call's path mid-call."""
+    from tunnel.lab import webrtc
+
+    def cut(t0: float) -> None:
+        if row == "raw":
+            cut_paths.append(0)
+        else:  # the path carrying the call (lowest-rtt, balance: it may be either)
+            stack = cl.stack
+
+            def which(status: dict) -> int:  # as MptunSetup.path_index: by interface name or address
+                text = json.dumps(status)
+                return next((x.index for x in cl.topo.paths if x.client_ifname in text or x.client_addr in text), -1)
+
+            def counters() -> dict[int, int]:
+                return {which(p): p.get("tx_packets", 0) for p in stack.client_status()["paths"]}
+            _sleep_until(t0 + seconds / 2 - 0.3)
+            before = counters()
+            _sleep_until(t0 + seconds / 2)
+            after = counters()
+            busiest = max(sorted(after), key=lambda k: after[k] - before.get(k, 0))
+            cut_paths.append(max(0, busiest))
+        _sleep_until(t0 + seconds / 2)
+        cl.imp.blackhole(cut_paths[-1])
+        _sleep_until(t0 + seconds / 2 + WEBRTC_OUTAGE_S)
+        cl.imp.blackhole(cut_paths[-1], on=False)
+
+    def heal() -> None:
+        for i in range(len(cl.topo.paths)):
+            cl.imp.blackhole(i, on=False)
+        if cl.stack is not None:
+            cl.wait_paths_up()
+
+    cut_paths: list[int] = []
+    via = "raw" if row == "raw" else "tunnel"
+    if row == "raw":
+        cl.direct(True)
+    elif row == "duplicate":
+        cl.start_tunnel(policy=WEBRTC_POLICY)  # RTP in the media-ports class: duplicate, EF
+    else:
+        cl.start_tunnel(mode=row)
+    try:
+        if scenario == "blackhole":
+            return webrtc.judged_call(cl, seconds, via, during=cut, reset=heal)
+        return webrtc.judged_call(cl, seconds, via)
+    finally:
+        heal() if cl.stack is None else [cl.imp.blackhole(i, on=False) for i in range(len(cl.topo.paths))]
+        if row == "raw":
+            cl.direct(False)
+        cl.stop_tunnel()
+
+
+def run_webrtc(args: argparse.Namespace, results: Results) -> None:
+    """A real WebRTC call (aiortc) over the raw link and through mptun per mode, same lab, same run."""
+    from tunnel.lab import webrtc
+
+    plan: Plan = args.plan
+    for i in range(plan.runs):
+        for scenario in ("loss", "blackhole"):
+            progress(f"webrtc: {scenario}, round {i + 1}/{plan.runs}")
+            try:
+                with Lab(unique_prefix("webrtc")) as lab:
+                    cl = webrtc.CallLab(lab)
+                    try:
+                        if scenario == "loss":
+                            cl.imp.apply({(k, d): Impairment(loss=0.10) for k in range(2) for d in ("up", "down")})
+                        for row in WEBRTC_ROWS:
+                            try:
+                                fig, why = _webrtc_call(cl, row, scenario, plan.webrtc_seconds)
+                            except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError, LookupError) as exc:
+                                results.failed("webrtc", f"{scenario}, {row} (round {i + 1})", exc)
+                                continue
+                            flat = {"starved": 0.0 if why is None else 1.0}
+                            for direction, role in (("up", "answer"), ("down", "offer")):
+                                a, v = fig[role]["audio"], fig[role]["video"]
+                                flat.update({
+                                    f"audio_loss_{direction}": a.get("loss_pct", 100.0),
+                                    f"audio_wire_loss_{direction}": a.get("rtp_loss_pct", 100.0),
+                                    f"video_wire_loss_{direction}": v.get("rtp_loss_pct", 100.0),
+                                    f"jitter_{direction}": a.get("jitter_ms", 0.0),
+                                    f"gap_{direction}": a.get("net_gap_ms", plan.webrtc_seconds * 1e3),
+                                    f"pause_{direction}": v.get("longest_pause_ms", plan.webrtc_seconds * 1e3),
+                                    f"frames_{direction}": 100.0 * v.get("frames", 0) / max(1, v.get("frames_sent", 0)),
+                                })
+                            results.add("webrtc", f"{scenario}|{row}", flat)
+                            if why is not None:
+                                results.note("webrtc", f"{scenario}, {row} (round {i + 1}): app figures (getStats,"
+                                                       f" frames) taken from a starved call: {why}")
+                            progress(f"  {row}: audio loss up/down {flat['audio_loss_up']:.1f}/{flat['audio_loss_down']:.1f} %,"
+                                     f" gap {flat['gap_up']:.0f}/{flat['gap_down']:.0f} ms")
+                    finally:
+                        cl.close()
+            except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError, LookupError) as exc:
+                results.failed("webrtc", f"{scenario} (round {i + 1})", exc)
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace, Results], None]] = {
     "single": run_single, "loss": run_loss, "failover": run_failover,
     "aggregation": run_aggregation, "reorder": run_reorder, "cpu": run_cpu, "server": run_server,
-    "fleet": run_fleet, "marking": run_marking,
+    "fleet": run_fleet, "marking": run_marking, "webrtc": run_webrtc,
 }
 
 
@@ -1522,9 +1628,55 @@ def section_method(report: Report) -> list[str]:
     ]
 
 
+def section_webrtc(report: Report) -> list[str]:
+    p = report.plan
+    lines = [
+        "## WebRTC: a real call (aiortc) with and without mptun",
+        "",
+        "`tunnel/lab/webrtc.py`, see docs/WEBRTC.md: an unmodified aiortc peer in the client namespace calls one",
+        "in a namespace behind the server (host candidates only) for"
+        f" {p.webrtc_seconds:g} s, sending Opus audio (50 packets/s) and",
+        "VP8 video (30 frames/s, full-size packets) both ways.  Rows: the same call over path 0 directly (no",
+        "tunnel; the router gets a route to the far peer), and through mptun: `duplicate` with",
+        "`policies/webrtc.toml` (the call is in its media-ports class), `balance` and `lowest-rtt` without a",
+        "policy.  *loss*: 10 % random loss on both paths, both directions, at the router.  *blackhole*:",
+        "halfway through, the path carrying the call (path 0 for the raw link; for mptun the one with more",
+        f"client tx packets in the 300 ms before) drops everything for {WEBRTC_OUTAGE_S:g} s.",
+        "Cells are up (client -> far) / down; audio loss is getStats packetsLost / (received + lost);",
+        "wire loss is the same count from an AF_PACKET capture at the receiver (video: before NACK/RTX);",
+        "jitter is getStats' (RFC 3550) over the clock rate; the longest gap is between audio RTP",
+        "arrivals (kernel timestamps), less any pause of the sender itself; the video pause is the",
+        "longest time between two frames the receiving app decoded (WebRTC counts a freeze above",
+        "max(3 x frame interval, interval + 150 ms), about 183 ms here).",
+        *_not_run(report, "webrtc"),
+    ]
+    table = report.results.tables.get("webrtc", {})
+
+    def pair(row: str, key: str, spec: str) -> str:
+        return (_cell(report, "webrtc", row, f"{key}_up", spec) + " / "
+                + _cell(report, "webrtc", row, f"{key}_down", spec))
+    for scenario in ("loss", "blackhole"):
+        rows = [r for r in table if r.startswith(scenario + "|")]
+        if not rows:
+            continue
+        lines += ["", f"**{scenario}**", "",
+                  "| | audio loss % | audio wire loss % | video wire loss % | audio jitter (ms) |"
+                  " longest audio gap (ms) | longest video pause (ms) | video frames decoded % |",
+                  "|---|--:|--:|--:|--:|--:|--:|--:|"]
+        for row in rows:
+            name = row.split("|", 1)[1]
+            label = "raw link" if name == "raw" else f"mptun `{name}`"
+            lines.append(_row(label, pair(row, "audio_loss", "{:.1f}"), pair(row, "audio_wire_loss", "{:.1f}"),
+                              pair(row, "video_wire_loss", "{:.1f}"), pair(row, "jitter", "{:.1f}"),
+                              pair(row, "gap", "{:.0f}"), pair(row, "pause", "{:.0f}"),
+                              pair(row, "frames", "{:.0f}")))
+    return lines + _notes(report, "webrtc")
+
+
 SECTIONS: list[Callable[[Report], list[str]]] = [
     section_header, section_single_path, section_loss, section_failover, section_aggregation,
-    section_reorder, section_cpu, section_server, section_fleet, section_marking, section_method]
+    section_reorder, section_cpu, section_server, section_fleet, section_marking, section_webrtc,
+    section_method]
 
 
 def render(report: Report) -> str:
@@ -1693,6 +1845,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.plan = plan = _plan(args)
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     signal.signal(signal.SIGTERM, _terminate)  # tear the labs down on SIGTERM too, as on Ctrl-C
     if plan.runs < 1 or plan.duration <= 0 or plan.echo_duration <= 0:
         parser.error("--runs, --duration and --echo-duration must be positive")
