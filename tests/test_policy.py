@@ -643,3 +643,14 @@ def test_policy_examples_in_the_docs_load() -> None:
     assert len(blocks) >= 4
     for block in blocks:
         assert parse_policy(tomllib.loads(block), "docs/POLICY.md").classes[-1].matches_all
+
+
+def test_target_loss_is_a_percentage_for_copying_modes() -> None:
+    p = policy_of({"name": "media", "mode": "duplicate", "target_loss": 0.5, "match": {"dscp": "EF"}}, {"name": "d"})
+    assert p.classes[0].target_loss == pytest.approx(0.005) and p.classes[1].target_loss is None
+    for bad, why in ((0, "from 0.001 to 50"), (51, "from 0.001 to 50"), ("1", "from 0.001 to 50"),
+                     (True, "from 0.001 to 50")):
+        with pytest.raises(PolicyError, match=f"test.toml: class 'm': target_loss: .*{why}"):
+            policy_of({"name": "m", "mode": "duplicate", "target_loss": bad})
+    with pytest.raises(PolicyError, match="class 'm': target_loss: only duplicate and redundant"):
+        policy_of({"name": "m", "mode": "balance", "target_loss": 1})

@@ -398,3 +398,41 @@ def test_flow_hash_is_stable() -> None:
 def test_module_constants() -> None:
     assert scheduler.SWITCH_MARGIN == 0.9
     assert scheduler.PROBE_BOOST == 1.25
+
+
+# -- target_loss: extra copies while the estimated residual loss is above the target ----------------
+def test_target_loss_adds_copies_on_the_least_lossy_path_until_below_target() -> None:
+    a, b = FakePath("a", loss=0.10), FakePath("b", loss=0.12)
+    s = Scheduler("duplicate", target_loss=0.005)
+    s.refresh([a, b])
+    # 0.10 * 0.12 = 1.2 % > 0.5 %: one more copy on a (the less lossy) -> 0.12 %
+    assert s.select(b"") == [a, b]  # the first copies, sent at once
+    assert s.extra == [[a]] and s.extra_copies == 1  # the extra one, sent a tick later
+
+
+def test_target_loss_met_by_plain_duplicates_adds_nothing() -> None:
+    a, b = FakePath("a", loss=0.02), FakePath("b", loss=0.02)
+    s = Scheduler("duplicate", target_loss=0.005)
+    s.refresh([a, b])
+    assert s.select(b"") == [a, b] and s.extra == [] and s.extra_copies == 0
+
+
+def test_target_loss_on_one_path_sends_up_to_max_copies() -> None:
+    a = FakePath("a", loss=0.3)
+    s = Scheduler("duplicate", target_loss=0.001)
+    s.refresh([a])
+    assert s.select(b"") == [a]
+    assert s.extra == [[a]] * (scheduler.MAX_COPIES - 1)  # 2.7 % is still above, but copies are capped
+
+
+def test_target_loss_ignores_down_and_dead_paths() -> None:
+    a, b = FakePath("a", loss=0.10), FakePath("b", state=DOWN, loss=1.0)
+    s = Scheduler("duplicate", target_loss=0.005)
+    s.refresh([a, b])
+    assert s.select(b"") == [a, b]
+    assert s.extra == [[a], [a]]  # 10 % -> 1 % -> 0.1 %, none extra on b
+
+
+def test_target_loss_only_for_copying_modes() -> None:
+    assert Scheduler("balance", target_loss=0.01).target_loss is None
+    assert Scheduler("redundant", target_loss=0.01).target_loss == 0.01

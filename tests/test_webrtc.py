@@ -10,7 +10,6 @@ in the same test.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -34,15 +33,9 @@ def _call(cl: CallLab, via: str, **kw) -> tuple[dict, Optional[str]]:
     return judged_call(cl, SECONDS, via, **kw)
 
 
-def _residual_bound(n: int, p: float = LOSS * LOSS) -> float:
-    """p1*p2 plus three binomial standard deviations over n packets, in %.
-
-    Two independent 10 % paths leave 1 % on average: "at most 1 %" is the
-    mean itself, so a single call lands above it about half of the time
-    (see docs/WEBRTC.md for the measured distribution).  This bound fails
-    when the loss is really higher than p1*p2, not on sampling noise.
-    """
-    return 100 * (p + 3 * math.sqrt(p * (1 - p) / n))
+def _media_class(status: dict) -> dict:
+    """The shipped policy's class the call falls into (aiortc sets no DSCP: the port class)."""
+    return next(c for c in status["classes"] if c["name"] == "media-ports")
 
 
 def test_call_through_mptun_duplicate_hides_random_loss(lab, tmp_path):
@@ -52,12 +45,15 @@ def test_call_through_mptun_duplicate_hides_random_loss(lab, tmp_path):
         cl.direct(True)
         raw, _ = _call(cl, "raw")
         cl.direct(False)
-        cl.start_tunnel(policy=WEBRTC)  # media-ports class: duplicate, outer EF
+        cl.start_tunnel(policy=WEBRTC)  # media-ports class: duplicate, outer EF, target_loss 0.2 %
         dup, starved_why = _call(cl, "tunnel")
+        media_up = _media_class(cl.stack.client_status())
     finally:
         cl.close()
     (tmp_path / "figures.json").write_text(json.dumps({"raw": raw, "duplicate": dup}, indent=1))
-    print(json.dumps({"raw": raw, "duplicate": dup, "app_not_judged": starved_why}))
+    print(json.dumps({"raw": raw, "duplicate": dup, "app_not_judged": starved_why, "media_class_up": media_up}))
+    # two 10 % paths leave 1 % with one copy each; target_loss made the client send more
+    assert media_up["copies"] > 2.2 * media_up["packets"], media_up
     for role, who in RECEIVERS.items():
         r, d = raw[role], dup[role]
         # the impairment is real: the direct call loses about 10 % on the wire
@@ -68,13 +64,13 @@ def test_call_through_mptun_duplicate_hides_random_loss(lab, tmp_path):
             # from the sequence numbers - received; for video before NACK/RTX), enough packets
             v = d[kind]
             assert v["rtp_received"] >= 20 * SECONDS, (who, kind, v)
-            assert v["rtp_loss_pct"] <= _residual_bound(v["rtp_received"]), (who, kind, v)
+            assert v["rtp_loss_pct"] <= 1.0, (who, kind, v)
             assert v["rtp_loss_pct"] < r[kind]["rtp_loss_pct"] / 3, (who, kind, v, r[kind])
         if starved_why is None:
             # the app's own view: getStats packetsLost (audio: aiortc has no RTX for it; video's
             # getStats entry may be the RTX stream's, see docs/WEBRTC.md) ...
             n = d["audio"]["packets_received"] + d["audio"]["packets_lost"]
-            assert d["audio"]["loss_pct"] <= _residual_bound(n), (who, d["audio"])
+            assert n >= 20 * SECONDS and d["audio"]["loss_pct"] <= 1.0, (who, d["audio"])
             # ... and no video freeze, unless a lost video packet was never repaired (aiortc NACKs
             # once: with its NACK or RTX lost too, its jitter buffer stalls for seconds)
             v = d["video"]

@@ -29,6 +29,7 @@ from tunnel.events import SpareKey
 from tunnel.path import P_DOWN, P_HANDSHAKING, Path
 from tunnel.policy import Policy
 from tunnel.reorder import Reorderer, floor, queue_of
+from tunnel.scheduler import ExtraCopies
 from tunnel.scheduler import MODES, Scheduler
 
 BACKOFF_MIN = 0.25
@@ -111,6 +112,7 @@ class ClientCore:
         self._dedup = DedupWindow(window)
         self._qseq = [0] * 256  # per-queue sequence numbers of DATA_ORDERED (reordering classes)
         self._reorder = Reorderer()
+        self._extra = ExtraCopies()
         self.malformed = 0
         self.dropped_no_path = 0  # packets from the TUN while no path carried the tunnel
         self.not_ipv4 = 0
@@ -125,7 +127,7 @@ class ClientCore:
     def set_policy(self, policy: Policy) -> None:
         """Install a (new) policy: one scheduler per traffic class."""
         self.policy = policy
-        self.schedulers = [Scheduler(c.mode, c.redundancy, self.pin_flows) for c in policy.classes]
+        self.schedulers = [Scheduler(c.mode, c.redundancy, self.pin_flows, c.target_loss) for c in policy.classes]
         self.class_packets = [0] * len(policy.classes)  # packets per class
         self.class_copies = [0] * len(policy.classes)  # datagrams sent for them (duplicates count)
         self._refresh()
@@ -381,7 +383,8 @@ class ClientCore:
                 return
         policy = self.policy
         c = policy.classify(packet)
-        paths = self.schedulers[c.index].select(packet)
+        sched = self.schedulers[c.index]
+        paths = sched.select(packet)
         if not paths or self.state != C_UP:
             self.dropped_no_path += 1
             return
@@ -401,6 +404,9 @@ class ClientCore:
                 outbox.append((path.key, dgram, tos))
         self.class_packets[c.index] += 1
         self.class_copies[c.index] += len(paths)
+        if sched.extra:  # target_loss: more copies, one round per tick
+            self.class_copies[c.index] += sched.extra_copies
+            self._extra.defer(sched.extra, record, tos)
 
     def _collect(self, path: Path) -> None:
         key = path.key
@@ -452,6 +458,8 @@ class ClientCore:
                 self._send_hello(slot, now)
             if slot.path is path:
                 self._check_silence(slot, path, now)
+        if self._extra.pending:
+            self._extra.send(now, self.outbox, lambda path: path.key)
         if self._reorder.waiting:
             self._reorder.expire(now, self.to_tun)
             self._reorder.progress(floor(self._joined), self.to_tun)

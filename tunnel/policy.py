@@ -39,7 +39,7 @@ DSCP_NAMES = {
 }  # RFC 2474, 2597, 3246, 5865, 8622
 PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
 INHERIT = -1
-CLASS_KEYS = {"name", "match", "mode", "redundancy", "outer_dscp", "reorder", "reorder_ms"}
+CLASS_KEYS = {"name", "match", "mode", "redundancy", "outer_dscp", "reorder", "reorder_ms", "target_loss"}
 MATCH_KEYS = {"dscp", "protocol", "ports", "src_ports", "dst_ports", "cidrs", "src", "dst"}
 
 
@@ -59,6 +59,7 @@ class TrafficClass:
     dscp: Optional[frozenset] = None  # None: any
     checks: list = field(default_factory=list)  # compiled predicates on the packet
     hold_units: int = 13  # reorder_ms in DATA_ORDERED's 4 ms units, rounded up
+    target_loss: Optional[float] = None  # duplicate/redundant: extra copies while the estimate is above (ratio)
 
     def __post_init__(self) -> None:
         self.hold_units = -(-self.reorder_ms // HOLD_UNIT_MS)
@@ -245,7 +246,14 @@ def _parse_class(table: Any, index: int, source: str) -> TrafficClass:
     reorder_ms = table.get("reorder_ms", 50)
     if not isinstance(reorder_ms, int) or isinstance(reorder_ms, bool) or not 1 <= reorder_ms <= 1000:
         raise err("reorder_ms", f"expected milliseconds from 1 to 1000, got {reorder_ms!r}")
+    target = table.get("target_loss")
+    if target is not None:
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.001 <= target <= 50:
+            raise err("target_loss", f"expected a loss in percent from 0.001 to 50, got {target!r}")
+        if mode not in ("duplicate", "redundant"):
+            raise err("target_loss", "only duplicate and redundant mode send extra copies")
     c = TrafficClass(name, index, mode, redundancy, outer_dscp, reorder, reorder_ms)
+    c.target_loss = None if target is None else target / 100.0
     match = table.get("match", {})
     if not isinstance(match, dict):
         raise err("match", "expected a table")

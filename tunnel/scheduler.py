@@ -15,6 +15,16 @@ Modes (per traffic class; one mode for all traffic until the policy issue):
   happened to get less); ``pin_flows`` keeps a 5-tuple on one path;
 - ``backup``: the first usable path in priority order.
 
+``target_loss`` (duplicate and redundant): when the estimated loss of the
+chosen copies together (the product of the paths' measured loss, as if
+independent) is above the target, extra copies go on the least lossy live
+paths, up to :data:`MAX_COPIES` per path, until the estimate is below it.
+Two paths at 10 % random loss give 1 % with one copy each; a third copy brings
+it to 0.1 %.  :attr:`Scheduler.extra` lists them in rounds; the cores send each
+round one timer tick after the previous one, not back to back with the first
+copy, which a burst (or a router's GRO merging the two datagrams) would take
+together.  The receiver's duplicate window drops the extras.
+
 "Usable" means up; if no path is up, degraded ones; if none is, down ones (a
 packet sent on a path that may be dead beats a packet dropped for sure).
 Per-packet work is small: the candidate set and weights are recomputed in
@@ -34,6 +44,7 @@ SWITCH_MARGIN = 0.9  # lowest-rtt: another path must be 10 % faster to take over
 RATE_FLOOR = 125_000.0  # 1 Mbit/s: a path with no measured rate yet still gets a share
 PROBE_BOOST = 1.25  # an uncongested path gets 25 % more than it delivered, to find its capacity
 CONGESTED = 0.05  # smoothed loss from which a path counts as congested (random loss stays below)
+MAX_COPIES = 3  # target_loss: at most this many copies of a packet on one path
 
 
 class SchedulerError(ValueError):
@@ -55,12 +66,16 @@ def _score(p) -> float:
 
 
 class Scheduler:
-    def __init__(self, mode: str = "duplicate", redundancy: int = 2, pin_flows: bool = False):
+    def __init__(self, mode: str = "duplicate", redundancy: int = 2, pin_flows: bool = False,
+                 target_loss: Optional[float] = None):
         if mode not in MODES:
             raise SchedulerError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
         self.mode = mode
         self.redundancy = max(1, redundancy)
         self.pin_flows = pin_flows
+        self.target_loss = target_loss if mode in ("duplicate", "redundant") else None
+        self.extra: list = []  # target_loss: rounds of extra copies, each a list of paths (empty: none)
+        self.extra_copies = 0  # copies per packet added for target_loss (at the last refresh)
         self._chosen: list = []  # what duplicate/redundant/lowest-rtt/backup send on
         self._wrr: list = []  # balance: [path, weight, current]
         self._total = 0.0
@@ -81,6 +96,28 @@ class Scheduler:
             self._chosen = sorted(usable, key=lambda p: p.priority)[:1]
         else:
             self._refresh_weights(usable)
+        if self.target_loss is not None:
+            self._add_copies()
+
+    def _add_copies(self) -> None:
+        chosen = self._chosen
+        residual = 1.0
+        for p in chosen:
+            residual *= p.loss if p.state != DOWN else 1.0
+        live = sorted((p for p in chosen if p.state != DOWN and p.loss < 1.0), key=lambda p: p.loss)
+        rounds = []
+        for _ in range(MAX_COPIES - 1):
+            extra = []
+            for p in live:
+                if residual <= self.target_loss:
+                    break
+                extra.append(p)
+                residual *= p.loss
+            if not extra:
+                break
+            rounds.append(extra)
+        self.extra = rounds
+        self.extra_copies = sum(len(r) for r in rounds)
 
     def _pick_lowest_rtt(self, usable: list):
         best = min(usable, key=_score)
@@ -145,3 +182,40 @@ def flow_hash(packet: bytes) -> Optional[int]:
     if proto in (6, 17) and len(packet) >= ihl + 4:
         key += packet[ihl : ihl + 4]
     return zlib.crc32(key)
+
+
+class ExtraCopies:
+    """The extra copies ``target_loss`` asked for, sent one round per timer tick.
+
+    A copy sent back to back with the first one shares its fate on a bursty
+    link (and in a router that merges the two datagrams with GRO), so each
+    round waits for the next tick.  Bounded: beyond ``limit`` waiting packets
+    the oldest lose their extra copies (counted in ``dropped``).
+    """
+
+    __slots__ = ("pending", "limit", "dropped")
+
+    def __init__(self, limit: int = 4096):
+        self.pending: list = []  # (rounds of paths, record, outer TOS)
+        self.limit = limit
+        self.dropped = 0
+
+    def defer(self, rounds: list, record: bytes, tos: int) -> None:
+        self.pending.append((rounds, record, tos))
+        if len(self.pending) > self.limit:
+            self.dropped += 1
+            del self.pending[0]
+
+    def send(self, now: float, outbox: list, key) -> None:
+        """Encrypt this tick's round of every waiting packet into ``outbox`` (as
+        ``(key(path), datagram, tos)``); keep the later rounds for the next tick."""
+        later = []
+        for rounds, record, tos in self.pending:
+            for path in rounds[0]:
+                if path.alive:
+                    dgram = path.encrypt(record, now)
+                    if dgram is not None:
+                        outbox.append((key(path), dgram, tos))
+            if len(rounds) > 1:
+                later.append((rounds[1:], record, tos))
+        self.pending = later

@@ -31,7 +31,7 @@ from tunnel.pool import AddressPool, AddressPool6, PoolExhausted
 from tunnel.reorder import Reorderer, floor, queue_of
 from tunnel.revocation import Revocation
 from tunnel.routes import PENDING_EXPIRY, PENDING_SIZE, RouteTable
-from tunnel.scheduler import MODES, Scheduler
+from tunnel.scheduler import MODES, ExtraCopies, Scheduler
 
 LINGER = 30.0  # seconds a tunnel without paths is kept for the client to come back
 HANDSHAKE_RATE = 10.0  # verified handshakes per second per source address (burst: twice that)
@@ -72,7 +72,7 @@ class ServerTunnel:
 
     def set_policy(self, policy: Policy) -> None:
         self.policy = policy
-        self.schedulers = [Scheduler(c.mode, c.redundancy) for c in policy.classes]
+        self.schedulers = [Scheduler(c.mode, c.redundancy, target_loss=c.target_loss) for c in policy.classes]
         self.class_packets = [0] * len(policy.classes)
         self.class_copies = [0] * len(policy.classes)
         self.refresh()
@@ -171,6 +171,7 @@ class ServerCore:
         self.tunnels: dict[bytes, ServerTunnel] = {}  # tunnel id -> tunnel
         self.by_name: dict[str, ServerTunnel] = {}
         self.outbox: list[tuple[tuple, bytes, int]] = []  # (peer address, datagram, outer TOS)
+        self._extra = ExtraCopies()  # target_loss copies waiting for the next tick
         self.to_tun: list[bytes] = []
         self._events: deque = deque()
         self.counters = {
@@ -524,7 +525,8 @@ class ServerCore:
     def _send_via(self, tunnel: ServerTunnel, pkt: bytes, now: float) -> None:
         policy = tunnel.policy
         c = policy.classify(pkt)
-        paths = tunnel.schedulers[c.index].select(pkt)
+        sched = tunnel.schedulers[c.index]
+        paths = sched.select(pkt)
         if not paths:
             self.counters["no_path"] += 1
             return
@@ -544,6 +546,9 @@ class ServerCore:
                 outbox.append((path.addr, dgram, tos))
         tunnel.class_packets[c.index] += 1
         tunnel.class_copies[c.index] += len(paths)
+        if sched.extra:  # target_loss: more copies, one round per tick
+            tunnel.class_copies[c.index] += sched.extra_copies
+            self._extra.defer(sched.extra, record, tos)
 
     # -- output -------------------------------------------------------
     def _flush(self, path: Path) -> None:
@@ -571,6 +576,8 @@ class ServerCore:
                 if path.changed:
                     self._path_changed(path, now)
         self.route_table.expire(now)
+        if self._extra.pending:
+            self._extra.send(now, self.outbox, lambda path: path.addr)
         for tunnel in list(self.tunnels.values()):
             if tunnel.reorder.waiting:
                 self._reorder_release(tunnel, now, expire=True)
