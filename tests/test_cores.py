@@ -21,7 +21,7 @@ import pytest
 from tunnel import events, frames, mtu
 from tunnel.certs import create_ca, issue_client, issue_server
 from tunnel.client_core import (
-    BACKOFF_MIN, BACKOFF_REFUSED, C_CLOSED, C_CONNECTING, C_UP, REBIND_AFTER, SILENT_ATTEMPT, SILENT_BACKOFF, ClientCore,
+    BACKOFF_MIN, BACKOFF_REFUSED, C_CLOSED, C_CONNECTING, C_UP, REBIND_AFTER, ClientCore,
 )
 from tunnel.dtls import ESTABLISHED, DtlsSession, make_context
 from tunnel.estimator import RECOVER_PROBES, PathEstimator

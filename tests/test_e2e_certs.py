@@ -102,7 +102,7 @@ def test_revoked_client_disconnected_on_sighup_and_refused_after(tunnel_stack):
     line = wait_log(tunnel_stack.server_log, "CRL not reloaded")
     assert "keeping the old one (1 serials)" in line and str(crl) in line
     # the client retries (after its 10 s back-off) and is refused at the handshake
-    line = wait_log(tunnel_stack.server_log, f"refused 198.18.0.2", timeout=25)
+    line = wait_log(tunnel_stack.server_log, "refused 198.18.0.2", timeout=25)
     assert f"client 'alice' revoked (CRL serial {serial})" in line
     assert tunnel_stack.server_status()["tunnels"] == []
     assert tunnel_stack.server_proc.poll() is None

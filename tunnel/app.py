@@ -89,3 +89,20 @@ def reloader(path, apply, log: logging.Logger):
 
 def fmt_addr(addr) -> str:
     return f"{addr[0]}:{addr[1]}" if addr else "?"
+
+
+def drop_target_and_key_check(cfg, log: logging.Logger):
+    """The user to drop to after set-up (None: stay), checked before anything is set up,
+    and a warning if the key file is readable by others (not by the daemon's own group)."""
+    import os
+
+    from tunnel import privs
+    from tunnel.certs import key_mode_warning
+
+    target = privs.resolve(cfg.user, cfg.group) if cfg.user else None
+    if target is not None:
+        privs.check(target)  # not root: say so before anything is set up
+    own_groups = {os.getegid(), target.gid} if target is not None else {os.getegid()}
+    if (warning := key_mode_warning(cfg.key, own_groups)) is not None:
+        log.warning("%s", warning)
+    return target

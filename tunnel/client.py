@@ -4,12 +4,10 @@ interface and server address; TUN made on the first CONFIG."""
 from __future__ import annotations
 
 import logging
-import os
 import socket
 
 from tunnel import events, mtu as mtu_math, netlink, privs
-from tunnel.app import load_policy_or_none, reloader, setup_logging, udp_socket
-from tunnel.certs import key_mode_warning
+from tunnel.app import drop_target_and_key_check, load_policy_or_none, reloader, setup_logging, udp_socket
 from tunnel.client_core import ClientCore
 from tunnel.config import ClientConfig, ConfigError
 from tunnel.control import default_path
@@ -84,12 +82,7 @@ def make_socket(key) -> socket.socket:
 def run(cfg: ClientConfig) -> int:
     setup_logging("client", cfg.log_level, cfg.log_format)
     ctx = make_context("client", cfg.certificate, cfg.key, cfg.ca, server_name=cfg.server_name)
-    target = privs.resolve(cfg.user, cfg.group) if cfg.user else None
-    if target is not None:
-        privs.check(target)  # not root: say so before anything is set up
-    own_groups = {os.getegid(), target.gid} if target is not None else {os.getegid()}
-    if (warning := key_mode_warning(cfg.key, own_groups)) is not None:
-        log.warning("%s", warning)
+    target = drop_target_and_key_check(cfg, log)
     finder = PathFinder(cfg, resolve(cfg))
     if not finder.servers:
         raise ConfigError(f"{cfg.path}: [client] server: no IPv4 server address (IPv6 underlay is not supported yet)")

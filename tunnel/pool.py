@@ -14,7 +14,40 @@ class PoolExhausted(Exception):
     pass
 
 
-class AddressPool:
+class _Leases:
+    """Leases by client name: static first, then the one the name had, then a new one."""
+
+    network: ipaddress._BaseNetwork
+    static: dict
+    _leases: dict
+    _in_use: set
+
+    def lease(self, name: str):
+        if name in self.static:
+            addr = self.static[name]
+        elif name in self._leases:
+            addr = self._leases[name]
+        else:
+            addr = self._take()
+            self._leases[name] = addr
+        self._in_use.add(name)
+        return ipaddress.ip_interface(f"{addr}/{self.network.prefixlen}")
+
+    def release(self, name: str) -> None:
+        """The client is gone; its address stays reserved for it while the pool lasts."""
+        self._in_use.discard(name)
+
+    def _take(self):
+        addr = self._next_free()
+        if addr is not None:
+            return addr
+        for name in list(self._leases):  # oldest idle lease first (dicts keep insertion order)
+            if name not in self._in_use:
+                return self._leases.pop(name)
+        raise PoolExhausted(f"address pool {self.network} is exhausted")
+
+
+class AddressPool(_Leases):
     def __init__(
         self,
         server: ipaddress.IPv4Interface,
@@ -33,35 +66,15 @@ class AddressPool:
         self._leases: dict[str, ipaddress.IPv4Address] = {}  # name -> address, kept after disconnect
         self._in_use: set[str] = set()
 
-    def lease(self, name: str) -> ipaddress.IPv4Interface:
-        if name in self.static:
-            addr = self.static[name]
-        elif name in self._leases:
-            addr = self._leases[name]
-        else:
-            addr = self._take()
-            self._leases[name] = addr
-        self._in_use.add(name)
-        return ipaddress.IPv4Interface(f"{addr}/{self.network.prefixlen}")
-
-    def release(self, name: str) -> None:
-        """The client is gone; its address stays reserved for it while the pool lasts."""
-        self._in_use.discard(name)
-
-    def _take(self) -> ipaddress.IPv4Address:
-        if self._free:
-            return self._free.pop(0)
-        for name in list(self._leases):  # oldest idle lease first (dicts keep insertion order)
-            if name not in self._in_use:
-                return self._leases.pop(name)
-        raise PoolExhausted(f"address pool {self.network} is exhausted")
+    def _next_free(self) -> Optional[ipaddress.IPv4Address]:
+        return self._free.pop(0) if self._free else None
 
     @staticmethod
     def parse_static(items: Iterable[tuple[str, str]]) -> dict[str, ipaddress.IPv4Address]:
         return {name: ipaddress.IPv4Address(addr) for name, addr in items}
 
 
-class AddressPool6:
+class AddressPool6(_Leases):
     """IPv6 inner addresses: one /128 per client from ``network`` (e.g. a ULA /64).
 
     The server has the prefix's first address (``::1``); clients get the next
@@ -85,27 +98,10 @@ class AddressPool6:
         self._leases: dict[str, ipaddress.IPv6Address] = {}
         self._in_use: set[str] = set()
 
-    def lease(self, name: str) -> ipaddress.IPv6Interface:
-        if name in self.static:
-            addr = self.static[name]
-        elif name in self._leases:
-            addr = self._leases[name]
-        else:
-            addr = self._take()
-            self._leases[name] = addr
-        self._in_use.add(name)
-        return ipaddress.IPv6Interface(f"{addr}/{self.network.prefixlen}")
-
-    def release(self, name: str) -> None:
-        self._in_use.discard(name)
-
-    def _take(self) -> ipaddress.IPv6Address:
+    def _next_free(self) -> Optional[ipaddress.IPv6Address]:
         while self._next <= self._last:
             addr = ipaddress.IPv6Address(self._next)
             self._next += 1
             if addr not in self._reserved:
                 return addr
-        for name in list(self._leases):
-            if name not in self._in_use:
-                return self._leases.pop(name)
-        raise PoolExhausted(f"address pool {self.network} is exhausted")
+        return None

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import socket
 import time
 
 from tunnel import events, mtu as mtu_math, netlink, privs
-from tunnel.app import fmt_addr, load_policy_or_none, reloader, setup_logging, udp_socket
-from tunnel.certs import CertError, crl_next_update, key_mode_warning, load_crl
+from tunnel.app import drop_target_and_key_check, fmt_addr, load_policy_or_none, reloader, setup_logging, udp_socket
+from tunnel.certs import CertError, crl_next_update, load_crl
 from tunnel.config import ConfigError, ServerConfig, load_revocation_keys
 from tunnel.control import default_path
 from tunnel.dtls import make_context
@@ -142,12 +141,7 @@ def build(cfg: ServerConfig):
 def run(cfg: ServerConfig) -> int:
     setup_logging("server", cfg.log_level, cfg.log_format)
     core, inner = build(cfg)
-    target = privs.resolve(cfg.user, cfg.group) if cfg.user else None
-    if target is not None:
-        privs.check(target)  # not root: say so before anything is set up
-    own_groups = {os.getegid(), target.gid} if target is not None else {os.getegid()}
-    if (warning := key_mode_warning(cfg.key, own_groups)) is not None:
-        log.warning("%s", warning)
+    target = drop_target_and_key_check(cfg, log)
     sockets = []
     for host, port in cfg.listen:
         fam = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
