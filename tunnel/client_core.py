@@ -531,7 +531,7 @@ class ClientCore:
         if handshaking and spare.established:
             self._spare_join(slot, now)
         for i, rec in enumerate(records):
-            if rec[0] == frames.DATA:
+            if rec[0] == frames.DATA or rec[0] == frames.DATA_ORDERED:
                 continue  # not joined yet: the server sends no DATA before CONFIG
             try:
                 frame = frames.parse(rec)
@@ -543,6 +543,8 @@ class ClientCore:
                 for rest in records[i + 1 :]:  # e.g. packets the server held for the tunnel
                     if rest[0] == frames.DATA:
                         self._spare_data(rest, tos)
+                    elif rest[0] == frames.DATA_ORDERED and slot.path is not None:
+                        self._on_data_ordered(slot.path, rest, tos, now)
                 return
             if isinstance(frame, frames.Close):
                 spare.close(None, now)
