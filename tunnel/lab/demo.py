@@ -74,7 +74,7 @@ MODE_NOTES = {
     "backup": "the first path until it dies, then the next: like lowest-rtt, in interface order",
     "webrtc": "policies/webrtc.toml on both ends: the media (marked EF, as WebRTC stacks mark "
               "audio) duplicated on every path and marked EF outside, everything else "
-              "balanced and put back in order; the lab's router queues are plain FIFOs that "
+              "balanced; the lab's router queues are plain FIFOs that "
               "ignore the EF mark, so the media still waits behind the bulk flow on each path",
 }
 MEDIA_TOS = 0xB8  # the media stream is marked EF, as a WebRTC stack marks audio (RFC 8837)
