@@ -1618,3 +1618,15 @@ def test_reorder_hold_time_runs_out_when_no_path_proves_the_loss(pki: Path) -> N
     net.run_until(lambda: net.server.to_tun[-1] == up_pkt(3), 0.5)
     assert 0.1 <= net.now - start <= 0.1 + 2 * STEP
     assert t.reorder.stats()["timeouts"] == 1
+
+
+def test_tunnel_keeps_counting_dtls_drops_of_paths_that_are_gone(pki: Path) -> None:
+    net, c = two_paths(pki)
+    rec = c.path("b").dtls.send(frames.encode_data(10_000, up_pkt(1)))
+    flipped = rec[:-1] + bytes([rec[-1] ^ 1])
+    net.server.receive_datagram(flipped, c.addr("b"), net.now)
+    assert net.tunnel().stats()["dtls_dropped"] == 1
+    c.remove("b")  # the path goes away (CLOSE_PATH): its drops stay in the tunnel's count
+    net.pump()
+    st = net.tunnel().stats()
+    assert len(st["paths"]) == 1 and st["paths"][0]["dtls_dropped"] == 0 and st["dtls_dropped"] == 1

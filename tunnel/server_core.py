@@ -46,7 +46,7 @@ class ServerTunnel:
     __slots__ = (
         "id", "name", "address", "key", "paths", "seq", "dedup", "policy", "schedulers", "prefixes",
         "class_packets", "class_copies", "spoofed", "malformed", "ecn_dropped", "idle_since", "mode",
-        "qseq", "reorder", "address6", "key6", "prefixes6",
+        "qseq", "reorder", "address6", "key6", "prefixes6", "dtls_dropped_gone",
     )
 
     def __init__(self, tid: bytes, name: str, address: ipaddress.IPv4Interface, window: int, policy: Policy, mode: str):
@@ -59,6 +59,7 @@ class ServerTunnel:
         self.seq = 0
         self.dedup = DedupWindow(window)
         self.qseq = [0] * 256  # per-queue sequence numbers of DATA_ORDERED (reordering classes)
+        self.dtls_dropped_gone = 0  # records DTLS dropped on paths no longer in the tunnel
         self.reorder = Reorderer()
         self.mode = mode  # the mode without a policy (the client's choice or the server's)
         self.set_policy(policy)
@@ -104,6 +105,7 @@ class ServerTunnel:
             "reorder": self.reorder.stats(),
             "spoofed": self.spoofed,
             "malformed": self.malformed,
+            "dtls_dropped": self.dtls_dropped_gone + sum(p.dtls.records_dropped for p in self.paths),
             "paths": [p.stats() for p in self.paths],
         }
 
@@ -612,6 +614,7 @@ class ServerCore:
         self._events.append(events.PathDown(path.addr, reason))
         if path in tunnel.paths:
             tunnel.paths.remove(path)
+            tunnel.dtls_dropped_gone += path.dtls.records_dropped
             tunnel.refresh()
             if not tunnel.paths:
                 tunnel.idle_since = now
