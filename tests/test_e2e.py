@@ -87,7 +87,7 @@ def test_flipped_byte_on_the_wire_is_dropped_and_the_tunnel_stays(tunnel_stack):
     count_file = tunnel_stack.workdir / "flipped"
     tunnel_stack.server_host.popen(
         [sys.executable, str(MANGLER), tunnel_stack.server_addr, str(relay_port),
-         tunnel_stack.server_addr, str(PORT), "4", str(count_file)]
+         tunnel_stack.server_addr, str(PORT), "4", str(count_file), "500"]
     )
     wait_for(lambda: tunnel_stack.server_host.is_listening(relay_port, udp=True), 5, message="relay not up")
     tunnel_stack.client_overrides["server"] = f"{tunnel_stack.server_addr}:{relay_port}"
@@ -95,10 +95,12 @@ def test_flipped_byte_on_the_wire_is_dropped_and_the_tunnel_stays(tunnel_stack):
     # replace its session (NAT rebinding) and the new handshake's flipped records go uncounted
     tunnel_stack.client_overrides["dead_interval"] = 1.5
     tunnel_stack.start()
-    replies = sum(tunnel_stack.client_host.ping(SERVER_INNER, timeout=0.3) for _ in range(24))
-    flipped = int(count_file.read_text())
+    # 600-byte echos: their records are the only ones of 500 bytes or more, so the relay's count of
+    # big flipped records is the number of echo requests that never reached the server
+    replies = tunnel_stack.client_host.echo_count(SERVER_INNER, 24, interval=0.1, size=600)
+    flipped, flipped_echos = map(int, count_file.read_text().split())
     assert flipped >= 5
-    assert replies >= 12  # three in four records pass; pings whose request was flipped are lost
+    assert replies == 24 - flipped_echos  # every intact request answered, every flipped one lost
     # every flipped record was dropped by DTLS and counted; none reached the TUN
     tunnel = tunnel_stack.server_status()["tunnels"][0]
     assert len(tunnel["paths"]) == 1 and tunnel["paths"][0]["dtls_dropped"] == flipped

@@ -140,6 +140,34 @@ with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
 sys.exit(1)
 """
 
+# Send COUNT IPv4 echos of SIZE payload bytes INTERVAL apart, then wait up to
+# WAIT seconds for late replies; print how many distinct echos were answered.
+_ECHO_COUNT_SRC = r"""
+import os, select, socket, struct, sys, time
+addr, count, interval, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+pad = b"mptunlab" * (max(8, int(sys.argv[5])) // 8)
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xFFFF)
+    return ~(s + (s >> 16)) & 0xFFFF
+ident = os.getpid() & 0xFFFF
+answered = set()
+with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+    def drain(until):
+        while (left := until - time.monotonic()) > 0 and select.select([s], [], [], left)[0]:
+            icmp = (pkt := s.recv(2048))[(pkt[0] & 0x0F) * 4:]
+            if icmp[0] == 0 and icmp[4:6] == struct.pack("!H", ident) and icmp[8:] == pad:
+                answered.add(struct.unpack("!H", icmp[6:8])[0])
+    for seq in range(count):
+        body = struct.pack("!HH", ident, seq) + pad
+        s.sendto(struct.pack("!BBH", 8, 0, csum(b"\x08\x00\x00\x00" + body)) + body, (addr, 0))
+        drain(time.monotonic() + interval)
+    deadline = time.monotonic() + wait
+    while len(answered) < count and time.monotonic() < deadline:
+        drain(min(deadline, time.monotonic() + 0.05))
+print(len(answered))
+"""
+
 # The same for IPv6: ICMPv6 echo (the kernel fills in the checksum of a raw
 # ICMPv6 socket, and hands back the ICMPv6 message without the IPv6 header).
 _PING6_SRC = r"""
@@ -242,6 +270,17 @@ class Host:
         res = self.run([sys.executable, "-c", src, addr, str(count), str(timeout)],
                        check=False, timeout=count * timeout + 10)
         return res.returncode == 0
+
+    def echo_count(self, addr: str, count: int, interval: float = 0.05, wait: float = 3.0,
+                   size: int = 8) -> int:
+        """Send ``count`` IPv4 echos (``size`` payload bytes, a multiple of 8) to
+        ``addr`` ``interval`` seconds apart and return how many were answered,
+        waiting up to ``wait`` seconds after the last for late replies (a loaded
+        machine delays packets; that must not look like loss)."""
+        res = self.run([sys.executable, "-c", _ECHO_COUNT_SRC, addr, str(count), str(interval), str(wait),
+                        str(size)],
+                       timeout=count * interval + wait + 10)
+        return int(res.stdout.strip())
 
     def set_link(self, ifname: str, *, up: bool | None = None, mtu: int | None = None) -> None:
         """Bring interface ``ifname`` up/down and/or change its MTU."""
