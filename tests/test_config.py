@@ -314,6 +314,7 @@ def test_client_missing_required_key(cfgdir: Path, key: str) -> None:
         ("log_level", "1"),
         ("tun", "0"),
         ("pool", "5"),
+        ("keep_warm", '"yes"'),
     ],
 )
 def test_server_wrong_type(cfgdir: Path, key: str, value: str) -> None:
@@ -321,7 +322,7 @@ def test_server_wrong_type(cfgdir: Path, key: str, value: str) -> None:
     assert f"[server] {key}: expected " in msg
 
 
-@pytest.mark.parametrize("key,value", [("server", "4433"), ("server_name", "1"), ("timeout", '"5"')])
+@pytest.mark.parametrize("key,value", [("server", "4433"), ("server_name", "1"), ("timeout", '"5"'), ("keep_warm", "1")])
 def test_client_wrong_type(cfgdir: Path, key: str, value: str) -> None:
     assert f"[client] {key}: expected " in client_error(cfgdir, **{key: value})
 

@@ -155,6 +155,7 @@ def run(cfg: ClientConfig) -> int:
         watcher=netlink.LinkWatcher(),
         on_reload=reloader(cfg.policy, core.set_policy, log),
     )
+    shell.keep_warm = cfg.keep_warm
     if cfg.metrics:
         shell.metrics = MetricsServer(*cfg.metrics, shell.status, "client", name=client_name(cfg))
     if target is not None:

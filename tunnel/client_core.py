@@ -31,6 +31,7 @@ from tunnel.policy import Policy
 from tunnel.reorder import Reorderer, floor, queue_of
 from tunnel.scheduler import ExtraCopies
 from tunnel.scheduler import MODES, Scheduler
+from tunnel.warm import warm_pass
 
 BACKOFF_MIN = 0.25
 BACKOFF_MAX = 5.0
@@ -407,6 +408,12 @@ class ClientCore:
         if sched.extra:  # target_loss: more copies, one round per tick
             self.class_copies[c.index] += sched.extra_copies
             self._extra.defer(sched.extra, record, tos)
+
+    def warm(self) -> None:
+        """keep_warm: one dummy pass over the packet path of every joined path (see tunnel/warm.py)."""
+        if self.state == C_UP:
+            for path in self._joined:
+                warm_pass(self.policy, path)
 
     def _collect(self, path: Path) -> None:
         key = path.key

@@ -360,6 +360,27 @@ class DtlsSession:
         n = _BIO_read(self._wbio, self._wbuf, 65536)
         return _unpack(self._wbuf, n) if n > 0 else None
 
+    def warm(self, data: bytes) -> None:
+        """Run the record layer's send and receive code so the next real record
+        finds it in cache (keep_warm, tunnel/warm.py); nothing reaches the peer.
+
+        Send: ``data`` is encrypted and the record thrown away.  That uses up one
+        write sequence number; the peer sees a gap, which DTLS allows.  Receive: a
+        record with the highest sequence number of epoch 1 and a wrong tag is
+        decrypted, fails authentication and is discarded; DTLS drops such records
+        without an alert and without marking their sequence number as seen, so
+        real records are unaffected (tests/test_warm.py checks it on live sessions).
+        """
+        if self.state is not ESTABLISHED:
+            return
+        if _SSL_write(self._ssl, data, len(data)) > 0:
+            _BIO_read(self._wbio, self._wbuf, 65536)
+        forged = _forged_record(len(data))
+        _BIO_write(self._rbio, forged, len(forged))
+        if _SSL_read(self._ssl, self._rbuf, 65536) > 0:  # cannot happen (no key makes that tag)
+            raise AssertionError("a forged record authenticated")
+        _lib.ERR_clear_error()
+
     def datagrams_to_send(self) -> list[bytes]:
         out, self.out = self.out, []
         return out
@@ -521,3 +542,16 @@ class DtlsListener:
         session = DtlsSession(conn, False, self.mtu, now)
         session._handshake(now)
         return session, session.datagrams_to_send()
+
+
+_forged: dict[int, bytes] = {}
+
+
+def _forged_record(size: int) -> bytes:
+    """An application-data record of epoch 1 and sequence number 2**48-1 carrying
+    ``size`` bytes of AES-GCM ciphertext whose tag is wrong (zeros)."""
+    rec = _forged.get(size)
+    if rec is None:
+        body = bytes(8 + size + 16)  # explicit nonce, ciphertext, tag
+        rec = _forged[size] = bytes([CT_APPLICATION_DATA, 0xFE, 0xFD, 0, 1]) + b"\xff" * 6 + len(body).to_bytes(2, "big") + body
+    return rec

@@ -168,6 +168,7 @@ def run(cfg: ServerConfig) -> int:
             core, tun.fd, sockets, log_event, cfg.control or default_path("server", tun.name),
             on_reload=on_reload,
         )
+        shell.keep_warm = cfg.keep_warm
         if cfg.metrics:
             shell.metrics = MetricsServer(*cfg.metrics, shell.status, "server")
         if target is not None:

@@ -32,6 +32,7 @@ from tunnel.reorder import Reorderer, floor, queue_of
 from tunnel.revocation import Revocation
 from tunnel.routes import PENDING_EXPIRY, PENDING_SIZE, RouteTable
 from tunnel.scheduler import MODES, ExtraCopies, Scheduler
+from tunnel.warm import warm_pass
 
 LINGER = 30.0  # seconds a tunnel without paths is kept for the client to come back
 HANDSHAKE_RATE = 10.0  # verified handshakes per second per source address (burst: twice that)
@@ -171,6 +172,7 @@ class ServerCore:
         self.paths: dict[tuple, Path] = {}  # underlay address -> path
         self._tunnel_of: dict[tuple, ServerTunnel] = {}  # underlay address -> tunnel (after HELLO)
         self.tunnels: dict[bytes, ServerTunnel] = {}  # tunnel id -> tunnel
+        self._last_tunnel: Optional[ServerTunnel] = None
         self.by_name: dict[str, ServerTunnel] = {}
         self.outbox: list[tuple[tuple, bytes, int]] = []  # (peer address, datagram, outer TOS)
         self._extra = ExtraCopies()  # target_loss copies waiting for the next tick
@@ -525,6 +527,7 @@ class ServerCore:
         self._send_via(tunnel, pkt, now)
 
     def _send_via(self, tunnel: ServerTunnel, pkt: bytes, now: float) -> None:
+        self._last_tunnel = tunnel  # the one keep_warm warms
         policy = tunnel.policy
         c = policy.classify(pkt)
         sched = tunnel.schedulers[c.index]
@@ -551,6 +554,13 @@ class ServerCore:
         if sched.extra:  # target_loss: more copies, one round per tick
             tunnel.class_copies[c.index] += sched.extra_copies
             self._extra.defer(sched.extra, record, tos)
+
+    def warm(self) -> None:
+        """keep_warm: one dummy pass over the packet path of the tunnel that sent last (tunnel/warm.py)."""
+        tunnel = self._last_tunnel
+        if tunnel is not None and self.tunnels.get(tunnel.id) is tunnel:
+            for path in tunnel.paths:
+                warm_pass(tunnel.policy, path)
 
     # -- output -------------------------------------------------------
     def _flush(self, path: Path) -> None:

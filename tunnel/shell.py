@@ -24,6 +24,8 @@ from tunnel.udp import BatchSocket
 log = logging.getLogger("mptun")
 
 TICK = 0.02  # timer resolution: probes, dead-path detection, DTLS retransmits
+WARM_PERIOD = 0.001  # keep_warm: a dummy pass over the packet path at most this often,
+WARM_WINDOW = 1.0  # while a packet went through the TUN in the last WARM_WINDOW seconds
 BATCH = 64  # flush outputs at least every BATCH packets inside one drain
 READ_SIZE = 65535
 _TRANSIENT = (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
@@ -39,8 +41,11 @@ class Shell:
         self.tun_fd = tun_fd
         self.control = ControlServer(control_path, self.status) if control_path else None
         self.loop = EventLoop()
-        self.counters = {"send_errors": 0, "tun_write_errors": 0, "recv_errors": 0}
+        self.counters = {"send_errors": 0, "tun_write_errors": 0, "recv_errors": 0, "warm_passes": 0}
         self._tick_handle: Optional[TimerHandle] = None
+        self.keep_warm = False  # see tunnel/warm.py
+        self._warm_handle: Optional[TimerHandle] = None
+        self._last_io = self._last_data = 0.0
         self.after_start: Optional[Callable[[], None]] = None  # once everything is set up (privilege drop)
 
     # -- TUN ----------------------------------------------------------
@@ -63,6 +68,9 @@ class Shell:
             elif n % BATCH == 0:
                 self.flush()
         self.flush()
+        self._last_io = self._last_data = now
+        if self.keep_warm and self._warm_handle is None:
+            self._warm_handle = self.loop.call_later(WARM_PERIOD, self._warm)
 
     def write_tun(self) -> None:
         pkts = self.core.to_tun
@@ -75,6 +83,22 @@ class Shell:
                 write(fd, pkt)
             except OSError:
                 self.counters["tun_write_errors"] += 1
+        if self.keep_warm:
+            self._last_data = self.loop.time()
+            if self._warm_handle is None:
+                self._warm_handle = self.loop.call_later(WARM_PERIOD, self._warm)
+
+    def _warm(self) -> None:
+        """keep_warm's timer: a warming pass when the packet path was idle for a
+        period; stops itself when no packet went through the TUN for WARM_WINDOW."""
+        now = self.loop.time()
+        if now - self._last_data > WARM_WINDOW:
+            self._warm_handle = None
+            return
+        if now - self._last_io >= WARM_PERIOD:
+            self.core.warm()
+            self.counters["warm_passes"] += 1
+        self._warm_handle = self.loop.call_later(WARM_PERIOD, self._warm)
 
     # -- timers, events, signals --------------------------------------
     def _tick(self) -> None:
@@ -123,6 +147,8 @@ class Shell:
             self.loop.run_forever()
         finally:
             self._tick_handle.cancel()
+            if self._warm_handle is not None:
+                self._warm_handle.cancel()
             if self.control is not None:
                 self.control.close()
             if self.metrics is not None:
@@ -182,6 +208,7 @@ class ServerShell(Shell):
                 self.flush()
                 n = 1
         self.flush()
+        self._last_io = now
 
     def send_out(self) -> None:
         out = self.core.datagrams_to_send()
@@ -310,6 +337,7 @@ class ClientShell(Shell):
                 self.flush()
                 n = 1
         self.flush()
+        self._last_io = now
 
     def flush(self) -> None:
         self.handle_events()  # first: a Connecting event opens the socket, TunnelUp makes the TUN
