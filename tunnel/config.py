@@ -68,7 +68,7 @@ class ServerConfig:
     group: Optional[str] = None
     pool6: Optional[ipaddress.IPv6Network] = None  # IPv6 inside the tunnel: one /128 per client from this prefix
     static_addresses6: dict[str, ipaddress.IPv6Address] = field(default_factory=dict)  # [clients.NAME] address6
-    keep_warm: bool = False  # a dummy pass over the packet path every ms while packets flow (tunnel/warm.py)
+    keep_warm: bool = True  # a dummy pass over the packet path before a periodic packet is due (tunnel/warm.py)
 
     @property
     def static_addresses(self) -> dict[str, ipaddress.IPv4Address]:
@@ -99,7 +99,7 @@ class ClientConfig:
     control: Optional[Path] = None
     user: Optional[str] = None  # drop to this user after set-up (keeping CAP_NET_ADMIN/CAP_NET_RAW)
     group: Optional[str] = None
-    keep_warm: bool = False  # a dummy pass over the packet path every ms while packets flow (tunnel/warm.py)
+    keep_warm: bool = True  # a dummy pass over the packet path before a periodic packet is due (tunnel/warm.py)
 
 
 class _Section:
@@ -237,7 +237,7 @@ def _common(sec: _Section) -> dict:
         "log_format": sec.choice("log_format", "text", ("text", "json")),
         "log_level": level,
         "control": Path(control) if control else None,
-        "keep_warm": sec.get("keep_warm", bool, False),
+        "keep_warm": sec.get("keep_warm", bool, True),
         **_privileges(sec),
     }
 

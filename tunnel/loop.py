@@ -103,7 +103,10 @@ class EventLoop:
             for fd, _ in poll(timeout):
                 entry = readers.get(fd)
                 if entry is not None:
-                    self._call(entry[0], *entry[1])
+                    try:  # inline rather than self._call: one frame less per wakeup
+                        entry[0](*entry[1])
+                    except Exception as exc:
+                        self._failed(entry[0], exc)
             if timers:
                 now = self.time()
                 while timers and timers[0][0] <= now:
@@ -116,9 +119,12 @@ class EventLoop:
         try:
             callback(*args)
         except Exception as exc:
-            self.callback_errors += 1
-            log.error("internal error in %s: %s: %s", getattr(callback, "__qualname__", callback), type(exc).__name__, exc)
-            log.debug("traceback", exc_info=True)
+            self._failed(callback, exc)
+
+    def _failed(self, callback: Callable, exc: Exception) -> None:
+        self.callback_errors += 1
+        log.error("internal error in %s: %s: %s", getattr(callback, "__qualname__", callback), type(exc).__name__, exc)
+        log.debug("traceback", exc_info=True)
 
     def close(self) -> None:
         if self._sig_r is not None:

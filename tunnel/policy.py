@@ -164,6 +164,8 @@ class Policy:
 
     def outer_tos(self, c: TrafficClass, pkt: bytes) -> int:
         """RFC 6040 normal mode: the inner ECN field is copied; DSCP as the class says."""
+        if len(pkt) >= 20 and pkt[0] >> 4 == 4:  # the common case first: IPv4
+            return pkt[1] if c.outer_dscp == INHERIT else (c.outer_dscp << 2) | (pkt[1] & 3)
         if len(pkt) < 2 or pkt[0] >> 4 not in (4, 6):
             return max(c.outer_dscp, 0) << 2
         ecn = pkt[1] & 3 if pkt[0] >> 4 == 4 else (pkt[1] >> 4) & 3

@@ -20,12 +20,11 @@ from tunnel import events
 from tunnel.control import ControlServer
 from tunnel.loop import EventLoop, TimerHandle
 from tunnel.udp import BatchSocket
+from tunnel.warm import LEAD, Warmer
 
 log = logging.getLogger("mptun")
 
 TICK = 0.02  # timer resolution: probes, dead-path detection, DTLS retransmits
-WARM_PERIOD = 0.001  # keep_warm: a dummy pass over the packet path at most this often,
-WARM_WINDOW = 1.0  # while a packet went through the TUN in the last WARM_WINDOW seconds
 BATCH = 64  # flush outputs at least every BATCH packets inside one drain
 READ_SIZE = 65535
 _TRANSIENT = (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
@@ -43,9 +42,11 @@ class Shell:
         self.loop = EventLoop()
         self.counters = {"send_errors": 0, "tun_write_errors": 0, "recv_errors": 0, "warm_passes": 0}
         self._tick_handle: Optional[TimerHandle] = None
-        self.keep_warm = False  # see tunnel/warm.py
+        self.keep_warm = False  # set from the configuration (default on); see tunnel/warm.py
+        self._warmer = Warmer()
         self._warm_handle: Optional[TimerHandle] = None
-        self._last_io = self._last_data = 0.0
+        self._last_io = 0.0
+        self._tun_written = 0  # packets written to the TUN (a drain that wrote some carried data)
         self.after_start: Optional[Callable[[], None]] = None  # once everything is set up (privilege drop)
 
     # -- TUN ----------------------------------------------------------
@@ -68,9 +69,9 @@ class Shell:
             elif n % BATCH == 0:
                 self.flush()
         self.flush()
-        self._last_io = self._last_data = now
-        if self.keep_warm and self._warm_handle is None:
-            self._warm_handle = self.loop.call_later(WARM_PERIOD, self._warm)
+        self._last_io = now
+        if n and self.keep_warm:
+            self._arrived(fd, now)
 
     def write_tun(self) -> None:
         pkts = self.core.to_tun
@@ -83,22 +84,21 @@ class Shell:
                 write(fd, pkt)
             except OSError:
                 self.counters["tun_write_errors"] += 1
-        if self.keep_warm:
-            self._last_data = self.loop.time()
-            if self._warm_handle is None:
-                self._warm_handle = self.loop.call_later(WARM_PERIOD, self._warm)
+        self._tun_written += len(pkts)
+
+    def _arrived(self, source, now: float) -> None:
+        """A drain from ``source`` carried data: warm just before its next packet is due."""
+        when = self._warmer.arrival(source, now)
+        if when is not None:
+            if self._warm_handle is not None:
+                self._warm_handle.cancel()
+            self._warm_handle = self.loop.call_later(when - now, self._warm)
 
     def _warm(self) -> None:
-        """keep_warm's timer: a warming pass when the packet path was idle for a
-        period; stops itself when no packet went through the TUN for WARM_WINDOW."""
-        now = self.loop.time()
-        if now - self._last_data > WARM_WINDOW:
-            self._warm_handle = None
-            return
-        if now - self._last_io >= WARM_PERIOD:
+        self._warm_handle = None
+        if self.loop.time() - self._last_io >= LEAD / 2:  # else real packets ran the code just now
             self.core.warm()
             self.counters["warm_passes"] += 1
-        self._warm_handle = self.loop.call_later(WARM_PERIOD, self._warm)
 
     # -- timers, events, signals --------------------------------------
     def _tick(self) -> None:
@@ -188,6 +188,7 @@ class ServerShell(Shell):
         sock_of = self._sock_of
         record = sock is not self.sockets[0]  # replies go out on sockets[0] unless recorded otherwise
         now = self.loop.time()
+        written = self._tun_written
         n = 0
         while True:
             try:
@@ -209,13 +210,20 @@ class ServerShell(Shell):
                 n = 1
         self.flush()
         self._last_io = now
+        if self._tun_written != written and self.keep_warm:
+            self._arrived(sock, now)
 
     def send_out(self) -> None:
         out = self.core.datagrams_to_send()
-        if out:
-            default, sock_of = self.sockets[0], self._sock_of
-            for addr, tos, dgrams in _runs(out):
-                sock_of.get(addr, default).send_batch(dgrams, addr, self._send_error, tos)
+        if not out:
+            return
+        default, sock_of = self.sockets[0], self._sock_of
+        if len(out) == 1:  # latency: one datagram, the shortest way out
+            addr, dgram, tos = out[0]
+            sock_of.get(addr, default).send_one(dgram, addr, self._send_error, tos)
+            return
+        for addr, tos, dgrams in _runs(out):
+            sock_of.get(addr, default).send_batch(dgrams, addr, self._send_error, tos)
 
     def flush(self) -> None:
         self.send_out()
@@ -305,6 +313,7 @@ class ClientShell(Shell):
         self.loop.add_reader(sock.fileno(), self._on_sock_readable, key, sock)
 
     def _close_socket(self, key: Hashable) -> None:
+        self._warmer.forget(key)
         sock = self.socks.pop(key, None)
         if sock is not None:
             self.loop.remove_reader(sock.fileno())
@@ -319,6 +328,7 @@ class ClientShell(Shell):
     def _on_sock_readable(self, key: Hashable, sock: BatchSocket) -> None:
         receive, recv = self.core.receive_datagram, sock.recv_batch
         now = self.loop.time()
+        written = self._tun_written
         n = 0
         while True:
             try:
@@ -338,6 +348,8 @@ class ClientShell(Shell):
                 n = 1
         self.flush()
         self._last_io = now
+        if self._tun_written != written and self.keep_warm:
+            self._arrived(key, now)
 
     def flush(self) -> None:
         self.handle_events()  # first: a Connecting event opens the socket, TunnelUp makes the TUN
@@ -347,14 +359,23 @@ class ClientShell(Shell):
 
     def send_out(self) -> None:
         out = self.core.datagrams_to_send()
-        if out:
-            socks = self.socks
-            for key, tos, dgrams in _runs(out):
-                sock = socks.get(key)
-                if sock is None:
-                    self.counters["send_errors"] += len(dgrams)
-                else:
-                    sock.send_batch(dgrams, None, self._send_error, tos)
+        if not out:
+            return
+        socks = self.socks
+        if len(out) == 1:  # latency: one datagram, the shortest way out
+            key, dgram, tos = out[0]
+            sock = socks.get(key)
+            if sock is None:
+                self.counters["send_errors"] += 1
+            else:
+                sock.send_one(dgram, None, self._send_error, tos)
+            return
+        for key, tos, dgrams in _runs(out):
+            sock = socks.get(key)
+            if sock is None:
+                self.counters["send_errors"] += len(dgrams)
+            else:
+                sock.send_batch(dgrams, None, self._send_error, tos)
 
     def on_event(self, ev) -> None:
         if isinstance(ev, events.Connecting):

@@ -94,6 +94,22 @@ class BatchSocket:
                     for _ in run:  # e.g. EAGAIN on a full send buffer: every datagram of the run is lost
                         on_error(exc)
 
+    def send_one(self, dgram: bytes, addr, on_error: Callable[[OSError], None], tos: int = 0) -> None:
+        """Send one datagram (the common case at low rates: no GSO, one call)."""
+        try:
+            if tos:
+                cmsg = [(socket.IPPROTO_IP, socket.IP_TOS, _pack_int(tos))]
+                if addr is None:
+                    self.sock.sendmsg([dgram], cmsg)
+                else:
+                    self.sock.sendmsg([dgram], cmsg, 0, addr)
+            elif addr is None:
+                self.sock.send(dgram)
+            else:
+                self.sock.sendto(dgram, addr)
+        except OSError as exc:
+            on_error(exc)
+
     def _send_each(self, dgrams: Iterable[bytes], addr, on_error: Callable[[OSError], None], cmsg: list) -> None:
         sock = self.sock
         for d in dgrams:

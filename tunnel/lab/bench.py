@@ -92,7 +92,7 @@ ECHO_SIZE = 64
 ECHO_RATE = 50.0  # datagrams per second
 ECHO_GRACE = 1.0  # seconds to wait for late echoes after the last send
 SMALL, LARGE = 100, 1200  # UDP payload sizes
-SETUP_NAMES = ("raw", "openvpn", "wireguard", "openconnect", "mptun")
+SETUP_NAMES = ("raw", "openvpn", "wireguard", "openconnect", "mptun", "mptun-nowarm")
 PEERS = ("openvpn", "wireguard", "openconnect")  # what mptun is compared with
 MODES = ("duplicate", "redundant", "lowest-rtt", "balance", "backup")
 SECTION_NAMES = ("single", "loss", "failover", "aggregation", "reorder", "cpu", "server", "fleet", "marking",
@@ -322,10 +322,13 @@ class MptunSetup(PairSetup):
         self.client_settings = client
         super().__init__(topo)
 
+    server_settings: ClassVar[dict] = {}
+
     def make_pair(self) -> TunnelStack:
         quiet = {"log_level": "info"}
         return TunnelStack(self.server, self.client, self.server_addr,
-                           server_overrides=dict(quiet), client_overrides={**quiet, **self.client_settings})
+                           server_overrides={**quiet, **self.server_settings},
+                           client_overrides={**quiet, **self.client_settings})
 
     @property
     def stack(self) -> TunnelStack:
@@ -384,8 +387,18 @@ class MptunSetup(PairSetup):
         return out
 
 
+class MptunNoWarmSetup(MptunSetup):
+    """mptun with ``keep_warm = false`` on both ends: what tunnel/warm.py is worth."""
+
+    name = "mptun-nowarm"
+    server_settings: ClassVar[dict] = {"keep_warm": False}
+
+    def __init__(self, topo: MultipathTopology, **client: object) -> None:
+        super().__init__(topo, keep_warm=False, **client)
+
+
 SETUPS: dict[str, type[Setup]] = {cls.name: cls for cls in (
-    RawSetup, OpenVpnSetup, WireGuardSetup, OpenConnectSetup, MptunSetup)}
+    RawSetup, OpenVpnSetup, WireGuardSetup, OpenConnectSetup, MptunSetup, MptunNoWarmSetup)}
 
 
 def _pids(proc: Optional[subprocess.Popen]) -> list[int]:
@@ -705,6 +718,8 @@ METRICS = [
     Metric("rtt_p50_ms", "RTT p50", "ms", "{:.3f}", higher_is_better=False, test="echo", show_share=True),
     Metric("rtt_p99_ms", "RTT p99", "ms", "{:.3f}", higher_is_better=False, test="echo"),
     Metric("rtt_lost", "echo lost", "datagrams", "{:.0f}", ratio=False, test="echo"),
+    Metric("echo_cpu_pct", "CPU during the echo, both ends", "% of a core", "{:.1f}", ratio=False, tunnel_only=True,
+           higher_is_better=False, test="echo"),
 ]
 METRIC = {m.key: m for m in METRICS}
 
@@ -735,7 +750,11 @@ def measure_single(setup: Setup, plan: Plan) -> dict[str, float]:
     fig.update(extra)
     say("UDP echo")
     with setup.observe("echo") as extra:
+        pids = [p for side in setup.pids() for p in side]
+        cpu0, t0 = cpu_seconds(pids), time.monotonic()
         fig["rtt_p50_ms"], fig["rtt_p99_ms"], fig["rtt_lost"] = echo_rtt(setup, plan.echo_duration)
+        if pids:  # both sides' tunnel processes, in % of one core, while the echo ran
+            fig["echo_cpu_pct"] = 100.0 * (cpu_seconds(pids) - cpu0) / (time.monotonic() - t0)
     fig.update(extra)
     say(", ".join(f"{k}={METRIC[k].fmt.format(v) if k in METRIC else f'{v:.0f}'}" for k, v in fig.items()))
     return fig
@@ -1195,6 +1214,7 @@ class Target:
     text: str
     value: str
     met: Optional[bool]  # None: not measurable with the setups that ran
+    info: bool = False  # a figure shown for reference, not a target
 
 
 def _fmt_ratio(r: Optional[float]) -> str:
@@ -1208,7 +1228,7 @@ def _at_least(report: Report, key: str, factor: float, text: str) -> Target:
 
 def foundation_targets(report: Report) -> list[Target]:
     """The performance targets of the foundation issue, checked against this report."""
-    mp, ov = report.added_rtt("mptun"), report.added_rtt("openvpn")
+    mp, ov, mw = report.added_rtt("mptun"), report.added_rtt("openvpn"), report.added_rtt("mptun-nowarm")
     cpu = [report.single("mptun", k) for k in ("cpu_client_us", "cpu_server_us")]
     cpu_known = all(c is not None for c in cpu)
     return [
@@ -1217,10 +1237,19 @@ def foundation_targets(report: Report) -> list[Target]:
         Target("added RTT p50 <= OpenVPN's",
                f"mptun +{mp:.3f} ms vs OpenVPN +{ov:.3f} ms" if mp is not None and ov is not None else "-",
                None if mp is None or ov is None else mp <= ov),
+        Target("(for reference: the same with `keep_warm = false`)",
+               f"mptun +{mw:.3f} ms; CPU during the echo, both ends: {_pct(report, 'mptun-nowarm')}, with"
+               f" keep_warm {_pct(report, 'mptun')}, OpenVPN {_pct(report, 'openvpn')}"
+               if mw is not None else "-", None, info=True),
         Target("CPU <= 10 µs per packet per side",
                f"client {cpu[0]:.1f} µs, server {cpu[1]:.1f} µs" if cpu_known else "-",
                max(cpu) <= 10.0 if cpu_known else None),  # type: ignore[type-var]
     ]
+
+
+def _pct(report: Report, setup: str) -> str:
+    v = report.single(setup, "echo_cpu_pct")
+    return "-" if v is None else f"{v:.1f} % of a core"
 
 
 def _single_cell(report: Report, setup: str, metric: Metric) -> str:
@@ -1259,7 +1288,7 @@ def figures_table(report: Report) -> list[str]:
 def targets_table(report: Report) -> list[str]:
     verdict = {True: "met", False: "**not met**", None: "not measured"}
     rows = ["| target | measured | |", "|---|---|---|"]
-    rows += [f"| {t.text} | {t.value} | {verdict[t.met]} |" for t in foundation_targets(report)]
+    rows += [f"| {t.text} | {t.value} | {'-' if t.info else verdict[t.met]} |" for t in foundation_targets(report)]
     return rows
 
 
@@ -1604,7 +1633,8 @@ def section_method(report: Report) -> list[str]:
         "  client's worker; wireguard-go is one process with several threads (all counted).",
         f"- RTT: a Python UDP echo, {ECHO_SIZE}-byte datagrams at {ECHO_RATE:g}/s with sequence number",
         "  and `perf_counter` timestamp; p50/p99 by nearest rank; lost = not echoed within",
-        f"  {ECHO_GRACE:g} s after the last send.",
+        f"  {ECHO_GRACE:g} s after the last send.  \"CPU during the echo\": utime + stime of both ends'",
+        "  tunnel processes over the echo, in % of one core.",
         "- Streams (multipath sections): `tunnel/lab/stream.py`, numbered datagrams on an absolute",
         "  schedule, every arrival recorded by the receiver (loss, longest gap between arrivals).",
         "- OpenVPN: UDP, `dev tun`, `cipher`/`data-ciphers AES-256-GCM`, TLS with the same ECDSA",
@@ -1625,6 +1655,8 @@ def section_method(report: Report) -> list[str]:
         "  iperf3 client and server under `mptcpize run`; joins checked in /proc/net/netstat.",
         "- mptun: `mptun server`/`mptun client` via TunnelStack, `log_level = \"info\"`,",
         "  defaults otherwise (mode and `interfaces` as stated per section).",
+        "- mptun-nowarm: the same with `keep_warm = false` on both ends (by default, tunnel/warm.py runs",
+        "  a dummy pass over the packet path 1.5 ms before the next packet of a periodic flow is due).",
     ]
 
 
