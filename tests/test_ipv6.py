@@ -169,6 +169,15 @@ def test_without_pool6_ipv6_is_not_carried(pki: Path) -> None:
     assert net.server.counters["not_ipv4"] == 1 and net.server.counters["no_route"] == 0
 
 
+def test_server_keeps_multicast_and_link_local_ipv6_to_itself(pki: Path) -> None:
+    net = Net6(pki)
+    up(net)
+    assert net.send_down(ipv6(SERVER6, "ff02::16", bytes(8))) == []  # the TUN's own MLD report
+    assert net.send_down(ipv6("fe80::1", "fd00:6d70::2")) == []  # from a link-local address
+    assert net.server.counters["local6"] == 2 and net.server.counters["no_route"] == 0
+    assert net.server.to_tun == []  # and no ICMPv6 error about them
+
+
 def test_unknown_ipv6_destination_dropped_or_icmpv6(pki: Path) -> None:
     net = Net6(pki)
     up(net)

@@ -121,7 +121,9 @@ def test_queue_of_spreads_flows_and_keeps_one_flow_in_one_queue() -> None:
     assert len(queues) > 100  # 200 flows over 256 queues
     assert queue_of(udp(40000)) == queue_of(udp(40000))
     assert all(0 <= q < 256 for q in queues)
-    assert queue_of(b"\x60" + bytes(39)) == 0  # not IPv4: one queue
+    assert queue_of(b"\x60" + bytes(38)) == 0  # not a whole IP header: one queue
+    v6 = bytes([0x60, 0, 0, 0, 0, 12, 17, 64]) + bytes(15) + b"\x02" + bytes(15) + b"\x01"
+    assert len({queue_of(v6 + struct.pack(">HHHH", p, 5001, 8, 0)) for p in range(40000, 40200)}) > 100  # IPv6 too
 
 
 class P:

@@ -336,8 +336,8 @@ def test_pin_flows_spreads_many_flows_by_weight() -> None:
 def test_pin_flows_without_a_flow_falls_back_to_round_robin() -> None:
     a, b = FakePath("a"), FakePath("b")
     s = sched("balance", [a, b], pin_flows=True)
-    v6 = bytes([0x60]) + bytes(39)
-    assert counts(s, 100, v6) == {"a": 50, "b": 50}
+    not_ip = bytes(40)  # version 0: no flow to read
+    assert counts(s, 100, not_ip) == {"a": 50, "b": 50}
 
 
 def test_pin_flows_only_matters_for_balance() -> None:
@@ -371,6 +371,25 @@ def test_flow_hash_other_protocols_use_addresses_and_protocol(proto: int) -> Non
     assert h != flow_hash(ipv4(proto=proto, dst="100.64.0.7"))
 
 
+def ipv6(src: str = "fd00::2", dst: str = "fd00::1", nxt: int = 17, sport: int = 1000, dport: int = 53,
+         payload: bytes = b"x") -> bytes:
+    l4 = sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + payload if nxt in (6, 17) else payload
+    return (bytes([0x60, 0, 0, 0]) + len(l4).to_bytes(2, "big") + bytes([nxt, 64])
+            + ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed + l4)
+
+
+@pytest.mark.parametrize("nxt", [6, 17])
+def test_flow_hash_ipv6_uses_addresses_and_ports(nxt: int) -> None:
+    h = flow_hash(ipv6(nxt=nxt))
+    assert h is not None and h == flow_hash(ipv6(nxt=nxt, payload=b"other payload"))
+    assert h != flow_hash(ipv6(nxt=nxt, sport=1001))
+    assert h != flow_hash(ipv6(nxt=nxt, dport=54))
+    assert h != flow_hash(ipv6(nxt=nxt, src="fd00::3"))
+    assert h != flow_hash(ipv6(nxt=nxt, dst="fd00::9"))
+    assert flow_hash(ipv6(nxt=58, payload=b"\x80\x00ab")) == flow_hash(ipv6(nxt=58, payload=b"\x81\x00cd"))
+    assert flow_hash(bytes([0x60]) + bytes(38)) is None  # shorter than an IPv6 header
+
+
 def test_flow_hash_truncated_transport_header() -> None:
     # a UDP packet too short to hold the ports hashes by addresses and protocol alone
     short = ipv4(proto=17, sport=1, dport=2)[:22]
@@ -380,9 +399,9 @@ def test_flow_hash_truncated_transport_header() -> None:
 
 @pytest.mark.parametrize(
     "packet",
-    [b"", b"\x45", b"\x45" + bytes(18), bytes([0x60]) + bytes(39), bytes([0x00]) + bytes(30), b"\xff" * 40],
+    [b"", b"\x45", b"\x45" + bytes(18), bytes([0x60]) + bytes(38), bytes([0x00]) + bytes(30), b"\xff" * 40],
 )
-def test_flow_hash_not_ipv4(packet: bytes) -> None:
+def test_flow_hash_not_a_whole_ip_header(packet: bytes) -> None:
     assert flow_hash(packet) is None
 
 

@@ -173,7 +173,16 @@ class Scheduler:
 
 
 def flow_hash(packet: bytes) -> Optional[int]:
-    """Hash of the IPv4 5-tuple (addresses, protocol, ports for TCP/UDP); None if not IPv4."""
+    """Hash of the 5-tuple (addresses, protocol, ports for TCP/UDP); None if not IP.
+
+    For IPv6 the protocol is the first next-header field (extension headers are
+    not followed: such packets hash by addresses and that header type)."""
+    if len(packet) >= 40 and packet[0] >> 4 == 6:
+        nxt = packet[6]
+        key = packet[8:40] + bytes([nxt])
+        if nxt in (6, 17) and len(packet) >= 44:
+            key += packet[40:44]
+        return zlib.crc32(key)
     if len(packet) < 20 or packet[0] >> 4 != 4:
         return None
     proto = packet[9]

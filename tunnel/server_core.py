@@ -185,6 +185,7 @@ class ServerCore:
             "no_route": 0,  # packets from the TUN for an address no tunnel has
             "no_path": 0,  # packets for a tunnel that has no path right now
             "not_ipv4": 0,  # neither IPv4 nor (with pool6) IPv6
+            "local6": 0,  # IPv6 multicast or link-local packets from the TUN: for this link only
             "icmp_sent": 0,  # unreachables for packets with no route (unknown_destination = "icmp")
             "client_to_client_blocked": 0,
             "tunnels_refused": 0,  # max_tunnels
@@ -504,6 +505,9 @@ class ServerCore:
         if version == 4 and len(pkt) >= 20:
             dst = pkt[16:20]
         elif version == 6 and len(pkt) >= 40 and self.pool6 is not None:
+            if pkt[24] == 0xFF or (pkt[8] == 0xFE and pkt[9] & 0xC0 == 0x80):
+                self.counters["local6"] += 1  # multicast (the TUN's own MLD) or link-local: this link only
+                return
             dst = pkt[24:40]
         else:
             self.counters["not_ipv4"] += 1
