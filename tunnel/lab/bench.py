@@ -1309,7 +1309,7 @@ def section_header(report: Report) -> list[str]:
         "Written by `scripts/bench`; do not edit by hand, run it again.  The machine is",
         "shared and noisy, so read the **ratios**: every figure is the median of the runs",
         "(min–max in brackets), and the setups are measured interleaved, round by round.",
-        f"A full default run takes about 11 minutes (this one: {m['elapsed']}); `scripts/bench",
+        f"A full default run takes about 22 minutes (this one: {m['elapsed']}); `scripts/bench",
         "--quick` (one run, shorter tests) takes about 2 and prints instead of writing this file.",
         "",
         "| | |",
