@@ -317,12 +317,11 @@ class MptunSetup(PairSetup):
     """
 
     name = "mptun"
+    server_settings: ClassVar[dict] = {}  # extra server settings of a variant
 
     def __init__(self, topo: MultipathTopology, **client: object) -> None:
         self.client_settings = client
         super().__init__(topo)
-
-    server_settings: ClassVar[dict] = {}
 
     def make_pair(self) -> TunnelStack:
         quiet = {"log_level": "info"}
