@@ -216,16 +216,17 @@ def test_spare_that_lost_the_race_is_closed_on_the_server(pki: Path, monkeypatch
     """The spare is established on the server (its JOIN unanswered) when the old session answers
     again: the client keeps the old one and ends the spare with CLOSE_PATH, so the server does
     not keep a session nobody uses."""
-    from tunnel.estimator import PathEstimator
+    from tunnel.path import Path as TunnelPath
     from tunnel.server_core import ServerCore
 
     net, c = two_paths(pki)
     net.advance(0.5)
     old = c.path("b")
     blocked = {"pongs": True, "join": True}
-    on_pong, on_join = PathEstimator.on_pong, ServerCore._on_join
-    monkeypatch.setattr(PathEstimator, "on_pong",
-                        lambda self, *a: None if blocked["pongs"] and self is old.est else on_pong(self, *a))
+    receive, on_join = TunnelPath.receive, ServerCore._on_join
+    # the old session hears nothing (its datagrams are lost before DTLS sees them); the spare's do arrive
+    monkeypatch.setattr(TunnelPath, "receive",
+                        lambda self, data, now: [] if blocked["pongs"] and self is old else receive(self, data, now))
     monkeypatch.setattr(ServerCore, "_on_join",
                         lambda self, path, hello, now: None if blocked["join"] else on_join(self, path, hello, now))
     net.run_until(lambda: (s := c.core.slots["b"].spare) is not None and s.established, 1.0)
@@ -238,3 +239,25 @@ def test_spare_that_lost_the_race_is_closed_on_the_server(pki: Path, monkeypatch
     assert c.path("b") is old and old.state == P_UP and c.core.stats()["rebinds"] == 0
     assert spare_addr not in net.server.paths  # closed by the client's CLOSE_PATH
     assert sorted(p.addr for p in net.tunnel().paths) == sorted([c.addr("a"), c.addr("b")])
+
+
+def test_a_path_that_still_delivers_data_keeps_its_session_without_pongs(pki: Path) -> None:
+    """Lost PONGs make a path look down, but DATA still arriving proves the mapping works:
+    no spare session (a handshake and a path replacement per dead interval on a lossy link)."""
+    net, c = one_path(pki)
+    big = down_pkt(0) + bytes(300)
+    pong_size = 100  # every server datagram but DATA is shorter than this on an established path
+    net.drop = lambda direction, link, data: direction == "down" and len(data) < pong_size
+    before = len(c.evs(events.Connecting))
+    path = c.path("a")
+    states = set()
+
+    def traffic():
+        net.server.send_packet(big, net.now)
+        states.add(path.state)
+
+    net.advance(3 * (DEAD + REBIND_AFTER), each=traffic)
+    assert P_DOWN in states  # no PONG: judged down, as before
+    assert c.path("a") is path and c.core.slots["a"].spare is None
+    assert len(c.evs(events.Connecting)) == before and c.core.stats()["rebind_attempts"] == 0
+    assert len(c.core.to_tun) >= 3 * (DEAD + REBIND_AFTER) / STEP - 2  # DATA kept arriving all along

@@ -37,13 +37,13 @@ BACKOFF_MIN = 0.25
 BACKOFF_MAX = 5.0
 BACKOFF_REFUSED = 10.0  # after the server refused us, retry slowly
 HELLO_RETRY = 0.5  # resend HELLO/JOIN when no CONFIG came back within this time
-# NAT rebinding and outages (docs/PROTOCOL.md, Reconnect): a joined path that has had no PONG for
-# REBIND_AFTER beyond its dead interval starts a spare session from a new socket (a new source
-# port, so a new NAT mapping) beside the silent one; the spare JOINs and, once it has CONFIG,
-# replaces the silent session (it is dropped if the old one answers again first).  A reconnect
-# handshake (or spare) that hears nothing at all for SILENT_ATTEMPT (or 4 RTTs of the path's last
-# session, if longer) is abandoned and retried after SILENT_BACKOFF: at most one ClientHello per
-# 1.25 s per path while an outage lasts.
+# NAT rebinding and outages (docs/PROTOCOL.md, Reconnect): a joined path that is down and has
+# received nothing at all for REBIND_AFTER beyond its dead interval starts a spare session from
+# a new socket (a new source port, so a new NAT mapping) beside the silent one; the spare JOINs
+# and, once it has CONFIG, replaces the silent session (it is dropped if the old one answers
+# again first).  A reconnect handshake (or spare) that hears nothing at all for SILENT_ATTEMPT
+# (or 4 RTTs of the path's last session, if longer) is abandoned and retried after
+# SILENT_BACKOFF: at most one ClientHello per 1.25 s per path while an outage lasts.
 REBIND_AFTER = 0.2
 SILENT_ATTEMPT = 1.0
 SILENT_BACKOFF = 0.25
@@ -488,7 +488,8 @@ class ClientCore:
             return
         if spare is None:
             est = path.est
-            if now - est.last_ack >= est.effective_dead_interval + REBIND_AFTER and now >= slot.spare_retry:
+            # nothing at all received (not only no PONG): a lossy path that still delivers keeps its session
+            if now - est.last_rx >= est.effective_dead_interval + REBIND_AFTER and now >= slot.spare_retry:
                 self._start_spare(slot, now)
             return
         t = spare.get_timer()
