@@ -50,3 +50,52 @@ def test_signal_runs_its_callback_from_the_loop():
     loop.close()
     assert seen == ["usr1"]
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def test_precise_timer_fires_once_not_early_and_a_new_one_replaces_it():
+    loop = EventLoop()
+    fired = []
+
+    def at(tag):
+        return lambda: fired.append((tag, loop.time()))
+
+    start = loop.time()
+    first = loop.call_precise(0.002, at("replaced"))
+    second = loop.call_precise(0.003, at("second"))
+    assert first.cancelled and not second.cancelled
+    loop.call_later(0.05, loop.stop)
+    loop.run_forever()
+    assert [tag for tag, _ in fired] == ["second"]
+    assert fired[0][1] >= second.when >= start + 0.003  # never before its time
+    cancelled = loop.call_precise(0.001, at("cancelled"))
+    cancelled.cancel()
+    loop.call_later(0.02, loop.stop)
+    loop.run_forever()
+    assert [tag for tag, _ in fired] == ["second"]
+    assert loop._timerfd is not None  # Linux: a timerfd, not the millisecond timers
+    loop.close()
+
+
+def test_timerfd_is_readable_only_after_it_fired():
+    import select
+    import time
+
+    from tunnel import timerfd
+
+    t = timerfd.create()
+    assert t is not None
+    ep = select.epoll()
+    ep.register(t.fileno(), select.EPOLLIN)
+    try:
+        assert not t.clear()  # not armed: nothing to read
+        t.arm(time.monotonic() - 1.0)  # in the past: fires at once
+        assert ep.poll(1.0) and t.clear()
+        t.arm(time.monotonic() + 0.05)
+        t.disarm()
+        assert ep.poll(0.1) == [] and not t.clear()
+        when = time.monotonic() + 0.004
+        t.arm(when)
+        assert ep.poll(1.0) and time.monotonic() >= when and t.clear()
+    finally:
+        ep.close()
+        t.close()

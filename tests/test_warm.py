@@ -10,7 +10,7 @@ from test_cores import down_pkt, one_path, pki, up_pkt  # noqa: F401 (pki is a f
 from tunnel import dtls
 from tunnel.lab.netns import wait_for
 from tunnel.lab.stack import SERVER_INNER
-from tunnel.warm import LEAD, MAX_INTERVAL, MIN_INTERVAL, Warmer
+from tunnel.warm import MAX_INTERVAL, MIN_INTERVAL, TRAIN, Warmer
 
 
 def _visible(net, c) -> tuple:
@@ -56,15 +56,38 @@ def test_warm_does_nothing_without_an_established_session(pki):
 
 def test_warmer_predicts_the_next_packet_of_a_periodic_flow():
     w = Warmer()
-    assert w.arrival("tun", 10.0) is None  # one arrival says nothing about the next
-    assert w.arrival("tun", 10.020) == pytest.approx(10.040 - LEAD)
-    assert w.arrival("tun", 10.040) == pytest.approx(10.060 - LEAD)
-    assert w.arrival("sock", 10.041) is None  # each source has its own rhythm
-    assert w.arrival("tun", 10.040 + MIN_INTERVAL / 2) is None  # bulk: the caches stay warm anyway
-    assert w.arrival("tun", 11.0) is None  # longer than MAX_INTERVAL: not a flow worth warming for
+    assert not w.arrival("tun", 10.0)  # one arrival says nothing about the next
+    assert w.next_pass() is None
+    assert w.arrival("tun", 10.020)
+    assert w.next_pass() == pytest.approx(10.040 - TRAIN[0])
+    assert not w.arrival("sock", 10.021)  # each source has its own rhythm
+    assert w.next_pass() == pytest.approx(10.040 - TRAIN[0])  # and it left the plan alone
+    assert w.arrival("tun", 10.040)  # the next packet: a new plan replaces the old
+    assert w.next_pass() == pytest.approx(10.060 - TRAIN[0])
+    assert not w.arrival("tun", 10.040 + MIN_INTERVAL / 2)  # bulk: the caches stay warm anyway
+    assert not w.arrival("tun", 11.0)  # longer than MAX_INTERVAL: not a flow worth warming for
     assert MAX_INTERVAL < 1.0
     w.forget("tun")
-    assert w.arrival("tun", 11.020) is None
+    assert not w.arrival("tun", 11.020)
+
+
+def test_warmer_plans_a_train_of_passes_before_the_packet():
+    w = Warmer()
+    w.arrival("tun", 5.0)
+    w.arrival("tun", 5.020)
+    due = 5.040
+    assert list(TRAIN) == sorted(TRAIN, reverse=True) and TRAIN[-1] > 0  # all before the packet, earliest first
+    seen = []
+    while (t := w.next_pass()) is not None:
+        seen.append(t)
+        assert not w.take(t - 1e-6)  # not due yet
+        assert w.take(t)
+    assert seen == pytest.approx([due - lead for lead in TRAIN])
+    assert not w.take(due)  # nothing left
+    # a late timer drops every pass it is late for, and runs one
+    w.arrival("tun", 5.040)
+    assert w.take(5.060)
+    assert w.next_pass() is None
 
 
 @pytest.mark.parametrize("keep_warm", [True, False])
@@ -94,7 +117,7 @@ def test_keep_warm_runs_before_periodic_packets_only(tunnel_stack, keep_warm):
     wait_for(lambda: min(a - b for a, b in zip(passes(), idle)) >= 10, 5,
              message=f"too few warming passes: {idle} -> {passes()}")
     after = passes()
-    assert max(a - b for a, b in zip(after, idle)) <= 40  # at most one pass per packet
+    assert max(a - b for a, b in zip(after, idle)) <= 40 * len(TRAIN)  # at most one train per packet
     wait_for(settled, 15, interval=0, message=f"warming did not stop after traffic stopped: {passes()}")
     server = tunnel_stack.server_status()["tunnels"][0]
     assert server["dtls_dropped"] == 0 and server["paths"][0]["dtls_dropped"] == 0  # forged records stay local

@@ -19,6 +19,8 @@ import signal
 import time
 from typing import Callable, Optional
 
+from tunnel import timerfd
+
 
 log = logging.getLogger("mptun")
 
@@ -46,6 +48,9 @@ class EventLoop:
         self._sig_r: Optional[int] = None
         self.callback_errors = 0
         self.time = time.monotonic
+        self._precise: Optional[TimerHandle] = None  # the one pending call_precise
+        self._timerfd: Optional[timerfd.Timerfd] = None
+        self._timerfd_tried = False
 
     # -- readers ------------------------------------------------------
     def add_reader(self, fd: int, callback: Callable, *args) -> None:
@@ -67,6 +72,32 @@ class EventLoop:
         handle = TimerHandle(self.time() + delay, callback)
         heapq.heappush(self._timers, (handle.when, next(self._seq), handle))
         return handle
+
+    def call_precise(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        """Like :meth:`call_later`, but to the tens of microseconds (a timerfd) where
+        epoll's timeouts would round up to the next millisecond.  There is one such
+        timer per loop: a new call replaces the pending one.  Without a timerfd this
+        is :meth:`call_later`."""
+        if self._precise is not None:
+            self._precise.cancel()
+        if not self._timerfd_tried:
+            self._timerfd_tried = True
+            self._timerfd = timerfd.create()
+            if self._timerfd is not None:
+                self.add_reader(self._timerfd.fileno(), self._on_timerfd)
+        if self._timerfd is None:
+            return self.call_later(delay, callback)
+        handle = TimerHandle(self.time() + delay, callback)
+        self._precise = handle
+        self._timerfd.arm(handle.when)
+        return handle
+
+    def _on_timerfd(self) -> None:
+        if not self._timerfd.clear():  # type: ignore[union-attr]
+            return
+        handle, self._precise = self._precise, None
+        if handle is not None and not handle.cancelled:
+            self._call(handle.callback)
 
     # -- signals ------------------------------------------------------
     def add_signal_handler(self, sig: int, callback: Callable[[], None]) -> None:
@@ -134,4 +165,7 @@ class EventLoop:
             os.close(self._sig_r)
             os.close(self._sig_w)
             self._sig_r = None
+        if self._timerfd is not None:
+            self._timerfd.close()
+            self._timerfd = None
         self._epoll.close()

@@ -20,7 +20,7 @@ from tunnel import events
 from tunnel.control import ControlServer
 from tunnel.loop import EventLoop, TimerHandle
 from tunnel.udp import BatchSocket
-from tunnel.warm import LEAD, Warmer
+from tunnel.warm import SKIP, Warmer
 
 log = logging.getLogger("mptun")
 
@@ -87,18 +87,30 @@ class Shell:
         self._tun_written += len(pkts)
 
     def _arrived(self, source, now: float) -> None:
-        """A drain from ``source`` carried data: warm just before its next packet is due."""
-        when = self._warmer.arrival(source, now)
+        """A drain from ``source`` carried data: plan passes just before its next packet is due."""
+        if self._warmer.arrival(source, now):
+            self._arm_warm(now)
+
+    def _arm_warm(self, now: float) -> None:
+        when = self._warmer.next_pass()
         if when is not None:
-            if self._warm_handle is not None:
-                self._warm_handle.cancel()
-            self._warm_handle = self.loop.call_later(when - now, self._warm)
+            self._warm_handle = self.loop.call_precise(when - now, self._warm)
 
     def _warm(self) -> None:
+        """One keep_warm pass: the fds drained (a packet that came early is handled now;
+        otherwise the read code ran on EAGAIN) and the core's dummy pass."""
         self._warm_handle = None
-        if self.loop.time() - self._last_io >= LEAD / 2:  # else real packets ran the code just now
+        now = self.loop.time()
+        self._warmer.take(now)
+        if now - self._last_io >= SKIP:  # else real packets ran the code just now
+            self._drain_all()
             self.core.warm()
             self.counters["warm_passes"] += 1
+        if self._warm_handle is None:  # a packet drained above may have planned a new train
+            self._arm_warm(now)
+
+    def _drain_all(self) -> None:
+        raise NotImplementedError
 
     # -- timers, events, signals --------------------------------------
     def _tick(self) -> None:
@@ -182,6 +194,11 @@ class ServerShell(Shell):
             s.sock.setblocking(False)
             self.loop.add_reader(s.fileno(), self._on_sock_readable, s)
         self.loop.add_reader(self.tun_fd, self._on_tun_readable)
+
+    def _drain_all(self) -> None:
+        self._on_tun_readable()
+        for sock in self.sockets:
+            self._on_sock_readable(sock)
 
     def _on_sock_readable(self, sock: BatchSocket) -> None:
         receive, recv = self.core.receive_datagram, sock.recv_batch
@@ -325,6 +342,13 @@ class ClientShell(Shell):
             self.loop.add_reader(self.tun_fd, self._on_tun_readable)
 
     # -- I/O ----------------------------------------------------------
+    def _drain_all(self) -> None:
+        if self.tun_fd is not None:
+            self._on_tun_readable()
+        for key, sock in list(self.socks.items()):
+            if self.socks.get(key) is sock:  # a packet drained before may have closed it
+                self._on_sock_readable(key, sock)
+
     def _on_sock_readable(self, key: Hashable, sock: BatchSocket) -> None:
         receive, recv = self.core.receive_datagram, sock.recv_batch
         now = self.loop.time()
