@@ -102,6 +102,7 @@ Frame = Union[Hello, Config, Data, DataOrdered, Ping, Pong, Close]
 
 # -- encoding ----------------------------------------------------------
 _DATA_HEADER = struct.Struct(">BQ").pack
+_unpack_u64 = struct.Struct(">Q").unpack_from
 _VARINT_8 = 0xC000000000000000  # QUIC varint length prefix for 8 bytes
 
 
@@ -145,7 +146,7 @@ def parse_data_ordered(data: bytes) -> tuple[int, int, int, int, bytes]:
 def parse_data(data: bytes) -> tuple[int, bytes]:
     """(seq, payload) of a record known to start with the DATA type (hot path)."""
     if len(data) > 9 and data[1] >= 0xC0:  # the 8-byte form mptun sends
-        return int.from_bytes(data[1:9], "big") & 0x3FFFFFFFFFFFFFFF, data[9:]
+        return _unpack_u64(data, 1)[0] & 0x3FFFFFFFFFFFFFFF, data[9:]
     frame = parse(data)
     return frame.seq, frame.payload
 
