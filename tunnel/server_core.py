@@ -308,9 +308,13 @@ class ServerCore:
             path.rx_seq = seq
         if not tunnel.dedup.accept(seq):  # first: copies of one packet count once below
             return
-        pkt = self._admit_packet(tunnel, pkt, tos)
-        if pkt is not None:
-            self._deliver(tunnel, pkt, now)
+        if (len(pkt) >= 20 and pkt[0] >> 4 == 4 and pkt[12:16] == tunnel.key and tos & 3 != 3
+                and self.route_table.lookup(pkt[16:20]) is None):
+            self.to_tun.append(pkt)  # the common case, per packet: _admit_packet and _deliver in short
+        else:
+            pkt = self._admit_packet(tunnel, pkt, tos)
+            if pkt is not None:
+                self._deliver(tunnel, pkt, now)
         if tunnel.reorder.waiting:  # this packet may prove a gap in an ordered queue lost
             self._reorder_release(tunnel, now)
 
