@@ -99,3 +99,17 @@ def test_timerfd_is_readable_only_after_it_fired():
     finally:
         ep.close()
         t.close()
+
+
+def test_precise_timer_ignores_an_expiry_that_is_not_its_own():
+    loop = EventLoop()
+    fired = []
+    handle = loop.call_precise(0.05, lambda: fired.append(loop.time()))
+    loop._timerfd.arm(loop.time() - 1.0)  # a stale expiry (e.g. of the timer it replaced)
+    loop.call_later(0.02, loop.stop)
+    loop.run_forever()
+    assert fired == []  # not run early
+    loop.call_later(0.1, loop.stop)
+    loop.run_forever()
+    loop.close()
+    assert len(fired) == 1 and fired[0] >= handle.when  # re-armed, and run at its time

@@ -95,9 +95,15 @@ class EventLoop:
     def _on_timerfd(self) -> None:
         if not self._timerfd.clear():  # type: ignore[union-attr]
             return
-        handle, self._precise = self._precise, None
-        if handle is not None and not handle.cancelled:
-            self._call(handle.callback)
+        handle = self._precise
+        if handle is None or handle.cancelled:
+            self._precise = None
+            return
+        if self.time() < handle.when:  # an expiry of the timer this one replaced: not yet
+            self._timerfd.arm(handle.when)  # type: ignore[union-attr]
+            return
+        self._precise = None
+        self._call(handle.callback)
 
     # -- signals ------------------------------------------------------
     def add_signal_handler(self, sig: int, callback: Callable[[], None]) -> None:
