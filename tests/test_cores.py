@@ -25,7 +25,7 @@ from tunnel.client_core import (
 )
 from tunnel.dtls import ESTABLISHED, DtlsSession, make_context
 from tunnel.estimator import RECOVER_PROBES, PathEstimator
-from tunnel.path import HANDSHAKE_TIMEOUT, P_CLOSED, P_DEGRADED, P_DOWN, P_UP
+from tunnel.path import HANDSHAKE_TIMEOUT, P_CLOSED, P_DEGRADED, P_DOWN, P_UP, TICK
 from tunnel.pool import AddressPool
 from tunnel.server_core import ServerCore
 
@@ -68,6 +68,20 @@ def pki(tmp_path_factory) -> Path:
     return d
 
 
+# How the lab drives the clients' timers: "step" calls handle_timer at every step of the
+# clock; "deadline" only when ClientCore.next_timer() said, re-asked after input that set
+# timer_dirty -- as the shell does.  Every test here runs both ways, so a deadline that
+# next_timer() misses shows up as a changed outcome or timing.
+DRIVE = {"mode": "step"}
+
+
+@pytest.fixture(autouse=True, params=["step", "deadline"])
+def drive(request):
+    DRIVE["mode"] = request.param
+    yield request.param
+    DRIVE["mode"] = "step"
+
+
 # -- the in-memory lab --------------------------------------------------------------------
 class Client:
     """One ClientCore on the lab network, with the current address of each of its paths."""
@@ -76,6 +90,9 @@ class Client:
         self.net, self.core = net, core
         self.addrs: dict = {}  # path key -> current (ip, port)
         self.events: list[tuple[float, object]] = []
+        self.deadline = DRIVE["mode"] == "deadline"
+        self.armed = float("-inf")  # deadline mode: when handle_timer runs next
+        self.timer_runs = 0
 
     # network side
     def outgoing(self) -> list:
@@ -83,8 +100,17 @@ class Client:
 
     def deliver(self, key, data: bytes) -> None:
         self.core.receive_datagram(key, data, self.net.now)
+        self.check_timer()
+
+    def check_timer(self) -> None:
+        """Deadline mode, after input (the shell's _check_timer)."""
+        core = self.core
+        if self.deadline and core.timer_dirty:
+            core.timer_dirty = False
+            self.armed = min(self.armed, core.next_timer(self.net.now))
 
     def drain(self) -> None:
+        self.check_timer()
         while (ev := self.core.next_event()) is not None:
             self.events.append((self.net.now, ev))
             if isinstance(ev, events.Connecting):
@@ -94,7 +120,19 @@ class Client:
                 self.net.owner[addr] = (self, ev.key)
 
     def tick(self) -> None:
-        self.core.handle_timer(self.net.now)
+        now, core = self.net.now, self.core
+        if not self.deadline:
+            core.handle_timer(now)
+            self.timer_runs += 1
+            return
+        self.check_timer()
+        if now < self.armed:
+            return
+        core.handle_timer(now)
+        self.timer_runs += 1
+        core.timer_dirty = False  # the shell's _arm_timer after a timer run
+        when = core.next_timer(now)
+        self.armed = now + TICK if when <= now else when
 
     # test helpers
     def add(self, key, priority: int = 0, pump: bool = True) -> None:
@@ -126,6 +164,7 @@ class Client:
         """Send one packet from the TUN; return the keys of the paths its DATA went out on."""
         before = len(self.core.outbox)
         self.core.send_packet(pkt, self.net.now)
+        self.check_timer()
         return [k for k, _, _ in self.core.outbox[before:]]
 
 
@@ -1630,3 +1669,79 @@ def test_tunnel_keeps_counting_dtls_drops_of_paths_that_are_gone(pki: Path) -> N
     net.pump()
     st = net.tunnel().stats()
     assert len(st["paths"]) == 1 and st["paths"][0]["dtls_dropped"] == 0 and st["dtls_dropped"] == 1
+
+
+# -- the client's timer: deadlines, not a fixed tick ---------------------------------------------
+def test_idle_client_runs_its_timer_only_to_probe(pki: Path, drive) -> None:
+    net, c = two_paths(pki)
+    net.advance(0.5)
+    ests = [c.path(k).est for k in ("a", "b")]
+    runs0, probes0 = c.timer_runs, sum(e.probes_sent for e in ests)
+    net.advance(2.0)
+    runs, probes = c.timer_runs - runs0, sum(e.probes_sent for e in ests) - probes0
+    assert probes == 2 * round(2.0 / PROBE)  # both paths keep probing, in both modes
+    if drive == "step":
+        assert runs == round(2.0 / STEP)
+    else:
+        assert runs <= probes  # one timer per probe (the two paths' probes may share one)
+        # no polling in the steady state: the timer is the earliest path deadline
+        assert c.core.next_timer(net.now) == min(c.path(k).get_timer() for k in ("a", "b")) > net.now
+    assert c.path("a").state == c.path("b").state == P_UP and c.core.state == C_UP
+
+
+def timer_invariant(c: Client) -> Callable[[], None]:
+    """A per-step check: whenever next_timer() says "not yet", handle_timer must change nothing."""
+    def each() -> None:
+        core, now = c.core, c.net.now
+        if core.next_timer(now) > now:
+            def state():
+                return (len(core.outbox), len(core._events), len(core.to_tun),
+                        [(k, s.path and s.path.state, s.joined, s.hello_sent, s.spare is not None, s.retry_at)
+                         for k, s in core.slots.items()])
+            before = state()
+            core.handle_timer(now)
+            assert state() == before, f"handle_timer acted at {now} before next_timer() {core.next_timer(now)}"
+            each.checked += 1
+
+    each.checked = 0
+    return each
+
+
+def test_next_timer_is_never_later_than_what_handle_timer_would_do(pki: Path) -> None:
+    net, c = two_paths(pki)
+    net.advance(0.5)
+    each = timer_invariant(c)
+    net.cut("b")  # through a path going down, a spare session, and back
+    net.advance(1.5, each=each)
+    net.mend("b")
+    net.advance(1.5, each=each)
+    c.remove("b")
+    net.cut("a")  # the last path: the tunnel goes down and reconnects with back-off
+    net.advance(TIMEOUT + 1.0, each=each)
+    net.mend("a")
+    net.advance(2.0, each=each)
+    assert c.core.state == C_UP
+    assert each.checked > 300
+
+
+@pytest.mark.parametrize("lost", ["HELLO", "CONFIG"])
+def test_next_timer_covers_hello_retries(pki: Path, lost: str) -> None:
+    net = Net(pki)
+    c = net.client()
+    each = timer_invariant(c)
+    dropped: list = []
+
+    def drop(direction: str, key, d: bytes) -> bool:
+        if not dropped and (direction, len(d)) == (("up", HELLO_DGRAM) if lost == "HELLO" else ("down", CONFIG_DGRAM)):
+            dropped.append(net.now)
+            return True
+        return False
+
+    net.drop = drop
+    c.add("a", pump=False)
+    t_joined = net.run_until(lambda: c.joined() == ["a"], 3.0, each=each)
+    assert len(dropped) == 1
+    from tunnel.client_core import HELLO_RETRY
+
+    assert dropped[0] + HELLO_RETRY <= t_joined < dropped[0] + HELLO_RETRY + 2 * STEP  # retried on time
+    assert each.checked > 10

@@ -26,7 +26,7 @@ from tunnel.dedup import DEFAULT_WINDOW, DedupWindow
 from tunnel.dtls import DtlsSession, common_name
 from tunnel.ecn import decapsulate
 from tunnel.events import SpareKey
-from tunnel.path import P_DOWN, P_HANDSHAKING, Path
+from tunnel.path import P_DOWN, P_HANDSHAKING, TICK, Path
 from tunnel.policy import Policy
 from tunnel.reorder import Reorderer, floor, queue_of
 from tunnel.scheduler import ExtraCopies
@@ -48,6 +48,8 @@ REBIND_AFTER = 0.2
 SILENT_ATTEMPT = 1.0
 SILENT_BACKOFF = 0.25
 SPARE_LIMIT = 3.0  # a spare session that has not joined by then is given up (and retried)
+INF = float("inf")
+MAX_SLEEP = 1.0  # the longest next_timer() ever waits (a safety net: every live path probes far more often)
 
 C_CONNECTING, C_UP, C_CLOSED = "connecting", "up", "closed"
 
@@ -101,6 +103,7 @@ class ClientCore:
         self.timeout = timeout
         self.window = window
         self.state = C_CONNECTING
+        self.timer_dirty = True  # input may have made next_timer() earlier: the shell asks again
         self.slots: dict[Hashable, PathSlot] = {}
         self.config: Optional[frames.Config] = None
         self.tunnel_id = frames.NEW_TUNNEL
@@ -129,6 +132,7 @@ class ClientCore:
         """Install a (new) policy: one scheduler per traffic class."""
         self.policy = policy
         self.schedulers = [Scheduler(c.mode, c.redundancy, self.pin_flows, c.target_loss) for c in policy.classes]
+        self.timer_dirty = True
         self.class_packets = [0] * len(policy.classes)  # packets per class
         self.class_copies = [0] * len(policy.classes)  # datagrams sent for them (duplicates count)
         self._refresh()
@@ -151,11 +155,13 @@ class ClientCore:
         slot = PathSlot(key, server, name, priority, mtu)
         self.slots[key] = slot
         self._connect(slot, now)
+        self.timer_dirty = True
 
     def remove_path(self, key: Hashable, now: float, reason: str = "interface gone") -> None:
         slot = self.slots.pop(key, None)
         if slot is None:
             return
+        self.timer_dirty = True
         if slot.path is not None and slot.path.alive:
             slot.path.close(frames.encode(frames.Close(frames.CLOSE_PATH, reason)), now)
             self._collect(slot.path)
@@ -179,12 +185,14 @@ class ClientCore:
                 slot.path.close(frames.encode(frames.Close(frames.CLOSE_NORMAL, "client shutting down")), now)
                 self._collect(slot.path)
         self.state = C_CLOSED
+        self.timer_dirty = True
 
     # -- input --------------------------------------------------------
     def receive_datagram(self, key: Hashable, data: bytes, now: float, tos: int = 0) -> None:
         """One datagram from path ``key``; ``tos``: its outer TOS byte (for ECN)."""
         slot = self.slots.get(key)
         if slot is None or slot.path is None or not slot.path.alive:
+            self.timer_dirty = True
             spare_of = self._spares.get(key)
             if spare_of is not None and spare_of.spare is not None:
                 self._spare_datagram(spare_of, data, now, tos)
@@ -196,7 +204,11 @@ class ClientCore:
         handshaking = path.state == P_HANDSHAKING
         if handshaking:
             slot.heard = True
+            self.timer_dirty = True
         records = path.receive(data, now)
+        if path.updated and slot.joined:  # a PONG: lowest-rtt and balance follow the new estimates at once
+            path.updated = False
+            self._refresh()
         if handshaking and path.established:
             self._on_established(slot, now)
         for rec in records:
@@ -220,12 +232,15 @@ class ClientCore:
                 if self._reorder.waiting:  # this packet may prove a gap in an ordered queue lost
                     self._reorder.progress(floor(self._joined), self.to_tun)
             elif rec[0] == frames.DATA_ORDERED and slot.joined:
+                self.timer_dirty = True  # a held packet has a deadline
                 self._on_data_ordered(path, rec, tos, now)
             else:
+                self.timer_dirty = True
                 self._on_control(slot, rec, now)
         if path.out:
             self._collect(path)
         if path.changed and slot.path is path:
+            self.timer_dirty = True
             self._path_changed(slot, now)
 
     def _on_data_ordered(self, path: Path, rec: bytes, tos: int, now: float) -> None:
@@ -406,6 +421,7 @@ class ClientCore:
         self.class_packets[c.index] += 1
         self.class_copies[c.index] += len(paths)
         if sched.extra:  # target_loss: more copies, one round per tick
+            self.timer_dirty = True
             self.class_copies[c.index] += sched.extra_copies
             self._extra.defer(sched.extra, record, tos)
 
@@ -441,6 +457,69 @@ class ClientCore:
                 if slot.spare is not None and (t := slot.spare.get_timer()) is not None:
                     timers.append(t)
         return min(timers) if timers else None
+
+    def next_timer(self, now: float) -> float:
+        """When :meth:`handle_timer` must run next (absolute time).
+
+        It mirrors handle_timer's conditions (``_slot_timer``): probes, dead
+        intervals, timeouts, handshake retransmissions, HELLO retries, reconnect
+        back-offs, silence and spare-session limits, reorder deadlines, so an idle
+        tunnel wakes only to probe.  Extra copies (one round per tick) ask for
+        :data:`TICK`; new estimates to apply, for now.  Early is always safe:
+        handle_timer acts only on what is due.  After input that may need an
+        earlier timer the core sets ``timer_dirty`` and the shell asks again.
+        """
+        if self.state == C_CLOSED:
+            return now + MAX_SLEEP
+        t = now + MAX_SLEEP
+        if self._extra.pending:
+            t = now + TICK
+        if self._reorder.waiting:
+            d = self._reorder.next_deadline()
+            if d is not None and d < t:
+                t = d
+        for slot in self.slots.values():
+            st = self._slot_timer(slot, now)
+            if st < t:
+                t = st
+        return t
+
+    def _slot_timer(self, slot: PathSlot, now: float) -> float:
+        """When handle_timer next has something to do for ``slot`` (see handle_timer
+        and _check_silence, which this follows branch by branch)."""
+        if slot.retry_at is not None:
+            return slot.retry_at
+        path = slot.path
+        if path is None:
+            return INF
+        if path.updated and slot.joined:  # new estimates: the schedulers follow them at once
+            return now
+        t = path.get_timer()
+        if t is None:
+            t = INF
+        if slot.hello_sent and not slot.joined:
+            t = min(t, slot.hello_at + HELLO_RETRY)
+        if path.state == P_HANDSHAKING:
+            if slot.srtt is not None and not slot.heard:
+                t = min(t, path.created + max(SILENT_ATTEMPT, 4 * slot.srtt))
+            return t
+        spare = slot.spare
+        if path.state != P_DOWN or not slot.joined:
+            return t if spare is None else now  # a spare whose path answers again is dropped
+        if spare is None:
+            est = path.est
+            return min(t, max(est.last_rx + est.effective_dead_interval + REBIND_AFTER, slot.spare_retry))
+        if not spare.alive:
+            return now
+        st = spare.get_timer()
+        if st is not None:
+            t = min(t, st)
+        if not slot.spare_heard:
+            t = min(t, spare.created + max(SILENT_ATTEMPT, 4 * (slot.srtt or 0.0)))
+        t = min(t, spare.created + SPARE_LIMIT)
+        if spare.established:
+            t = min(t, slot.spare_hello_at + HELLO_RETRY)
+        return t
 
     def handle_timer(self, now: float) -> None:
         if self.state == C_CLOSED:

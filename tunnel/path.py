@@ -20,6 +20,7 @@ from tunnel.estimator import DEGRADED, DOWN, UP, PathEstimator
 P_HANDSHAKING, P_UP, P_DEGRADED, P_DOWN, P_CLOSED = "handshaking", UP, DEGRADED, DOWN, "closed"
 LIVE = (P_UP, P_DEGRADED, P_DOWN)  # established sessions
 HANDSHAKE_TIMEOUT = 10.0
+TICK = 0.02  # how soon a core's next_timer() asks to run when it does not compute the deadline exactly
 _PING_TYPE = frames.PING
 _PONG_TYPE = frames.PONG
 

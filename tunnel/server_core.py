@@ -25,7 +25,7 @@ from tunnel.dedup import DEFAULT_WINDOW, DedupWindow
 from tunnel.dtls import DTLS_HEADER, DtlsListener, common_name
 from tunnel.ecn import decapsulate
 from tunnel.icmp import unreachable, unreachable6
-from tunnel.path import P_DOWN, P_HANDSHAKING, Path
+from tunnel.path import P_DOWN, P_HANDSHAKING, TICK, Path
 from tunnel.policy import Policy
 from tunnel.pool import AddressPool, AddressPool6, PoolExhausted
 from tunnel.reorder import Reorderer, floor, queue_of
@@ -38,6 +38,7 @@ LINGER = 30.0  # seconds a tunnel without paths is kept for the client to come b
 HANDSHAKE_RATE = 10.0  # verified handshakes per second per source address (burst: twice that)
 MAX_HANDSHAKES = 256  # verified handshakes in progress at once (all sources together)
 HANDSHAKE_SOURCES = 4096  # source addresses tracked for the handshake rate (least recent forgotten)
+MAX_SLEEP = 1.0  # how long a server without clients sleeps between timers
 LIMIT_LOG_INTERVAL = 10.0  # a limit that keeps biting is reported at most this often
 
 
@@ -172,6 +173,7 @@ class ServerCore:
         self.paths: dict[tuple, Path] = {}  # underlay address -> path
         self._tunnel_of: dict[tuple, ServerTunnel] = {}  # underlay address -> tunnel (after HELLO)
         self.tunnels: dict[bytes, ServerTunnel] = {}  # tunnel id -> tunnel
+        self.timer_dirty = True  # input may have made next_timer() earlier: the shell asks again
         self._last_tunnel: Optional[ServerTunnel] = None
         self.by_name: dict[str, ServerTunnel] = {}
         self.outbox: list[tuple[tuple, bytes, int]] = []  # (peer address, datagram, outer TOS)
@@ -245,6 +247,7 @@ class ServerCore:
             return
         path = Path(session, addr, now, self.probe_interval, self.dead_interval, self.timeout)
         self.paths[addr] = path
+        self.timer_dirty = True
         self._half_open.add(addr)
         if path.out:
             self._flush(path)
@@ -585,6 +588,14 @@ class ServerCore:
         return self._events.popleft() if self._events else None
 
     # -- timers and teardown -----------------------------------------
+    def next_timer(self, now: float) -> float:
+        """When :meth:`handle_timer` must run next (absolute time): every :data:`TICK`
+        while any client has a path or a tunnel (the per-path deadlines are walked
+        there; packets wait for routes only of a tunnel), else :data:`MAX_SLEEP`
+        away (cookie secrets rotate on a minute scale).  A new peer sets
+        ``timer_dirty`` so the shell asks again."""
+        return now + TICK if self.paths or self.tunnels else now + MAX_SLEEP
+
     def handle_timer(self, now: float) -> None:
         self.listener.cookies.rotate(now)
         for path in list(self.paths.values()):

@@ -1,8 +1,11 @@
 """The I/O shell: an epoll loop owns the UDP sockets and the TUN fd and feeds the cores.
 
 Each readable fd is drained until EAGAIN in one wakeup (one packet per wakeup
-costs ~1.8x), outputs are flushed in batches, and a periodic tick drives the
-cores' timers.  Nothing here knows the protocol; everything here is I/O.
+costs ~1.8x), outputs are flushed in batches, and one loop timer drives the
+core's timers: it fires when the core's ``next_timer()`` says (an idle client
+wakes only to probe its paths), and input that may need it sooner
+(``core.timer_dirty``) makes the shell ask again.  Nothing here knows the
+protocol; everything here is I/O.
 Write errors (EAGAIN/ENOBUFS on a full socket or TUN queue) are counted, not
 fatal.
 """
@@ -19,12 +22,12 @@ from typing import Callable, Hashable, Optional
 from tunnel import events
 from tunnel.control import ControlServer
 from tunnel.loop import EventLoop, TimerHandle
+from tunnel.path import TICK
 from tunnel.udp import BatchSocket
 from tunnel.warm import SKIP, Warmer
 
 log = logging.getLogger("mptun")
 
-TICK = 0.02  # timer resolution: probes, dead-path detection, DTLS retransmits
 BATCH = 64  # flush outputs at least every BATCH packets inside one drain
 READ_SIZE = 65535
 _TRANSIENT = (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
@@ -42,6 +45,7 @@ class Shell:
         self.loop = EventLoop()
         self.counters = {"send_errors": 0, "tun_write_errors": 0, "recv_errors": 0, "warm_passes": 0}
         self._tick_handle: Optional[TimerHandle] = None
+        self._tick_at = float("inf")  # when the core's timer is armed for
         self.keep_warm = False  # set from the configuration (default on); see tunnel/warm.py
         self._warmer = Warmer()
         self._warm_handle: Optional[TimerHandle] = None
@@ -116,7 +120,27 @@ class Shell:
     def _tick(self) -> None:
         self.core.handle_timer(self.loop.time())
         self.flush()
-        self._tick_handle = self.loop.call_later(TICK, self._tick)
+        self._arm_timer(self.loop.time(), after_timer=True)
+
+    def _arm_timer(self, now: float, after_timer: bool = False) -> None:
+        """Arm the loop timer for the core's next deadline."""
+        core = self.core
+        core.timer_dirty = False
+        when = core.next_timer(now)
+        if when <= now and after_timer:  # still due right after it ran: retry on the old tick, do not spin
+            when = now + TICK
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        self._tick_at = when
+        self._tick_handle = self.loop.call_later(max(0.0, when - now), self._tick)
+
+    def _check_timer(self) -> None:
+        """After input: re-arm if the core now needs its timer sooner."""
+        if self.core.timer_dirty and self._tick_handle is not None:
+            now = self.loop.time()
+            self.core.timer_dirty = False
+            if self.core.next_timer(now) < self._tick_at:
+                self._arm_timer(now)
 
     def handle_events(self) -> None:
         while (ev := self.core.next_event()) is not None:
@@ -152,7 +176,7 @@ class Shell:
             self.control.start(self.loop)
         if self.metrics is not None:
             self.metrics.start(self.loop)
-        self._tick_handle = self.loop.call_later(TICK, self._tick)
+        self._arm_timer(self.loop.time())
         try:
             if self.after_start is not None:
                 self.after_start()
@@ -246,6 +270,7 @@ class ServerShell(Shell):
         self.send_out()
         self.write_tun()
         self.handle_events()
+        self._check_timer()
         if len(self._sock_of) > 4 * len(self.core.paths) + 64:
             self._sock_of = {a: s for a, s in self._sock_of.items() if a in self.core.paths}
 
@@ -380,6 +405,7 @@ class ClientShell(Shell):
         self.send_out()
         if self.tun_fd is not None:
             self.write_tun()
+        self._check_timer()
 
     def send_out(self) -> None:
         out = self.core.datagrams_to_send()
