@@ -229,6 +229,27 @@ class Net:
         self._order = itertools.count()
         self.stray: list = []  # server datagrams to addresses no client socket has (any more)
         self.sevents: list[tuple[float, object]] = []
+        self.server_armed = float("-inf")  # deadline mode: when the server's handle_timer runs next
+        self.server_timer_runs = 0
+
+    def check_server_timer(self) -> None:
+        """Deadline mode, after input.  The lab uses next_deadline(), the exact moment;
+        the shell uses next_timer(), the same but at most every TICK."""
+        if DRIVE["mode"] == "deadline" and self.server.timer_dirty:
+            self.server.timer_dirty = False
+            self.server_armed = min(self.server_armed, self.server.next_deadline(self.now))
+
+    def server_tick(self) -> None:
+        server, now = self.server, self.now
+        if DRIVE["mode"] == "deadline":
+            self.check_server_timer()
+            if now < self.server_armed:
+                return
+        server.handle_timer(now)
+        self.server_timer_runs += 1
+        server.timer_dirty = False
+        when = server.next_deadline(now)
+        self.server_armed = now + TICK if when <= now else when
 
     def make_server(self) -> ServerCore:
         a, pki = self._server_args, self.pki
@@ -251,6 +272,7 @@ class Net:
         """The server process restarts: all its state is gone, same address."""
         self._server_args["pool"] = None
         self.server = self.make_server()
+        self.server_armed = float("-inf")
         return self.server
 
     def client(self, name: str = "alice", client_pki: Optional[Path] = None, **kw) -> Client:
@@ -289,6 +311,7 @@ class Net:
     def drain(self) -> None:
         for ep in self.endpoints:
             ep.drain()
+        self.check_server_timer()
         while (ev := self.server.next_event()) is not None:
             self.sevents.append((self.now, ev))
 
@@ -328,7 +351,7 @@ class Net:
     def tick(self) -> None:
         for ep in self.endpoints:
             ep.tick()
-        self.server.handle_timer(self.now)
+        self.server_tick()
         self.pump()
 
     def advance(self, seconds: float, each: Optional[Callable[[], None]] = None) -> None:
@@ -1745,3 +1768,52 @@ def test_next_timer_covers_hello_retries(pki: Path, lost: str) -> None:
 
     assert dropped[0] + HELLO_RETRY <= t_joined < dropped[0] + HELLO_RETRY + 2 * STEP  # retried on time
     assert each.checked > 10
+
+
+def server_timer_invariant(net: Net) -> Callable[[], None]:
+    """Per step: whenever the server's next_deadline() says "not yet", handle_timer changes nothing."""
+    def each() -> None:
+        server, now = net.server, net.now
+        if server.next_deadline(now) > now:
+            def state():
+                return (len(server.outbox), len(server._events), len(server.to_tun),
+                        sorted((str(a), p.state) for a, p in server.paths.items()),
+                        sorted((t.name, len(t.paths), t.idle_since) for t in server.tunnels.values()))
+            before = state()
+            server.handle_timer(now)
+            assert state() == before, f"server handle_timer acted at {now} before its deadline"
+            each.checked += 1
+
+    each.checked = 0
+    return each
+
+
+def test_server_next_deadline_is_never_later_than_what_handle_timer_would_do(pki: Path) -> None:
+    net, c = two_paths(pki)
+    net.advance(0.5)
+    each = server_timer_invariant(net)
+    net.cut("b")  # server-side dead interval, then back
+    net.advance(1.0, each=each)
+    net.mend("b")
+    net.advance(1.0, each=each)
+    net.cut("a")
+    net.cut("b")  # the client vanishes: its paths time out, the tunnel lingers, then is forgotten
+    t_cut = net.now
+    t_gone = net.run_until(lambda: not net.server.tunnels, TIMEOUT + LINGER + 1.0, each=each)
+    assert t_gone >= t_cut + TIMEOUT + LINGER - 0.5
+    assert each.checked > 400
+    assert net.server.next_timer(net.now) == net.now + 1.0  # nobody there: the server sleeps (MAX_SLEEP)
+
+
+def test_idle_server_runs_its_timer_only_for_deadlines(pki: Path, drive) -> None:
+    net, c = two_paths(pki)
+    net.advance(0.5)
+    runs0 = net.server_timer_runs
+    net.advance(2.0)
+    runs = net.server_timer_runs - runs0
+    if drive == "step":
+        assert runs == round(2.0 / STEP)
+    else:  # its own probes on two paths: 2 x 16, some shared
+        assert runs <= 2 * round(2.0 / PROBE)
+    # the shell's rule: never sooner than TICK after the last run
+    assert net.server.next_timer(net.now) >= net.server._timer_ran + TICK

@@ -97,5 +97,9 @@ class RouteTable(Generic[T]):
             queue.popleft()
             self.pending_expired += 1
 
+    def next_expiry(self) -> Optional[float]:
+        """When the oldest queued packet expires (None: nothing queued)."""
+        return min((q[0][0] for q in self._pending.values() if q), default=None)
+
     def pending(self, target: T) -> int:
         return len(self._pending.get(target, ()))

@@ -38,7 +38,8 @@ LINGER = 30.0  # seconds a tunnel without paths is kept for the client to come b
 HANDSHAKE_RATE = 10.0  # verified handshakes per second per source address (burst: twice that)
 MAX_HANDSHAKES = 256  # verified handshakes in progress at once (all sources together)
 HANDSHAKE_SOURCES = 4096  # source addresses tracked for the handshake rate (least recent forgotten)
-MAX_SLEEP = 1.0  # how long a server without clients sleeps between timers
+MAX_SLEEP = 1.0  # the longest next_timer() ever waits (cookie secrets rotate on a minute scale)
+INF = float("inf")
 LIMIT_LOG_INTERVAL = 10.0  # a limit that keeps biting is reported at most this often
 
 
@@ -174,6 +175,7 @@ class ServerCore:
         self._tunnel_of: dict[tuple, ServerTunnel] = {}  # underlay address -> tunnel (after HELLO)
         self.tunnels: dict[bytes, ServerTunnel] = {}  # tunnel id -> tunnel
         self.timer_dirty = True  # input may have made next_timer() earlier: the shell asks again
+        self._timer_ran = -INF  # when handle_timer last ran (next_timer() is at least TICK after it)
         self._last_tunnel: Optional[ServerTunnel] = None
         self.by_name: dict[str, ServerTunnel] = {}
         self.outbox: list[tuple[tuple, bytes, int]] = []  # (peer address, datagram, outer TOS)
@@ -207,7 +209,13 @@ class ServerCore:
             return
         handshaking = path.state == P_HANDSHAKING
         records = path.receive(data, now)
+        if path.updated:  # a PONG: lowest-rtt and balance follow the new estimates at once
+            t = self._tunnel_of.get(addr)
+            if t is not None:
+                path.updated = False
+                t.refresh()
         if handshaking and path.established:
+            self.timer_dirty = True  # its first probe is due now
             self._on_established(path, now)
             if not path.alive:  # refused (revoked): nothing it sent counts
                 records = []
@@ -335,6 +343,8 @@ class ServerCore:
         if pkt is None:
             return
         out: list = []
+        if not tunnel.reorder.waiting:
+            self.timer_dirty = True  # a packet held now has a deadline
         tunnel.reorder.push(queue, qseq, hold_ms / 1000.0, seq, pkt, now, floor(tunnel.paths), out)
         for p in out:
             self._deliver(tunnel, p, now)
@@ -564,6 +574,8 @@ class ServerCore:
         tunnel.class_copies[c.index] += len(paths)
         if sched.extra:  # target_loss: more copies, one round per tick
             tunnel.class_copies[c.index] += sched.extra_copies
+            if not self._extra.pending:
+                self.timer_dirty = True
             self._extra.defer(sched.extra, record, tos)
 
     def warm(self) -> None:
@@ -589,14 +601,39 @@ class ServerCore:
 
     # -- timers and teardown -----------------------------------------
     def next_timer(self, now: float) -> float:
-        """When :meth:`handle_timer` must run next (absolute time): every :data:`TICK`
-        while any client has a path or a tunnel (the per-path deadlines are walked
-        there; packets wait for routes only of a tunnel), else :data:`MAX_SLEEP`
-        away (cookie secrets rotate on a minute scale).  A new peer sets
-        ``timer_dirty`` so the shell asks again."""
-        return now + TICK if self.paths or self.tunnels else now + MAX_SLEEP
+        """When :meth:`handle_timer` must run next (absolute time): at
+        :meth:`next_deadline`, but not sooner than :data:`TICK` after it last ran
+        (each run walks every path: a server with many clients runs it at most
+        every TICK, as with a fixed tick; one with a few sleeps between probes).
+        Input that may need it sooner sets ``timer_dirty`` and the shell asks again."""
+        return max(self.next_deadline(now), self._timer_ran + TICK)
+
+    def next_deadline(self, now: float) -> float:
+        """The earliest moment handle_timer has something to do: a path's probe,
+        dead interval, timeout or handshake retransmission, a reorder hold, a
+        tunnel's linger, a queued packet's expiry; :data:`MAX_SLEEP` at most."""
+        t = now + MAX_SLEEP
+        if self._extra.pending:  # one round of extra copies per timer
+            t = now + TICK
+        for path in self.paths.values():
+            pt = path.get_timer()
+            if pt is not None and pt < t:
+                t = pt
+        for tunnel in self.tunnels.values():
+            if tunnel.reorder.waiting:
+                d = tunnel.reorder.next_deadline()
+                if d is not None and d < t:
+                    t = d
+            if tunnel.idle_since is not None and tunnel.idle_since + self.linger < t:
+                t = tunnel.idle_since + self.linger
+            for p in tunnel.paths:
+                if p.updated:
+                    return now
+        d = self.route_table.next_expiry()
+        return t if d is None or d > t else d
 
     def handle_timer(self, now: float) -> None:
+        self._timer_ran = now
         self.listener.cookies.rotate(now)
         for path in list(self.paths.values()):
             t = path.get_timer()
@@ -647,6 +684,7 @@ class ServerCore:
             tunnel.refresh()
             if not tunnel.paths:
                 tunnel.idle_since = now
+                self.timer_dirty = True
 
     def _remove_tunnel(self, tunnel: ServerTunnel, reason: str, now: float, code: int) -> None:
         for path in list(tunnel.paths):
@@ -705,6 +743,7 @@ class ServerCore:
         self.policy = policy
         for t in self.tunnels.values():
             t.set_policy(policy or Policy.single(t.mode))
+        self.timer_dirty = True
 
     def stats(self) -> dict:
         return {
