@@ -236,6 +236,23 @@ def test_interval_relations(cfgdir: Path) -> None:
     assert "[client] timeout: " in msg
 
 
+def test_idle_probe_interval(cfgdir: Path) -> None:
+    assert load_client_config(client(cfgdir)).idle_probe_interval == 0.5
+    assert load_server_config(server(cfgdir)).idle_probe_interval == 0.5
+    # the default fits other settings: never below probe_interval, an idle dead interval at most timeout/2
+    cfg = load_client_config(client(cfgdir, probe_interval="0.5", dead_interval="1", timeout="1"))
+    assert cfg.idle_probe_interval == 0.5
+    cfg = load_client_config(client(cfgdir, timeout="1.2"))
+    assert cfg.idle_probe_interval == 0.2  # 0.2 x 0.3 / 0.1 = 0.6 s = timeout / 2
+    cfg = load_server_config(server(cfgdir, idle_probe_interval="0.75"))
+    assert cfg.idle_probe_interval == 0.75
+    msg = client_error(cfgdir, idle_probe_interval="0.05")
+    assert "[client] idle_probe_interval: 0.05 s must not be shorter than probe_interval (0.1 s)" in msg
+    msg = server_error(cfgdir, idle_probe_interval="1")  # dead interval 3 s when idle: not below timeout 3 s
+    assert "[server] idle_probe_interval: 1.0 s makes an idle path's dead interval 3 s" in msg and "timeout (3.0 s)" in msg
+    assert "[client] idle_probe_interval: " in client_error(cfgdir, idle_probe_interval='"fast"')
+
+
 def test_keepalive_is_gone(cfgdir: Path) -> None:
     assert "[server] keepalive: unknown key" in server_error(cfgdir, keepalive="1")
     assert "[client] keepalive: unknown key" in client_error(cfgdir, keepalive="1")

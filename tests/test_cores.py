@@ -212,11 +212,11 @@ class Net:
     """A server, clients, a wire with per-path drops/delays and a manual clock."""
 
     def __init__(self, pki: Path, *, allowed: Optional[set] = None, static: Optional[dict] = None,
-                 pool: Optional[AddressPool] = None, mode: str = "client"):
+                 pool: Optional[AddressPool] = None, mode: str = "client", idle_probe: Optional[float] = None):
         self.pki = pki
         self.now = T0
         self._ids = itertools.count(1)  # tunnel ids 1, 2, ... (also across server restarts)
-        self._server_args = dict(allowed=allowed, static=static, pool=pool, mode=mode)
+        self._server_args = dict(allowed=allowed, static=static, pool=pool, mode=mode, idle_probe=idle_probe)
         self.server = self.make_server()
         self.endpoints: list = []
         self.owner: dict = {}  # client address -> (endpoint, key)
@@ -266,6 +266,7 @@ class Net:
             allowed_clients=a["allowed"],
             linger=LINGER,
             random_bytes=lambda n: next(self._ids).to_bytes(n, "big"),
+            idle_probe_interval=a["idle_probe"],
         )
 
     def restart_server(self) -> ServerCore:
@@ -1817,3 +1818,101 @@ def test_idle_server_runs_its_timer_only_for_deadlines(pki: Path, drive) -> None
         assert runs <= 2 * round(2.0 / PROBE)
     # the shell's rule: never sooner than TICK after the last run
     assert net.server.next_timer(net.now) >= net.server._timer_ran + TICK
+
+
+# -- idle probing ---------------------------------------------------------------------------------
+IDLE_PROBE = 0.5
+
+
+def idle_pair(pki: Path) -> tuple[Net, Client]:
+    net = Net(pki, idle_probe=IDLE_PROBE)
+    return two_paths(pki, net, idle_probe_interval=IDLE_PROBE)
+
+
+def probes(c: Client, net: Net) -> list[int]:
+    return [c.path(k).est.probes_sent for k in "ab"] + [net.spath(c, k).est.probes_sent for k in "ab"]
+
+
+def test_an_idle_tunnel_probes_slowly_and_traffic_brings_fast_probes_back_at_once(pki: Path) -> None:
+    from tunnel.client_core import IDLE_AFTER
+
+    net, c = idle_pair(pki)
+    net.advance(IDLE_AFTER + 0.5)  # no DATA: both ends go idle
+    ests = [c.path(k).est for k in "ab"] + [net.spath(c, k).est for k in "ab"]
+    assert all(e.idle for e in ests)
+    assert c.core.stats()["paths"][0]["probing"] == "idle"
+    p0 = probes(c, net)
+    net.advance(4.0)
+    sent = [b - a for a, b in zip(p0, probes(c, net))]
+    assert all(round(4.0 / IDLE_PROBE) - 1 <= n <= round(4.0 / IDLE_PROBE) for n in sent), sent  # not 32 each
+    assert all(c.path(k).state == P_UP for k in "ab") and c.core.state == C_UP  # idle, not dead
+    # one packet up: the client's paths probe at the next timer, the server's once the DATA arrived
+    p1 = probes(c, net)
+    c.send_up(up_pkt())
+    net.pump()
+    net.advance(STEP)
+    assert [b - a for a, b in zip(p1, probes(c, net))] == [1, 1, 1, 1]
+    assert not any(e.idle for e in ests)
+    p2 = probes(c, net)
+    net.advance(0.5, each=lambda: c.send_up(up_pkt()))
+    assert all(b - a >= 0.5 / PROBE - 1 for a, b in zip(p2, probes(c, net)))  # every PROBE again
+    net.advance(IDLE_AFTER + 0.25)
+    assert all(e.idle for e in ests)  # and idle again once it stops
+
+
+def test_a_path_that_dies_while_idle_is_found_by_its_slow_probes(pki: Path) -> None:
+    net, c = idle_pair(pki)
+    net.advance(2.0)
+    pb = c.path("b")
+    assert pb.est.idle
+    net.cut("b")
+    last = pb.est.last_ack
+    t_down = net.run_until(lambda: pb.state == P_DOWN, 3.0)
+    idle_dead = DEAD * IDLE_PROBE / PROBE
+    assert last + idle_dead <= t_down <= last + idle_dead + 2 * STEP  # the stretched dead interval
+    assert c.path("a").state == P_UP and c.core.state == C_UP
+
+
+def test_when_traffic_resumes_a_path_that_missed_its_idle_probe_goes_down_fast(pki: Path) -> None:
+    """A path whose last idle probe was answered gets one dead interval to answer the
+    first fast probe (no false "down" from the slow probes' age); one that missed its
+    last idle probe goes down as soon as traffic needs it to be right."""
+    net, c = idle_pair(pki)
+    net.advance(2.0)
+    pa, pb = c.path("a"), c.path("b")
+    net.cut("b")
+    net.advance(IDLE_PROBE + DEAD + 0.1)  # b missed an idle probe, not yet dead by the idle measure
+    assert pb.state == P_UP and pa.state == P_UP
+    t0 = net.now
+    c.send_up(up_pkt())
+    net.pump()
+    t_down = net.run_until(lambda: pb.state == P_DOWN, 1.0, each=lambda: c.send_up(up_pkt()))
+    assert t_down - t0 <= 2 * STEP  # at the first timer: it is not given the grace
+    net.advance(1.0, each=lambda: c.send_up(up_pkt()))
+    assert pa.state == P_UP  # a answered all along: never down
+    assert pa.est.changes == 0
+
+
+def test_idle_probing_keeps_the_timer_invariants(pki: Path) -> None:
+    net, c = idle_pair(pki)
+    each, seach = timer_invariant(c), server_timer_invariant(net)
+
+    def both() -> None:
+        each()
+        seach()
+
+    net.advance(3.0, each=both)  # active -> idle
+    net.advance(0.25, each=lambda: (c.send_up(up_pkt()), both()))  # idle -> active
+    net.advance(2.0, each=both)  # and idle again
+    net.cut("b")
+    net.advance(2.5, each=both)
+    assert each.checked > 200 and seach.checked > 200
+
+
+def test_without_idle_probe_interval_the_core_always_probes_fast(pki: Path) -> None:
+    net, c = two_paths(pki)
+    net.advance(3.0)
+    assert not c.path("a").est.idle and not net.spath(c, "a").est.idle
+    p0 = probes(c, net)
+    net.advance(1.0)
+    assert all(b - a == round(1.0 / PROBE) for a, b in zip(p0, probes(c, net)))

@@ -113,12 +113,14 @@ def server_status() -> dict:
                         "rtt_ms": 12.5, "loss": 0.02, "rate_kbps": 800.0, "state_changes": 1,
                         "tx_packets": 10, "rx_packets": 11, "tx_bytes": 1000, "rx_bytes": 1100,
                         "dtls_dropped": 5, "malformed": 6, "cipher": "ECDHE-ECDSA-AES128-GCM-SHA256",
+                        "probing": "idle",
                     },
                     {
                         "addr": "198.18.4.2:40001", "name": "lte0", "state": "degraded", "priority": 1,
                         "rtt_ms": None, "loss": 0.5, "rate_kbps": 0, "state_changes": 3,
                         "tx_packets": 7, "rx_packets": 0, "tx_bytes": 700, "rx_bytes": 0,
                         "dtls_dropped": 0, "malformed": 0, "cipher": "ECDHE-ECDSA-AES128-GCM-SHA256",
+                        "probing": "active",
                     },
                 ],
             },
@@ -173,6 +175,7 @@ def test_server_metrics_from_a_literal_status(serve) -> None:
                        ("dtls_dropped", 5), ("malformed", 6)):
         assert m[(f"mptun_path_{key}_total", L(**wlan))] == value
     assert m[("mptun_path_rtt_seconds", L(**wlan))] == pytest.approx(0.0125)
+    assert m[("mptun_path_idle_probing", L(**wlan))] == 1 and m[("mptun_path_idle_probing", L(**lte))] == 0
     assert m[("mptun_path_loss_ratio", L(**wlan))] == pytest.approx(0.02)
     assert m[("mptun_path_rate_bytes_per_second", L(**wlan))] == pytest.approx(100_000)
     assert m[("mptun_path_up", L(**wlan))] == 1

@@ -93,6 +93,7 @@ def run(cfg: ClientConfig) -> int:
         pin_flows=cfg.pin_flows,
         probe_interval=cfg.probe_interval,
         dead_interval=cfg.dead_interval,
+        idle_probe_interval=cfg.idle_probe_interval,
         timeout=cfg.timeout,
         window=cfg.dedup_window,
         policy=load_policy_or_none(cfg.policy),

@@ -49,6 +49,7 @@ SILENT_ATTEMPT = 1.0
 SILENT_BACKOFF = 0.25
 SPARE_LIMIT = 3.0  # a spare session that has not joined by then is given up (and retried)
 INF = float("inf")
+IDLE_AFTER = 1.0  # seconds without DATA before the paths probe every idle_probe_interval
 MAX_SLEEP = 1.0  # the longest next_timer() ever waits (a safety net: every live path probes far more often)
 
 C_CONNECTING, C_UP, C_CLOSED = "connecting", "up", "closed"
@@ -91,6 +92,7 @@ class ClientCore:
         timeout: float = 3.0,
         window: int = DEFAULT_WINDOW,
         policy: Optional[Policy] = None,
+        idle_probe_interval: Optional[float] = None,
     ):
         self.ctx = ctx
         self.pin_flows = pin_flows
@@ -100,8 +102,11 @@ class ClientCore:
         self.redundancy = redundancy
         self.probe_interval = probe_interval
         self.dead_interval = dead_interval
+        self.idle_probe_interval = idle_probe_interval  # None: always probe every probe_interval
         self.timeout = timeout
         self.window = window
+        self._last_data = float("-inf")  # when DATA last went either way
+        self._idle = False  # the joined paths probe every idle_probe_interval
         self.state = C_CONNECTING
         self.timer_dirty = True  # input may have made next_timer() earlier: the shell asks again
         self.slots: dict[Hashable, PathSlot] = {}
@@ -174,7 +179,8 @@ class ClientCore:
         self._events.append(events.Connecting(slot.key, slot.attempts))
         dtls = DtlsSession.client(self.ctx, slot.mtu, now)
         slot.path = Path(
-            dtls, slot.server, now, self.probe_interval, self.dead_interval, self.timeout, key=slot.key, name=slot.name
+            dtls, slot.server, now, self.probe_interval, self.dead_interval, self.timeout, key=slot.key, name=slot.name,
+            idle_probe_interval=self.idle_probe_interval,
         )
         slot.path.priority = slot.priority
         self._collect(slot.path)
@@ -215,6 +221,9 @@ class ClientCore:
             if slot.path is not path:  # a CLOSE earlier in this datagram ended the path
                 break
             if rec[0] == frames.DATA and slot.joined:
+                self._last_data = now
+                if self._idle:
+                    self._wake(now)
                 try:
                     seq, payload = frames.parse_data(rec)
                 except frames.FrameError:
@@ -233,6 +242,9 @@ class ClientCore:
                     self._reorder.progress(floor(self._joined), self.to_tun)
             elif rec[0] == frames.DATA_ORDERED and slot.joined:
                 self.timer_dirty = True  # a held packet has a deadline
+                self._last_data = now
+                if self._idle:
+                    self._wake(now)
                 self._on_data_ordered(path, rec, tos, now)
             else:
                 self.timer_dirty = True
@@ -405,6 +417,9 @@ class ClientCore:
             self.dropped_no_path += 1
             return
         tos = policy.outer_tos(c, packet)
+        self._last_data = now
+        if self._idle:
+            self._wake(now)
         self._seq = seq = self._seq + 1
         if c.reorder:
             q = queue_of(packet)
@@ -424,6 +439,13 @@ class ClientCore:
             self.timer_dirty = True
             self.class_copies[c.index] += sched.extra_copies
             self._extra.defer(sched.extra, record, tos)
+
+    def _wake(self, now: float) -> None:
+        """Traffic on an idle tunnel: its paths probe at once and every probe_interval again."""
+        self._idle = False
+        for p in self._joined:
+            p.set_idle(False, now)
+        self.timer_dirty = True
 
     def warm(self) -> None:
         """keep_warm: one dummy pass over the packet path of every joined path (see tunnel/warm.py)."""
@@ -482,6 +504,11 @@ class ClientCore:
             st = self._slot_timer(slot, now)
             if st < t:
                 t = st
+        if self.idle_probe_interval and self._joined:
+            if not self._idle:
+                t = min(t, max(self._last_data + IDLE_AFTER, now))
+            elif any(p.est is not None and not p.est.idle and p.established for p in self._joined):
+                return now  # a path that joined while idle: make it probe slowly too
         return t
 
     def _slot_timer(self, slot: PathSlot, now: float) -> float:
@@ -553,6 +580,10 @@ class ClientCore:
             for p in self._joined:
                 p.updated = False
             self._refresh()
+        if self.idle_probe_interval and self._joined and now - self._last_data >= IDLE_AFTER:
+            self._idle = True  # no traffic: probe slowly (paths that join later too)
+            for p in self._joined:
+                p.set_idle(True, now)
 
     def _check_silence(self, slot: PathSlot, path: Path, now: float) -> None:
         """Long outages (SILENT_ATTEMPT) and NAT rebinding (REBIND_AFTER: start a spare session)."""
@@ -595,7 +626,8 @@ class ClientCore:
         self._events.append(events.Connecting(key, slot.attempts))  # the shell opens a new socket for it
         dtls = DtlsSession.client(self.ctx, slot.mtu, now)
         slot.spare = Path(
-            dtls, slot.server, now, self.probe_interval, self.dead_interval, self.timeout, key=key, name=slot.name
+            dtls, slot.server, now, self.probe_interval, self.dead_interval, self.timeout, key=key, name=slot.name,
+            idle_probe_interval=self.idle_probe_interval,
         )
         slot.spare.priority = slot.priority
         self._collect(slot.spare)

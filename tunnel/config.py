@@ -43,6 +43,7 @@ class ServerConfig:
     mode: str = "client"
     probe_interval: float = 0.1
     dead_interval: float = 0.3
+    idle_probe_interval: float = 0.5  # probes of an idle tunnel (no DATA for a second), tunnel/estimator.py
     timeout: float = 3.0
     linger: float = 30.0
     dedup_window: int = 4096
@@ -90,6 +91,7 @@ class ClientConfig:
     pin_flows: bool = False
     probe_interval: float = 0.1
     dead_interval: float = 0.3
+    idle_probe_interval: float = 0.5  # probes of an idle tunnel (no DATA for a second), tunnel/estimator.py
     timeout: float = 3.0
     dedup_window: int = 4096
     policy: Optional[Path] = None
@@ -223,6 +225,18 @@ def _common(sec: _Section) -> dict:
     timeout = sec.seconds("timeout", 3.0)
     if timeout < dead:
         raise sec.error("timeout", f"{timeout} s must not be shorter than dead_interval ({dead} s)")
+    # idle: the dead interval stretches with the probe interval and must stay below timeout
+    # (half of it by default; a given value is checked, the default is fitted)
+    if "idle_probe_interval" in sec.table:
+        idle = sec.seconds("idle_probe_interval", 0.5)
+        if idle < probe:
+            raise sec.error("idle_probe_interval", f"{idle} s must not be shorter than probe_interval ({probe} s)")
+        idle_dead = round(idle * dead / probe, 6)
+        if idle_dead >= timeout:
+            raise sec.error("idle_probe_interval", f"{idle} s makes an idle path's dead interval "
+                            f"{idle_dead:g} s (x dead_interval / probe_interval), not below timeout ({timeout} s)")
+    else:
+        idle = max(probe, min(0.5, probe * timeout / (2 * dead)))
     return {
         "certificate": sec.file("certificate"),
         "key": sec.file("key"),
@@ -230,6 +244,7 @@ def _common(sec: _Section) -> dict:
         "tun": tun,
         "probe_interval": probe,
         "dead_interval": dead,
+        "idle_probe_interval": idle,
         "timeout": timeout,
         "dedup_window": sec.integer("dedup_window", 4096, 64, 1 << 20),
         "policy": policy,

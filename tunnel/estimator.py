@@ -10,6 +10,13 @@ own PINGs prove just the other direction, and a link can fail one way.  The
 dead interval stretches with the RTT (srtt + 4 rttvar + one probe interval)
 so a slow link is not declared dead while its answers are on their way.
 
+An idle tunnel (no DATA either way for a while, the core decides) probes every
+``idle_probe_interval`` instead, with the dead interval stretched by the same
+factor: an idle path costs a fraction of the datagrams (a metered LTE link pays
+for every probe).  When traffic resumes, the path probes at once; if its last
+idle probe was answered it is given one dead interval (``grace_until``) to
+answer that one before it counts as down.
+
 States have hysteresis so a flapping link does not flip the scheduler:
   up -> down        no PONG for the dead interval
   up -> degraded    smoothed loss above ``loss_degraded``
@@ -38,6 +45,7 @@ class PathEstimator:
         "probe_interval", "dead_interval", "recover_probes", "loss_degraded",
         "state", "srtt", "rttvar", "loss", "rate", "last_rx", "last_ack", "last_probe",
         "_pings", "_last_ack", "_good_streak", "changes", "probes_sent", "probes_lost",
+        "idle", "idle_probe_interval", "_active", "grace_until",
     )
 
     def __init__(
@@ -47,9 +55,14 @@ class PathEstimator:
         dead_interval: float = DEAD_INTERVAL,
         recover_probes: int = RECOVER_PROBES,
         loss_degraded: float = LOSS_DEGRADED,
+        idle_probe_interval: Optional[float] = None,
     ):
         self.probe_interval = probe_interval
         self.dead_interval = dead_interval
+        self._active = (probe_interval, dead_interval)
+        self.idle_probe_interval = max(idle_probe_interval or probe_interval, probe_interval)
+        self.idle = False
+        self.grace_until = 0.0  # not down before this (traffic resumed after idleness)
         self.recover_probes = recover_probes
         self.loss_degraded = loss_degraded
         self.state = UP
@@ -130,9 +143,24 @@ class PathEstimator:
             return self.dead_interval
         return max(self.dead_interval, self.srtt + 4 * self.rttvar + self.probe_interval)
 
+    def set_idle(self, idle: bool, now: float) -> None:
+        """The tunnel went idle (probe slowly) or has traffic again (probe now)."""
+        if idle == self.idle:
+            return
+        probe, dead = self._active
+        if idle:
+            k = self.idle_probe_interval / probe
+            self.idle, self.probe_interval, self.dead_interval = True, self.idle_probe_interval, dead * k
+            return
+        answered = now - self.last_ack < self.idle_probe_interval + dead  # the last idle probe was
+        self.idle, self.probe_interval, self.dead_interval = False, probe, dead
+        self.last_probe = now - probe  # probe at once
+        if answered and self.state != DOWN:
+            self.grace_until = now + self.effective_dead_interval
+
     def update(self, now: float) -> str:
         """Re-evaluate the state at ``now``; returns it."""
-        if now - self.last_ack >= self.effective_dead_interval:
+        if now - self.last_ack >= self.effective_dead_interval and now >= self.grace_until:
             if self.state != DOWN:
                 self.loss = 1.0
                 self._last_ack = None  # counters across an outage mean nothing
@@ -151,4 +179,5 @@ class PathEstimator:
         """When :meth:`update` or a probe is next due (absolute time)."""
         if self.state == DOWN:
             return self.last_probe + self.probe_interval
-        return min(self.last_probe + self.probe_interval, self.last_ack + self.effective_dead_interval)
+        dead = max(self.last_ack + self.effective_dead_interval, self.grace_until)
+        return min(self.last_probe + self.probe_interval, dead)

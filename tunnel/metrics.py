@@ -186,6 +186,10 @@ class StatusCollector:
             "mptun_path_state", "The path's current state (one series per path, value 1).", labels=PATH_LABELS + ["state"]
         )
         joined = GaugeMetricFamily("mptun_path_joined", "1 if the path joined the tunnel, else 0.", labels=PATH_LABELS)
+        idle = GaugeMetricFamily(
+            "mptun_path_idle_probing", "1 while the path probes every idle_probe_interval (no traffic), else 0.",
+            labels=PATH_LABELS,
+        )
         any_joined = False
         for client, t in tunnels:
             seen = set()
@@ -197,6 +201,8 @@ class StatusCollector:
                 st = str(p.get("state", ""))
                 up.add_metric(labels, 1 if st == "up" else 0)
                 state.add_metric(labels + [st], 1)
+                if "probing" in p:
+                    idle.add_metric(labels, 1 if p["probing"] == "idle" else 0)
                 if "joined" in p:
                     any_joined = True
                     joined.add_metric(labels, 1 if p["joined"] else 0)
@@ -210,7 +216,7 @@ class StatusCollector:
                 if _number(p.get("rate_kbps")) is not None:
                     rate.add_metric(labels, _number(p["rate_kbps"]) * 1000 / 8)
         yield from counters.values()
-        yield from (rtt, loss, rate, up, state)
+        yield from (rtt, loss, rate, up, state, idle)
         if any_joined:
             yield joined
 

@@ -36,6 +36,7 @@ class Path:
         timeout: float = 10.0,
         key: Hashable = None,
         name: str = "",
+        idle_probe_interval: Optional[float] = None,
     ):
         self.dtls = dtls
         self.addr = addr  # the peer's underlay address
@@ -43,6 +44,7 @@ class Path:
         self.name = name  # e.g. the client interface
         self.probe_interval = probe_interval
         self.dead_interval = dead_interval
+        self.idle_probe_interval = idle_probe_interval
         self.timeout = timeout
         self.created = now
         self.state = P_HANDSHAKING
@@ -112,7 +114,9 @@ class Path:
     def _follow_dtls_state(self, now: float) -> None:
         dtls = self.dtls
         if self.state == P_HANDSHAKING and dtls.state == ESTABLISHED:
-            self.est = PathEstimator(now, self.probe_interval, self.dead_interval)
+            self.est = PathEstimator(
+                now, self.probe_interval, self.dead_interval, idle_probe_interval=self.idle_probe_interval
+            )
             self._set(P_UP)
         elif dtls.state in (FAILED, CLOSED):
             self._end(dtls.error)
@@ -129,6 +133,12 @@ class Path:
             self.est.on_pong(frame.token, now, frame.rx_records, frame.rx_bytes)
             self.updated = True
             self._sync_state()
+
+    def set_idle(self, idle: bool, now: float) -> None:
+        """Probe slowly while the tunnel carries no traffic (tunnel/estimator.py)."""
+        est = self.est
+        if est is not None and est.idle != idle and self.state in LIVE:
+            est.set_idle(idle, now)
 
     # -- output -------------------------------------------------------
     def send(self, record: bytes, now: float) -> bool:
@@ -221,6 +231,7 @@ class Path:
             "loss": 0.0 if est is None else round(est.loss, 4),
             "rate_kbps": 0 if est is None else round(est.rate * 8 / 1000, 1),
             "state_changes": 0 if est is None else est.changes,
+            "probing": "idle" if est is not None and est.idle else "active",
             "tx_packets": self.tx_records,
             "rx_packets": self.rx_records,
             "tx_bytes": self.tx_bytes,

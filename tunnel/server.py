@@ -118,6 +118,7 @@ def build(cfg: ServerConfig):
         mode=cfg.mode,
         probe_interval=cfg.probe_interval,
         dead_interval=cfg.dead_interval,
+        idle_probe_interval=cfg.idle_probe_interval,
         timeout=cfg.timeout,
         allowed_clients=allowed,
         window=cfg.dedup_window,

@@ -38,6 +38,7 @@ LINGER = 30.0  # seconds a tunnel without paths is kept for the client to come b
 HANDSHAKE_RATE = 10.0  # verified handshakes per second per source address (burst: twice that)
 MAX_HANDSHAKES = 256  # verified handshakes in progress at once (all sources together)
 HANDSHAKE_SOURCES = 4096  # source addresses tracked for the handshake rate (least recent forgotten)
+IDLE_AFTER = 1.0  # seconds without DATA before a tunnel's paths probe every idle_probe_interval
 MAX_SLEEP = 1.0  # the longest next_timer() ever waits (cookie secrets rotate on a minute scale)
 INF = float("inf")
 LIMIT_LOG_INTERVAL = 10.0  # a limit that keeps biting is reported at most this often
@@ -49,7 +50,7 @@ class ServerTunnel:
     __slots__ = (
         "id", "name", "address", "key", "paths", "seq", "dedup", "policy", "schedulers", "prefixes",
         "class_packets", "class_copies", "spoofed", "malformed", "ecn_dropped", "idle_since", "mode",
-        "qseq", "reorder", "address6", "key6", "prefixes6", "dtls_dropped_gone",
+        "qseq", "reorder", "address6", "key6", "prefixes6", "dtls_dropped_gone", "last_data", "idle",
     )
 
     def __init__(self, tid: bytes, name: str, address: ipaddress.IPv4Interface, window: int, policy: Policy, mode: str):
@@ -70,6 +71,8 @@ class ServerTunnel:
         self.malformed = 0
         self.ecn_dropped = 0
         self.idle_since: Optional[float] = None  # when the last path went away
+        self.last_data = float("-inf")  # when DATA last went either way (idle probing after IDLE_AFTER)
+        self.idle = False  # its paths probe every idle_probe_interval
         self.address6: Optional[ipaddress.IPv6Interface] = None  # with pool6 only
         self.key6: Optional[bytes] = None  # its 16 bytes
         self.prefixes6: list[tuple[int, int]] = []  # IPv6 (network, mask) the client may send from
@@ -141,6 +144,7 @@ class ServerCore:
         pending_expiry: float = PENDING_EXPIRY,
         revocation: Optional[Revocation] = None,
         pool6: Optional[AddressPool6] = None,
+        idle_probe_interval: Optional[float] = None,
     ):
         if mode != "client" and mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
@@ -152,6 +156,7 @@ class ServerCore:
         self.mode = mode  # "client": use the mode the client asks for in HELLO
         self.probe_interval = probe_interval
         self.dead_interval = dead_interval
+        self.idle_probe_interval = idle_probe_interval  # None: always probe every probe_interval
         self.timeout = timeout
         self.allowed = allowed_clients  # None: any client with a certificate from our CA
         self.revocation = revocation or Revocation()  # CRL serials and denied names
@@ -253,7 +258,8 @@ class ServerCore:
             elif not self._refused:
                 self.counters["junk"] += 1
             return
-        path = Path(session, addr, now, self.probe_interval, self.dead_interval, self.timeout)
+        path = Path(session, addr, now, self.probe_interval, self.dead_interval, self.timeout,
+                    idle_probe_interval=self.idle_probe_interval)
         self.paths[addr] = path
         self.timer_dirty = True
         self._half_open.add(addr)
@@ -310,6 +316,9 @@ class ServerCore:
             self._refuse(path, frames.CLOSE_REFUSED, reason, now)
 
     def _on_data(self, tunnel: ServerTunnel, path: Path, rec: bytes, tos: int, now: float) -> None:
+        tunnel.last_data = now
+        if tunnel.idle:
+            self._wake(tunnel, now)
         try:
             seq, pkt = frames.parse_data(rec)
         except frames.FrameError:
@@ -330,6 +339,9 @@ class ServerCore:
             self._reorder_release(tunnel, now)
 
     def _on_data_ordered(self, tunnel: ServerTunnel, path: Path, rec: bytes, tos: int, now: float) -> None:
+        tunnel.last_data = now
+        if tunnel.idle:
+            self._wake(tunnel, now)
         try:
             seq, queue, qseq, hold_ms, pkt = frames.parse_data_ordered(rec)
         except frames.FrameError:
@@ -488,8 +500,7 @@ class ServerCore:
         """A JOIN replaces the tunnel's stale paths: down (no PONG for the dead interval) or silent
         for the dead interval.  The client rejoins from a new source port when a path stops
         answering (NAT rebinding, docs/PROTOCOL.md), so the old one is most likely gone for good."""
-        dead = self.dead_interval
-        for p in [p for p in tunnel.paths if p.state == P_DOWN or now - p.est.last_rx >= dead]:
+        for p in [p for p in tunnel.paths if p.state == P_DOWN or now - p.est.last_rx >= p.est.effective_dead_interval]:
             self.counters["paths_replaced"] += 1
             p.close(frames.encode(frames.Close(frames.CLOSE_PATH, "replaced by a newer path of the client")), now)
             self._flush(p)
@@ -547,7 +558,17 @@ class ServerCore:
             return
         self._send_via(tunnel, pkt, now)
 
+    def _wake(self, tunnel: ServerTunnel, now: float) -> None:
+        """Traffic on an idle tunnel: its paths probe at once and every probe_interval again."""
+        tunnel.idle = False
+        for p in tunnel.paths:
+            p.set_idle(False, now)
+        self.timer_dirty = True
+
     def _send_via(self, tunnel: ServerTunnel, pkt: bytes, now: float) -> None:
+        tunnel.last_data = now
+        if tunnel.idle:
+            self._wake(tunnel, now)
         self._last_tunnel = tunnel  # the one keep_warm warms
         policy = tunnel.policy
         c = policy.classify(pkt)
@@ -626,6 +647,12 @@ class ServerCore:
                     t = d
             if tunnel.idle_since is not None and tunnel.idle_since + self.linger < t:
                 t = tunnel.idle_since + self.linger
+            if self.idle_probe_interval and tunnel.paths:
+                if not tunnel.idle:
+                    if tunnel.last_data + IDLE_AFTER < t:
+                        t = max(tunnel.last_data + IDLE_AFTER, now)
+                elif any(p.est is not None and not p.est.idle and p.established for p in tunnel.paths):
+                    return now  # a path that joined an idle tunnel: make it probe slowly too
             for p in tunnel.paths:
                 if p.updated:
                     return now
@@ -653,6 +680,10 @@ class ServerCore:
                 for p in tunnel.paths:
                     p.updated = False
                 tunnel.refresh()
+            if self.idle_probe_interval and now - tunnel.last_data >= IDLE_AFTER and tunnel.paths:
+                tunnel.idle = True  # no traffic: probe slowly (new paths too)
+                for p in tunnel.paths:
+                    p.set_idle(True, now)
             if tunnel.idle_since is not None and now - tunnel.idle_since >= self.linger:
                 self._forget_tunnel(tunnel, f"no path for {self.linger:g} s")
 
