@@ -1713,28 +1713,34 @@ def test_idle_client_runs_its_timer_only_to_probe(pki: Path, drive) -> None:
     assert c.path("a").state == c.path("b").state == P_UP and c.core.state == C_UP
 
 
-def timer_invariant(c: Client) -> Callable[[], None]:
-    """A per-step check: whenever next_timer() says "not yet", handle_timer must change nothing."""
+def timer_invariant(net: Net, deadline: Callable[[float], float], run: Callable[[float], None],
+                    state: Callable[[], object]) -> Callable[[], None]:
+    """A per-step check: whenever ``deadline(now)`` says "not yet", ``run(now)`` (handle_timer)
+    must change nothing that ``state()`` shows."""
     def each() -> None:
-        core, now = c.core, c.net.now
-        if core.next_timer(now) > now:
-            def state():
-                return (len(core.outbox), len(core._events), len(core.to_tun),
-                        [(k, s.path and s.path.state, s.joined, s.hello_sent, s.spare is not None, s.retry_at)
-                         for k, s in core.slots.items()])
+        now = net.now
+        if deadline(now) > now:
             before = state()
-            core.handle_timer(now)
-            assert state() == before, f"handle_timer acted at {now} before next_timer() {core.next_timer(now)}"
+            run(now)
+            assert state() == before, f"handle_timer acted at {now} before its deadline {deadline(now)}"
             each.checked += 1
 
     each.checked = 0
     return each
 
 
+def client_invariant(c: Client) -> Callable[[], None]:
+    core = c.core
+    return timer_invariant(c.net, core.next_timer, core.handle_timer, lambda: (
+        len(core.outbox), len(core._events), len(core.to_tun),
+        [(k, s.path and s.path.state, s.joined, s.hello_sent, s.spare is not None, s.retry_at)
+         for k, s in core.slots.items()]))
+
+
 def test_next_timer_is_never_later_than_what_handle_timer_would_do(pki: Path) -> None:
     net, c = two_paths(pki)
     net.advance(0.5)
-    each = timer_invariant(c)
+    each = client_invariant(c)
     net.cut("b")  # through a path going down, a spare session, and back
     net.advance(1.5, each=each)
     net.mend("b")
@@ -1752,7 +1758,7 @@ def test_next_timer_is_never_later_than_what_handle_timer_would_do(pki: Path) ->
 def test_next_timer_covers_hello_retries(pki: Path, lost: str) -> None:
     net = Net(pki)
     c = net.client()
-    each = timer_invariant(c)
+    each = client_invariant(c)
     dropped: list = []
 
     def drop(direction: str, key, d: bytes) -> bool:
@@ -1772,21 +1778,11 @@ def test_next_timer_covers_hello_retries(pki: Path, lost: str) -> None:
 
 
 def server_timer_invariant(net: Net) -> Callable[[], None]:
-    """Per step: whenever the server's next_deadline() says "not yet", handle_timer changes nothing."""
-    def each() -> None:
-        server, now = net.server, net.now
-        if server.next_deadline(now) > now:
-            def state():
-                return (len(server.outbox), len(server._events), len(server.to_tun),
-                        sorted((str(a), p.state) for a, p in server.paths.items()),
-                        sorted((t.name, len(t.paths), t.idle_since) for t in server.tunnels.values()))
-            before = state()
-            server.handle_timer(now)
-            assert state() == before, f"server handle_timer acted at {now} before its deadline"
-            each.checked += 1
-
-    each.checked = 0
-    return each
+    server = net.server
+    return timer_invariant(net, server.next_deadline, server.handle_timer, lambda: (
+        len(server.outbox), len(server._events), len(server.to_tun),
+        sorted((str(a), p.state) for a, p in server.paths.items()),
+        sorted((t.name, len(t.paths), t.idle_since) for t in server.tunnels.values())))
 
 
 def test_server_next_deadline_is_never_later_than_what_handle_timer_would_do(pki: Path) -> None:
@@ -1895,7 +1891,7 @@ def test_when_traffic_resumes_a_path_that_missed_its_idle_probe_goes_down_fast(p
 
 def test_idle_probing_keeps_the_timer_invariants(pki: Path) -> None:
     net, c = idle_pair(pki)
-    each, seach = timer_invariant(c), server_timer_invariant(net)
+    each, seach = client_invariant(c), server_timer_invariant(net)
 
     def both() -> None:
         each()
