@@ -500,7 +500,8 @@ class ServerCore:
         """A JOIN replaces the tunnel's stale paths: down (no PONG for the dead interval) or silent
         for the dead interval.  The client rejoins from a new source port when a path stops
         answering (NAT rebinding, docs/PROTOCOL.md), so the old one is most likely gone for good."""
-        for p in [p for p in tunnel.paths if p.state == P_DOWN or now - p.est.last_rx >= p.est.effective_dead_interval]:
+        stale = [p for p in tunnel.paths if p.state == P_DOWN or now - p.est.last_rx >= p.est.effective_dead_interval]
+        for p in stale:
             self.counters["paths_replaced"] += 1
             p.close(frames.encode(frames.Close(frames.CLOSE_PATH, "replaced by a newer path of the client")), now)
             self._flush(p)
