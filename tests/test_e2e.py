@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from tunnel import certs
 from tunnel.lab.netns import wait_for
-from tunnel.lab.stack import PORT, SERVER_INNER
+from tunnel.lab.stack import PORT, SERVER_INNER, mptun_argv
 
 pytestmark = pytest.mark.netns
 MANGLER = Path(__file__).with_name("udp_mangler.py")
@@ -228,3 +229,35 @@ def test_an_idle_tunnel_wakes_only_to_probe_slowly(tunnel_stack):
     tunnel_stack.client_host.run([sys.executable, "-c", send_one], timeout=10)
     wait_for(lambda: tunnel_stack.client_status()["paths"][0]["probing"] == "active", 2,
              message="traffic did not bring fast probing back")
+
+
+def test_a_stopped_client_reports_its_stall_and_the_tunnel_goes_on(tunnel_stack):
+    """SIGSTOP is what a busy machine or a taken vCPU does to mptun: the process is not
+    run.  The client counts the late wakeup (status, /metrics) and logs it once; a
+    stall is not mistaken for its own busy time, and the tunnel carries on."""
+    tunnel_stack.start()
+    before = tunnel_stack.client_status()["loop"]
+    pid = tunnel_stack.client_proc.pid
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: time.monotonic() - t0 >= 1.0, 3)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    t1 = time.monotonic()
+    wait_for(lambda: tunnel_stack.client_status()["loop"]["stalls"] > before["stalls"], 5,
+             message="the client did not count its stall")
+    loop = tunnel_stack.client_status()["loop"]
+    late = [ms for at, ms in loop["recent_stalls"] if t0 < at <= t1 + 1.0]
+    # stopped 1 s; its next timer was at most an idle probe interval (0.5 s) away
+    assert late and 450 <= max(late) <= (t1 - t0) * 1e3 + 50, loop
+    assert loop["stall_longest_ms"] >= max(late), loop
+    assert loop["busy_longest_ms"] < 450, loop  # the stop was not its own time
+    shown = subprocess.run(mptun_argv("status", "-s", str(tunnel_stack.client_socket)), capture_output=True, text=True)
+    assert re.search(r"stalls [1-9]\d* \(longest \d+ ms", shown.stdout), shown
+    wait_for(lambda: "was not run for" in tunnel_stack.client_log.read_text(), 5,
+             message="the stall was not logged")
+    # still a tunnel: the path recovers (it may have gone down while the client was stopped)
+    wait_for(lambda: tunnel_stack.client_status()["paths"][0]["state"] == "up", 10,
+             message="the path did not come back after the stall")
+    assert tunnel_stack.client_status()["state"] == "up"

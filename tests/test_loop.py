@@ -113,3 +113,58 @@ def test_precise_timer_ignores_an_expiry_that_is_not_its_own():
     loop.run_forever()
     loop.close()
     assert len(fired) == 1 and fired[0] >= handle.when  # re-armed, and run at its time
+
+
+class _ScriptedClock:
+    """Monotonic seconds that jump where the script says (the loop's clock is injectable)."""
+
+    def __init__(self, start: float):
+        self.t = start
+        self.jumps: dict[int, float] = {}  # call number -> seconds added before answering
+        self.calls = 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        self.t += self.jumps.pop(self.calls, 0.0)
+        return self.t
+
+
+def test_a_late_wakeup_is_a_stall_and_a_timely_one_is_not():
+    loop = EventLoop()
+    clock = _ScriptedClock(100.0)
+    loop.time = clock
+    fired = []
+    loop.call_later(0.01, lambda: fired.append(clock.t))  # due at 100.01
+    loop.call_later(0.02, loop.stop)  # due at 100.02
+    # run_forever: call 3 is "before poll", call 4 "poll returned": epoll came back 0.3 s past 100.01
+    clock.jumps[4] = 0.31
+    loop.run_forever()
+    st = loop.stall_stats()
+    loop.close()
+    assert fired == [100.31]
+    assert st["stalls"] == 1, st
+    assert st["stall_longest_ms"] == st["stall_total_ms"] == 300.0, st
+    assert st["recent_stalls"] == [[100.31, 300.0]], st
+    assert st["busy"] == 0, st
+
+
+def test_callbacks_that_run_long_are_busy_not_stalls():
+    loop = EventLoop()
+    a, b = socket.socketpair()
+    a.setblocking(False)
+
+    def slow_reader():
+        a.recv(10)
+        end = loop.time() + 0.03
+        while loop.time() < end:  # 30 ms of our own work
+            pass
+        loop.stop()
+
+    loop.add_reader(a.fileno(), slow_reader)
+    loop.call_later(2.0, loop.stop)
+    b.send(b"x")
+    loop.run_forever()
+    st = loop.stall_stats()
+    loop.close()
+    assert st["busy"] == 1 and st["busy_longest_ms"] >= 30.0, st
+    assert st["stalls"] == 0, st

@@ -152,6 +152,8 @@ def client_status() -> dict:
             {"addr": "198.18.4.1:4433", "name": "wwan0", "state": "reconnecting", "joined": False},
         ],
         "io": {"send_errors": 0, "tun_write_errors": 0, "recv_errors": 0},
+        "loop": {"stalls": 3, "stall_longest_ms": 450.0, "stall_total_ms": 520.5, "busy": 1, "busy_longest_ms": 21.0,
+                 "now": 50.0, "recent_stalls": [[10.0, 450.0], [20.0, 40.0], [30.0, 30.5]]},
     }
 
 
@@ -225,6 +227,11 @@ def test_client_metrics_from_a_literal_status(serve) -> None:
     assert m[("mptun_client_not_ipv4_total", L())] == 2
     assert m[("mptun_client_rebinds_total", L())] == 3 and m[("mptun_client_rebind_attempts_total", L())] == 5
     assert not any(name.startswith("mptun_server_") for name, _ in m)
+    # the loop's stalls: time the OS did not run the daemon
+    assert m[("mptun_loop_stalls_total", L())] == 3
+    assert m[("mptun_loop_stall_seconds_total", L())] == pytest.approx(0.5205)
+    assert m[("mptun_loop_stall_longest_seconds", L())] == pytest.approx(0.45)
+    assert m[("mptun_loop_busy_total", L())] == 1
 
     st.update(state="connecting", address=None, paths=[])
     m = r.scrape()

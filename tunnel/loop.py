@@ -6,6 +6,15 @@ asyncio against 356 us with epoll), and a tunnel pays it twice per hop.  With
 batching both are equal for bulk traffic, so the difference is pure latency,
 which is what live media through mptun cares about.  The loop does only what
 the shell needs.
+
+The loop also notes its *stalls*: wakeups that came later than the timeout it
+asked epoll for.  Nothing in mptun runs while it waits in epoll, so a late
+wakeup is time the OS (or a hypervisor taking the vCPU away) did not run the
+process, and every packet through it waited as long.  Operators see the
+count and the longest in ``status`` and /metrics; tests use the recent ones to
+tell a tunnel that held packets from a machine that held the tunnel.
+Callbacks that themselves ran long are counted apart (``busy``): that is
+mptun's own time.
 """
 
 from __future__ import annotations
@@ -17,12 +26,18 @@ import os
 import select
 import signal
 import time
+from collections import deque
 from typing import Callable, Optional
 
 from tunnel import timerfd
 
 
 log = logging.getLogger("mptun")
+
+STALL = 0.02  # a wakeup this much later than asked (or callbacks running this long) is noted
+STALL_WARN = 0.2  # ... and logged (at most every STALL_WARN_EVERY seconds)
+STALL_WARN_EVERY = 60.0
+RECENT_STALLS = 64
 
 
 class TimerHandle:
@@ -51,6 +66,13 @@ class EventLoop:
         self._precise: Optional[TimerHandle] = None  # the one pending call_precise
         self._timerfd: Optional[timerfd.Timerfd] = None
         self._timerfd_tried = False
+        self.stalls = 0  # wakeups later than asked by STALL or more (the OS did not run us)
+        self.stall_longest = 0.0
+        self.stall_total = 0.0
+        self.recent_stalls: deque[tuple[float, float]] = deque(maxlen=RECENT_STALLS)  # (woke at, late by)
+        self.busy = 0  # wakeups whose reader callbacks ran STALL or longer (our own time)
+        self.busy_longest = 0.0
+        self._stall_warned = -STALL_WARN_EVERY
 
     # -- readers ------------------------------------------------------
     def add_reader(self, fd: int, callback: Callable, *args) -> None:
@@ -133,11 +155,20 @@ class EventLoop:
     def run_forever(self) -> None:
         self._running = True
         poll, readers, timers = self._epoll.poll, self._readers, self._timers
+        clock = self.time
         while self._running:
             timeout = -1.0
             if timers:
-                timeout = max(0.0, timers[0][0] - self.time())
-            for fd, _ in poll(timeout):
+                t, asked = clock(), timers[0][0]  # asked: when poll must return at the latest
+                if asked < t:
+                    asked = t
+                timeout = asked - t
+            events = poll(timeout)
+            if timeout >= 0.0:
+                woke = clock()
+                if woke - asked >= STALL:
+                    self._stalled(woke, woke - asked)
+            for fd, _ in events:
                 entry = readers.get(fd)
                 if entry is not None:
                     try:  # inline rather than self._call: one frame less per wakeup
@@ -145,11 +176,38 @@ class EventLoop:
                     except Exception as exc:
                         self._failed(entry[0], exc)
             if timers:
-                now = self.time()
+                now = clock()
+                if timeout >= 0.0 and now - woke >= STALL:
+                    self.busy += 1
+                    self.busy_longest = max(self.busy_longest, now - woke)
                 while timers and timers[0][0] <= now:
                     handle = heapq.heappop(timers)[2]
                     if not handle.cancelled:
                         self._call(handle.callback)
+
+    def _stalled(self, woke: float, late: float) -> None:
+        """epoll returned ``late`` seconds after the timeout it was given: the process was not run."""
+        self.stalls += 1
+        self.stall_total += late
+        self.stall_longest = max(self.stall_longest, late)
+        self.recent_stalls.append((woke, late))
+        if late >= STALL_WARN and woke - self._stall_warned >= STALL_WARN_EVERY:
+            self._stall_warned = woke
+            log.warning("mptun was not run for %.0f ms (the machine was busy or the vCPU was taken away); "
+                        "packets through the tunnel waited as long (%d such stalls so far, see status)",
+                        late * 1e3, self.stalls)
+
+    def stall_stats(self) -> dict:
+        """For status and /metrics: the stalls so far and the recent ones (monotonic times)."""
+        return {
+            "stalls": self.stalls,
+            "stall_longest_ms": round(self.stall_longest * 1e3, 1),
+            "stall_total_ms": round(self.stall_total * 1e3, 1),
+            "busy": self.busy,
+            "busy_longest_ms": round(self.busy_longest * 1e3, 1),
+            "now": self.time(),
+            "recent_stalls": [[round(t, 4), round(late * 1e3, 1)] for t, late in self.recent_stalls],
+        }
 
     def _call(self, callback: Callable, *args) -> None:
         """Run one callback; a bug in one must not take the tunnel down (it is logged and counted)."""

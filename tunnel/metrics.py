@@ -32,6 +32,9 @@ client role the ``name`` given to MetricsServer):
     mptun_server_<counter>_total                           each entry of the server's ``counters``
     mptun_client_<counter>_total                           dropped_no_path, not_ipv4, rebind_attempts, rebinds (client)
     mptun_io_<counter>_total                               each entry of the shell's ``io``
+    mptun_loop_stalls_total, mptun_loop_stall_seconds_total  wakeups later than asked (tunnel/loop.py)
+    mptun_loop_stall_longest_seconds                       gauge: the longest
+    mptun_loop_busy_total                                  callbacks that ran long
 
 The path state is not a label of the counters: a counter series would restart
 whenever its path went up -> degraded -> up, which breaks ``rate()``.
@@ -51,7 +54,10 @@ from typing import Callable, Iterable, Optional
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from tunnel.loop import STALL
+
 log = logging.getLogger("mptun")
+STALL_MS = round(STALL * 1e3)
 
 # generate_latest() writes the classic text format whatever the library's newest one is.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -140,6 +146,28 @@ class StatusCollector:
                 if _number(st.get(key)) is not None:
                     yield CounterMetricFamily(f"mptun_client_{key}", help_text, value=_number(st[key]))
         yield from self._counter_dict("mptun_io_", st.get("io", {}), "I/O counter {} of the shell.")
+        yield from self._loop_families(st.get("loop") or {})
+
+    @staticmethod
+    def _loop_families(loop: dict) -> Iterable:
+        if _number(loop.get("stalls")) is None:
+            return
+        yield CounterMetricFamily(
+            "mptun_loop_stalls", f"Wakeups {STALL_MS} ms or more later than asked: the OS did not run mptun.",
+            value=_number(loop["stalls"]),
+        )
+        yield CounterMetricFamily(
+            "mptun_loop_stall_seconds", "Time mptun was not run when it should have been (sum of the stalls).",
+            value=(_number(loop.get("stall_total_ms")) or 0) / 1e3,
+        )
+        yield GaugeMetricFamily(
+            "mptun_loop_stall_longest_seconds", "The longest stall so far.",
+            value=(_number(loop.get("stall_longest_ms")) or 0) / 1e3,
+        )
+        yield CounterMetricFamily(
+            "mptun_loop_busy", f"Wakeups whose callbacks ran {STALL_MS} ms or more (mptun's own time).",
+            value=_number(loop.get("busy")) or 0,
+        )
 
     @staticmethod
     def _counter_dict(prefix: str, counters: dict, help_text: str) -> Iterable:

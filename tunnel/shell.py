@@ -195,7 +195,7 @@ class Shell:
             self.loop.close()
 
     def status(self) -> dict:
-        return {**self.core.stats(), "io": dict(self.counters)}
+        return {**self.core.stats(), "io": dict(self.counters), "loop": self.loop.stall_stats()}
 
     def start(self) -> None:
         raise NotImplementedError

@@ -44,6 +44,12 @@ def format_status(sock: str, st: dict) -> str:
         )
         lines += _path_rows(st["paths"], "    ")
     lines.append(f"  io {st.get('io', {})}")
+    loop = st.get("loop")
+    if loop:
+        lines.append(
+            f"  stalls {loop['stalls']} (longest {loop['stall_longest_ms']:.0f} ms, {loop['stall_total_ms']:.0f} ms in all: "
+            f"the OS did not run mptun)  busy {loop['busy']} (longest {loop['busy_longest_ms']:.0f} ms)"
+        )
     return "\n".join(lines)
 
 

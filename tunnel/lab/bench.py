@@ -1138,7 +1138,7 @@ def run_webrtc(args: argparse.Namespace, results: Results) -> None:
                             except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError, LookupError) as exc:
                                 results.failed("webrtc", f"{scenario}, {row} (round {i + 1})", exc)
                                 continue
-                            flat = {"starved": 0.0 if why is None else 1.0}
+                            flat = {"starved": 0.0 if why is None else 1.0, "stall": webrtc.tunnel_stalled_ms(fig)}
                             for direction, role in (("up", "answer"), ("down", "offer")):
                                 a, v = fig[role]["audio"], fig[role]["video"]
                                 flat.update({
@@ -1678,7 +1678,9 @@ def section_webrtc(report: Report) -> list[str]:
         "jitter is getStats' (RFC 3550) over the clock rate; the longest gap is between audio RTP",
         "arrivals (kernel timestamps), less any pause of the sender itself; the video pause is the",
         "longest time between two frames the receiving app decoded (WebRTC counts a freeze above",
-        "max(3 x frame interval, interval + 150 ms), about 183 ms here).",
+        "max(3 x frame interval, interval + 150 ms), about 183 ms here).  The last column is the longest",
+        "time the OS did not run an mptun process during the call (tunnel/loop.py: a stall; the gaps",
+        "include it, the packets waited).",
         *_not_run(report, "webrtc"),
     ]
     table = report.results.tables.get("webrtc", {})
@@ -1692,15 +1694,16 @@ def section_webrtc(report: Report) -> list[str]:
             continue
         lines += ["", f"**{scenario}**", "",
                   "| | audio loss % | audio wire loss % | video wire loss % | audio jitter (ms) |"
-                  " longest audio gap (ms) | longest video pause (ms) | video frames decoded % |",
-                  "|---|--:|--:|--:|--:|--:|--:|--:|"]
+                  " longest audio gap (ms) | longest video pause (ms) | video frames decoded % | mptun stall (ms) |",
+                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for row in rows:
             name = row.split("|", 1)[1]
             label = "raw link" if name == "raw" else f"mptun `{name}`"
             lines.append(_row(label, pair(row, "audio_loss", "{:.1f}"), pair(row, "audio_wire_loss", "{:.1f}"),
                               pair(row, "video_wire_loss", "{:.1f}"), pair(row, "jitter", "{:.1f}"),
                               pair(row, "gap", "{:.0f}"), pair(row, "pause", "{:.0f}"),
-                              pair(row, "frames", "{:.0f}")))
+                              pair(row, "frames", "{:.0f}"),
+                              "-" if name == "raw" else _cell(report, "webrtc", row, "stall", "{:.0f}")))
     return lines + _notes(report, "webrtc")
 
 

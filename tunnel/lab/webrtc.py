@@ -545,7 +545,7 @@ def _failure(workdir: Path, what: str) -> str:
     return what + "\n" + "\n".join(tails)
 
 
-def summary(result: dict, sender: Optional[dict] = None) -> dict:
+def summary(result: dict, sender: Optional[dict] = None, stalls: Sequence[Sequence] = ()) -> dict:
     """The figures of one receiving side: per kind, from getStats and from the capture.
 
     ``loss_pct`` (getStats packetsLost / (received + lost)), ``jitter_ms``
@@ -553,7 +553,9 @@ def summary(result: dict, sender: Optional[dict] = None) -> dict:
     pause between decoded frames; from the capture of the primary (non-RTX)
     stream: ``rtp_loss_pct``, ``gap_ms``, ``max_ip_len``; RTX packets received.
     With the ``sender``'s result: ``sent`` (its capture of the same stream
-    leaving) and ``sender_gap_ms``, the longest pause in its sending.
+    leaving) and ``sender_gap_ms``, the longest pause in its sending;
+    ``net_gap_ms`` (:func:`net_gap_ms`) and ``tunnel_gap_ms``, the same less the
+    time a tunnel process was not run (``stalls``, see :meth:`CallLab.tunnel_stalls`).
     """
     out: dict[str, Any] = {"all_rtp_gap_ms": result.get("all_rtp_gap_ms"), "fragments": result.get("fragments"),
                            "loop_lag_ms": result.get("loop_lag_ms"), "cpu_s": result.get("cpu_s")}
@@ -584,22 +586,41 @@ def summary(result: dict, sender: Optional[dict] = None) -> dict:
                 ssrc, v = mine[0]
                 fig.update(sent=v["sent"], sender_gap_ms=v["gap_ms"],
                            frames_sent=len({p[3] for p in sender["tx"] if p[1] == ssrc}),
-                           net_gap_ms=net_gap_ms(result, sender, ssrc, 20.0 if kind == "audio" else 1e3 / 30))
+                           net_gap_ms=net_gap_ms(result, sender, ssrc, 20.0 if kind == "audio" else 1e3 / 30),
+                           tunnel_gap_ms=net_gap_ms(result, sender, ssrc, 20.0 if kind == "audio" else 1e3 / 30,
+                                                    stalls))
         d = result["decoded"][kind]
         fig.update(frames=d["frames"], longest_pause_ms=d["longest_pause_ms"])
         out[kind] = fig
     return out
 
 
-def net_gap_ms(receiver: dict, sender: dict, ssrc: int, interval_ms: float) -> float:
+def _merged(intervals: Sequence[Sequence]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for start, end, *_ in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def _overlap(intervals: list[tuple[float, float]], a: float, b: float) -> float:
+    return sum(max(0.0, min(b, end) - max(a, start)) for start, end in intervals)
+
+
+def net_gap_ms(receiver: dict, sender: dict, ssrc: int, interval_ms: float, stalls: Sequence[Sequence] = ()) -> float:
     """The longest gap in arrivals of ``ssrc`` that the sender did not make itself, in ms.
 
     Both captures stamp packets with the kernel's clock, so they compare.
     For consecutive arrivals a, b: (arrival b - arrival a) minus how much
     longer than ``interval_ms`` the sender waited after a before sending
     its next packet.  A pause of a CPU-starved sender thus does not count;
-    lost packets and added delay do.
+    lost packets and added delay do.  With ``stalls`` ([start, end, ...] wall
+    seconds) the time in them is not counted either: packets wait while the
+    OS does not run a tunnel process, whatever the tunnel does.
     """
+    held = _merged(stalls)
     start, end = receiver["window"]
     sent: dict[int, float] = {}
     order: list[int] = []
@@ -619,22 +640,30 @@ def net_gap_ms(receiver: dict, sender: dict, ssrc: int, interval_ms: float) -> f
     worst = 0.0
     for (ta, a), (tb, _b) in zip(arrivals, arrivals[1:]):
         pause = max(0.0, following.get(a, 0.0) * 1e3 - interval_ms)
-        worst = max(worst, (tb - ta) * 1e3 - pause)
+        worst = max(worst, (tb - ta - _overlap(held, ta, tb)) * 1e3 - pause)
     t_last, last = arrivals[-1]
     if last in sent and any(t > sent[last] for t in sent.values() if t <= end):
-        worst = max(worst, (end - t_last) * 1e3)  # sent after the last arrival, never arrived
+        # sent after the last arrival, never arrived
+        worst = max(worst, (end - t_last - _overlap(held, t_last, end)) * 1e3)
     return worst
 
 
 def call_summary(call: dict) -> dict:
     """:func:`summary` of both receivers of a :func:`run_call` result, each with its sender."""
-    out = {"offer": summary(call["offer"], call["answer"]), "answer": summary(call["answer"], call["offer"])}
+    stalls = call.get("tunnel_stalls", [])
+    out = {"offer": summary(call["offer"], call["answer"], stalls), "answer": summary(call["answer"], call["offer"], stalls),
+           "tunnel_stalls": stalls}
     if "outer" in call:
         out["outer"] = call["outer"]
     return out
 
 
-def starved(fig: dict, seconds: float, max_lag_ms: float = 100.0) -> Optional[str]:
+def tunnel_stalled_ms(fig: dict) -> float:
+    """The longest stall of a tunnel process during a :func:`call_summary`'s call, in ms."""
+    return max((1e3 * (end - start) for start, end, _who in fig.get("tunnel_stalls", [])), default=0.0)
+
+
+def starved(fig: dict, seconds: float, max_lag_ms: float = 100.0, max_stall_ms: float = 50.0) -> Optional[str]:
     """Why a call's app-level figures (getStats, decoded frames) say more about the machine
     than about the network, or None.
 
@@ -644,8 +673,9 @@ def starved(fig: dict, seconds: float, max_lag_ms: float = 100.0) -> Optional[st
     frame late.  The capture figures (kernel timestamps; ``rtp_loss_pct``,
     ``net_gap_ms``) do not depend on that.  App figures are judged only if
     both audio senders sent 90 % of their packets, both receiving apps took
-    all the audio that reached their interface and neither event loop was
-    late by more than ``max_lag_ms``.
+    all the audio that reached their interface, neither event loop was
+    late by more than ``max_lag_ms`` and no mptun process went unrun for
+    ``max_stall_ms`` (its packets waited that long: a frame comes late).
     """
     for role in ("offer", "answer"):
         a = fig[role]["audio"]
@@ -655,6 +685,9 @@ def starved(fig: dict, seconds: float, max_lag_ms: float = 100.0) -> Optional[st
             return f"{role}: the app got {a.get('packets_received')} of {a.get('rtp_received')} audio packets"
         if (fig[role].get("loop_lag_ms") or 0) > max_lag_ms:
             return f"{role}: its event loop was {fig[role]['loop_lag_ms']:.0f} ms late"
+    for start, end, who in fig.get("tunnel_stalls", []):
+        if end - start >= max_stall_ms / 1e3:
+            return f"the tunnel's {who} was not run for {1e3 * (end - start):.0f} ms"
     return None
 
 
@@ -850,11 +883,28 @@ class CallLab:
         iface = "mptun0" if via == "tunnel" else self.topo.paths[0].client_ifname
         self._calls += 1
         workdir = self.workdir / f"call{self._calls}"
+        t0 = time.monotonic()
         if not outer:
-            return run_call(self.client, iface, self.far, self.far_ifname, workdir, seconds, during=during)
-        with self.outer_capture() as seen:
             result = run_call(self.client, iface, self.far, self.far_ifname, workdir, seconds, during=during)
-        return {**result, "outer": seen}
+        else:
+            with self.outer_capture() as seen:
+                result = run_call(self.client, iface, self.far, self.far_ifname, workdir, seconds, during=during)
+            result = {**result, "outer": seen}
+        if via == "tunnel" and self.stack is not None:
+            result["tunnel_stalls"] = self.tunnel_stalls(t0)
+        return result
+
+    def tunnel_stalls(self, since: float) -> list[list]:
+        """The stalls of the tunnel's processes since ``since`` (monotonic): [start, end, who]
+        in wall-clock seconds, the clock of the peers' captures.  A stall is time the OS did
+        not run that mptun process although its timer was due (tunnel/loop.py)."""
+        wall = time.time() - time.monotonic()  # CLOCK_MONOTONIC is shared by every namespace
+        out = []
+        for who, st in (("client", self.stack.client_status()), ("server", self.stack.server_status())):
+            for woke, late_ms in st.get("loop", {}).get("recent_stalls", []):
+                if woke - late_ms / 1e3 >= since:
+                    out.append([woke - late_ms / 1e3 + wall, woke + wall, who])
+        return sorted(out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
