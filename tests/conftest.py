@@ -161,10 +161,10 @@ class Multipath:
         path.write_text(rules)
         host.run(["nft", "-f", str(path)])
 
-    def stream(self, rate: float, count: int, during=None, size: int = 200, tos=None):
+    def stream(self, rate: float, count: int, during=None, size: int = 200, tos=None, full: bool = False):
         return run_stream(
             self.client, self.server, SERVER_INNER, STREAM_PORT, rate, size, count, self.stack.workdir,
-            during=during, tos=tos,
+            during=during, tos=tos, full=full,
         )
 
 

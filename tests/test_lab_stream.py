@@ -50,6 +50,29 @@ def test_loss_run_reaching_the_end_and_sent_without_end_marker() -> None:
     assert (r.sent, r.received, r.lost, r.end_seen) == (5, 2, 3, False)
 
 
+def test_held_gap_leaves_out_sender_pauses_and_stalls_only_where_they_overlap() -> None:
+    # 100 packets/s, 1 ms on the way; what was sent in [100, 300) ms is held and arrives at
+    # 301 ms in a burst (a 210 ms gap after seq 9); seq 50 left 190 ms late (its sender paused)
+    items = []
+    for seq in range(80):
+        sent = 10.0 * seq + (190.0 if seq >= 50 else 0.0)
+        arrived = 301.0 if 10 <= seq < 30 else sent + 1
+        items.append(Arrival(seq, int(sent * MS), int(arrived * MS), 0))
+    r = analyze(items, end_count=80, full=True)
+    assert (r.longest_gap_ms, r.gap_after_seq) == (pytest.approx(210.0), 9)
+    assert stream.held_gap_ms(r, 100) == pytest.approx(210.0)  # the sender's pause (200) is not the tunnel's ...
+    # ... and a stall of an mptun process over part of the held time is left out, once
+    stalls = [(0.150, 0.250, "client"), (0.200, 0.280, "server")]
+    assert stream.held_gap_ms(r, 100, stalls) == pytest.approx(80.0)
+    # a stall elsewhere in the stream excuses nothing
+    assert stream.held_gap_ms(r, 100, [(0.6, 0.9, "client")]) == pytest.approx(210.0)
+    # without the held burst the longest gap is the sender's pause: 200 ms, of which 10 are the way's
+    paused = analyze([Arrival(a.seq, a.sent_ns, a.sent_ns + MS, 0) for a in items], end_count=80, full=True)
+    assert paused.longest_gap_ms == pytest.approx(200.0) and stream.held_gap_ms(paused, 100) == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="full=True"):
+        stream.held_gap_ms(analyze(items, end_count=80), 100)
+
+
 def test_duplicates_count_once_and_reordering() -> None:
     r = analyze(_arrivals((0, 1.0), (2, 2.0), (1, 3.0), (2, 4.0), (3, 5.0), (1, 6.0)), end_count=4)
     assert (r.received, r.duplicates, r.lost) == (4, 2, 0)

@@ -16,6 +16,7 @@ import pytest
 from conftest import Multipath
 from tunnel.lab.netns import wait_for
 from tunnel.lab.stack import SERVER_INNER
+from tunnel.lab.stream import held_gap_ms
 
 pytestmark = pytest.mark.netns
 
@@ -34,11 +35,15 @@ def test_duplicate_mode_loses_nothing_when_a_link_dies(multipath):
         nonlocal timer
         timer = _later(2.0, lambda: mp.blackhole(0))
 
-    result = mp.stream(rate=50, count=250, during=cut)  # 5 s, link 0 dies at about 2 s
+    t0 = time.monotonic()
+    result = mp.stream(rate=50, count=250, during=cut, full=True)  # 5 s, link 0 dies at about 2 s
     timer.join()
     assert result.end_seen and result.sent == 250
     assert result.lost == 0, result
-    assert result.longest_gap_ms < 100  # no stall at the failover
+    # no pause at the failover: the longest gap, less what the sender or a stall of an mptun
+    # process (the OS not running it, reported by the daemons) made
+    stalls = mp.stack.stalls(t0)
+    assert held_gap_ms(result, 50, stalls) < 100, (result.longest_gap_ms, stalls)
     # the receiver's dedup dropped the copies: duplicates counted on the server, not delivered twice
     assert result.duplicates == 0
     states = {p["addr"].split(":")[0]: p["state"] for p in mp.client_paths()}
@@ -75,11 +80,14 @@ def test_single_path_modes_fail_over_within_the_dead_interval(multipath, mode):
         index = 0 if busiest.startswith("198.18.0.1") else 1
         timer = _later(0.5, lambda: mp.blackhole(index))
 
-    result = mp.stream(rate=100, count=500, during=cut)
+    t0 = time.monotonic()
+    result = mp.stream(rate=100, count=500, during=cut, full=True)
     timer.join()
     assert result.end_seen
     # the gap is detection (dead interval 0.3 s) plus the switch; allow margin for a loaded machine
-    assert result.longest_gap_ms < 800, result
+    # (and leave out the sender's pauses and the daemons' stalls, as in the duplicate test)
+    stalls = mp.stack.stalls(t0)
+    assert held_gap_ms(result, 100, stalls) < 800, (result.longest_gap_ms, stalls)
     assert result.lost <= 0.8 * 100, result  # at most ~0.8 s worth of packets lost
     print(f"{mode}: failover gap {result.longest_gap_ms:.0f} ms, lost {result.lost}")
 

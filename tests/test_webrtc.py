@@ -100,9 +100,11 @@ def test_call_survives_a_blackholed_path_and_marks_pass_unchanged(lab, tmp_path)
         mtu = int(cl.client.run(["cat", "/sys/class/net/mptun0/mtu"]).stdout)
         cl.mark_client_media(AF41 >> 2)  # the stack marks its media (aiortc does not; the OS does it here)
 
-        def cut(t0: float) -> None:  # path 0 dies for the rest of the call
+        def cut(t0: float) -> float:  # path 0 dies for the rest of the call
             wait_for(lambda: time.monotonic() >= t0 + SECONDS / 2, SECONDS)
+            at = time.monotonic()
             cl.imp.blackhole(0)
+            return at
         def heal() -> None:
             cl.imp.blackhole(0, on=False)
             cl.wait_paths_up()
@@ -117,15 +119,20 @@ def test_call_survives_a_blackholed_path_and_marks_pass_unchanged(lab, tmp_path)
     for role, who in RECEIVERS.items():
         # the direct call shows the cut (so the instrument would see a gap) ...
         assert raw[role]["audio"]["net_gap_ms"] >= 1500, (who, raw[role]["audio"])
-        # ... through mptun in duplicate mode the media does not notice it.  tunnel_gap_ms: the
-        # longest pause in arriving audio RTP that neither its sender made nor the OS, by not
-        # running an mptun process (a stall the process itself reports: seen up to 450 ms on
-        # this shared 2-vCPU machine, in both directions at once; net_gap_ms keeps it)
-        assert dup[role]["audio"]["tunnel_gap_ms"] <= 100, (who, dup[role]["audio"], dup["tunnel_stalls"])
+        # ... through mptun in duplicate mode the media does not notice it: event_gap_ms is the
+        # longest pause in arriving audio RTP in the second after the cut (detection takes 0.3 s)
+        # that neither its sender made nor the OS, by not running an mptun process (a stall the
+        # daemons report; see docs/WEBRTC.md)
+        a, v = dup[role]["audio"], dup[role]["video"]
+        assert a["event_gap_ms"] <= 100, (who, a, dup["tunnel_stalls"])
         # ... nor does the video: no gap on the wire a viewer could see as a freeze
-        v = dup[role]["video"]
         threshold = freeze_threshold_ms(v["frames"], SECONDS)
-        assert v["tunnel_gap_ms"] < threshold, (who, v, dup["tunnel_stalls"])  # raw: ~2000 ms; here 40-60
+        assert v["event_gap_ms"] < threshold, (who, v, dup["tunnel_stalls"])  # raw: ~2000 ms; here 40-60
+        # ... and nowhere in the call a gap as long as detecting a dead path (0.3 s) takes.  (Away
+        # from the cut this shared machine alone made gaps of 90-210 ms, in both directions at once
+        # and with the peers' own event loops 30-80 ms late.)
+        for fig in (a, v):
+            assert fig["tunnel_gap_ms"] < 300, (who, fig, dup["tunnel_stalls"])
         if starved_why is None and repaired(v):
             # The decoded frames' longest pause is the app's view.  With the wire
             # gap-free (above), a pause past WebRTC's freeze threshold is the 2-core
@@ -168,3 +175,6 @@ def test_gap_figures_leave_out_the_sender_and_only_the_tunnel_stall_they_overlap
     # two processes stalled over the same time count once
     both = stall + [[t0 + 1.0, t0 + 1.1, "server"]]
     assert net_gap_ms(receiver, sender, ssrc, 20.0, both) == pytest.approx(120, abs=1)
+    # near a window: only the gaps that overlap it (the others are 20 ms)
+    assert net_gap_ms(receiver, sender, ssrc, 20.0, near=(t0 + 1.0, t0 + 1.5)) == pytest.approx(320, abs=1)
+    assert net_gap_ms(receiver, sender, ssrc, 20.0, near=(t0 + 1.2, t0 + 1.5)) == pytest.approx(20, abs=1)

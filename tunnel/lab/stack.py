@@ -98,6 +98,17 @@ class TunnelStack:
     def client_status(self) -> dict:
         return control.query(self.client_socket)
 
+    def stalls(self, since: float) -> list[tuple[float, float, str]]:
+        """(start, end, "client"|"server") in monotonic seconds: the stalls of both daemons
+        that began after ``since``, time the OS did not run one of them (tunnel/loop.py).
+        Packets through the tunnel waited meanwhile, whatever mptun does."""
+        out = []
+        for who, query in (("client", self.client_status), ("server", self.server_status)):
+            for woke, late_ms in query().get("loop", {}).get("recent_stalls", []):
+                if woke - late_ms / 1e3 >= since:
+                    out.append((woke - late_ms / 1e3, woke, who))
+        return sorted(out)
+
     def server_config(self) -> Path:
         table = {
             "listen": f"{self.server_addr}:{PORT}",

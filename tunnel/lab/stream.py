@@ -171,6 +171,43 @@ def longest_gap(arrivals: Sequence[Arrival]) -> tuple[float, Optional[int], Opti
     return best
 
 
+def held_gap_ms(result: StreamResult, rate: float, stalls: Sequence[Sequence] = ()) -> float:
+    """The longest gap between first arrivals that the tunnel itself made, in ms.
+
+    Needs ``result.arrivals`` (``full=True``).  Of the time between two
+    consecutive first arrivals a and b, this leaves out what the sender made
+    (b left later than its schedule after a: a pause of the sending process)
+    and the ``stalls`` ((start, end, ...) monotonic seconds: an mptun process
+    not run by the OS, see TunnelStack.stalls); what is left is the packets
+    being held, lost or delayed on the way.
+    """
+    if result.arrivals is None:
+        raise ValueError("held_gap_ms needs the arrivals: run the stream with full=True")
+    firsts = first_arrivals(sorted(result.arrivals, key=lambda a: a.arrived_ns))
+    interval_ns = 1e9 / rate
+    stalled = [(start * 1e9, end * 1e9) for start, end, *_ in stalls]
+    worst = 0.0
+    for a, b in zip(firsts, firsts[1:]):
+        excused = list(stalled)
+        due = a.sent_ns + (b.seq - a.seq) * interval_ns  # when b should have left
+        if b.sent_ns > due:
+            excused.append((due, b.sent_ns))
+        held = (b.arrived_ns - a.arrived_ns) - covered(excused, a.arrived_ns, b.arrived_ns)
+        worst = max(worst, held / _NS_PER_MS)
+    return worst
+
+
+def covered(intervals: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """How much of [lo, hi] the union of ``intervals`` covers."""
+    total, reach = 0.0, lo
+    for start, end in sorted(intervals):
+        start, end = max(start, reach), min(end, hi)
+        if end > start:
+            total += end - start
+            reach = end
+    return total
+
+
 def longest_loss_run(received: set[int], sent: int) -> tuple[int, Optional[int]]:
     """(length, first seq) of the longest run of seqs in [0, sent) that never arrived."""
     best: tuple[int, Optional[int]] = (0, None)

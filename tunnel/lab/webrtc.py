@@ -47,10 +47,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+from tunnel.lab.stream import covered
+
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 WARMUP_S = 1.0  # gaps are measured from this long after the connection is up
+EVENT_WINDOW_S = 1.0  # event_gap_ms: the gaps this close after the event (a cut: detection is 0.3 s)
 MEDIA_PORTS = (10000, 20000)  # the media port range of policies/webrtc.toml
 
 
@@ -481,13 +484,15 @@ def peer_argv(role: str, workdir: Path, seconds: float, iface: Optional[str], ti
 
 
 def run_call(offer_host, offer_iface: Optional[str], answer_host, answer_iface: Optional[str], workdir: Path,
-             seconds: float, during: Optional[Callable[[float], None]] = None, timeout: float = 30.0) -> dict:
+             seconds: float, during: Optional[Callable[[float], Optional[float]]] = None, timeout: float = 30.0) -> dict:
     """One call: the offerer in ``offer_host``, the answerer in ``answer_host``.
 
     Each side captures the RTP it receives on its ``*_iface``.  ``during(t0)``
     is called once both sides are connected (``t0``: the later connection
     time, ``time.monotonic()``, shared by all namespaces); it may impair the
-    paths on a schedule.  Returns ``{"offer": result, "answer": result}``.
+    paths on a schedule, and may return the ``time.monotonic()`` of the event
+    that matters (a cut), kept as ``"event_wall"`` in wall-clock seconds.
+    Returns ``{"offer": result, "answer": result}`` (and ``"event_wall"``).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     for name in ("offer.json", "answer.json", "offer.connected", "answer.connected",
@@ -511,8 +516,7 @@ def run_call(offer_host, offer_iface: Optional[str], answer_host, answer_iface: 
             return [json.loads(f.read_text())["monotonic"] for f in files] if all(f.exists() for f in files) else None
 
         t0 = max(wait_for(connected, timeout + 10, message="WebRTC peers did not connect"))
-        if during:
-            during(t0)
+        event = during(t0) if during else None
         for p in procs:
             p.wait(timeout=max(1.0, t0 + seconds - time.monotonic()) + 30)
         results = {}
@@ -523,6 +527,8 @@ def run_call(offer_host, offer_iface: Optional[str], answer_host, answer_iface: 
             results[role] = json.loads(path.read_text())
             if "error" in results[role]:
                 raise RuntimeError(_failure(workdir, f"{role}: {results[role]['error']}"))
+        if event is not None:
+            results["event_wall"] = event + time.time() - time.monotonic()
         return results
     finally:
         for p in procs:
@@ -545,7 +551,8 @@ def _failure(workdir: Path, what: str) -> str:
     return what + "\n" + "\n".join(tails)
 
 
-def summary(result: dict, sender: Optional[dict] = None, stalls: Sequence[Sequence] = ()) -> dict:
+def summary(result: dict, sender: Optional[dict] = None, stalls: Sequence[Sequence] = (),
+            event: Optional[float] = None) -> dict:
     """The figures of one receiving side: per kind, from getStats and from the capture.
 
     ``loss_pct`` (getStats packetsLost / (received + lost)), ``jitter_ms``
@@ -555,7 +562,9 @@ def summary(result: dict, sender: Optional[dict] = None, stalls: Sequence[Sequen
     With the ``sender``'s result: ``sent`` (its capture of the same stream
     leaving) and ``sender_gap_ms``, the longest pause in its sending;
     ``net_gap_ms`` (:func:`net_gap_ms`) and ``tunnel_gap_ms``, the same less the
-    time a tunnel process was not run (``stalls``, see :meth:`CallLab.tunnel_stalls`).
+    time a tunnel process was not run (``stalls``, see :meth:`CallLab.tunnel_stalls`);
+    with an ``event`` (wall seconds, e.g. a cut), ``event_gap_ms``: the
+    ``tunnel_gap_ms`` of the gaps within :data:`EVENT_WINDOW_S` after it.
     """
     out: dict[str, Any] = {"all_rtp_gap_ms": result.get("all_rtp_gap_ms"), "fragments": result.get("fragments"),
                            "loop_lag_ms": result.get("loop_lag_ms"), "cpu_s": result.get("cpu_s")}
@@ -589,27 +598,17 @@ def summary(result: dict, sender: Optional[dict] = None, stalls: Sequence[Sequen
                            net_gap_ms=net_gap_ms(result, sender, ssrc, 20.0 if kind == "audio" else 1e3 / 30),
                            tunnel_gap_ms=net_gap_ms(result, sender, ssrc, 20.0 if kind == "audio" else 1e3 / 30,
                                                     stalls))
+                if event is not None:
+                    fig["event_gap_ms"] = net_gap_ms(result, sender, ssrc, 20.0 if kind == "audio" else 1e3 / 30,
+                                                     stalls, near=(event, event + EVENT_WINDOW_S))
         d = result["decoded"][kind]
         fig.update(frames=d["frames"], longest_pause_ms=d["longest_pause_ms"])
         out[kind] = fig
     return out
 
 
-def _merged(intervals: Sequence[Sequence]) -> list[tuple[float, float]]:
-    out: list[tuple[float, float]] = []
-    for start, end, *_ in sorted(intervals):
-        if out and start <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
-        else:
-            out.append((start, end))
-    return out
-
-
-def _overlap(intervals: list[tuple[float, float]], a: float, b: float) -> float:
-    return sum(max(0.0, min(b, end) - max(a, start)) for start, end in intervals)
-
-
-def net_gap_ms(receiver: dict, sender: dict, ssrc: int, interval_ms: float, stalls: Sequence[Sequence] = ()) -> float:
+def net_gap_ms(receiver: dict, sender: dict, ssrc: int, interval_ms: float, stalls: Sequence[Sequence] = (),
+               near: Optional[tuple[float, float]] = None) -> float:
     """The longest gap in arrivals of ``ssrc`` that the sender did not make itself, in ms.
 
     Both captures stamp packets with the kernel's clock, so they compare.
@@ -618,9 +617,11 @@ def net_gap_ms(receiver: dict, sender: dict, ssrc: int, interval_ms: float, stal
     its next packet.  A pause of a CPU-starved sender thus does not count;
     lost packets and added delay do.  With ``stalls`` ([start, end, ...] wall
     seconds) the time in them is not counted either: packets wait while the
-    OS does not run a tunnel process, whatever the tunnel does.
+    OS does not run a tunnel process, whatever the tunnel does.  With
+    ``near`` (wall seconds) only gaps that overlap that window count.
     """
-    held = _merged(stalls)
+    held = [(start, end) for start, end, *_ in stalls]
+    lo, hi = near if near is not None else (-math.inf, math.inf)
     start, end = receiver["window"]
     sent: dict[int, float] = {}
     order: list[int] = []
@@ -639,20 +640,22 @@ def net_gap_ms(receiver: dict, sender: dict, ssrc: int, interval_ms: float, stal
         return (end - start) * 1e3
     worst = 0.0
     for (ta, a), (tb, _b) in zip(arrivals, arrivals[1:]):
+        if tb < lo or ta > hi:
+            continue
         pause = max(0.0, following.get(a, 0.0) * 1e3 - interval_ms)
-        worst = max(worst, (tb - ta - _overlap(held, ta, tb)) * 1e3 - pause)
+        worst = max(worst, (tb - ta - covered(held, ta, tb)) * 1e3 - pause)
     t_last, last = arrivals[-1]
-    if last in sent and any(t > sent[last] for t in sent.values() if t <= end):
+    if t_last <= hi and last in sent and any(t > sent[last] for t in sent.values() if t <= end):
         # sent after the last arrival, never arrived
-        worst = max(worst, (end - t_last - _overlap(held, t_last, end)) * 1e3)
+        worst = max(worst, (end - t_last - covered(held, t_last, end)) * 1e3)
     return worst
 
 
 def call_summary(call: dict) -> dict:
     """:func:`summary` of both receivers of a :func:`run_call` result, each with its sender."""
-    stalls = call.get("tunnel_stalls", [])
-    out = {"offer": summary(call["offer"], call["answer"], stalls), "answer": summary(call["answer"], call["offer"], stalls),
-           "tunnel_stalls": stalls}
+    stalls, event = call.get("tunnel_stalls", []), call.get("event_wall")
+    out = {"offer": summary(call["offer"], call["answer"], stalls, event),
+           "answer": summary(call["answer"], call["offer"], stalls, event), "tunnel_stalls": stalls}
     if "outer" in call:
         out["outer"] = call["outer"]
     return out
@@ -663,7 +666,7 @@ def tunnel_stalled_ms(fig: dict) -> float:
     return max((1e3 * (end - start) for start, end, _who in fig.get("tunnel_stalls", [])), default=0.0)
 
 
-def starved(fig: dict, seconds: float, max_lag_ms: float = 100.0, max_stall_ms: float = 50.0) -> Optional[str]:
+def starved(fig: dict, seconds: float, max_lag_ms: float = 50.0, max_stall_ms: float = 50.0) -> Optional[str]:
     """Why a call's app-level figures (getStats, decoded frames) say more about the machine
     than about the network, or None.
 
@@ -691,7 +694,7 @@ def starved(fig: dict, seconds: float, max_lag_ms: float = 100.0, max_stall_ms: 
     return None
 
 
-def judged_call(cl: "CallLab", seconds: float, via: str, during: Optional[Callable[[float], None]] = None,
+def judged_call(cl: "CallLab", seconds: float, via: str, during: Optional[Callable[[float], Optional[float]]] = None,
                 reset: Optional[Callable[[], None]] = None, outer: bool = False,
                 attempts: int = 3) -> tuple[dict, Optional[str]]:
     """A call's :func:`call_summary`, and why its app-level figures cannot be judged (None if they can).
@@ -873,7 +876,7 @@ class CallLab:
             raise RuntimeError("outer capture wrote nothing")
         seen.extend(json.loads(out.read_text()))
 
-    def call(self, seconds: float, via: str, during: Optional[Callable[[float], None]] = None,
+    def call(self, seconds: float, via: str, during: Optional[Callable[[float], Optional[float]]] = None,
              outer: bool = False) -> dict:
         """A call client (offer) <-> far (answer); ``via`` "tunnel" (capture on mptun0) or "raw".
 
@@ -899,12 +902,7 @@ class CallLab:
         in wall-clock seconds, the clock of the peers' captures.  A stall is time the OS did
         not run that mptun process although its timer was due (tunnel/loop.py)."""
         wall = time.time() - time.monotonic()  # CLOCK_MONOTONIC is shared by every namespace
-        out = []
-        for who, st in (("client", self.stack.client_status()), ("server", self.stack.server_status())):
-            for woke, late_ms in st.get("loop", {}).get("recent_stalls", []):
-                if woke - late_ms / 1e3 >= since:
-                    out.append([woke - late_ms / 1e3 + wall, woke + wall, who])
-        return sorted(out)
+        return [[start + wall, end + wall, who] for start, end, who in self.stack.stalls(since)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
