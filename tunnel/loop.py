@@ -13,8 +13,10 @@ wakeup is time the OS (or a hypervisor taking the vCPU away) did not run the
 process, and every packet through it waited as long.  Operators see the
 count and the longest in ``status`` and /metrics; tests use the recent ones to
 tell a tunnel that held packets from a machine that held the tunnel.
-Callbacks that themselves ran long are counted apart (``busy``): that is
-mptun's own time.
+Callbacks that ran long are counted apart (``busy``) and never excused: that
+is mptun's own work, or a preemption while it was running, which the loop
+cannot tell apart.  A stall is only seen as lateness past the next timer, so
+an idle tunnel (timers up to an idle probe interval apart) sees only part of one.
 """
 
 from __future__ import annotations
