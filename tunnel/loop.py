@@ -15,8 +15,9 @@ count and the longest in ``status`` and /metrics; tests use the recent ones to
 tell a tunnel that held packets from a machine that held the tunnel.
 Callbacks that ran long are counted apart (``busy``) and never excused: that
 is mptun's own work, or a preemption while it was running, which the loop
-cannot tell apart.  A stall is only seen as lateness past the next timer, so
-an idle tunnel (timers up to an idle probe interval apart) sees only part of one.
+cannot tell apart.  A stall is only seen as lateness past the next timer (at
+most a probe interval away while traffic flows, an idle probe interval on an
+idle tunnel), so it can show less than it held, or nothing.
 """
 
 from __future__ import annotations
