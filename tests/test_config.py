@@ -596,3 +596,87 @@ def test_listed_client_without_address_is_admitted(tmp_path: Path) -> None:
     )
     core, _ = server_app.build(load_server_config(p))
     assert core.allowed == {"alice", "carol"}
+
+
+# -- client routes: the networks behind a client, whose source addresses the server takes from it ---------
+def test_client_routes_that_overlap_nothing_load(cfgdir: Path) -> None:
+    extra = ('[clients.alice]\naddress = "100.64.0.10"\nroutes = ["10.1.0.0/24", "10.1.1.0/24"]\n'
+             '[clients.bob]\nroutes = ["10.2.0.0/16", "192.168.7.0/24"]\n')
+    cfg = load_server_config(server(cfgdir, extra))
+    assert cfg.client_routes["bob"] == [ipaddress.ip_network("10.2.0.0/16"), ipaddress.ip_network("192.168.7.0/24")]
+
+
+@pytest.mark.parametrize("route", ["100.64.0.0/25", "100.64.0.1/32", "100.64.0.200/29", "100.64.0.0/24"])
+def test_client_route_inside_the_tunnel_subnet_refused(cfgdir: Path, route: str) -> None:
+    """A route inside the subnet would let the client send as the server (100.64.0.1) or as others."""
+    msg = server_error(cfgdir, f'[clients.alice]\nroutes = ["10.1.0.0/24", "{route}"]\n')
+    assert f"[clients.alice] routes: {route} overlaps the tunnel subnet 100.64.0.0/24" in msg
+
+
+def test_client_route_inside_a_narrow_pool_subnet_refused(cfgdir: Path) -> None:
+    msg = server_error(cfgdir, '[clients.alice]\nroutes = ["100.64.0.240/28"]\n', pool='"100.64.0.10-100.64.0.20"')
+    assert "[clients.alice] routes: 100.64.0.240/28 overlaps the tunnel subnet 100.64.0.0/24" in msg
+
+
+@pytest.mark.parametrize("route", ["0.0.0.0/0", "0.0.0.0/1", "100.0.0.0/8"])
+def test_client_default_route_refused_with_the_routes_to_use_instead(cfgdir: Path, route: str) -> None:
+    """A default-route site necessarily covers the pool: refused, and the error lists the prefixes
+    around the tunnel subnet, which load."""
+    msg = server_error(cfgdir, f'[clients.alice]\nroutes = ["{route}"]\n')
+    assert f"[clients.alice] routes: {route} overlaps the tunnel subnet 100.64.0.0/24" in msg
+    suggested = msg.split("instead: ", 1)[1]
+    assert suggested.startswith("routes = [")
+    cfg = load_server_config(server(cfgdir, f"[clients.alice]\n{suggested}\n"))
+    nets = cfg.client_routes["alice"]
+    subnet, wide = ipaddress.ip_network("100.64.0.0/24"), ipaddress.ip_network(route)
+    assert not any(n.overlaps(subnet) for n in nets)
+    assert sum(n.num_addresses for n in nets) == wide.num_addresses - subnet.num_addresses
+
+
+def test_the_issue_case_overlapping_clients_refused(cfgdir: Path) -> None:
+    extra = '[clients.alice]\nroutes = ["100.64.0.0/25", "0.0.0.0/1"]\n[clients.bob]\nroutes = ["100.64.0.0/26"]\n'
+    assert "[clients.alice] routes: 100.64.0.0/25 overlaps the tunnel subnet" in server_error(cfgdir, extra)
+
+
+@pytest.mark.parametrize("mine, theirs", [("10.1.0.0/16", "10.0.0.0/8"), ("10.0.0.0/8", "10.9.9.0/24"),
+                                          ("192.168.1.0/24", "192.168.1.0/24")])
+def test_client_routes_overlapping_another_clients_refused_naming_both(cfgdir: Path, mine: str, theirs: str) -> None:
+    extra = f'[clients.alice]\nroutes = ["{theirs}"]\n[clients.bob]\nroutes = ["172.16.0.0/12", "{mine}"]\n'
+    msg = server_error(cfgdir, extra)
+    assert f"[clients.bob] routes: {mine} overlaps {theirs} of [clients.alice]" in msg
+
+
+def test_pinned_address_inside_another_clients_routes_refused(cfgdir: Path) -> None:
+    extra = '[clients.alice]\naddress = "100.64.0.10"\n[clients.bob]\nroutes = ["100.64.0.8/29"]\n'
+    assert "[clients.bob] routes: 100.64.0.8/29 overlaps the tunnel subnet" in server_error(cfgdir, extra)
+
+
+@pytest.mark.parametrize("route", ["fd00:6d70::/64", "fd00:6d70::1/128", "fd00:6d70::a/127", "fd00:6d70::/48"])
+def test_client_route6_overlapping_pool6_refused(cfgdir: Path, route: str) -> None:
+    msg = server_error(cfgdir, f'[clients.alice]\nroutes = ["{route}"]\n', pool6='"fd00:6d70::/64"')
+    assert f"[clients.alice] routes: {route} overlaps pool6 fd00:6d70::/64" in msg
+
+
+def test_client_default_route6_refused(cfgdir: Path) -> None:
+    msg = server_error(cfgdir, '[clients.alice]\nroutes = ["::/0"]\n', pool6='"fd00:6d70::/64"')
+    assert "[clients.alice] routes: ::/0 overlaps pool6 fd00:6d70::/64" in msg
+    assert "prefixes around fd00:6d70::/64 instead: 64 prefixes, " in msg  # too many to list: counted
+
+
+def test_client_routes6_overlapping_another_clients_refused(cfgdir: Path) -> None:
+    extra = '[clients.alice]\nroutes = ["fd00:a::/48"]\n[clients.bob]\nroutes = ["10.0.0.0/8", "fd00:a:0:1::/64"]\n'
+    msg = server_error(cfgdir, extra, pool6='"fd00:6d70::/64"')
+    assert "[clients.bob] routes: fd00:a:0:1::/64 overlaps fd00:a::/48 of [clients.alice]" in msg
+
+
+def test_check_config_refuses_overlapping_client_routes_with_exit_2(cfgdir: Path) -> None:
+    import subprocess
+    import sys
+
+    p = server(cfgdir, '[clients.alice]\nroutes = ["100.64.0.0/25"]\n')
+    res = subprocess.run([sys.executable, "-m", "tunnel", "server", "-c", str(p), "--check-config"],
+                         capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert res.returncode == 2, res
+    assert res.stderr.startswith(f"mptun server: error: {p}: [clients.alice] routes: 100.64.0.0/25 overlaps the tunnel subnet 100.64.0.0/24")
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr

@@ -402,6 +402,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
             if a in clients.values():
                 raise csec.error("address", f"{a} is given to another client too")
             clients[name] = a
+        _check_client_routes(csec, name, client_routes.get(name, []), client_routes, address.network, pool6)
         csec.finish()
     return ServerConfig(
         path=p,
@@ -423,6 +424,39 @@ def load_server_config(path: str | Path) -> ServerConfig:
         **limits,
         **common,
     )
+
+
+EXCLUDE_LIST_MAX = 32  # a route around the tunnel subnet: list the prefixes in the error up to this many
+
+
+def _check_client_routes(csec: _Section, name: str, routes: list, all_routes: dict[str, list],
+                         subnet: ipaddress.IPv4Network, pool6: Optional[ipaddress.IPv6Network]) -> None:
+    """A client's ``routes`` are the networks behind it: the server takes any source address in
+    them from that client (and routes them to it).  So they must not overlap the addresses the
+    server hands out or owns (the tunnel subnet, pool6: a client could send as the server or as
+    another client) nor another client's routes (each could send as the other; ``all_routes``
+    holds the clients read so far)."""
+    for r in routes:
+        own = subnet if r.version == 4 else pool6
+        if own is not None and r.overlaps(own):
+            what = "the tunnel subnet" if r.version == 4 else "pool6"
+            if r.prefixlen < own.prefixlen:
+                rest = sorted(r.address_exclude(own))
+                quoted = ", ".join(f'"{x}"' for x in rest)
+                listed = (f"routes = [{quoted}]" if len(rest) <= EXCLUDE_LIST_MAX
+                          else f"{len(rest)} prefixes, {rest[0]} to {rest[-1]}")
+                raise csec.error("routes", f"{r} overlaps {what} {own} (a client cannot own the addresses the "
+                                           f"server gives out); to route {r} via this client, list the "
+                                           f"prefixes around {own} instead: {listed}")
+            raise csec.error("routes", f"{r} overlaps {what} {own} (the server gives these addresses to "
+                                       f"clients itself; routes are the networks behind a client)")
+        for other, theirs in all_routes.items():
+            if other == name:
+                continue
+            for t in theirs:
+                if r.version == t.version and r.overlaps(t):
+                    raise csec.error("routes", f"{r} overlaps {t} of [clients.{other}] (each could send "
+                                               f"with the other's addresses)")
 
 
 def _revocation_keys(sec: _Section) -> tuple[Optional[Path], list[str]]:
