@@ -20,17 +20,43 @@ def default_path(role: str, tun: str) -> Path:
     return DEFAULT_DIR / f"{role}-{tun}.sock"
 
 
+class _Conn:
+    __slots__ = ("sock", "fd", "buf", "out", "deadline", "retry")
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.buf = bytearray()
+        self.out: Optional[memoryview] = None  # the reply, as far as it is not sent yet
+        self.deadline = None
+        self.retry = None
+
+
 class ControlServer:
-    """Serves status requests from inside the shell's event loop (never blocks it)."""
+    """Serves status requests from inside the shell's event loop, never blocking it.
+
+    Everything is non-blocking: the request is read as it comes, the reply is sent as far
+    as the socket takes it and the rest retried from a timer (the loop has no writable
+    events), and every connection has a deadline (TIMEOUT) for the whole exchange: a client
+    that never sends its request or never reads its reply holds a slot until then, no more.
+    At most MAX_CONNS connections are served at once; more are closed when accepted (and
+    counted), which keeps the listening socket from staying readable.  The counters come
+    with every status reply (``control``).
+    """
 
     MAX_REQUEST = 1024
+    MAX_CONNS = 16  # connections served at once (`mptun status` uses one; a few for monitoring)
+    TIMEOUT = 5.0  # a connection must be done (request read, reply written) within this; query()'s too
+    WRITE_RETRY = 0.01  # the socket buffer was full: try again after this
 
-    def __init__(self, path: Path, status: Callable[[], dict]):
+    def __init__(self, path: Path, status: Callable[[], dict], timeout: float = TIMEOUT):
         self.path = Path(path)
         self._status = status
+        self.timeout = timeout
         self._loop = None
         self._sock: Optional[socket.socket] = None
-        self._conns: dict[int, tuple[socket.socket, bytearray]] = {}
+        self._conns: dict[int, _Conn] = {}
+        self.counters = {"served": 0, "refused": 0, "timed_out": 0}
 
     def start(self, loop) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,46 +74,87 @@ class ControlServer:
         loop.add_reader(sock.fileno(), self._accept)
 
     def _accept(self) -> None:
-        try:
-            conn, _ = self._sock.accept()
-        except BlockingIOError:
-            return
-        conn.setblocking(False)
-        self._conns[conn.fileno()] = (conn, bytearray())
-        self._loop.add_reader(conn.fileno(), self._read, conn.fileno())
+        for _ in range(self.MAX_CONNS + 8):  # a bounded batch: the loop has other work
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # EMFILE and friends: try again on the next wakeup
+                return
+            if len(self._conns) >= self.MAX_CONNS:
+                self.counters["refused"] += 1
+                conn.close()
+                continue
+            conn.setblocking(False)
+            c = _Conn(conn)
+            self._conns[c.fd] = c
+            c.deadline = self._loop.call_later(self.timeout, lambda c=c: self._expire(c))
+            self._loop.add_reader(c.fd, self._read, c)
 
-    def _read(self, fd: int) -> None:
-        conn, buf = self._conns[fd]
+    def _read(self, c: _Conn) -> None:
+        if self._conns.get(c.fd) is not c:
+            return
         try:
-            chunk = conn.recv(self.MAX_REQUEST)
-        except BlockingIOError:
+            chunk = c.sock.recv(self.MAX_REQUEST)
+        except (BlockingIOError, InterruptedError):
             return
         except OSError:
             chunk = b""
-        buf += chunk
-        if chunk and b"\n" not in buf and len(buf) < self.MAX_REQUEST:
+        if c.out is not None:  # answered: input after the request is ignored (EOF too: it may still read)
+            if not chunk:
+                self._loop.remove_reader(c.fd)
             return
-        cmd = bytes(buf).split(b"\n", 1)[0].decode(errors="replace").strip()
+        c.buf += chunk
+        if chunk and b"\n" not in c.buf and len(c.buf) < self.MAX_REQUEST:
+            return
+        if not chunk and not c.buf:  # closed without asking
+            self._drop(c)
+            return
+        cmd = bytes(c.buf).split(b"\n", 1)[0].decode(errors="replace").strip()
         if cmd == "status":
-            reply = {"ok": True, "status": self._status()}
+            reply = {"ok": True, "status": {**self._status(), "control": dict(self.counters)}}
+            self.counters["served"] += 1
         else:
-            reply = {"ok": False, "error": f"unknown command {cmd!r}"}
-        try:
-            conn.setblocking(True)
-            conn.settimeout(1.0)  # the reply is small; a reader that stalls loses it
-            conn.sendall(json.dumps(reply).encode() + b"\n")
-        except OSError:
-            pass
-        self._drop(fd)
+            reply = {"ok": False, "error": f"unknown command {cmd[:64]!r}"}
+        c.buf = bytearray()
+        c.out = memoryview(json.dumps(reply).encode() + b"\n")
+        self._write(c)
 
-    def _drop(self, fd: int) -> None:
-        conn, _ = self._conns.pop(fd)
-        self._loop.remove_reader(fd)
-        conn.close()
+    def _write(self, c: _Conn) -> None:
+        c.retry = None
+        if self._conns.get(c.fd) is not c:
+            return
+        try:
+            n = c.sock.send(c.out)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:  # the client went away
+            self._drop(c)
+            return
+        c.out = c.out[n:]
+        if len(c.out):
+            c.retry = self._loop.call_later(self.WRITE_RETRY, lambda: self._write(c))
+        else:
+            self._drop(c)
+
+    def _expire(self, c: _Conn) -> None:
+        if self._conns.get(c.fd) is c:
+            self.counters["timed_out"] += 1
+            self._drop(c)
+
+    def _drop(self, c: _Conn) -> None:
+        if self._conns.get(c.fd) is not c:
+            return
+        del self._conns[c.fd]
+        self._loop.remove_reader(c.fd)
+        for timer in (c.deadline, c.retry):
+            if timer is not None:
+                timer.cancel()
+        c.sock.close()
 
     def close(self) -> None:
-        for fd in list(self._conns):
-            self._drop(fd)
+        for c in list(self._conns.values()):
+            self._drop(c)
         if self._sock is not None:
             self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
