@@ -584,3 +584,21 @@ def test_a_busy_scrape_costs_no_snapshot(serve) -> None:
     for t in threads:
         t.join(5)
     assert r.server.scrapes == MetricsServer.MAX_PENDING
+
+
+def test_crl_metrics_only_with_a_crl(serve) -> None:
+    def status(crl) -> dict:
+        st = server_status()
+        st["revocation"] = {"crl": crl, "denied": 0}
+        return st
+
+    crl = {"file": "/etc/mptun/ca.crl", "revoked": 3, "next_update": 1_700_000_000.0, "expired": True,
+           "on_expiry": "refuse"}
+    m = serve(lambda: status(crl)).scrape()
+    assert m[("mptun_crl_expired", L())] == 1
+    assert m[("mptun_crl_next_update_timestamp_seconds", L())] == 1_700_000_000.0
+    assert m[("mptun_crl_revoked", L())] == 3
+    m = serve(lambda: status({**crl, "expired": False})).scrape()
+    assert m[("mptun_crl_expired", L())] == 0
+    m = serve(lambda: status(None)).scrape()  # no CRL configured: no CRL metrics at all
+    assert not [k for k in m if k[0].startswith("mptun_crl_")]

@@ -195,3 +195,144 @@ def test_bad_crl_or_deny_at_start_is_a_config_error(tmp_path: Path, capsys) -> N
     revoke(tmp_path, [tmp_path / "alice.crt"])
     cfg = write_toml(tmp_path / "s.toml", {"server": {**base, "crl": "ca.crl", "deny": ["bob"]}})
     assert cli.main(["server", "-c", str(cfg), "--check-config"]) == 0
+
+
+# -- a CRL past its nextUpdate (crl_expired) -------------------------------------------------
+NEXT_UPDATE = 1_700_000_000.0
+
+
+def stale(policy: str, now: float = NEXT_UPDATE + 1, **kw) -> Revocation:
+    return Revocation(crl="ca.crl", next_update=NEXT_UPDATE, crl_expired=policy, clock=lambda: now, **kw)
+
+
+def test_expired_crl_decision() -> None:
+    fresh = stale("refuse", now=NEXT_UPDATE - 1)
+    assert not fresh.expired() and fresh.check("alice", 1) is None
+    assert stale("warn").expired() and stale("warn").check("alice", 1) is None  # warn: still used
+    reason = stale("refuse").check("alice", 1)
+    assert reason is not None and "past its nextUpdate (2023-11-14 22:13 UTC)" in reason and '"refuse"' in reason
+    assert stale("refuse").check("alice", 1, handshake=False) is None  # connected clients are kept
+    # a revocation says more than the expiry, for handshakes and connected clients alike
+    r = stale("refuse", serials=frozenset({7}))
+    assert "revoked (CRL serial 7)" in r.check("bob", 7) and "revoked" in r.check("bob", 7, handshake=False)
+    assert Revocation(crl="ca.crl", crl_expired="refuse").check("a", 1) is None  # a CRL without nextUpdate
+    with pytest.raises(ValueError):
+        Revocation(crl_expired="ignore")
+    assert stale("refuse").stats() == {"crl": {"file": "ca.crl", "revoked": 0, "next_update": NEXT_UPDATE,
+                                               "expired": True, "on_expiry": "refuse"}, "denied": 0}
+    assert Revocation().stats() == {"crl": None, "denied": 0}
+
+
+def test_expired_crl_refuse_refuses_new_handshakes_and_keeps_connected_tunnels(pki: Path, plain) -> None:
+    net = Net(pki)
+    alice = net.client()
+    alice.add("a")
+    assert list(net.server.by_name) == ["alice"]
+    # the CRL expires: a reload with crl_expired = "refuse" closes nobody connected ...
+    assert net.server.set_revocation(stale("refuse"), net.now) == []
+    assert list(net.server.by_name) == ["alice"]
+    assert net.server.stats()["revocation"]["crl"]["expired"] is True
+    # ... but every new handshake is refused: a second path of alice, and bob
+    alice.add("b")
+    bob = net.client("bob")
+    bob.add("x")
+    closes = frames_seen(plain, "client", frames.Close)
+    assert [f.code for f in closes] == [frames.CLOSE_REFUSED] * 2
+    assert all("past its nextUpdate" in f.reason for f in closes)
+    assert len(net.server.by_name["alice"].paths) == 1 and "bob" not in net.server.by_name
+    assert not bob.evs(events.TunnelUp)
+    refused = net.sev(events.Refused)
+    assert refused and all("past its nextUpdate" in e.reason for e in refused)
+    # a re-signed CRL (and SIGHUP): handshakes are welcome again
+    net.server.set_revocation(stale("refuse", now=NEXT_UPDATE - 60), net.now)
+    bob2 = net.client("bob")
+    bob2.add("y")
+    assert bob2.evs(events.TunnelUp) and "bob" in net.server.by_name
+
+
+def test_expired_crl_warn_admits(pki: Path, plain) -> None:
+    net = Net(pki)
+    net.server.revocation = stale("warn")
+    c = net.client()
+    c.add("a")
+    assert c.evs(events.TunnelUp) and list(net.server.by_name) == ["alice"]
+    assert not frames_seen(plain, "client", frames.Close)
+
+
+def expired_crl(ca_dir: Path) -> Path:
+    """A CRL signed by the CA whose nextUpdate passed an hour ago."""
+    ca = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
+    key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
+    now = dt.datetime.now(dt.timezone.utc)
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
+           .last_update(now - dt.timedelta(days=2)).next_update(now - dt.timedelta(hours=1))
+           .sign(key, hashes.SHA256()))
+    path = ca_dir / "stale.crl"
+    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_crl_expired_config_key(tmp_path: Path, capsys, caplog) -> None:
+    from tunnel import server as server_app
+    from tunnel.config import load_server_config
+    from tunnel.lab.stack import make_pki, write_toml
+
+    make_pki(tmp_path)
+    expired_crl(tmp_path)
+    base = {"listen": "127.0.0.1:4433", "certificate": "mptun-server.crt", "key": "mptun-server.key",
+            "ca": "ca.crt", "address": "100.64.0.1/24"}
+    cfg = write_toml(tmp_path / "s.toml", {"server": {**base, "crl": "stale.crl", "crl_expired": "ignore"}})
+    assert cli.main(["server", "-c", str(cfg), "--check-config"]) == 2
+    assert f"{cfg}: [server] crl_expired: 'ignore' is not one of warn, refuse" in capsys.readouterr().err
+    cfg = write_toml(tmp_path / "s.toml", {"server": {**base, "crl_expired": "refuse"}})
+    assert cli.main(["server", "-c", str(cfg), "--check-config"]) == 2
+    assert f"{cfg}: [server] crl_expired: \"refuse\" needs a crl" in capsys.readouterr().err
+    # the default is warn; refuse is taken, and the server's revocation (status, metrics) says so
+    cfg = write_toml(tmp_path / "s.toml", {"server": {**base, "crl": "stale.crl"}})
+    assert load_server_config(cfg).crl_expired == "warn"
+    cfg = write_toml(tmp_path / "s.toml", {"server": {**base, "crl": "stale.crl", "crl_expired": "refuse"}})
+    assert cli.main(["server", "-c", str(cfg), "--check-config"]) == 0
+    assert "every new handshake is refused" in caplog.text
+    core, _ = server_app.build(load_server_config(cfg))
+    crl = core.stats()["revocation"]["crl"]
+    assert crl["expired"] is True and crl["on_expiry"] == "refuse" and crl["file"].endswith("stale.crl")
+    assert time_ago(crl["next_update"]) > 3000
+    assert core.revocation.check("alice", 1) is not None
+
+
+def time_ago(t: float) -> float:
+    import time
+
+    return time.time() - t
+
+
+def test_status_shows_the_crl_and_its_expiry() -> None:
+    from tunnel.status import format_status
+
+    st = {"tunnels": [], "handshaking": 0, "counters": {}, "revocation": stale("refuse").stats()}
+    text = format_status("s.sock", st)
+    assert "crl ca.crl: 0 revoked, next update 2023-11-14 22:13 UTC, EXPIRED: new handshakes refused" in text
+    st["revocation"] = stale("warn", now=NEXT_UPDATE - 1).stats()
+    assert "EXPIRED" not in format_status("s.sock", st) and "crl ca.crl" in format_status("s.sock", st)
+
+
+def test_sighup_reloads_crl_expired_and_a_fresh_crl(tmp_path: Path) -> None:
+    from tunnel import server as server_app
+    from tunnel.config import load_server_config
+    from tunnel.lab.stack import make_pki, write_toml
+
+    make_pki(tmp_path)
+    expired_crl(tmp_path)
+    base = {"listen": "127.0.0.1:4433", "certificate": "mptun-server.crt", "key": "mptun-server.key",
+            "ca": "ca.crt", "address": "100.64.0.1/24", "crl": "stale.crl"}
+    path = write_toml(tmp_path / "s.toml", {"server": base})
+    cfg = load_server_config(path)
+    core, _ = server_app.build(cfg)
+    reload = server_app.revocation_reloader(cfg, core, lambda: 0.0)
+    assert core.revocation.expired() and core.revocation.check("alice", 1) is None  # warn
+    write_toml(path, {"server": {**base, "crl_expired": "refuse"}})
+    reload()
+    assert core.revocation.crl_expired == "refuse" and core.revocation.check("alice", 1) is not None
+    revoke(tmp_path, crl_path=tmp_path / "stale.crl")  # re-signed in place: a fresh nextUpdate
+    reload()
+    assert not core.revocation.expired() and core.revocation.check("alice", 1) is None

@@ -64,6 +64,7 @@ class ServerConfig:
     clients: dict[str, Optional[ipaddress.IPv4Address]] = field(default_factory=dict)  # name -> static address
     control: Optional[Path] = None
     crl: Optional[Path] = None  # CRL signed by the CA: revoked client certificates (reloaded on SIGHUP)
+    crl_expired: str = "warn"  # a CRL past its nextUpdate: "warn" or "refuse" new handshakes (tunnel/revocation.py)
     deny: list[str] = field(default_factory=list)  # client names refused (reloaded on SIGHUP)
     user: Optional[str] = None  # drop to this user after set-up (keeping CAP_NET_ADMIN/CAP_NET_RAW)
     group: Optional[str] = None
@@ -353,7 +354,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
     }
     if not 0 < limits["handshake_rate"] <= 100_000:
         raise sec.error("handshake_rate", f"{limits['handshake_rate']} is out of range (more than 0, at most 100000)")
-    crl, deny = _revocation_keys(sec)
+    crl, deny, crl_expired = _revocation_keys(sec)
     common = _common(sec)
     sec.finish()
 
@@ -418,6 +419,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         clients=clients,
         client_routes=client_routes,
         crl=crl,
+        crl_expired=crl_expired,
         deny=deny,
         pool6=pool6,
         static_addresses6=static6,
@@ -459,18 +461,23 @@ def _check_client_routes(csec: _Section, name: str, routes: list, all_routes: di
                                                f"with the other's addresses)")
 
 
-def _revocation_keys(sec: _Section) -> tuple[Optional[Path], list[str]]:
+def _revocation_keys(sec: _Section) -> tuple[Optional[Path], list[str], str]:
+    from tunnel.revocation import CRL_EXPIRED
+
     crl = sec.file("crl") if "crl" in sec.table else None
     deny = sec.get("deny", list, [], what="a list of client names")
     for name in deny:
         if not isinstance(name, str) or not name:
             raise sec.error("deny", f"{name!r} is not a client name")
-    return crl, deny
+    crl_expired = sec.choice("crl_expired", CRL_EXPIRED[0], CRL_EXPIRED)
+    if crl_expired != CRL_EXPIRED[0] and crl is None:
+        raise sec.error("crl_expired", f'"{crl_expired}" needs a crl (without one there is nothing to expire)')
+    return crl, deny, crl_expired
 
 
-def load_revocation_keys(path: str | Path) -> tuple[Optional[Path], list[str]]:
-    """Only ``crl`` and ``deny`` of a server config (SIGHUP: the daemon may no longer be
-    able to read the key files the full config check opens)."""
+def load_revocation_keys(path: str | Path) -> tuple[Optional[Path], list[str], str]:
+    """Only ``crl``, ``deny`` and ``crl_expired`` of a server config (SIGHUP: the daemon may
+    no longer be able to read the key files the full config check opens)."""
     p, data = _load(path)
     if not isinstance(data.get("server"), dict):
         raise ConfigError(f"{p}: missing [server] table")

@@ -36,6 +36,8 @@ client role the ``name`` given to MetricsServer):
     mptun_loop_stalls_total, mptun_loop_stall_seconds_total  wakeups later than asked (tunnel/loop.py)
     mptun_loop_stall_longest_seconds                       gauge: the longest
     mptun_loop_busy_total                                  callbacks that ran long
+    mptun_crl_expired                                      (server, with a crl) 1 while past its nextUpdate
+    mptun_crl_next_update_timestamp_seconds, mptun_crl_revoked  (server, with a crl) its nextUpdate, its serials
 
 The path state is not a label of the counters: a counter series would restart
 whenever its path went up -> degraded -> up, which breaks ``rate()``.
@@ -142,12 +144,30 @@ class StatusCollector:
         yield from self._path_families(tunnels)
         if self.role == "server":
             yield from self._counter_dict("mptun_server_", st.get("counters", {}), "Server counter {}.")
+            yield from self._crl_families((st.get("revocation") or {}).get("crl") or {})
         else:
             for key, help_text in CLIENT_COUNTERS:
                 if _number(st.get(key)) is not None:
                     yield CounterMetricFamily(f"mptun_client_{key}", help_text, value=_number(st[key]))
         yield from self._counter_dict("mptun_io_", st.get("io", {}), "I/O counter {} of the shell.")
         yield from self._loop_families(st.get("loop") or {})
+
+    @staticmethod
+    def _crl_families(crl: dict) -> Iterable:
+        """Only with a CRL configured (tunnel/revocation.py)."""
+        if "expired" not in crl:
+            return
+        yield GaugeMetricFamily(
+            "mptun_crl_expired", "1 if the CRL is past its nextUpdate (crl_expired says whether handshakes are "
+            "refused meanwhile), else 0.", value=1 if crl["expired"] else 0,
+        )
+        if _number(crl.get("next_update")) is not None:
+            yield GaugeMetricFamily(
+                "mptun_crl_next_update_timestamp_seconds", "The CRL's nextUpdate (Unix time).",
+                value=_number(crl["next_update"]),
+            )
+        if _number(crl.get("revoked")) is not None:
+            yield GaugeMetricFamily("mptun_crl_revoked", "Certificates the CRL revokes.", value=_number(crl["revoked"]))
 
     @staticmethod
     def _loop_families(loop: dict) -> Iterable:

@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import socket
 import time
+from typing import Optional
 
 from tunnel import events, mtu as mtu_math, netlink, privs
 from tunnel.app import drop_target_and_key_check, fmt_addr, load_policy_or_none, reloader, setup_logging, udp_socket
@@ -52,19 +53,30 @@ def underlay_mtu(cfg: ServerConfig) -> int:
     return min(known) if known else DEFAULT_UNDERLAY_MTU
 
 
-def load_serials(cfg: ServerConfig, crl) -> frozenset[int]:
-    """The serials the CRL at ``crl`` revokes (checked against the CA); CertError if it is bad."""
+def load_serials(cfg: ServerConfig, crl) -> tuple[frozenset[int], Optional[float]]:
+    """The serials the CRL at ``crl`` revokes (checked against the CA) and its nextUpdate
+    (Unix time, None if it gives none); CertError if it is bad."""
     if crl is None:
-        return frozenset()
+        return frozenset(), None
     serials = load_crl(crl, cfg.ca)
     try:
         next_update = crl_next_update(crl)
     except (OSError, ValueError):
         next_update = None
     if next_update is not None and next_update.timestamp() < time.time():
-        log.warning("CRL %s is past its nextUpdate (%s UTC); still used. `mptun certs revoke` re-signs it",
-                    crl, f"{next_update:%Y-%m-%d %H:%M}")
-    return serials
+        if cfg.crl_expired == "refuse":
+            log.error("CRL %s is past its nextUpdate (%s UTC): every new handshake is refused "
+                      "(crl_expired = \"refuse\") until it is re-signed (`mptun certs revoke`) and reloaded (SIGHUP)",
+                      crl, f"{next_update:%Y-%m-%d %H:%M}")
+        else:
+            log.warning("CRL %s is past its nextUpdate (%s UTC); still used. `mptun certs revoke` re-signs it",
+                        crl, f"{next_update:%Y-%m-%d %H:%M}")
+    return serials, None if next_update is None else next_update.timestamp()
+
+
+def make_revocation(cfg: ServerConfig, serials: frozenset[int], next_update: Optional[float]) -> Revocation:
+    return Revocation(serials, frozenset(cfg.deny), crl=str(cfg.crl) if cfg.crl else None,
+                      next_update=next_update, crl_expired=cfg.crl_expired)
 
 
 def revocation_reloader(cfg: ServerConfig, core: ServerCore, clock):
@@ -73,19 +85,20 @@ def revocation_reloader(cfg: ServerConfig, core: ServerCore, clock):
 
     def reload() -> None:
         try:
-            crl, deny = load_revocation_keys(cfg.path)
+            crl, deny, crl_expired = load_revocation_keys(cfg.path)
         except ConfigError as exc:
             log.error("SIGHUP: revocation not reloaded, keeping the old one: %s", exc)
             return
-        serials = core.revocation.serials
+        serials, next_update = core.revocation.serials, core.revocation.next_update
+        cfg.crl_expired = crl_expired
         try:
-            serials = load_serials(cfg, crl)
+            serials, next_update = load_serials(cfg, crl)
         except CertError as exc:
             log.error("SIGHUP: CRL not reloaded, keeping the old one (%d serials): %s", len(serials), exc)
         else:
             cfg.crl = crl
         cfg.deny = deny
-        closed = core.set_revocation(Revocation(serials, frozenset(deny)), clock())
+        closed = core.set_revocation(make_revocation(cfg, serials, next_update), clock())
         log.info("SIGHUP: revocation reloaded: %d revoked serials%s, %d denied names",
                  len(serials), f" ({cfg.crl})" if cfg.crl else "", len(deny))
         for reason in closed:
@@ -106,7 +119,7 @@ def build(cfg: ServerConfig):
     pool6 = AddressPool6(cfg.pool6, cfg.static_addresses6) if cfg.pool6 is not None else None
     allowed = None if cfg.allow_unlisted_clients else set(cfg.clients)
     try:
-        serials = load_serials(cfg, cfg.crl)
+        serials, next_update = load_serials(cfg, cfg.crl)
     except CertError as exc:
         raise ConfigError(f"{cfg.path}: [server] crl: {exc}") from None
     core = ServerCore(
@@ -133,7 +146,7 @@ def build(cfg: ServerConfig):
         max_handshakes=cfg.max_handshakes,
         pending_size=cfg.pending_queue,
         pending_expiry=cfg.pending_expiry,
-        revocation=Revocation(serials, frozenset(cfg.deny)),
+        revocation=make_revocation(cfg, serials, next_update),
         pool6=pool6,
     )
     return core, inner

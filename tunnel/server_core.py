@@ -757,7 +757,7 @@ class ServerCore:
             if self.paths.get(path.addr) is not path or not path.established or not path.alive:
                 continue
             cert = path.dtls.peer_certificate
-            reason = revocation.check(path.name, cert.serial_number if cert is not None else None)
+            reason = revocation.check(path.name, cert.serial_number if cert is not None else None, handshake=False)
             if reason is None:
                 continue
             self.counters["revoked"] += 1
@@ -781,6 +781,7 @@ class ServerCore:
         return {
             "tunnels": [t.stats() for t in self.tunnels.values()],
             "handshaking": sum(1 for p in self.paths.values() if p.state == P_HANDSHAKING),
+            "revocation": self.revocation.stats(),
             "counters": {
                 **self.counters,
                 "pending_dropped": self.route_table.pending_dropped,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from tunnel import control
 
@@ -25,6 +26,16 @@ def _path_rows(paths: list[dict], indent: str) -> list[str]:
     return rows
 
 
+def _crl_row(crl: dict) -> str:
+    nu = crl.get("next_update")
+    when = "none" if nu is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(nu))
+    row = f"  crl {crl.get('file')}: {crl.get('revoked', 0)} revoked, next update {when}"
+    if crl.get("expired"):
+        row += (", EXPIRED: new handshakes refused (crl_expired = \"refuse\")" if crl.get("on_expiry") == "refuse"
+                else ", EXPIRED: still used (crl_expired = \"warn\")")
+    return row
+
+
 def format_status(sock: str, st: dict) -> str:
     lines = [f"{sock}:"]
     if "tunnels" in st:  # server
@@ -43,6 +54,9 @@ def format_status(sock: str, st: dict) -> str:
             f"delivered {st['delivered']} duplicates {st['duplicates']} too-old {st['too_old']}"
         )
         lines += _path_rows(st["paths"], "    ")
+    crl = (st.get("revocation") or {}).get("crl")
+    if crl:
+        lines.append(_crl_row(crl))
     lines.append(f"  io {st.get('io', {})}")
     loop = st.get("loop")
     if loop:
