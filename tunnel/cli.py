@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--metrics", type=_metrics_address, metavar="ADDR:PORT",
                         help="serve Prometheus metrics over HTTP (overrides the config's metrics key)")
         sp.add_argument("--user", metavar="USER",
-                        help="after set-up, switch to USER keeping only CAP_NET_ADMIN/CAP_NET_RAW "
+                        help="after set-up, switch to USER keeping only what the role uses (client: "
+                             "CAP_NET_ADMIN/CAP_NET_RAW, server: nothing) "
                              "(overrides the config's user key; needs root)")
         sp.add_argument("--group", metavar="GROUP", help="with --user: this primary group instead of USER's")
         sp.set_defaults(func=func)

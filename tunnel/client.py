@@ -14,7 +14,7 @@ from tunnel.control import default_path
 from tunnel.dtls import common_name, make_context
 from tunnel.metrics import MetricsServer
 from tunnel.shell import ClientShell
-from tunnel.tun import TunDevice
+from tunnel.tun import TunClone, TunDevice
 
 log = logging.getLogger("mptun")
 
@@ -100,9 +100,12 @@ def run(cfg: ClientConfig) -> int:
     )
     tun_holder: list[TunDevice] = []
     state = {"mtu": None}
+    # the TUN is made on the first CONFIG, maybe after the privilege drop: /dev/net/tun
+    # is opened now, while it still can be (mode 0600 on many hosts; tunnel/tun.py)
+    clone = TunClone()
 
     def make_tun() -> int:
-        tun = TunDevice(cfg.tun)
+        tun = TunDevice(cfg.tun, clone)
         tun_holder.append(tun)
         return tun.fd
 
@@ -159,12 +162,12 @@ def run(cfg: ClientConfig) -> int:
     shell.keep_warm = cfg.keep_warm
     if cfg.metrics:
         shell.metrics = MetricsServer(*cfg.metrics, shell.status, "client", name=client_name(cfg))
-    if target is not None:
-        shell.after_start = lambda: log.info("privileges dropped: %s", privs.drop(target))
+    shell.after_start = lambda: privs.after_setup(target, privs.CLIENT_KEEP, log)
     try:
         shell.run()
     finally:
         for tun in tun_holder:
             tun.close()
+        clone.close()
         log.info("stopped")
     return 0

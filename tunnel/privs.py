@@ -1,28 +1,40 @@
-"""Least privilege: after set-up, become an unprivileged user that keeps only
-CAP_NET_ADMIN and CAP_NET_RAW.
+"""Least privilege: after set-up, keep only the capabilities the role still uses
+(:data:`CLIENT_KEEP`, :data:`SERVER_KEEP`), and, started as root with ``user``
+set, become that unprivileged user first.
 
-For people who start mptun as root (the systemd units in packaging/ start it as
-an unprivileged user with ambient capabilities instead).  What still needs
-privilege after the drop, and why the two capabilities are kept:
+What each role does after set-up (the shell's ``after_start``), and so keeps:
 
-- CAP_NET_ADMIN: the client creates its TUN device on the first CONFIG
-  (TUNSETIFF) and sets addresses, MTU and routes over rtnetlink (on every
-  CONFIG, also after a reconnect); both ends write
-  /proc/sys/net/ipv6/conf/<tun>/disable_ipv6 and use SO_RCVBUFFORCE.
-- CAP_NET_RAW: the client opens a socket per path, bound to its interface
-  with SO_BINDTODEVICE, whenever a path (re)connects or an interface is
-  hot-plugged.
+- the server: nothing that needs privilege.  Its TUN, address, MTU and routes,
+  its UDP sockets (bound, SO_RCVBUFFORCE) and its control and metrics sockets
+  are all made before; afterwards it only reads and writes those descriptors,
+  and SIGHUP re-reads files.  It keeps no capability at all (a listen port
+  below 1024 is bound before the drop too).
+- the client: CAP_NET_ADMIN, because it creates its TUN device on the first
+  CONFIG (TUNSETIFF on the /dev/net/tun descriptor opened at start, see
+  tunnel/tun.py), sets addresses, MTU and routes over rtnetlink on every
+  CONFIG (also after a reconnect), writes
+  /proc/sys/net/ipv6/conf/<tun>/disable_ipv6 and uses SO_RCVBUFFORCE on each
+  new path socket; CAP_NET_RAW, because it opens a socket per path, bound to
+  its interface with SO_BINDTODEVICE, whenever a path (re)connects or an
+  interface is hot-plugged (kernels before 5.7 require it).
+
+Two ways in: started as root with ``user`` set, :func:`drop` switches user and
+reduces the bounding set too; started as an unprivileged user with capabilities
+(systemd's AmbientCapabilities=, or ``user`` naming the user it already is),
+:func:`narrow` keeps only the role's capabilities.  A daemon run as root
+without ``user`` is left as it is.
 
 Python has no capset(2).  This module calls it, and prctl(2), through ctypes on
 the C library (glibc exports both): libcap's cap_set_proc would do the same
 syscall behind another library that need not be installed, and the packages
 that wrap it (python-prctl) need a compiler and libcap headers to install.
 
-Capabilities are per thread: :func:`drop` refuses to run when the process has
-more than one thread (mptun runs everything on one event-loop thread).
-Nothing is exec'd afterwards, so the ambient set stays empty; the bounding set
-is reduced to the kept capabilities and no_new_privs is set, so even an exec of
-a set-uid binary could not gain anything back.
+Capabilities are per thread: :func:`drop` and :func:`narrow` refuse to run when
+the process has more than one thread (mptun runs everything on one event-loop
+thread).  Nothing is exec'd afterwards, so the ambient set stays empty; the
+bounding set is reduced to the kept capabilities (when CAP_SETPCAP allows it)
+and no_new_privs is set, so even an exec of a set-uid binary could not gain
+anything back.
 """
 
 from __future__ import annotations
@@ -34,9 +46,13 @@ import pwd
 from dataclasses import dataclass
 from typing import Optional
 
-CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
-KEEP = (CAP_NET_ADMIN, CAP_NET_RAW)
-CAP_NAMES = {CAP_NET_ADMIN: "cap_net_admin", CAP_NET_RAW: "cap_net_raw"}
+CAP_NET_BIND_SERVICE, CAP_NET_ADMIN, CAP_NET_RAW = 10, 12, 13
+CAP_SETPCAP = 8
+# What each role keeps after set-up (why: the module docstring)
+CLIENT_KEEP = (CAP_NET_ADMIN, CAP_NET_RAW)
+SERVER_KEEP: tuple[int, ...] = ()
+KEEP = CLIENT_KEEP
+CAP_NAMES = {CAP_NET_BIND_SERVICE: "cap_net_bind_service", CAP_NET_ADMIN: "cap_net_admin", CAP_NET_RAW: "cap_net_raw"}
 
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
@@ -140,23 +156,47 @@ def check(target: Target) -> bool:
 WARM_UP = ("tunnel.policy", "tunnel.config", "tunnel.certs", "encodings.idna", "traceback", "linecache")
 
 
+def _single_thread() -> None:
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        raise PrivilegeError(f"cannot drop privileges with {threads} threads (capabilities are per thread)")
+
+
+def _caps_of(mask: int) -> tuple[int, ...]:
+    return tuple(c for c in range(64) if mask >> c & 1)
+
+
+def _names(caps: tuple[int, ...]) -> str:
+    return ",".join(CAP_NAMES.get(c, str(c)) for c in caps) or "none"
+
+
+def _last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 40
+
+
+def _clear_ambient() -> None:
+    try:
+        _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "clearing the ambient set")
+    except PrivilegeError:
+        pass  # kernels before 4.3 have no ambient set
+
+
 def drop(target: Target, keep: tuple[int, ...] = KEEP) -> str:
-    """Become ``target`` keeping only ``keep`` (permitted and effective); return a description."""
+    """Become ``target`` keeping only ``keep`` (permitted and effective; those of them
+    the process has); return a description.  Already ``target``: :func:`narrow`."""
     if not check(target):
-        return f"already running as {target.describe()}; privileges unchanged"
+        return narrow(keep) or f"already running as {target.describe()}; privileges unchanged"
     import importlib
 
     for name in WARM_UP:
         importlib.import_module(name)
-    threads = len(os.listdir("/proc/self/task"))
-    if threads != 1:
-        raise PrivilegeError(f"cannot drop privileges with {threads} threads (capabilities are per thread)")
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            last_cap = int(f.read())
-    except (OSError, ValueError):
-        last_cap = 40
-    for cap in range(last_cap + 1):  # bounding set: needs CAP_SETPCAP, so before setuid
+    _single_thread()
+    keep = _caps_of(cap_mask(keep) & int(proc_status().get("CapPrm", "0"), 16))
+    for cap in range(_last_cap() + 1):  # bounding set: needs CAP_SETPCAP, so before setuid
         if cap not in keep:
             _prctl(PR_CAPBSET_DROP, cap, f"dropping capability {cap} from the bounding set")
     _prctl(PR_SET_NO_NEW_PRIVS, 1, "setting no_new_privs")
@@ -169,10 +209,7 @@ def drop(target: Target, keep: tuple[int, ...] = KEEP) -> str:
         raise PrivilegeError(f"cannot become {target.describe()}: {exc.strerror}") from None
     _capset(keep)
     _prctl(PR_SET_KEEPCAPS, 0, "PR_SET_KEEPCAPS")
-    try:
-        _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "clearing the ambient set")
-    except PrivilegeError:
-        pass  # kernels before 4.3 have no ambient set
+    _clear_ambient()
     # verify: the kernel's view, and that root cannot be had back
     st = proc_status()
     eff = int(st.get("CapEff", "0"), 16)
@@ -184,5 +221,36 @@ def drop(target: Target, keep: tuple[int, ...] = KEEP) -> str:
         pass
     else:
         raise PrivilegeError("privilege drop did not take: setuid(0) still works")
-    names = ",".join(CAP_NAMES.get(c, str(c)) for c in keep) or "none"
-    return f"now {target.describe()}, capabilities {names}"
+    return f"now {target.describe()}, capabilities {_names(keep)}"
+
+
+def narrow(keep: tuple[int, ...]) -> Optional[str]:
+    """Not root, with capabilities (e.g. systemd's AmbientCapabilities=): keep only those
+    of ``keep`` the process has, in every set; None if there was nothing to drop (or
+    any of the process's uids is 0: root is left as it is)."""
+    st = proc_status()
+    prm = int(st.get("CapPrm", "0"), 16)
+    left = prm & cap_mask(keep)
+    if "0" in st.get("Uid", "0").split() or prm == left and int(st.get("CapAmb", "0"), 16) == 0 and int(st.get("CapInh", "0"), 16) == 0:
+        return None
+    _single_thread()
+    kept = _caps_of(left)
+    if prm >> CAP_SETPCAP & 1:  # the bounding set can shrink only with CAP_SETPCAP
+        for cap in range(_last_cap() + 1):
+            if cap not in kept:
+                _prctl(PR_CAPBSET_DROP, cap, f"dropping capability {cap} from the bounding set")
+    _prctl(PR_SET_NO_NEW_PRIVS, 1, "setting no_new_privs")
+    _clear_ambient()
+    _capset(kept)
+    eff = int(proc_status().get("CapEff", "0"), 16)
+    if eff != left:
+        raise PrivilegeError(f"capability drop did not take: CapEff {eff:016x}")
+    return f"still uid {os.geteuid()}, capabilities {_names(kept)}"
+
+
+def after_setup(target: Optional[Target], keep: tuple[int, ...], log) -> None:
+    """The shell's ``after_start``: drop what the role no longer needs, and say so."""
+    if target is not None and check(target):
+        log.info("privileges dropped: %s", drop(target, keep))
+    elif os.geteuid() != 0 and (what := narrow(keep)) is not None:
+        log.info("privileges dropped: %s", what)

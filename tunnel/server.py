@@ -185,8 +185,7 @@ def run(cfg: ServerConfig) -> int:
         shell.keep_warm = cfg.keep_warm
         if cfg.metrics:
             shell.metrics = MetricsServer(*cfg.metrics, shell.status, "server")
-        if target is not None:
-            shell.after_start = lambda: log.info("privileges dropped: %s", privs.drop(target))
+        shell.after_start = lambda: privs.after_setup(target, privs.SERVER_KEEP, log)
         shell.run()
         log.info("stopped")
     finally:
