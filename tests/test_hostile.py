@@ -22,6 +22,7 @@ import pytest
 from OpenSSL import SSL
 
 from tunnel.dtls import DtlsListener, DtlsSession, _ConnState, client_hello_cookie, make_context
+from tunnel.lab import starve
 from tunnel.lab.attack import client_hello, dtls_context
 from tunnel.lab.netns import Host, Lab
 from tunnel.lab.servermem import rss_kib
@@ -37,11 +38,11 @@ ATTACK_SOURCES = "198.18.21.0/24"
 
 
 def add_attacker(lab: Lab, server: Host) -> Host:
-    atk = lab.add_host("atk")
-    link = lab.link(server, atk, ATTACK_LINK)
-    atk.run(["ip", "route", "add", "local", ATTACK_SOURCES, "dev", "lo"])
-    atk.run(["ip", "route", "add", "default", "via", link.a_addr])
-    server.run(["ip", "route", "add", ATTACK_SOURCES, "via", link.b_addr])
+    """The attacker sends from ATTACK_SOURCES (one /24) and from starve.FLOOD_SOURCES (a /16: one
+    source per /24 with ``--spread 24``, as many senders as the server's per-prefix limits see)."""
+    atk = starve.add_attacker(lab, server, ATTACK_LINK, ATTACK_SOURCES)
+    atk.run(["ip", "route", "add", "local", starve.FLOOD_SOURCES, "dev", "lo"])
+    server.run(["ip", "route", "add", starve.FLOOD_SOURCES, "via", ATTACK_LINK.rsplit(".", 1)[0] + ".2"])
     return atk
 
 
@@ -279,7 +280,7 @@ def test_flood_of_junk_and_handshakes_leaves_the_media_stream_alone(tunnel_stack
         procs.append(atk.popen(attack_argv("junk", "--to", target, "--rate", JUNK_RATE, "--seconds", FLOOD_SECONDS,
                                            "--sources", ATTACK_SOURCES), stdout=subprocess.PIPE, text=True))
         procs.append(atk.popen(attack_argv("hello", "--to", target, "--rate", HELLO_RATE, "--seconds", FLOOD_SECONDS,
-                                           "--sources", ATTACK_SOURCES, "--answer", ANSWER,
+                                           "--sources", starve.FLOOD_SOURCES, "--spread", 24, "--answer", ANSWER,
                                            "--answer-rate", ANSWER_RATE), stdout=subprocess.PIPE, text=True))
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -329,3 +330,26 @@ def test_flood_of_junk_and_handshakes_leaves_the_media_stream_alone(tunnel_stack
     assert result.lost == 0 or (result.lost <= rcvbuf_drops and result.loss_ratio <= 0.01), (summary, rcvbuf_drops)
     assert "Traceback" not in log and log.count("connected from") == 1 and " gone: " not in log
     assert len(stack.server_status()["tunnels"]) == 1
+
+
+# -- silent half-open handshakes (issue 16, finding 1) ---------------------------------------------------
+STARVE_RATE, STARVE_SOURCES = 80, 16  # silent half-open handshakes/s, from this many addresses (own /24 each)
+
+
+@pytest.mark.netns
+def test_a_real_client_gets_its_tunnel_within_a_second_while_silent_handshakes_fill_the_server(tunnel_stack) -> None:
+    """Senders that answer the cookie, take the server's flight and go silent, at 80/s from 16
+    addresses: before, they held all of max_handshakes (256) and a new client was refused for up
+    to 10 s; now the newcomer takes the oldest slot of the busiest prefix (tunnel/admission.py)."""
+    hosts = tunnel_stack.hosts
+    atk = add_attacker(hosts.lab, hosts.server)
+    res = starve.time_to_tunnel(tunnel_stack, atk, STARVE_RATE, STARVE_SOURCES)
+    print(f"starvation: {res.to_json()}")
+    # the flood ran as asked and filled the half-open table: the test exercises a full server
+    assert res.achieved >= 0.75 * STARVE_RATE and res.flights > 0, res
+    assert res.half_open_at_start >= 0.8 * 256 and res.counters["handshakes_refused"] > 0, res
+    # the real client got in on its first attempt, within a second of it
+    assert res.time_to_tunnel_s < 1.0 and res.client_attempts == 1, res
+    assert res.counters["handshakes_evicted"] >= 1, res
+    log = tunnel_stack.server_log.read_text()
+    assert "Traceback" not in log and log.count("connected from") == 1

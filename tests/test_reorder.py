@@ -191,3 +191,18 @@ def test_balance_over_unequal_paths_is_put_back_in_order(unequal_paths) -> None:
     assert ordered.lost == 0 and ordered.received == ordered.sent
     assert ordered.reordered == 0
     assert tunnel["reorder"]["released"] > ordered.received // 10 and tunnel["reorder"]["timeouts"] == 0
+
+
+def test_bytes_held_are_bounded_over_all_queues() -> None:
+    """Issue 16 (finding 6): a peer may send every packet DATA_ORDERED on 256 queues; what the
+    receiver holds is bounded in bytes, not only in packets per queue."""
+    r = Reorderer(max_bytes=100_000)
+    out: list = []
+    for q in range(256):
+        r.push(q, 0, 1.0, 0, b"x", 0.0, -1, out)  # each queue starts at 0
+    for i in range(1, 20):  # a gap (qseq 1 never comes) on every queue, then 1000-byte packets
+        for q in range(256):
+            r.push(q, 1 + i, 1.0, i, bytes(1000), 0.0, -1, out)
+        assert r.held_bytes <= 100_000
+    assert r.overflows > 0 and r.held_bytes == sum(len(p) for q in r.waiting for p, _, _ in r._queues[q].held.values())
+    assert r.stats()["held_bytes"] == r.held_bytes

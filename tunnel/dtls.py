@@ -26,9 +26,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi as _ffi, lib as _lib  # error strings and the fast record path
+
+from tunnel.frames import printable
 
 DTLS1_2_VERSION = 0xFEFD
 CIPHERS = (
@@ -102,8 +105,17 @@ def _name_matches(cert: x509.Certificate, name: str) -> bool:
 
 
 def common_name(cert: x509.Certificate) -> str:
+    """The certificate's CN ("" if it has none), with anything unprintable escaped: it names
+    the client in logs, status and the config, and a CA need not have vetted every byte."""
     attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(attrs[0].value) if attrs else ""
+    return printable(str(attrs[0].value)) if attrs else ""
+
+
+def key_id(cert: x509.Certificate) -> bytes:
+    """SHA-256 of the certificate's SubjectPublicKeyInfo: what binds a tunnel to its owner
+    (a second certificate with the same CN but another key is another client)."""
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).digest()
 
 
 @dataclass

@@ -62,10 +62,13 @@ class PathDown:
 
 @dataclass
 class Refused:
-    """A peer was refused (bad certificate, unknown client, protocol error)."""
+    """A peer was refused (bad certificate, unknown client, protocol error).  Reported at a
+    bounded rate (tunnel/admission.py): ``unlogged`` refusals were counted, not reported, since
+    the last one that was."""
 
     addr: tuple
     reason: str
+    unlogged: int = 0
 
 
 @dataclass
@@ -76,6 +79,7 @@ class ClientConnected:
     address: str
     addr: tuple
     replaced: bool
+    note: str = ""  # e.g. its certificate has another key than the tunnel it replaced
 
 
 @dataclass

@@ -16,6 +16,15 @@ from typing import Union
 
 from aioquic.buffer import Buffer, BufferReadError
 
+
+def printable(text: str) -> str:
+    """``text`` with every unprintable character (newlines, escapes, other controls) written as
+    a Python escape: strings a peer chose (a CLOSE reason, a certificate name) end up in log
+    lines, and a raw newline there would forge a log line of its own."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
 PROTOCOL_VERSION = 1
 TUNNEL_ID_LEN = 16
 NEW_TUNNEL = bytes(TUNNEL_ID_LEN)
@@ -251,7 +260,7 @@ def parse(data: bytes) -> Frame:
             n = buf.pull_uint_var()
             if n > MAX_REASON:
                 raise FrameError("CLOSE reason too long")
-            frame = Close(code, buf.pull_bytes(n).decode("utf-8", "replace"))
+            frame = Close(code, buf.pull_bytes(n).decode("utf-8", "replace"))  # printable() before logging it
         else:
             raise FrameError(f"unknown frame type {ftype:#x}")
     except BufferReadError:

@@ -12,7 +12,11 @@ gap is known to be a loss: every live path has delivered a packet sent after
 the held one (paths are FIFO, so the missing packet would have arrived first).
 Then the gap is skipped.  A packet that arrives after its gap was skipped is
 delivered at once (late beats lost).  Memory is bounded: at most ``max_held``
-packets per queue, beyond which the oldest gap is skipped.
+packets per queue, beyond which the oldest gap is skipped, and at most
+``max_bytes`` held over all queues of a tunnel, beyond which the gaps of the
+queues that have waited longest are skipped.  The byte bound matters because
+the *sender's* policy decides which packets are DATA_ORDERED (docs/POLICY.md):
+a peer may send every packet ordered, on up to 256 queues.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from tunnel.scheduler import flow_hash
 QSEQ_MOD = 1 << 16  # the per-queue sequence number is 16 bits on the wire
 HALF = QSEQ_MOD >> 1
 DEFAULT_MAX_HELD = 256
+DEFAULT_MAX_BYTES = 1 << 20  # packets held for reordering, per tunnel (1 MiB: ~700 full-size packets)
 
 
 def queue_of(packet: bytes) -> int:
@@ -57,8 +62,10 @@ class _Queue:
 class Reorderer:
     """In-order delivery per queue; ``out`` lists receive the packets to deliver."""
 
-    def __init__(self, max_held: int = DEFAULT_MAX_HELD):
+    def __init__(self, max_held: int = DEFAULT_MAX_HELD, max_bytes: int = DEFAULT_MAX_BYTES):
         self.max_held = max_held
+        self.max_bytes = max_bytes
+        self.held_bytes = 0
         self._queues: dict[int, _Queue] = {}
         self.waiting: set[int] = set()  # queues holding packets (empty: nothing to do)
         self.in_order = 0  # delivered without waiting
@@ -103,11 +110,16 @@ class Reorderer:
             elif deadline < q.deadline:
                 q.deadline = deadline
             q.held[qseq] = (packet, deadline, seq)
+            self.held_bytes += len(packet)
             if len(q.held) > self.max_held:
                 self.overflows += 1
                 self._skip(queue, q, out)
             else:
                 self._release_lost(queue, q, floor, out)
+            while self.held_bytes > self.max_bytes and self.waiting:
+                self.overflows += 1  # the queue that has waited longest gives up its first gap
+                oldest = min(self.waiting, key=lambda k: self._queues[k].deadline)
+                self._skip(oldest, self._queues[oldest], out)
 
     def _head(self, q: _Queue) -> int:
         nxt = q.next
@@ -124,7 +136,9 @@ class Reorderer:
         held = q.held
         nxt = q.next
         while nxt in held:
-            out.append(held.pop(nxt)[0])
+            pkt = held.pop(nxt)[0]
+            self.held_bytes -= len(pkt)
+            out.append(pkt)
             self.released += 1
             nxt = (nxt + 1) % QSEQ_MOD
         q.next = nxt
@@ -162,4 +176,4 @@ class Reorderer:
     def stats(self) -> dict:
         return {"in_order": self.in_order, "released": self.released, "late": self.late,
                 "skipped": self.skipped, "timeouts": self.timeouts, "overflows": self.overflows,
-                "held": self.held}
+                "held": self.held, "held_bytes": self.held_bytes}

@@ -29,12 +29,15 @@ def log_event(ev) -> None:
     if isinstance(ev, events.PathUp):
         log.info("path %s up: client '%s', %s", fmt_addr(ev.addr), ev.peer, ev.cipher)
     elif isinstance(ev, events.Refused):
-        log.warning("refused %s: %s", fmt_addr(ev.addr), ev.reason)
+        log.warning("refused %s: %s%s", fmt_addr(ev.addr), ev.reason,
+                    f" ({ev.unlogged} more refusals counted, not logged, since the last line)" if ev.unlogged else "")
     elif isinstance(ev, events.ClientConnected):
         log.info(
             "client '%s' connected from %s, inner address %s%s",
             ev.name, fmt_addr(ev.addr), ev.address, " (replaces its previous tunnel)" if ev.replaced else "",
         )
+        if ev.note:
+            log.warning("client '%s': %s", ev.name, ev.note)
     elif isinstance(ev, events.ClientGone):
         log.info("client '%s' (%s) gone: %s", ev.name, ev.address, ev.reason)
     elif isinstance(ev, events.PathDown):

@@ -35,6 +35,12 @@ import time
 from typing import Optional, Sequence
 
 CHUNK = 50  # datagrams sent between two looks at the clock
+_stop = False  # SIGTERM: stop early and still print what was sent
+
+
+def _on_sigterm(*_) -> None:
+    global _stop
+    _stop = True
 
 
 def parse_addr(text: str) -> tuple[str, int]:
@@ -42,10 +48,15 @@ def parse_addr(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def source_list(cidr: Optional[str], limit: int = 254) -> list[str]:
+def source_list(cidr: Optional[str], limit: int = 254, spread: Optional[int] = None) -> list[str]:
+    """Source addresses from ``cidr``: its hosts in order, or with ``spread`` one host of each
+    /``spread`` subnet (sources in different prefixes, as the server counts them)."""
     if not cidr:
         return [""]
     net = ipaddress.ip_network(cidr, strict=False)
+    if spread is not None and spread > net.prefixlen:
+        return [str(next(iter(sub.hosts()), sub.network_address)) for sub, _ in
+                zip(net.subnets(new_prefix=spread), range(limit))]
     hosts = [str(a) for a in net.hosts()] if net.num_addresses > 2 else [str(net.network_address)]
     return hosts[:limit]
 
@@ -67,7 +78,7 @@ def paced(rate: float, seconds: float, send_one) -> tuple[int, float]:
     sent = 0
     while True:
         now = time.monotonic()
-        if now >= end:
+        if now >= end or _stop:
             break
         due = int((now - start) * rate) + 1
         if sent >= due:
@@ -81,7 +92,7 @@ def paced(rate: float, seconds: float, send_one) -> tuple[int, float]:
 
 def junk(args) -> dict:
     to = parse_addr(args.to)
-    socks = bound_sockets(source_list(args.sources))
+    socks = bound_sockets(source_list(args.sources, spread=args.spread))
     pool = [os.urandom(1 + (i * 37) % 200) for i in range(1024)]
     errors = 0
 
@@ -123,7 +134,7 @@ def hello(args) -> dict:
     from OpenSSL import SSL
 
     to = parse_addr(args.to)
-    sources = source_list(args.sources)
+    sources = source_list(args.sources, spread=args.spread)
     socks = bound_sockets(sources)
     ctx = dtls_context()
     hellos = [client_hello(ctx)[1] for _ in range(32)]
@@ -203,12 +214,20 @@ def hello(args) -> dict:
         if i % 10 == 0:
             poll()
 
-    sent, took = paced(args.rate, args.seconds, send_one)
+    if args.rate > 0:
+        sent, took = paced(args.rate, args.seconds, send_one)
+    else:  # --rate 0: only the cookie exchanges of --answer
+        start = time.monotonic()
+        while time.monotonic() - start < args.seconds and not _stop:
+            poll()
+            time.sleep(0.001)
+        took = time.monotonic() - start
     end = time.monotonic() + 1.0
     while sel.get_map() and time.monotonic() < end:  # the last answers
         time.sleep(0.01)
         poll(start_new=False)
     return {"kind": "hello", **stats, "seconds": round(took, 3), "rate": round(stats["hellos"] / took, 1),
+            "answer_rate": round(stats["attempts"] / took, 1),
             "sources": len(socks), "answering_sources": len(answering)}
 
 
@@ -244,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--rate", type=float, required=True, help="datagrams per second")
         q.add_argument("--seconds", type=float, required=True)
         q.add_argument("--sources", help="CIDR whose host addresses are the sources (default: any)")
+        q.add_argument("--spread", type=int, help="one source per subnet of this prefix length (e.g. 24)")
         if name == "hello":
             q.add_argument("--answer", type=int, default=0, help="sources that also answer the cookie")
             q.add_argument("--answer-rate", type=float, default=20.0, help="cookie exchanges per second per source")
@@ -257,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     result = {"junk": junk, "hello": hello, "raw": raw}[args.command](args)
     print(json.dumps(result), flush=True)
     return 0
