@@ -25,7 +25,8 @@ waited as long.  A stop can land in two places, and both are seen:
 
 Operators see the count and the longest in ``status`` and /metrics; tests use
 the recent ones to tell a tunnel that held packets from a machine that held
-the tunnel.  The CPU clock read costs about 0.15 us per wakeup.
+the tunnel.  The CPU clock read costs about 0.18 us per wakeup (a bare loop
+iteration: 600 ns before, 775 ns with it, on the 2-core lab machine).
 """
 
 from __future__ import annotations
