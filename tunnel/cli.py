@@ -162,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         # netlink trouble (e.g. a pushed route clashes with one the host has): one line, no
         # traceback.  tunnel.netlink is only imported by the commands that use it (pyroute2
         # costs 0.2 s at start), so its error class is looked up here.
-        netlink = sys.modules.get("tunnel.netlink")
-        if netlink is None or not isinstance(exc, netlink.NetlinkErrorMsg):
+        netlink, tun = sys.modules.get("tunnel.netlink"), sys.modules.get("tunnel.tun")
+        if not ((netlink is not None and isinstance(exc, netlink.NetlinkErrorMsg))
+                or (tun is not None and isinstance(exc, tun.TunError))):
             raise
         print(f"mptun {args.command}: error: {exc}", file=sys.stderr)
         return 1

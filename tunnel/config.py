@@ -66,7 +66,7 @@ class ServerConfig:
     crl: Optional[Path] = None  # CRL signed by the CA: revoked client certificates (reloaded on SIGHUP)
     crl_expired: str = "warn"  # a CRL past its nextUpdate: "warn" or "refuse" new handshakes (tunnel/revocation.py)
     deny: list[str] = field(default_factory=list)  # client names refused (reloaded on SIGHUP)
-    user: Optional[str] = None  # drop to this user after set-up (keeping CAP_NET_ADMIN/CAP_NET_RAW)
+    user: Optional[str] = None  # drop to this user after set-up (keeping only what the role uses: tunnel/privs.py)
     group: Optional[str] = None
     pool6: Optional[ipaddress.IPv6Network] = None  # IPv6 inside the tunnel: one /128 per client from this prefix
     static_addresses6: dict[str, ipaddress.IPv6Address] = field(default_factory=dict)  # [clients.NAME] address6
@@ -100,7 +100,7 @@ class ClientConfig:
     metrics: Optional[tuple[str, int]] = None
     log_level: str = "info"
     control: Optional[Path] = None
-    user: Optional[str] = None  # drop to this user after set-up (keeping CAP_NET_ADMIN/CAP_NET_RAW)
+    user: Optional[str] = None  # drop to this user after set-up (keeping only what the role uses: tunnel/privs.py)
     group: Optional[str] = None
     keep_warm: bool = True  # a dummy pass over the packet path before a periodic packet is due (tunnel/warm.py)
 

@@ -174,7 +174,7 @@ class StatusCollector:
         if _number(loop.get("stalls")) is None:
             return
         yield CounterMetricFamily(
-            "mptun_loop_stalls", f"Wakeups {STALL_MS} ms or more later than asked: the OS did not run mptun.",
+            "mptun_loop_stalls", f"Times of {STALL_MS} ms or more the OS did not run mptun (a late wakeup, or callbacks held off the CPU).",
             value=_number(loop["stalls"]),
         )
         yield CounterMetricFamily(

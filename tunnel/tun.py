@@ -34,6 +34,10 @@ IFNAMSIZ = 16
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: ifr_name, ifr_flags, the rest of the 40-byte union
 
 
+class TunError(OSError):
+    """The TUN device cannot be opened or made (one line: what and why; the CLI prints it)."""
+
+
 class TunClone:
     """/dev/net/tun opened now; a :class:`TunDevice` made on it later takes the descriptor."""
 
@@ -41,7 +45,8 @@ class TunClone:
         try:
             self.fd: Optional[int] = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
+            hint = " (load the tun module: modprobe tun)" if exc.errno == 2 else ""
+            raise TunError(exc.errno, f"cannot open {path}: {exc.strerror}{hint}") from None
 
     def attach(self, name: str) -> tuple[int, str]:
         """TUNSETIFF (needs CAP_NET_ADMIN): the fd and the kernel's name for the new
@@ -50,11 +55,11 @@ class TunClone:
         if self.fd is None:
             raise ValueError("the TUN clone descriptor was used or closed already")
         if len(name.encode()) >= IFNAMSIZ:
-            raise OSError(f"TUN name {name!r} is longer than {IFNAMSIZ - 1} bytes")
+            raise TunError(f"TUN name {name!r} is longer than {IFNAMSIZ - 1} bytes")
         try:
             ifr = fcntl.ioctl(self.fd, TUNSETIFF, _IFREQ.pack(name.encode(), IFF_TUN | IFF_NO_PI))
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot create TUN device {name!r}: {exc.strerror}") from None
+            raise TunError(exc.errno, f"cannot create TUN device {name!r}: {exc.strerror}") from None
         fd, self.fd = self.fd, None
         return fd, _IFREQ.unpack(ifr)[0].rstrip(b"\0").decode()
 
