@@ -21,7 +21,7 @@ import pytest
 from tunnel import events, frames, mtu
 from tunnel.certs import create_ca, issue_client, issue_server
 from tunnel.client_core import (
-    BACKOFF_MIN, BACKOFF_REFUSED, C_CLOSED, C_CONNECTING, C_UP, REBIND_AFTER, ClientCore,
+    BACKOFF_MIN, BACKOFF_REFUSED, C_CLOSED, C_CONNECTING, C_UP, REBIND_AFTER, SILENT_ATTEMPT, SILENT_BACKOFF, ClientCore,
 )
 from tunnel.dtls import ESTABLISHED, DtlsSession, make_context
 from tunnel.estimator import RECOVER_PROBES, PathEstimator
@@ -834,48 +834,144 @@ def test_down_path_comes_back_after_recover_probes_pongs(pki: Path, pongs) -> No
     assert c.core.stats()["paths"][1]["state_changes"] == 2
 
 
-def test_dead_path_reconnects_and_joins_the_same_tunnel(pki: Path, plain) -> None:
+def test_a_path_silent_longer_than_timeout_keeps_its_session_and_carries_data_at_once(pki: Path, plain) -> None:
+    """Issue 16 finding 7: an outage of 6 s (three times the timeout) does not end the path's
+    session on either side; the moment the link works again DATA flows both ways on the same
+    session (no handshake, no JOIN, no TunnelDown), and the sequence space goes on."""
     net, c = one_path(pki)
-    old_addr, t, tid = c.addr("a"), net.tunnel(), c.core.tunnel_id
-    for i in range(3):
-        c.send_up(up_pkt(i))
-    net.advance(0.5)
-    path = c.path("a")
-    net.drop_down.add("a")  # the server's datagrams stop arriving
-    last = path.est.last_rx
-    t_down = net.run_until(lambda: path.state == P_DOWN, 1.0)
-    assert t_down == last + DEAD and c.evs(events.PathState) == [events.PathState("a", "a", "down")]
-    assert c.send_up(up_pkt(3)) == ["a"]  # the only path: a packet on a path that may be dead
-    t_closed = net.run_until(lambda: c.evs(events.TunnelDown), TIMEOUT)
-    assert t_closed == last + TIMEOUT
-    assert path.state == P_CLOSED
-    (down,) = c.evs(events.PathDown)
-    assert down.addr == "a" and down.reason == "nothing received for 2.0 s"
-    assert c.evs(events.TunnelDown) == [events.TunnelDown("nothing received for 2.0 s")]
-    assert c.core.state == C_CONNECTING and c.core.tunnel_id == tid
-    assert c.send_up(up_pkt(4)) == [] and c.core.dropped_no_path == 1
-    net.drop_down.discard("a")
-    t_again = net.run_until(lambda: c.core.state == C_UP, 1.0)
-    assert c.times(events.Connecting)[-1] == t_closed + BACKOFF_MIN
-    assert c.evs(events.Connecting)[-1] == events.Connecting("a", 2)
-    assert c.addr("a") != old_addr  # a new socket
-    assert t_again == t_closed + BACKOFF_MIN
-    # the new session JOINed the tunnel it had: same tunnel, id and address
-    assert frames_seen(plain, "server", frames.Hello)[-1] == frames.Hello(1, tid, 1, 2, 0)
-    assert net.tunnel() is t and c.core.tunnel_id == tid
-    assert len(net.sev(events.ClientConnected)) == 1 and not net.sev(events.ClientGone)
-    assert net.sev(events.PathJoined) == [events.PathJoined(c.addr("a"), "alice")]
-    assert len(c.evs(events.TunnelUp)) == 2 and c.core.config.addresses == [FIRST_CLIENT]
-    # the sequence space goes on: the next DATA is number 5 (1-4 went out before)
-    up = up_pkt(9)
-    c.send_up(up)
-    net.send_down(down_pkt(9))
+    t, tid, path, spath, old_addr = net.tunnel(), c.core.tunnel_id, c.path("a"), net.spath(c, "a"), c.addr("a")
+    sent = {"up": 0, "down": 0}
+    arrived: dict = {"up": [], "down": []}
+
+    def traffic() -> None:  # a packet each way every step (64/s), like a media stream
+        sent["up"] += 1
+        sent["down"] += 1
+        c.send_up(up_pkt(sent["up"]))
+        net.server.send_packet(down_pkt(sent["down"]), net.now)
+        if net.server.to_tun:
+            arrived["up"].append(net.now)
+            net.server.to_tun.clear()
+        if c.core.to_tun:
+            arrived["down"].append(net.now)
+            c.core.to_tun.clear()
+
+    net.advance(0.5, each=traffic)
+    net.cut("a")
+    t_cut = net.now
+    net.advance(6.0, each=traffic)
+    assert 6.0 > 2 * TIMEOUT
+    # both ends still hold the session, down, and say how long it has been silent
+    assert path.alive and path.state == P_DOWN and spath.alive and spath.state == P_DOWN
+    assert net.server.paths[old_addr] is spath and t.paths == [spath]
+    st = c.core.stats()["paths"][0]
+    assert st["state"] == "down" and 5.5 <= st["silent_s"] <= 6.0
+    assert 5.5 <= net.server.stats()["tunnels"][0]["paths"][0]["silent_s"] <= 6.0
+    assert c.core.state == C_UP and not c.evs(events.TunnelDown) and not c.evs(events.PathDown)
+    assert not net.sev(events.PathDown) and not net.sev(events.ClientGone)
+    assert c.core.stats()["rebind_attempts"] >= 2  # spares kept trying (a server that lost the session)
+    handshakes = len(c.evs(events.PathUp))
+    n_hello = len(frames_seen(plain, "server", frames.Hello))
+    net.mend("a")
+    t_mend = net.now
+    arrived["up"].clear(), arrived["down"].clear()
+    net.advance(1.0, each=traffic)
+    # the first datagram after the link works gets through: within 200 ms, data again both ways
+    assert arrived["up"][0] - t_mend <= 0.2 and arrived["down"][0] - t_mend <= 0.2
+    # here at once: sent at the first step after the mend, seen by traffic() at the next
+    assert arrived["up"][0] - t_mend <= 2 * STEP and arrived["down"][0] - t_mend <= 2 * STEP
+    # on the same sessions: no new handshake completed, no HELLO/JOIN, no rebinding
+    assert c.path("a") is path and net.server.paths[old_addr] is spath and c.addr("a") == old_addr
+    assert len(c.evs(events.PathUp)) == handshakes and len(frames_seen(plain, "server", frames.Hello)) == n_hello
+    assert c.core.stats()["rebinds"] == 0 and net.server.counters["paths_replaced"] == 0
+    assert path.state == P_UP and spath.state == P_UP and c.core.stats()["paths"][0]["silent_s"] == 0.0
+    assert net.tunnel() is t and c.core.tunnel_id == tid and len(net.sev(events.ClientConnected)) == 1
+    # the sequence space went on: nothing was restarted
+    assert frames_seen(plain, "server", frames.Data)[-1].seq == sent["up"]
+    assert t_mend - t_cut == pytest.approx(6.0)
+
+
+def test_a_rolling_outage_loses_no_media(pki: Path) -> None:
+    """Issue 16 finding 7, the rolling case (two modems through coverage holes): path a is silent
+    for 6 s (longer than the timeout); as it comes back, path b goes silent.  Duplicate mode must
+    carry the stream on a at once: no gap beyond one packet interval (+ 200 ms at most), and
+    no packet lost either way (the switch happens between two packets)."""
+    net, c = two_paths(pki)
+    interval = 2 * STEP  # 32 packets/s each way
+    sent = {"up": 0, "down": 0}
+    got: dict = {"up": [], "down": []}  # arrival times
+
+    def collect() -> None:
+        for side, tun in (("up", net.server.to_tun), ("down", c.core.to_tun)):
+            got[side] += [net.now] * len(tun)
+            tun.clear()
+
+    def traffic() -> None:
+        collect()
+        if round((net.now - T0) / STEP) % 2 == 0:
+            sent["up"] += 1
+            sent["down"] += 1
+            c.send_up(up_pkt(sent["up"]))
+            net.server.send_packet(down_pkt(sent["down"]), net.now)
+
+    net.advance(1.0, each=traffic)
+    start = {k: len(v) for k, v in got.items()}
+    sent_before = dict(sent)
+    net.cut("a")
+    net.advance(6.0, each=traffic)
+    net.mend("a")
+    net.cut("b")
+    net.advance(3.0, each=traffic)
+    collect()  # what arrived in the last step
+    for side in ("up", "down"):
+        times = got[side][start[side]:]
+        assert len(times) == sent[side] - sent_before[side], (side, len(times), sent[side] - sent_before[side])
+        gap = max(b - a for a, b in zip(times, times[1:]))
+        assert gap <= interval + 0.2, (side, gap)
+        assert gap <= interval + STEP, (side, gap)  # in fact: not one packet late
+    assert c.core.stats()["rebinds"] == 0 and net.server.counters["paths_replaced"] == 0
+    assert sorted(c.joined()) == ["a", "b"] and c.path("a").state == P_UP and c.path("b").state == P_DOWN
+
+
+def test_a_server_restart_during_a_long_outage_still_recovers_with_a_new_handshake(pki: Path) -> None:
+    """The kept session is useless when the server lost it: the spare sessions that keep trying
+    during the outage find the new server, hear that the tunnel is unknown and start a new one."""
+    net, c = one_path(pki)
+    tid = c.core.tunnel_id
+    net.cut("a")
+    net.advance(3 * TIMEOUT)
+    assert c.core.state == C_UP and c.path("a").state == P_DOWN  # still holding the old session
+    net.restart_server()
+    net.mend("a")
+    t0 = net.now
+    t_up = net.run_until(lambda: c.core.state == C_UP and c.core.tunnel_id not in (tid, frames.NEW_TUNNEL), 3.0)
+    assert t_up - t0 <= SILENT_ATTEMPT + SILENT_BACKOFF + 0.1  # the next spare attempt
+    assert c.evs(events.TunnelDown) == [events.TunnelDown("the server no longer knows the tunnel")]
+    assert c.core.config.addresses == [FIRST_CLIENT]
+    assert c.send_up(up_pkt()) == ["a"] and net.send_down(down_pkt()) == ["a"]
+
+
+def test_a_link_event_retries_at_once(pki: Path) -> None:
+    """A link or address event (the shell's netlink watcher) makes a silent path try again now:
+    a spare attempt that has heard nothing is restarted instead of running out its second."""
+    net, c = one_path(pki)
+    tid = c.core.tunnel_id
+    net.cut("a")
+    slot = c.core.slots["a"]
+    net.advance(2.0)
+    net.run_until(lambda: slot.spare is not None and net.now - slot.spare.created >= 2 * SILENT_BACKOFF, 2.0)
+    net.restart_server()  # the kept session is lost: only a new handshake helps
+    net.mend("a")
+    t0 = net.now
+    c.core.link_changed(t0)
+    c.drain()
     net.pump()
-    assert frames_seen(plain, "server", frames.Data)[-1].seq == 5
-    assert net.server.to_tun[-1] == up and c.core.to_tun[-1] == down_pkt(9)
-    # the server's session of the old address times out on its own
-    net.run_until(lambda: len(t.paths) == 1, TIMEOUT + 0.5)
-    assert t.paths[0].addr == c.addr("a") and old_addr not in net.server.paths
+    assert c.times(events.Connecting, lambda e: e.key == events.SpareKey("a"))[-1] == t0
+    t_up = net.run_until(lambda: c.core.state == C_UP and c.core.tunnel_id not in (tid, frames.NEW_TUNNEL), 2.0)
+    assert t_up - t0 <= 2 * STEP  # without the event: the unheard spare's second, then SILENT_BACKOFF
+    # a refusal's wait is not cut short by a link event
+    slot.retry_at, slot.refused = net.now + BACKOFF_REFUSED, True
+    c.core.link_changed(net.now)
+    assert slot.retry_at == net.now + BACKOFF_REFUSED
 
 
 def test_backoff_grows_while_server_is_unreachable(pki: Path) -> None:
@@ -910,27 +1006,49 @@ def test_backoff_is_per_path(pki: Path) -> None:
     assert c.core.state == C_UP and c.joined() == ["a"]
 
 
-def test_server_drops_silent_path_and_tunnel_lingers(pki: Path) -> None:
+def test_server_keeps_a_silent_path_down_then_forgets_the_client_after_linger(pki: Path) -> None:
+    """A path that carries a tunnel is kept (down) past the timeout, so it works again at once
+    when its link does; a client whose paths have all been silent for timeout + linger is
+    forgotten (paths, tunnel, route, address), so the server's memory stays bounded."""
     net, c = one_path(pki)
     t = net.tunnel()
     spath = t.paths[0]
     net.drop_up.add("a")
     last = spath.est.last_rx
-    t_gone = net.run_until(lambda: net.sev(events.PathDown), TIMEOUT + 0.1)
-    assert t_gone == last + TIMEOUT
+    net.run_until(lambda: spath.state == P_DOWN, 1.0)
     assert net.stimes(events.PathState) == [last + DEAD]
-    assert net.sev(events.PathDown) == [events.PathDown(c.addr("a"), "nothing received for 2.0 s")]
-    # the tunnel lingers: no path, but its address, route and id stay
-    assert net.server.paths == {} and net.server.tunnels == {t.id: t} and t.paths == []
-    assert t.idle_since == t_gone and net.server.route_table.lookup(FIRST_CLIENT.ip.packed) is t
-    assert net.send_down(down_pkt()) == [] and net.server.route_table.pending(t) == 1  # a pending route
-    assert not net.sev(events.ClientGone)
-    t_forgot = net.run_until(lambda: net.sev(events.ClientGone), LINGER + 0.1)
-    assert t_forgot == t_gone + LINGER
+    net.advance(2 * TIMEOUT)
+    # kept: still in the tunnel, down, probing; its status says how long it has been silent
+    assert net.server.paths == {c.addr("a"): spath} and t.paths == [spath] and spath.state == P_DOWN
+    assert not net.sev(events.PathDown) and t.idle_since is None
+    (st,) = net.server.stats()["tunnels"][0]["paths"]
+    assert st["state"] == "down" and st["silent_s"] == pytest.approx(net.now - last, abs=PROBE)
+    assert net.send_down(down_pkt()) == ["a"]  # sent on the down path (duplicate mode), not held
+    t_forgot = net.run_until(lambda: net.sev(events.ClientGone), TIMEOUT + LINGER)
+    assert t_forgot == last + TIMEOUT + LINGER
+    assert net.sev(events.PathDown) == [events.PathDown(c.addr("a"), f"nothing received for {TIMEOUT + LINGER:.1f} s")]
+    assert net.stimes(events.PathDown) == [t_forgot]
     assert net.sev(events.ClientGone) == [events.ClientGone("alice", "100.64.0.2/24", "no path for 5 s")]
-    assert net.server.tunnels == {} and len(net.server.route_table) == 0 and net.server.by_name == {}
+    assert net.server.tunnels == {} and net.server.paths == {} and len(net.server.route_table) == 0
+    assert net.server.by_name == {}
     net.send_down(down_pkt())
     assert net.server.counters["no_route"] == 1
+
+
+def test_a_client_that_comes_back_within_linger_keeps_its_tunnel_on_the_kept_session(pki: Path) -> None:
+    """Silent for longer than the timeout but less than timeout + linger: the server still holds
+    the path's session, so the client's next datagram is simply accepted."""
+    net, c = one_path(pki)
+    t, spath = net.tunnel(), net.tunnel().paths[0]
+    net.cut("a")
+    net.advance(TIMEOUT + LINGER - 1.0)
+    assert t.paths == [spath] and net.server.tunnels == {t.id: t}
+    net.mend("a")
+    c.send_up(up_pkt(1))
+    net.pump()
+    assert net.server.to_tun == [up_pkt(1)] and spath.est.last_rx == net.now
+    net.advance(LINGER + 1.0)
+    assert net.server.tunnels == {t.id: t} and t.paths == [spath] and not net.sev(events.ClientGone)
 
 
 # -- scheduling modes over real paths ---------------------------------------------------------------------
@@ -1572,20 +1690,19 @@ def test_pending_route_holds_packets_until_a_path_is_back(pki: Path) -> None:
     """Issue 6: packets for a tunnel without path wait (3 at most), are flushed in order, or expire."""
     net, c = one_path(pki)
     t = net.tunnel()
-    net.drop_up.add("a")
-    net.run_until(lambda: net.sev(events.PathDown), TIMEOUT + 0.1)
+    c.remove("a")  # the path is gone (a silent path is kept: it carries the packets instead)
     assert t.paths == []
     pkts = [down_pkt() + bytes([i]) for i in range(5)]
     for p in pkts:
         net.send_down(p)
     assert net.server.route_table.pending(t) == 3 and net.server.route_table.pending_dropped == 2
-    net.drop_up.discard("a")
     c.core.to_tun.clear()
-    net.run_until(lambda: c.core.to_tun, 5.0)  # the client reconnects and JOINs: the queue is flushed
+    c.add("a2")
+    net.run_until(lambda: c.core.to_tun, 5.0)  # the client JOINs again: the queue is flushed
     assert c.core.to_tun[:3] == pkts[:3]
     # past the expiry they are dropped and counted
-    net.drop_up.add("a")
-    net.run_until(lambda: not t.paths, TIMEOUT + 1)
+    c.remove("a2")
+    assert not t.paths
     net.send_down(pkts[0])
     net.advance(net.server.route_table.pending_expiry + 0.1)
     assert net.server.route_table.pending(t) == 0 and net.server.route_table.pending_expired == 1

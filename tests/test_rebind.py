@@ -233,10 +233,11 @@ def test_spare_that_lost_the_race_is_closed_on_the_server(pki: Path, monkeypatch
     spare_addr = c.addrs[events.SpareKey("b")]
     assert spare_addr in net.server.paths  # the server holds the spare's session
     blocked["pongs"] = False
-    net.run_until(lambda: c.core.slots["b"].spare is None, 1.0)
+    net.run_until(lambda: c.core.slots["b"].spare is None, 1.0)  # at the old session's first PONG
     blocked["join"] = False
     net.pump()
-    assert c.path("b") is old and old.state == P_UP and c.core.stats()["rebinds"] == 0
+    net.run_until(lambda: old.state == P_UP, 1.0)
+    assert c.path("b") is old and c.core.stats()["rebinds"] == 0
     assert spare_addr not in net.server.paths  # closed by the client's CLOSE_PATH
     assert sorted(p.addr for p in net.tunnel().paths) == sorted([c.addr("a"), c.addr("b")])
 

@@ -4,9 +4,13 @@ Each path (one local interface towards one server address, named by a
 hashable ``key`` the shell chooses) runs its own DTLS session.  The first
 path to finish its handshake sends HELLO with tunnel id 0 and gets CONFIG
 with the tunnel id; every other path then JOINs that id (HELLO with the id).
-A path that dies reconnects with exponential backoff and JOINs again; the
-tunnel, its TUN device and its sequence space live on.  If the server no
-longer knows the tunnel (it restarted), the client starts a new one.
+A joined path keeps its session through an outage of any length (down,
+probing), so it carries traffic again the moment its link works; a spare
+session from a new socket covers a server that lost the session or a NAT that
+lost the mapping.  A path whose session ends reconnects with exponential
+backoff and JOINs again; the tunnel, its TUN device and its sequence space
+live on.  If the server no longer knows the tunnel (it restarted), the client
+starts a new one.
 
 Inputs: :meth:`add_path`, :meth:`remove_path`, :meth:`receive_datagram`,
 :meth:`send_packet`, :meth:`handle_timer`.  Outputs:
@@ -37,11 +41,13 @@ BACKOFF_MIN = 0.25
 BACKOFF_MAX = 5.0
 BACKOFF_REFUSED = 10.0  # after the server refused us, retry slowly
 HELLO_RETRY = 0.5  # resend HELLO/JOIN when no CONFIG came back within this time
-# NAT rebinding and outages (docs/PROTOCOL.md, Reconnect): a joined path that is down and has
+# NAT rebinding and outages (docs/PROTOCOL.md, Reconnect): a joined path keeps its session however
+# long it is silent (it is down and keeps probing, so it carries traffic again as soon as its link
+# works).  One that is down and has
 # received nothing at all for REBIND_AFTER beyond its dead interval starts a spare session from
 # a new socket (a new source port, so a new NAT mapping) beside the silent one; the spare JOINs
-# and, once it has CONFIG, replaces the silent session (it is dropped if the old one answers
-# again first).  A reconnect handshake (or spare) that hears nothing at all for SILENT_ATTEMPT
+# and, once it has CONFIG, replaces the silent session (it is dropped if the old one gets a PONG
+# again first: the old session works both ways).  A reconnect handshake (or spare) that hears nothing at all for SILENT_ATTEMPT
 # (or 4 RTTs of the path's last session, if longer) is abandoned and retried after
 # SILENT_BACKOFF: at most one ClientHello per 1.25 s per path while an outage lasts.
 REBIND_AFTER = 0.2
@@ -60,7 +66,7 @@ class PathSlot:
 
     __slots__ = (
         "key", "server", "name", "priority", "mtu", "path", "retry_at", "backoff", "hello_sent", "hello_at", "joined", "attempts",
-        "heard", "srtt", "spare", "spare_heard", "spare_hello_at", "spare_retry",
+        "heard", "srtt", "spare", "spare_heard", "spare_hello_at", "spare_retry", "refused",
     )
 
     def __init__(self, key: Hashable, server: tuple, name: str, priority: int, mtu: int):
@@ -78,6 +84,7 @@ class PathSlot:
         self.spare_heard = False
         self.spare_hello_at = 0.0
         self.spare_retry = 0.0
+        self.refused = False  # waiting BACKOFF_REFUSED after the server refused us (a link event does not shorten it)
 
 
 class ClientCore:
@@ -171,6 +178,37 @@ class ClientCore:
             slot.path.close(frames.encode(frames.Close(frames.CLOSE_PATH, reason)), now)
             self._collect(slot.path)
         self._lost(slot, reason, now, reconnect=False)
+
+    def link_changed(self, now: float) -> None:
+        """The underlay changed (the shell saw a link, address or route event): a silent path
+        may work again now, so do not wait for the next probe, spare attempt or back-off.  A
+        down path probes at once and may start a spare at once; a reconnect waiting for its
+        back-off, or a handshake that heard nothing, starts again now.  Attempts younger than
+        SILENT_BACKOFF are left alone, so a burst of events does not become a burst of
+        handshakes."""
+        if self.state == C_CLOSED:
+            return
+        for slot in list(self.slots.values()):
+            path = slot.path
+            if slot.retry_at is not None:
+                if not slot.refused:
+                    slot.retry_at = min(slot.retry_at, now)
+            elif path is None:
+                continue
+            elif path.state == P_HANDSHAKING:
+                if slot.srtt is not None and not slot.heard and now - path.created >= SILENT_BACKOFF:
+                    self._abandon(slot, "the link changed", now, 0.0, report=False)
+            elif path.state == P_DOWN and slot.joined:
+                path.ping(now)
+                self._collect(path)
+                spare = slot.spare
+                if spare is not None and not slot.spare_heard and now - spare.created >= SILENT_BACKOFF:
+                    self._drop_spare(slot, now)
+                    spare = None
+                est = path.est
+                if spare is None and now - est.last_rx >= est.effective_dead_interval + REBIND_AFTER:
+                    self._start_spare(slot, now)
+        self.timer_dirty = True
 
     def _connect(self, slot: PathSlot, now: float) -> None:
         slot.attempts += 1
@@ -329,6 +367,7 @@ class ClientCore:
         self.tunnel_id = config.tunnel_id
         self._creating = None
         slot.joined = True
+        slot.path.silent_limit = INF  # joined: kept through any outage (spares cover a lost session)
         slot.backoff = BACKOFF_MIN
         self._joined.append(slot.path)
         self._refresh()
@@ -394,6 +433,7 @@ class ClientCore:
         if reconnect and self.state != C_CLOSED and slot.key in self.slots:
             delay = backoff if backoff is not None else slot.backoff
             slot.retry_at = now + delay
+            slot.refused = backoff == BACKOFF_REFUSED
             slot.backoff = min(slot.backoff * 2, BACKOFF_MAX)
         if path is not None:
             path.changed = False
@@ -531,8 +571,10 @@ class ClientCore:
                 t = min(t, path.created + max(SILENT_ATTEMPT, 4 * slot.srtt))
             return t
         spare = slot.spare
-        if path.state != P_DOWN or not slot.joined:
+        if not slot.joined or (spare is not None and path.est.last_ack > spare.created):
             return t if spare is None else now  # a spare whose path answers again is dropped
+        if path.state != P_DOWN:
+            return t
         if spare is None:
             est = path.est
             return min(t, max(est.last_rx + est.effective_dead_interval + REBIND_AFTER, slot.spare_retry))
@@ -592,9 +634,11 @@ class ClientCore:
                 self._abandon(slot, "no answer from the server", now, SILENT_BACKOFF, report=False)
             return
         spare = slot.spare
-        if path.state != P_DOWN or not slot.joined:
-            if spare is not None:  # the old session answers again: it stays
+        if not slot.joined or (spare is not None and path.est.last_ack > spare.created):
+            if spare is not None:  # the old session answers again (a PONG: both ways): it stays
                 self._drop_spare(slot, now)
+            return
+        if path.state != P_DOWN:
             return
         if spare is None:
             est = path.est
@@ -658,6 +702,10 @@ class ClientCore:
                 self.malformed += 1
                 continue
             if isinstance(frame, frames.Config) and frame.tunnel_id == self.tunnel_id:
+                old = slot.path
+                if old is not None and old.est is not None and old.est.last_ack > spare.created:
+                    self._drop_spare(slot, now)  # the old session got a PONG meanwhile: it stays
+                    return
                 self._promote(slot, now)
                 for rest in records[i + 1 :]:  # e.g. packets the server held for the tunnel
                     if rest[0] == frames.DATA:
@@ -712,6 +760,7 @@ class ClientCore:
         self._collect(spare)
         self.outbox = [(slot.key if k == key else k, d, t) for k, d, t in self.outbox]
         spare.key = slot.key
+        spare.silent_limit = INF  # joined, like the session it replaces
         old.close(None, now)
         old.out.clear()
         old.changed = False

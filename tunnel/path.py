@@ -3,7 +3,11 @@
 A path answers PINGs itself (the PONG carries this side's receive counters),
 probes the peer every ``probe_interval``, feeds the estimator, and mirrors the
 estimator's up/degraded/down state in ``state``.  A path that has heard
-nothing for ``timeout`` seconds ends its session (closed).  Every record that
+nothing for ``silent_limit`` seconds ends its session (closed): ``timeout``
+until its owner keeps it longer.  A path that carries a tunnel is kept through
+an outage of any length (the client) or for ``timeout + linger`` (the server),
+down and probing, so it carries traffic again the moment its link works,
+without a new handshake (docs/PROTOCOL.md, Long outages).  Every record that
 is not PING/PONG goes up to the tunnel core.  Sans-IO: datagrams in,
 datagrams out, ``now`` passed in.
 """
@@ -46,6 +50,8 @@ class Path:
         self.dead_interval = dead_interval
         self.idle_probe_interval = idle_probe_interval
         self.timeout = timeout
+        self.silent_limit = timeout  # silence that ends the session; the owner raises it once the path joins
+        self.seen_at = now  # the latest time the path was given (for the silence in stats)
         self.created = now
         self.state = P_HANDSHAKING
         self.reason = ""
@@ -92,7 +98,10 @@ class Path:
             self._follow_dtls_state(now)
         if not records:
             return records
-        self.est.last_rx = now  # PathEstimator.on_receive, inlined: this runs per packet
+        est = self.est
+        if self.state == P_DOWN and now - est.last_rx >= est.dead_interval:
+            self._heard_again(now)
+        est.last_rx = now  # PathEstimator.on_receive, inlined: this runs per packet
         if len(records) == 1:  # the common case: one record, usually DATA
             rec = records[0]
             self.rx_records += 1
@@ -120,6 +129,13 @@ class Path:
             self._set(P_UP)
         elif dtls.state in (FAILED, CLOSED):
             self._end(dtls.error)
+
+    def _heard_again(self, now: float) -> None:
+        """A down path hears from the peer after a silence (its link is back): probe at once,
+        so the peer hears this direction too (its own probes may be far apart while idle) and
+        both ends judge the path from fresh answers."""
+        self.seen_at = now
+        self.ping(now)
 
     def _on_ping_pong(self, rec: bytes, now: float) -> None:
         try:
@@ -174,7 +190,7 @@ class Path:
             limit = self.created + HANDSHAKE_TIMEOUT
             return limit if t is None else min(t, limit)
         if self.est is not None and self.state != P_CLOSED:
-            return min(self.est.next_timer(), self.est.last_rx + self.timeout)
+            return min(self.est.next_timer(), self.est.last_rx + self.silent_limit)
         return None
 
     def handle_timer(self, now: float) -> None:
@@ -190,7 +206,8 @@ class Path:
         if self.state == P_CLOSED:
             return
         est = self.est
-        if now - est.last_rx >= self.timeout:
+        self.seen_at = now
+        if now - est.last_rx >= self.silent_limit:
             self._end(f"nothing received for {now - est.last_rx:.1f} s")
             return
         if est.probe_due(now):
@@ -232,6 +249,8 @@ class Path:
             "rate_kbps": 0 if est is None else round(est.rate * 8 / 1000, 1),
             "state_changes": 0 if est is None else est.changes,
             "probing": "idle" if est is not None and est.idle else "active",
+            # how long a down path has heard nothing (its session is kept: it works again at once)
+            "silent_s": round(max(0.0, self.seen_at - est.last_rx), 1) if est is not None and self.state == P_DOWN else 0.0,
             "tx_packets": self.tx_records,
             "rx_packets": self.rx_records,
             "tx_bytes": self.tx_bytes,

@@ -497,10 +497,12 @@ class ServerCore:
         self._events.append(events.PathJoined(path.addr, tunnel.name))
 
     def _replace_stale(self, tunnel: ServerTunnel, now: float) -> None:
-        """A JOIN replaces the tunnel's stale paths: down (no PONG for the dead interval) or silent
-        for the dead interval.  The client rejoins from a new source port when a path stops
-        answering (NAT rebinding, docs/PROTOCOL.md), so the old one is most likely gone for good."""
-        stale = [p for p in tunnel.paths if p.state == P_DOWN or now - p.est.last_rx >= p.est.effective_dead_interval]
+        """A JOIN replaces the tunnel's stale paths: no PONG for the dead interval (silent ones
+        included).  The client rejoins from a new source port when a path stops answering (NAT
+        rebinding, docs/PROTOCOL.md), so the old one is most likely gone for good.  A down path
+        that answers again is not stale (its first PONG after an outage counts, not the three
+        that bring it up): its link is back, and the client keeps it and drops its spare."""
+        stale = [p for p in tunnel.paths if now - p.est.last_ack >= p.est.effective_dead_interval]
         for p in stale:
             self.counters["paths_replaced"] += 1
             p.close(frames.encode(frames.Close(frames.CLOSE_PATH, "replaced by a newer path of the client")), now)
@@ -508,6 +510,7 @@ class ServerCore:
             self._drop_path(p, "stale: replaced by a newer path of the client", now)
 
     def _attach(self, tunnel: ServerTunnel, path: Path, now: float) -> None:
+        path.silent_limit = self.timeout + self.linger  # kept through an outage, down (docs/PROTOCOL.md)
         tunnel.paths.append(path)
         tunnel.idle_since = None
         tunnel.refresh()
@@ -714,8 +717,8 @@ class ServerCore:
             tunnel.paths.remove(path)
             tunnel.dtls_dropped_gone += path.dtls.records_dropped
             tunnel.refresh()
-            if not tunnel.paths:
-                tunnel.idle_since = now
+            if not tunnel.paths:  # a path dropped for silence counts its silence towards linger
+                tunnel.idle_since = min(now, path.est.last_rx + self.timeout) if path.est is not None else now
                 self.timer_dirty = True
 
     def _remove_tunnel(self, tunnel: ServerTunnel, reason: str, now: float, code: int) -> None:

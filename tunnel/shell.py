@@ -341,6 +341,9 @@ class ClientShell(Shell):
         for key, (server, name, priority, mtu) in wanted.items():
             if key not in core.slots:
                 core.add_path(key, server, now, name=name, priority=priority, mtu=mtu)
+        link_changed = getattr(core, "link_changed", None)
+        if link_changed is not None:  # silent paths try again now, not after their back-off
+            link_changed(now)
         self.flush()
 
     def _open_socket(self, key: Hashable) -> None:
