@@ -17,8 +17,9 @@ def _path_rows(paths: list[dict], indent: str) -> list[str]:
             rows.append(f"{indent}path {p.get('name', ''):<10} {p['addr']:<22} {p['state']}")
             continue
         rtt = "-" if p.get("rtt_ms") is None else f"{p['rtt_ms']:.2f} ms"
+        state = p["state"] + (f" {p['silent_s']:g}s" if p.get("silent_s") else "")  # down: silent for how long
         rows.append(
-            f"{indent}path {p.get('name', ''):<10} {p['addr']:<22} {p['state']:<11} rtt {rtt:<10} "
+            f"{indent}path {p.get('name', ''):<10} {p['addr']:<22} {state:<11} rtt {rtt:<10} "
             f"loss {100 * p.get('loss', 0):5.1f}%  rate {p.get('rate_kbps', 0):9.1f} kbit/s  "
             f"tx {p['tx_packets']} pkts/{p['tx_bytes']} B  rx {p['rx_packets']} pkts/{p['rx_bytes']} B  "
             f"dtls-dropped {p['dtls_dropped']}  malformed {p['malformed']}"
