@@ -1020,10 +1020,12 @@ def test_server_keeps_a_silent_path_down_then_forgets_the_client_after_linger(pk
     net.advance(2 * TIMEOUT)
     # kept: still in the tunnel, down, probing; its status says how long it has been silent
     assert net.server.paths == {c.addr("a"): spath} and t.paths == [spath] and spath.state == P_DOWN
-    assert not net.sev(events.PathDown) and t.idle_since is None
+    assert not net.sev(events.PathDown)
     (st,) = net.server.stats()["tunnels"][0]["paths"]
     assert st["state"] == "down" and st["silent_s"] == pytest.approx(net.now - last, abs=PROBE)
-    assert net.send_down(down_pkt()) == ["a"]  # sent on the down path (duplicate mode), not held
+    # silent for the timeout: it counts as no path for the pending route (a few packets wait) and linger
+    assert t.idle_since == last + TIMEOUT
+    assert net.send_down(down_pkt()) == [] and net.server.route_table.pending(t) == 1
     t_forgot = net.run_until(lambda: net.sev(events.ClientGone), TIMEOUT + LINGER)
     assert t_forgot == last + TIMEOUT + LINGER
     assert net.sev(events.PathDown) == [events.PathDown(c.addr("a"), f"nothing received for {TIMEOUT + LINGER:.1f} s")]
@@ -1043,10 +1045,13 @@ def test_a_client_that_comes_back_within_linger_keeps_its_tunnel_on_the_kept_ses
     net.cut("a")
     net.advance(TIMEOUT + LINGER - 1.0)
     assert t.paths == [spath] and net.server.tunnels == {t.id: t}
+    assert t.idle_since is not None and net.send_down(down_pkt(5)) == []  # held: no path heard from
+    c.core.to_tun.clear()
     net.mend("a")
     c.send_up(up_pkt(1))
     net.pump()
     assert net.server.to_tun == [up_pkt(1)] and spath.est.last_rx == net.now
+    assert c.core.to_tun == [down_pkt(5)] and t.idle_since is None  # the held packet follows at once
     net.advance(LINGER + 1.0)
     assert net.server.tunnels == {t.id: t} and t.paths == [spath] and not net.sev(events.ClientGone)
 

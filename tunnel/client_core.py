@@ -393,6 +393,10 @@ class ClientCore:
     def _path_changed(self, slot: PathSlot, now: float) -> None:
         path = slot.path
         path.changed = False
+        if path.heard_again:  # heard after a silence: still down, nothing to report
+            path.heard_again = False
+            if path.state == P_DOWN:
+                return
         if not path.alive:
             self._lost(slot, path.reason, now)
             return

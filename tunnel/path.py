@@ -52,6 +52,7 @@ class Path:
         self.timeout = timeout
         self.silent_limit = timeout  # silence that ends the session; the owner raises it once the path joins
         self.seen_at = now  # the latest time the path was given (for the silence in stats)
+        self.heard_again = False  # a down path heard from the peer after a silence (``changed`` is set too)
         self.created = now
         self.state = P_HANDSHAKING
         self.reason = ""
@@ -135,6 +136,7 @@ class Path:
         so the peer hears this direction too (its own probes may be far apart while idle) and
         both ends judge the path from fresh answers."""
         self.seen_at = now
+        self.heard_again = self.changed = True  # the owner may have held packets for it
         self.ping(now)
 
     def _on_ping_pong(self, rec: bytes, now: float) -> None:

@@ -556,7 +556,7 @@ class ServerCore:
                     self.to_tun.append(reply)
                     self.counters["icmp_sent"] += 1
             return
-        if not tunnel.paths:  # a pending route: hold a few packets until a path is back
+        if not tunnel.paths or tunnel.idle_since is not None:  # a pending route: hold a few packets until a path is back
             if not self.route_table.enqueue(tunnel, pkt, now):
                 self.counters["no_path"] += 1
             return
@@ -688,12 +688,33 @@ class ServerCore:
                 tunnel.idle = True  # no traffic: probe slowly (new paths too)
                 for p in tunnel.paths:
                     p.set_idle(True, now)
+            if tunnel.paths:  # paths all silent for `timeout` count as none (docs/PROTOCOL.md, Long outages)
+                heard = max(p.est.last_rx if p.est is not None else p.created for p in tunnel.paths)
+                if now - heard >= self.timeout:
+                    if tunnel.idle_since is None:  # packets wait in the pending route meanwhile
+                        tunnel.idle_since = heard + self.timeout
+                        self.timer_dirty = True
+                elif tunnel.idle_since is not None:  # heard again: what was held goes out
+                    tunnel.idle_since = None
+                    for pkt in self.route_table.flush(tunnel, now):
+                        self._send_via(tunnel, pkt, now)
             if tunnel.idle_since is not None and now - tunnel.idle_since >= self.linger:
-                self._forget_tunnel(tunnel, f"no path for {self.linger:g} s")
+                if tunnel.paths:  # silent ones (each is closed at timeout + linger anyway)
+                    self._remove_tunnel(tunnel, f"no path for {self.linger:g} s", now, frames.CLOSE_UNKNOWN_TUNNEL)
+                else:
+                    self._forget_tunnel(tunnel, f"no path for {self.linger:g} s")
 
     def _path_changed(self, path: Path, now: float) -> None:
         path.changed = False
         tunnel = self._tunnel_of.get(path.addr)
+        if path.heard_again:  # after a silence: packets held while every path was silent go out now
+            path.heard_again = False
+            if tunnel is not None and tunnel.idle_since is not None and tunnel.paths:
+                tunnel.idle_since = None
+                for pkt in self.route_table.flush(tunnel, now):
+                    self._send_via(tunnel, pkt, now)
+            if path.state == P_DOWN:
+                return  # no state change to report
         if path.alive:
             if tunnel is not None:
                 tunnel.refresh()
