@@ -349,7 +349,8 @@ def test_a_real_client_gets_its_tunnel_within_a_second_while_silent_handshakes_f
     assert res.achieved >= 0.75 * STARVE_RATE and res.flights > 0, res
     assert res.half_open_at_start >= 0.8 * 256 and res.counters["handshakes_refused"] > 0, res
     # the real client got in on its first attempt, within a second of it
+    # (whether it took a free slot or evicted the oldest of the busiest prefix depends on the moment:
+    # test_admission.py checks the eviction itself)
     assert res.time_to_tunnel_s < 1.0 and res.client_attempts == 1, res
-    assert res.counters["handshakes_evicted"] >= 1, res
     log = tunnel_stack.server_log.read_text()
     assert "Traceback" not in log and log.count("connected from") == 1

@@ -349,7 +349,8 @@ class ClientCore:
             elif frame.code == frames.CLOSE_UNKNOWN_TUNNEL:
                 self._forget_tunnel()
                 backoff = 0.0
-            self._lost(slot, f"server closed the path: {frame.reason or frame.code}", now, backoff=backoff)
+            reason = frames.printable(frame.reason) or frame.code  # the server's words, escaped for the log
+            self._lost(slot, f"server closed the path: {reason}", now, backoff=backoff)
         else:
             self.malformed += 1  # HELLO, or DATA before the path joined: not for a client
 

@@ -41,6 +41,7 @@ class Path:
         key: Hashable = None,
         name: str = "",
         idle_probe_interval: Optional[float] = None,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ):
         self.dtls = dtls
         self.addr = addr  # the peer's underlay address
@@ -53,10 +54,12 @@ class Path:
         self.silent_limit = timeout  # silence that ends the session; the owner raises it once the path joins
         self.seen_at = now  # the latest time the path was given (for the silence in stats)
         self.heard_again = False  # a down path heard from the peer after a silence (``changed`` is set too)
+        self.handshake_timeout = handshake_timeout  # the server's half-open lifetime is shorter (tunnel/admission.py)
         self.created = now
         self.state = P_HANDSHAKING
         self.reason = ""
         self.priority = 0
+        self.peer_key = b""  # server: SHA-256 of the client certificate's public key (the tunnel's owner)
         self.est: Optional[PathEstimator] = None
         self.changed = False  # state changed since the owner last looked (scheduler refresh)
         self.updated = False  # new estimates (a PONG) since the owner last looked
@@ -189,7 +192,7 @@ class Path:
     def get_timer(self) -> Optional[float]:
         if self.state == P_HANDSHAKING:
             t = self.dtls.get_timer()
-            limit = self.created + HANDSHAKE_TIMEOUT
+            limit = self.created + self.handshake_timeout
             return limit if t is None else min(t, limit)
         if self.est is not None and self.state != P_CLOSED:
             return min(self.est.next_timer(), self.est.last_rx + self.silent_limit)
@@ -197,7 +200,7 @@ class Path:
 
     def handle_timer(self, now: float) -> None:
         if self.state == P_HANDSHAKING:
-            if now >= self.created + HANDSHAKE_TIMEOUT:
+            if now >= self.created + self.handshake_timeout:
                 self._end("handshake timed out")
                 return
             self.dtls.handle_timer(now)

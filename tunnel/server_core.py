@@ -21,8 +21,12 @@ from typing import Callable, Optional
 from OpenSSL import SSL
 
 from tunnel import events, frames
+from tunnel.admission import (
+    HALF_OPEN_TIMEOUT, HANDSHAKE_RATE, HELLO_DEADLINE, MAX_HANDSHAKES, HalfOpenTable, LogLimiter,
+    PrefixRateLimiter, source_prefix,
+)
 from tunnel.dedup import DEFAULT_WINDOW, DedupWindow
-from tunnel.dtls import DTLS_HEADER, DtlsListener, common_name
+from tunnel.dtls import DTLS_HEADER, DtlsListener, common_name, key_id
 from tunnel.ecn import decapsulate
 from tunnel.icmp import unreachable, unreachable6
 from tunnel.path import P_DOWN, P_HANDSHAKING, TICK, Path
@@ -35,9 +39,6 @@ from tunnel.scheduler import MODES, ExtraCopies, Scheduler
 from tunnel.warm import warm_pass
 
 LINGER = 30.0  # seconds a tunnel without paths is kept for the client to come back
-HANDSHAKE_RATE = 10.0  # verified handshakes per second per source address (burst: twice that)
-MAX_HANDSHAKES = 256  # verified handshakes in progress at once (all sources together)
-HANDSHAKE_SOURCES = 4096  # source addresses tracked for the handshake rate (least recent forgotten)
 IDLE_AFTER = 1.0  # seconds without DATA before a tunnel's paths probe every idle_probe_interval
 MAX_SLEEP = 1.0  # the longest next_timer() ever waits (cookie secrets rotate on a minute scale)
 INF = float("inf")
@@ -50,12 +51,13 @@ class ServerTunnel:
     __slots__ = (
         "id", "name", "address", "key", "paths", "seq", "dedup", "policy", "schedulers", "prefixes",
         "class_packets", "class_copies", "spoofed", "malformed", "ecn_dropped", "idle_since", "mode",
-        "qseq", "reorder", "address6", "key6", "prefixes6", "dtls_dropped_gone", "last_data", "idle",
+        "qseq", "reorder", "address6", "key6", "prefixes6", "dtls_dropped_gone", "last_data", "idle", "owner_key",
     )
 
     def __init__(self, tid: bytes, name: str, address: ipaddress.IPv4Interface, window: int, policy: Policy, mode: str):
         self.id = tid
         self.name = name
+        self.owner_key = b""  # SHA-256 of the public key of the certificate that made it (dtls.key_id)
         self.address = address
         self.key = address.ip.packed  # route-table key: inner IPv4 address bytes
         self.prefixes: list[tuple[int, int]] = []  # (network, mask) the client may send from (its routed LAN)
@@ -170,9 +172,11 @@ class ServerCore:
         self.max_paths = max_paths
         self.handshake_rate = handshake_rate
         self.max_handshakes = max_handshakes
-        self._half_open: set[tuple] = set()  # addresses whose path is still in the DTLS handshake
+        self._half_open = HalfOpenTable(max_handshakes)  # paths still in the DTLS handshake, by source prefix
         self._refused = False  # the ClientHello being accepted was refused by a handshake limit
-        self._handshakes: dict[str, tuple[float, float]] = {}  # source ip -> (tokens, at); insertion = recency
+        self._handshake_rate = PrefixRateLimiter(handshake_rate)  # per source prefix (tunnel/admission.py)
+        self._refusal_log = LogLimiter()  # refusals are counted always, logged at a bounded rate
+        self._unjoined: dict[tuple, float] = {}  # established paths without a tunnel yet -> when established
         self._limit_logged: dict[str, float] = {}
         self.route_table: RouteTable[ServerTunnel] = RouteTable(pending_size, pending_expiry)
         self._random = random_bytes
@@ -201,7 +205,12 @@ class ServerCore:
             "paths_refused": 0,  # max_paths
             "handshakes_rate_limited": 0,
             "revoked": 0,  # handshakes refused and tunnels closed for a revoked or denied client
-            "handshakes_refused": 0,  # max_handshakes: too many handshakes in progress
+            "handshakes_refused": 0,  # max_handshakes: full, and the sender's prefix holds the most slots
+            "handshakes_evicted": 0,  # half-open handshakes that made room for one from a less busy prefix
+            "hello_timeouts": 0,  # established paths closed for sending no HELLO/JOIN within HELLO_DEADLINE
+            "unjoined_refused": 0,  # established paths refused: too many without a tunnel (per name or in all)
+            "identity_refused": 0,  # JOIN or tunnel replacement by a certificate with another key
+            "refusals_unlogged": 0,  # refusals counted but not logged (rate limit of the refusal lines)
             "paths_replaced": 0,  # stale paths a JOIN replaced (NAT rebinding, reconnect after an outage)
         }
 
@@ -259,44 +268,47 @@ class ServerCore:
                 self.counters["junk"] += 1
             return
         path = Path(session, addr, now, self.probe_interval, self.dead_interval, self.timeout,
-                    idle_probe_interval=self.idle_probe_interval)
+                    idle_probe_interval=self.idle_probe_interval, handshake_timeout=HALF_OPEN_TIMEOUT)
         self.paths[addr] = path
         self.timer_dirty = True
-        self._half_open.add(addr)
+        self._half_open.add(addr, source_prefix(addr[0]))
         if path.out:
             self._flush(path)
 
     def _admit(self, addr: tuple, now: float) -> bool:
         """May a ClientHello whose cookie is valid start a handshake?  Asked before OpenSSL does
         any work for it (the server's first flight costs a key exchange and a signature)."""
-        if not self._handshake_allowed(addr[0], now):
+        prefix = source_prefix(addr[0])
+        if not self._handshake_rate.allow(prefix, now):
             self.counters["handshakes_rate_limited"] += 1
-            self._limit("handshake_rate", addr, f"more than {self.handshake_rate:g} handshakes/s from {addr[0]}", now)
-        elif len(self._half_open) >= self.max_handshakes and not self._prune_half_open():
+            self._limit("handshake_rate", addr, f"more than {self.handshake_rate:g} handshakes/s from {prefix}", now)
+        elif len(self._half_open) >= self.max_handshakes and not self._make_room(prefix, now):
             self.counters["handshakes_refused"] += 1
-            self._limit("max_handshakes", addr, f"max_handshakes ({self.max_handshakes}) in progress", now)
+            self._limit("max_handshakes", addr,
+                        f"max_handshakes ({self.max_handshakes}) in progress, the most of them from {prefix}", now)
         else:
             return True
         self._refused = True
         return False
 
-    def _prune_half_open(self) -> bool:
-        """Forget addresses whose handshake ended; True if there is room for another one."""
-        paths = self.paths
-        self._half_open = {a for a in self._half_open if a in paths and paths[a].state == P_HANDSHAKING}
-        return len(self._half_open) < self.max_handshakes
-
-    def _handshake_allowed(self, ip: str, now: float) -> bool:
-        """Token bucket per source address, for handshakes whose cookie was valid (so the
-        address is real): no state is kept for an address before that."""
-        burst = 2 * self.handshake_rate
-        tokens, at = self._handshakes.pop(ip, (burst, now))
-        tokens = min(burst, tokens + (now - at) * self.handshake_rate)
-        allowed = tokens >= 1.0
-        self._handshakes[ip] = (tokens - 1.0 if allowed else tokens, now)
-        if len(self._handshakes) > HANDSHAKE_SOURCES:
-            del self._handshakes[next(iter(self._handshakes))]
-        return allowed
+    def _make_room(self, prefix: str, now: float) -> bool:
+        """The half-open table is full: evict the oldest handshake of the busiest source prefix
+        if ``prefix`` holds fewer (tunnel/admission.py); False if the newcomer is refused."""
+        victim = self._half_open.victim(prefix)
+        if victim is None:
+            return False
+        path = self.paths.get(victim)
+        self._half_open.discard(victim)
+        self.counters["handshakes_evicted"] += 1
+        self._limit("handshakes_evicted", victim,
+                    f"max_handshakes ({self.max_handshakes}) in progress: the oldest from the busiest source "
+                    f"prefix {source_prefix(victim[0])} made room", now)
+        if path is not None and path.state == P_HANDSHAKING:  # silently: it never proved anything
+            path.close(None, now)
+            path.out.clear()
+            path.changed = False
+            del self.paths[victim]
+        return True
 
     def _limit(self, kind: str, addr, reason: str, now: float) -> None:
         """Report a biting limit (at most every LIMIT_LOG_INTERVAL per kind; the counter counts all)."""
@@ -306,14 +318,31 @@ class ServerCore:
             self._events.append(events.LimitHit(kind, addr, reason))
 
     def _on_established(self, path: Path, now: float = 0.0) -> None:
+        """The handshake completed: everything that can be checked before HELLO is checked now
+        (name, revocation, listing, how many paths without a tunnel), and the path must HELLO or
+        JOIN within HELLO_DEADLINE or it is closed (tunnel/admission.py)."""
         self._half_open.discard(path.addr)
         cert = path.dtls.peer_certificate
         path.name = common_name(cert) if cert is not None else ""
+        path.peer_key = key_id(cert) if cert is not None else b""
         self._events.append(events.PathUp(path.addr, path.name, path.dtls.cipher))
+        if not path.name:
+            return self._refuse(path, frames.CLOSE_REFUSED, "client certificate without a common name (CN)", now)
         reason = self.revocation.check(path.name, cert.serial_number if cert is not None else None)
         if reason is not None:
             self.counters["revoked"] += 1
-            self._refuse(path, frames.CLOSE_REFUSED, reason, now)
+            return self._refuse(path, frames.CLOSE_REFUSED, reason, now)
+        if self.allowed is not None and path.name not in self.allowed:
+            return self._refuse(path, frames.CLOSE_REFUSED, f"client '{path.name}' is not listed in the server config", now)
+        name = path.name
+        paths = self.paths
+        same = sum(1 for a in self._unjoined if (p := paths.get(a)) is not None and p.name == name)
+        if same >= self.max_paths or len(self._unjoined) >= self.max_handshakes:
+            self.counters["unjoined_refused"] += 1
+            self._limit("unjoined_paths", path.addr, f"too many paths without a tunnel ({same} of '{name}', "
+                        f"{len(self._unjoined)} in all)", now)
+            return self._refuse(path, frames.CLOSE_REFUSED, "too many paths", now)
+        self._unjoined[path.addr] = now
 
     def _on_data(self, tunnel: ServerTunnel, path: Path, rec: bytes, tos: int, now: float) -> None:
         tunnel.last_data = now
@@ -418,17 +447,27 @@ class ServerCore:
             self._on_hello(path, frame, now)
         elif isinstance(frame, frames.Close):
             path.close(None, now)
-            path.reason = f"client closed: {frame.reason or frame.code}"
+            path.reason = f"client closed: {frames.printable(frame.reason) or frame.code}"
             if frame.code == frames.CLOSE_NORMAL and tunnel is not None:  # the client is going away
                 self._remove_tunnel(tunnel, path.reason, now, frames.CLOSE_NORMAL)
         else:
             path.malformed += 1
 
-    def _refuse(self, path: Path, code: int, reason: str, now: float) -> None:
-        self._events.append(events.Refused(path.addr, reason))
-        path.close(frames.encode(frames.Close(code, reason)), now)
+    def _refuse(self, path: Path, code: int, reason: str, now: float, peer_reason: Optional[str] = None) -> None:
+        """Close ``path`` with CLOSE ``code``; ``reason`` is logged, ``peer_reason`` (default: the
+        same) is what the peer is told: it must not name another client."""
+        self._report_refused(path.addr, reason, now)
+        path.close(frames.encode(frames.Close(code, reason if peer_reason is None else peer_reason)), now)
         path.reason = "refused"
         self._flush(path)
+
+    def _report_refused(self, addr: tuple, reason: str, now: float) -> None:
+        """A Refused event for the log, at a bounded rate per source prefix and in all."""
+        log = self._refusal_log
+        if log.allow(source_prefix(addr[0]), now):
+            self._events.append(events.Refused(addr, reason, log.take_suppressed()))
+        else:
+            self.counters["refusals_unlogged"] += 1
 
     def _on_hello(self, path: Path, hello: frames.Hello, now: float) -> None:
         name = path.name
@@ -451,6 +490,20 @@ class ServerCore:
             self.counters["tunnels_refused"] += 1
             self._limit("max_tunnels", path.addr, f"max_tunnels ({self.max_tunnels}) reached", now)
             return self._refuse(path, frames.CLOSE_REFUSED, "server full", now)
+        note = ""
+        if old is not None and old.owner_key != path.peer_key:
+            # Another certificate of the same name (a re-issued one, or a second one the CA should
+            # not have issued).  It may not take a tunnel that is still in use; one whose paths are
+            # all silent or gone it may, and the log says so.
+            if any(p.established and p.state != P_DOWN for p in old.paths):
+                self.counters["identity_refused"] += 1
+                return self._refuse(
+                    path, frames.CLOSE_REFUSED,
+                    f"a certificate of '{name}' with another key (SHA-256 of its public key "
+                    f"{path.peer_key.hex()[:16]}...) may not replace the live tunnel of the key "
+                    f"{old.owner_key.hex()[:16]}...", now, "refused")
+            note = (f"a certificate with another key ({path.peer_key.hex()[:16]}..., was "
+                    f"{old.owner_key.hex()[:16]}...) replaced its tunnel, which had no live path")
         if old is not None:
             self._remove_tunnel(old, "replaced by a new connection of the same client", now, frames.CLOSE_REPLACED)
         try:
@@ -467,6 +520,7 @@ class ServerCore:
         mode = self.mode if self.mode != "client" else MODES[(hello.mode or 1) - 1]
         policy = self.policy or Policy.single(mode, hello.redundancy or 2)
         tunnel = ServerTunnel(self._random(frames.TUNNEL_ID_LEN), name, address, self.window, policy, mode)
+        tunnel.owner_key = path.peer_key
         self.tunnels[tunnel.id] = tunnel
         self.by_name[name] = tunnel
         self.route_table.add(ipaddress.IPv4Network(f"{address.ip}/32"), tunnel)
@@ -478,16 +532,22 @@ class ServerCore:
             (tunnel.prefixes if prefix.version == 4 else tunnel.prefixes6).append(
                 (int(prefix.network_address), int(prefix.netmask)))
         self._attach(tunnel, path, now)
-        self._events.append(events.ClientConnected(name, str(address), path.addr, old is not None))
+        self._events.append(events.ClientConnected(name, str(address), path.addr, old is not None, note))
 
     def _on_join(self, path: Path, hello: frames.Hello, now: float) -> None:
         tunnel = self.tunnels.get(hello.tunnel_id)
         if tunnel is None:
             return self._refuse(path, frames.CLOSE_UNKNOWN_TUNNEL, "unknown tunnel", now)
         if tunnel.name != path.name:
+            return self._refuse(path, frames.CLOSE_REFUSED,
+                                f"client '{path.name}' may not join the tunnel of '{tunnel.name}'", now, "refused")
+        if tunnel.owner_key != path.peer_key:
+            self.counters["identity_refused"] += 1
             return self._refuse(
-                path, frames.CLOSE_REFUSED, f"client '{path.name}' may not join the tunnel of '{tunnel.name}'", now
-            )
+                path, frames.CLOSE_REFUSED,
+                f"a certificate of '{path.name}' with another key (SHA-256 of its public key "
+                f"{path.peer_key.hex()[:16]}..., the tunnel's {tunnel.owner_key.hex()[:16]}...) may not join its tunnel",
+                now, "refused")
         self._replace_stale(tunnel, now)
         if len(tunnel.paths) >= self.max_paths:
             self.counters["paths_refused"] += 1
@@ -510,6 +570,7 @@ class ServerCore:
             self._drop_path(p, "stale: replaced by a newer path of the client", now)
 
     def _attach(self, tunnel: ServerTunnel, path: Path, now: float) -> None:
+        self._unjoined.pop(path.addr, None)
         path.silent_limit = self.timeout + self.linger  # kept through an outage, down (docs/PROTOCOL.md)
         tunnel.paths.append(path)
         tunnel.idle_since = None
@@ -640,6 +701,8 @@ class ServerCore:
         t = now + MAX_SLEEP
         if self._extra.pending:  # one round of extra copies per timer
             t = now + TICK
+        if self._unjoined:
+            t = min(t, next(iter(self._unjoined.values())) + HELLO_DEADLINE)
         for path in self.paths.values():
             pt = path.get_timer()
             if pt is not None and pt < t:
@@ -666,6 +729,17 @@ class ServerCore:
     def handle_timer(self, now: float) -> None:
         self._timer_ran = now
         self.listener.cookies.rotate(now)
+        while self._unjoined:  # oldest first: paths that never sent HELLO/JOIN
+            addr, since = next(iter(self._unjoined.items()))
+            if now - since < HELLO_DEADLINE:
+                break
+            del self._unjoined[addr]
+            path = self.paths.get(addr)
+            if path is not None and path.alive and addr not in self._tunnel_of:
+                self.counters["hello_timeouts"] += 1
+                self._refuse(path, frames.CLOSE_PROTOCOL, f"no HELLO within {HELLO_DEADLINE:g} s of the handshake", now)
+                if path.changed:
+                    self._path_changed(path, now)
         for path in list(self.paths.values()):
             t = path.get_timer()
             if t is not None and now >= t:
@@ -727,11 +801,12 @@ class ServerCore:
             return
         del self.paths[path.addr]
         self._half_open.discard(path.addr)
+        self._unjoined.pop(path.addr, None)
         tunnel = self._tunnel_of.pop(path.addr, None)
         if tunnel is None:
             if not path.name and reason not in ("closed locally", "refused"):
                 self.counters["handshakes_failed"] += 1
-                self._events.append(events.Refused(path.addr, reason))
+                self._report_refused(path.addr, reason, now)
             return
         self._events.append(events.PathDown(path.addr, reason))
         if path in tunnel.paths:
@@ -771,6 +846,7 @@ class ServerCore:
             path.close(None, now)
             self._flush(path)
         self.paths.clear()
+        self._unjoined.clear()
 
     def set_revocation(self, revocation: Revocation, now: float) -> list[str]:
         """New revocation data (SIGHUP); closes the tunnels (all paths) and the handshaken
