@@ -28,6 +28,7 @@ from tunnel.pool import AddressPool
 from tunnel.server_core import ServerCore
 
 from test_cores import DGRAM_MTU, INNER_MTU, SERVER_INNER, T0, pki  # noqa: F401
+from test_hostile import _verified_hello
 
 
 # -- tunnel/admission.py ---------------------------------------------------------------------------------
@@ -107,14 +108,7 @@ def exchange(core: ServerCore, s: DtlsSession, addr, now: float, rounds: int = 8
 def verified_silent_hello(core: ServerCore, ctx, addr, now: float) -> bool:
     """An attacker's ClientHello with a valid cookie, then silence; True if the server answered
     it with its flight (it took a half-open slot)."""
-    s = DtlsSession.client(ctx, DGRAM_MTU, now)
-    for d in s.datagrams_to_send():
-        core.receive_datagram(d, addr, now)
-    for _, d, _ in core.datagrams_to_send():
-        s.receive_datagram(d, now)
-    for d in s.datagrams_to_send():
-        core.receive_datagram(d, addr, now)
-    return bool(core.datagrams_to_send())
+    return _verified_hello(core, ctx, addr, now) > 0
 
 
 def connect(core: ServerCore, ctx, addr, now: float, hello=None) -> tuple[DtlsSession, list]:
