@@ -23,13 +23,13 @@ about it:
   reload closes the tunnels of any client the fresh CRL revokes.
 
 Time here is the wall clock (nextUpdate is a calendar time), injected as ``clock``
-so tests need not wait for a CRL to expire.
+by the app layer (tunnel/server.py passes ``time.time``), so tests need not wait for
+a CRL to expire; a ``next_update`` without a ``clock`` is a programming error.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -43,15 +43,17 @@ class Revocation:
     crl: Optional[str] = None  # the CRL file (None: no CRL configured)
     next_update: Optional[float] = None  # the CRL's nextUpdate, Unix time (None: none, or it gives none)
     crl_expired: str = CRL_EXPIRED[0]  # what an expired CRL means for handshakes (see above)
-    clock: Callable[[], float] = field(default=time.time, compare=False, repr=False)  # wall clock
+    clock: Optional[Callable[[], float]] = field(default=None, compare=False, repr=False)  # wall clock
 
     def __post_init__(self) -> None:
         if self.crl_expired not in CRL_EXPIRED:
             raise ValueError(f"crl_expired must be one of {', '.join(CRL_EXPIRED)}, not {self.crl_expired!r}")
+        if self.next_update is not None and self.clock is None:
+            raise ValueError("a CRL's next_update needs a wall clock to tell when it expires")
 
     def expired(self) -> bool:
         """Is the CRL past its nextUpdate now?"""
-        return self.next_update is not None and self.clock() >= self.next_update
+        return self.next_update is not None and self.clock is not None and self.clock() >= self.next_update
 
     def check(self, name: str, serial: Optional[int], handshake: bool = True) -> Optional[str]:
         """Why the client ``name`` with certificate ``serial`` is refused, or None.

@@ -79,7 +79,7 @@ def load_serials(cfg: ServerConfig, crl) -> tuple[frozenset[int], Optional[float
 
 def make_revocation(cfg: ServerConfig, serials: frozenset[int], next_update: Optional[float]) -> Revocation:
     return Revocation(serials, frozenset(cfg.deny), crl=str(cfg.crl) if cfg.crl else None,
-                      next_update=next_update, crl_expired=cfg.crl_expired)
+                      next_update=next_update, crl_expired=cfg.crl_expired, clock=time.time)
 
 
 def revocation_reloader(cfg: ServerConfig, core: ServerCore, clock):
