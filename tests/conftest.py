@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: network-namespace labs (see tunnel/lab/netns.py).
+"""Shared pytest fixtures: a test PKI and record/PONG logs for the in-memory core lab
+(tests/corelab.py), and network-namespace labs (see tunnel/lab/netns.py).
 
 Tests marked ``netns`` are skipped, with the reason, unless we are root and
 ``ip netns`` works.
@@ -10,12 +11,16 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 import time
 
+from tunnel.certs import create_ca, issue_client, issue_server
+from tunnel.dtls import DtlsSession
+from tunnel.estimator import PathEstimator
 from tunnel.lab.netns import Host, Lab, Link, unique_prefix, wait_for
 from tunnel.lab.stack import PORT, SERVER_INNER, TunnelStack
 from tunnel.lab.stream import run_stream
@@ -40,6 +45,50 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("netns") and (reason := _netns_unavailable()):
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A CA with server "srv", clients "alice" and "bob", and "mallory" of another CA (other/)."""
+    d = tmp_path_factory.mktemp("pki")
+    create_ca(d)
+    issue_server(d, "srv")
+    issue_client(d, "alice")
+    issue_client(d, "bob")  # a second client of the same CA
+    create_ca(d / "other", name="Other CA")
+    issue_client(d / "other", "mallory")
+    return d
+
+
+@pytest.fixture
+def plain(monkeypatch) -> list[tuple[str, object, bytes]]:
+    """Every decrypted record, as (receiving side, DTLS session, record)."""
+    log: list = []
+    orig = DtlsSession.receive_datagram
+
+    def spy(self, data, now):
+        recs = orig(self, data, now)
+        log.extend(("client" if self.is_client else "server", self, r) for r in recs)
+        return recs
+
+    monkeypatch.setattr(DtlsSession, "receive_datagram", spy)
+    return log
+
+
+@pytest.fixture
+def pongs(monkeypatch) -> list[tuple[PathEstimator, float, str]]:
+    """Every PONG an estimator took, as (estimator, time, its state right after)."""
+    log: list = []
+    orig = PathEstimator.on_pong
+
+    def spy(self, token, now, peer_rx, peer_rx_bytes):
+        n = len(self._pings)
+        orig(self, token, now, peer_rx, peer_rx_bytes)
+        if len(self._pings) < n:  # a PONG for a PING it knew
+            log.append((self, now, self.state))
+
+    monkeypatch.setattr(PathEstimator, "on_pong", spy)
+    return log
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from tunnel.dtls import ESTABLISHED, DtlsSession, make_context
 from tunnel.pool import AddressPool
 from tunnel.server_core import ServerCore
 
-from test_cores import DGRAM_MTU, INNER_MTU, SERVER_INNER, T0, pki  # noqa: F401
+from tests.corelab import DGRAM_MTU, INNER_MTU, SERVER_INNER, T0
 from test_hostile import _verified_hello
 
 

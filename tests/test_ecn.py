@@ -3,7 +3,7 @@
 The first half is pure: the RFC 6040 table for IPv4 and IPv6, the incremental
 IPv4 checksum update (property-tested against a full recomputation).  The
 second half drives ClientCore/ServerCore with the in-memory lab of
-tests/test_cores.py, handing datagrams over by hand so that their outer TOS
+tests/corelab.py, handing datagrams over by hand so that their outer TOS
 byte (which that lab ignores) can be set or read.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tests.test_cores import Net, one_path, pki, two_paths  # noqa: F401  (pki is a fixture)
+from tests.corelab import Net, one_path, two_paths
 from tunnel.ecn import CE, ECT0, ECT1, NOT_ECT, decapsulate, ipv4_checksum
 from tunnel.policy import Policy, load_policy
 

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tunnel import frames
+from tunnel.client_core import C_UP
 from tunnel.config import ConfigError, load_client_config, load_server_config
 from tunnel.dtls import client_hello_cookie
 from tunnel.ecn import CE, decapsulate, ipv4_checksum
@@ -27,7 +28,7 @@ from tunnel.lab.attack import client_hello, dtls_context
 from tunnel.policy import MATCH_KEYS, Policy, PolicyError, TrafficClass, load_policy, parse_policy
 from tunnel.routes import RouteTable
 
-from test_cores import C_UP, one_path, pki  # noqa: F401  (pki is a fixture)
+from tests.corelab import one_path
 
 EXAMPLES = int(os.environ.get("MPTUN_FUZZ_EXAMPLES", "0")) or None
 ROOT = Path(__file__).resolve().parent.parent

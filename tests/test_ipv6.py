@@ -1,7 +1,7 @@
 """IPv6 inside the tunnel: config (pool6, address6), the cores (CONFIG, anti-spoofing,
 routing, client-to-client, routed prefixes, ECN), ICMPv6 unreachable.
 
-The cores run on the in-memory lab of test_cores.py (real DTLS, manual clock).
+The cores run on the in-memory lab of tests/corelab.py (real DTLS, manual clock).
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cores import (  # noqa: F401  (pki is a fixture)
-    DEAD, DGRAM_MTU, INNER_MTU, LINGER, PROBE, ROUTES, SERVER_INNER, TIMEOUT, Net, ipv4, pki,
-)
+from tests.corelab import DEAD, DGRAM_MTU, INNER_MTU, LINGER, PROBE, ROUTES, SERVER_INNER, TIMEOUT, Net, ipv4
 from tunnel import frames
 from tunnel.client_core import C_UP
 from tunnel.config import ConfigError, load_server_config

@@ -24,7 +24,7 @@ import pytest
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from test_cores import down_pkt, ipv4, one_path, pki, up_pkt  # noqa: F401  (pki: the fixture)
+from tests.corelab import down_pkt, ipv4, one_path, up_pkt
 from tunnel.app import setup_logging
 from tunnel.loop import EventLoop
 from tunnel.metrics import CONTENT_TYPE, MetricsServer, parse_metrics_address

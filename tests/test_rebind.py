@@ -1,4 +1,4 @@
-"""Sans-IO tests of NAT rebinding and long outages (issue #8 part 5), on test_cores' in-memory lab.
+"""Sans-IO tests of NAT rebinding and long outages (issue #8 part 5), on the in-memory lab of tests/corelab.py.
 
 A NAT rebinding is modelled as it looks on the wire: the client's socket for a
 path keeps sending, but the server sees it from a new (ip, port), and the
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from test_cores import (  # noqa: F401  (pki, plain: fixtures)
-    CLIENT_IP, DEAD, FIRST_CLIENT, STEP, TIMEOUT, Net, down_pkt, frames_seen, one_path, pki, plain, two_paths, up_pkt,
+from tests.corelab import (
+    CLIENT_IP, DEAD, FIRST_CLIENT, STEP, TIMEOUT, Net, down_pkt, one_path, two_paths, up_pkt,
 )
 from tunnel import events, frames
 from tunnel.client_core import C_UP, REBIND_AFTER, SILENT_ATTEMPT, SILENT_BACKOFF

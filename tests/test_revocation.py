@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from tests.test_cores import Net, frames_seen, pki, plain  # noqa: F401  (fixtures)
+from tests.corelab import Net, frames_seen
 from tunnel import certs, cli, events, frames
 from tunnel.certs import CertError, load_crl, revoke
 from tunnel.revocation import Revocation

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from test_cores import down_pkt, one_path, pki, up_pkt  # noqa: F401 (pki is a fixture)
+from tests.corelab import down_pkt, one_path, up_pkt
 from tunnel import dtls
 from tunnel.lab.netns import wait_for
 from tunnel.lab.stack import SERVER_INNER
