@@ -680,3 +680,71 @@ def test_check_config_refuses_overlapping_client_routes_with_exit_2(cfgdir: Path
     assert res.returncode == 2, res
     assert res.stderr.startswith(f"mptun server: error: {p}: [clients.alice] routes: 100.64.0.0/25 overlaps the tunnel subnet 100.64.0.0/24")
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+# -- settings objects for the cores (tunnel/settings.py) ------------------------
+def test_server_settings_carry_every_key(cfgdir: Path) -> None:
+    from tunnel.settings import Limits, PathSettings, ServerSettings
+
+    extra = (
+        '[clients.alice]\naddress = "100.64.0.10"\nroutes = ["192.168.7.0/24"]\n'
+        '[clients.bob]\n'
+    )
+    cfg = load_server_config(server(
+        cfgdir, extra,
+        routes='["10.0.0.0/8", "192.0.2.0/24"]', mode='"backup"', dedup_window="65536", linger="600",
+        allow_unlisted_clients="false", client_to_client="true", unknown_destination='"icmp"',
+        probe_interval="0.25", dead_interval="1", idle_probe_interval="0.5", timeout="7.5",
+        max_tunnels="7", max_paths="3", handshake_rate="2.5", max_handshakes="9", pending_queue="5",
+        pending_expiry="4",
+    ))
+    assert cfg.settings(1472, 1400) == ServerSettings(
+        datagram_mtu=1472,
+        inner_mtu=1400,
+        routes=(ipaddress.IPv4Network("10.0.0.0/8"), ipaddress.IPv4Network("192.0.2.0/24")),
+        mode="backup",
+        dedup_window=65536,
+        linger=600.0,
+        allowed_clients=frozenset({"alice", "bob"}),
+        client_routes={"alice": [ipaddress.IPv4Network("192.168.7.0/24")]},
+        client_to_client=True,
+        unknown_destination="icmp",
+        path=PathSettings(probe_interval=0.25, dead_interval=1.0, idle_probe_interval=0.5, timeout=7.5),
+        limits=Limits(max_tunnels=7, max_paths=3, handshake_rate=2.5, max_handshakes=9, pending_queue=5,
+                      pending_expiry=4.0),
+    )
+    assert (cfg.max_tunnels, cfg.pending_queue) == (7, 5)  # the limits, read as before
+
+
+def test_server_settings_defaults(cfgdir: Path) -> None:
+    """Without the keys in the file, the settings are tunnel/settings.py's defaults (only the
+    idle probe interval is fitted to the timeout: 0.5 s with the default timings)."""
+    from tunnel.settings import ServerSettings, fitted_idle_probe_interval
+
+    settings = load_server_config(server(cfgdir)).settings(1472, 1400)
+    assert settings == ServerSettings(datagram_mtu=1472, inner_mtu=1400)
+    assert settings.allowed_clients is None and settings.routes == ()
+    p = settings.path
+    assert p.idle_probe_interval == fitted_idle_probe_interval(p.probe_interval, p.dead_interval, p.timeout)
+
+
+def test_client_settings(cfgdir: Path) -> None:
+    from tunnel.settings import ClientSettings, PathSettings
+
+    assert load_client_config(client(cfgdir)).settings() == ClientSettings()
+    cfg = load_client_config(client(
+        cfgdir, mode='"redundant"', redundancy="3", pin_flows="true", dedup_window="1024",
+        probe_interval="0.2", dead_interval="0.6", idle_probe_interval="0.4", timeout="5",
+    ))
+    assert cfg.settings() == ClientSettings(
+        mode="redundant", redundancy=3, pin_flows=True, dedup_window=1024,
+        path=PathSettings(probe_interval=0.2, dead_interval=0.6, idle_probe_interval=0.4, timeout=5.0),
+    )
+
+
+def test_fitted_idle_default_is_the_settings_one(cfgdir: Path) -> None:
+    from tunnel.settings import fitted_idle_probe_interval
+
+    cfg = load_client_config(client(cfgdir, timeout="0.6"))
+    assert cfg.idle_probe_interval == fitted_idle_probe_interval(0.1, 0.3, 0.6) == 0.1
+    assert cfg.settings().path.idle_probe_interval == cfg.idle_probe_interval

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +19,25 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from tunnel.scheduler import MODES
+from tunnel.settings import (
+    DEAD_INTERVAL,
+    DEDUP_WINDOW,
+    HANDSHAKE_RATE,
+    IDLE_PROBE_INTERVAL,
+    LINGER,
+    MAX_HANDSHAKES,
+    MAX_PATHS,
+    MAX_TUNNELS,
+    PENDING_EXPIRY,
+    PENDING_QUEUE,
+    PROBE_INTERVAL,
+    TIMEOUT,
+    ClientSettings,
+    Limits,
+    PathSettings,
+    ServerSettings,
+    fitted_idle_probe_interval,
+)
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -27,82 +46,94 @@ class ConfigError(Exception):
     """A configuration problem; str() is one line naming file and key."""
 
 
-@dataclass
-class ServerConfig:
+def _settings(cls, config, **given):
+    """A settings dataclass ``cls`` (tunnel/settings.py): each field the config has under the
+    same name is copied, ``given`` sets the others, and the rest keep their defaults."""
+    names = [f.name for f in fields(cls) if f.name not in given and hasattr(config, f.name)]
+    return cls(**{name: getattr(config, name) for name in names}, **given)
+
+
+@dataclass(kw_only=True)
+class _DaemonConfig:
+    """What both daemons' configs have: identity files, TUN, path timing, logging, control."""
+
     path: Path
-    listen: list[tuple[str, int]]
     certificate: Path
     key: Path
     ca: Path
-    address: ipaddress.IPv4Interface
-    pool_first: Optional[ipaddress.IPv4Address] = None
-    pool_last: Optional[ipaddress.IPv4Address] = None
     tun: str = "mptun0"
-    mtu: Optional[int] = None
-    routes: list = field(default_factory=list)
-    mode: str = "client"
-    probe_interval: float = 0.1
-    dead_interval: float = 0.3
-    idle_probe_interval: float = 0.5  # probes of an idle tunnel (no DATA for a second), tunnel/estimator.py
-    timeout: float = 3.0
-    linger: float = 30.0
-    dedup_window: int = 4096
+    probe_interval: float = PROBE_INTERVAL
+    dead_interval: float = DEAD_INTERVAL
+    idle_probe_interval: float = IDLE_PROBE_INTERVAL  # probes of an idle tunnel (no DATA for a second), tunnel/estimator.py
+    timeout: float = TIMEOUT
+    dedup_window: int = DEDUP_WINDOW
     policy: Optional[Path] = None
     log_format: str = "text"
     metrics: Optional[tuple[str, int]] = None
-    client_to_client: bool = False
-    unknown_destination: str = "drop"
-    max_tunnels: int = 1024
-    max_paths: int = 8
-    handshake_rate: float = 10.0
-    max_handshakes: int = 256
-    pending_queue: int = 3
-    pending_expiry: float = 10.0
+    log_level: str = "info"
+    control: Optional[Path] = None
+    user: Optional[str] = None  # drop to this user after set-up (keeping only what the role uses: tunnel/privs.py)
+    group: Optional[str] = None
+    keep_warm: bool = True  # a dummy pass over the packet path before a periodic packet is due (tunnel/warm.py)
+
+
+@dataclass(kw_only=True)
+class ServerConfig(_DaemonConfig):
+    listen: list[tuple[str, int]]
+    address: ipaddress.IPv4Interface
+    pool_first: Optional[ipaddress.IPv4Address] = None
+    pool_last: Optional[ipaddress.IPv4Address] = None
+    mtu: Optional[int] = None
+    routes: list = field(default_factory=list)
+    mode: str = ServerSettings.mode
+    linger: float = LINGER
+    client_to_client: bool = ServerSettings.client_to_client
+    unknown_destination: str = ServerSettings.unknown_destination
+    limits: Limits = field(default_factory=Limits)  # max_tunnels, max_paths, handshake_rate, ... pending_expiry
     client_routes: dict[str, list] = field(default_factory=dict)  # name -> prefixes the client routes
     allow_unlisted_clients: bool = True
-    log_level: str = "info"
     clients: dict[str, Optional[ipaddress.IPv4Address]] = field(default_factory=dict)  # name -> static address
-    control: Optional[Path] = None
     crl: Optional[Path] = None  # CRL signed by the CA: revoked client certificates (reloaded on SIGHUP)
     crl_expired: str = "warn"  # a CRL past its nextUpdate: "warn" or "refuse" new handshakes (tunnel/revocation.py)
     deny: list[str] = field(default_factory=list)  # client names refused (reloaded on SIGHUP)
-    user: Optional[str] = None  # drop to this user after set-up (keeping only what the role uses: tunnel/privs.py)
-    group: Optional[str] = None
     pool6: Optional[ipaddress.IPv6Network] = None  # IPv6 inside the tunnel: one /128 per client from this prefix
     static_addresses6: dict[str, ipaddress.IPv6Address] = field(default_factory=dict)  # [clients.NAME] address6
-    keep_warm: bool = True  # a dummy pass over the packet path before a periodic packet is due (tunnel/warm.py)
+
+    def __getattr__(self, name: str):
+        """``cfg.max_tunnels`` and the other limits, as before they moved into ``limits``."""
+        limits = self.__dict__.get("limits")
+        if limits is not None and name in Limits.__dataclass_fields__:
+            return getattr(limits, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def static_addresses(self) -> dict[str, ipaddress.IPv4Address]:
         return {name: a for name, a in self.clients.items() if a is not None}
 
+    def settings(self, datagram_mtu: int, inner_mtu: int) -> ServerSettings:
+        """The server core's settings; the MTUs come from the underlay, known only at start-up."""
+        return _settings(
+            ServerSettings, self,
+            datagram_mtu=datagram_mtu,
+            inner_mtu=inner_mtu,
+            routes=tuple(self.routes),
+            allowed_clients=None if self.allow_unlisted_clients else frozenset(self.clients),
+            path=_settings(PathSettings, self),
+        )
 
-@dataclass
-class ClientConfig:
-    path: Path
+
+@dataclass(kw_only=True)
+class ClientConfig(_DaemonConfig):
     servers: list[tuple[str, int]]
     server_name: str
-    certificate: Path
-    key: Path
-    ca: Path
-    tun: str = "mptun0"
     interfaces: list[str] = field(default_factory=list)  # empty: every usable interface
-    mode: str = "duplicate"
-    redundancy: int = 2
-    pin_flows: bool = False
-    probe_interval: float = 0.1
-    dead_interval: float = 0.3
-    idle_probe_interval: float = 0.5  # probes of an idle tunnel (no DATA for a second), tunnel/estimator.py
-    timeout: float = 3.0
-    dedup_window: int = 4096
-    policy: Optional[Path] = None
-    log_format: str = "text"
-    metrics: Optional[tuple[str, int]] = None
-    log_level: str = "info"
-    control: Optional[Path] = None
-    user: Optional[str] = None  # drop to this user after set-up (keeping only what the role uses: tunnel/privs.py)
-    group: Optional[str] = None
-    keep_warm: bool = True  # a dummy pass over the packet path before a periodic packet is due (tunnel/warm.py)
+    mode: str = ClientSettings.mode
+    redundancy: int = ClientSettings.redundancy
+    pin_flows: bool = ClientSettings.pin_flows
+
+    def settings(self) -> ClientSettings:
+        """The client core's settings."""
+        return _settings(ClientSettings, self, path=_settings(PathSettings, self))
 
 
 class _Section:
@@ -170,21 +201,29 @@ class _Section:
             raise self.error(unknown[0], "unknown key")
 
 
-def _load(path: str | Path) -> tuple[Path, dict]:
+def read_toml(path: str | Path, error: type[Exception] = ConfigError, kind: str = "") -> tuple[Path, dict]:
+    """The file's path and its tables; ``error`` (one line naming the file) if it cannot be
+    read or parsed.  ``kind`` names what a directory given instead is not ("policy file");
+    without it a directory is a read error like any other."""
     p = Path(path)
     try:
         with open(p, "rb") as f:
             return p, tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{p}: file not found") from None
+        raise error(f"{p}: file not found") from None
     except PermissionError:
-        raise ConfigError(f"{p}: not readable") from None
+        raise error(f"{p}: not readable") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+        raise error(f"{p}: not valid TOML: {exc}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{p}: not UTF-8 text") from None
+        raise error(f"{p}: not UTF-8 text") from None
     except OSError as exc:  # a directory, an I/O error
-        raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from None
+        if kind and isinstance(exc, IsADirectoryError):
+            raise error(f"{p}: is a directory, not a {kind}") from None
+        raise error(f"{p}: cannot read: {exc.strerror or exc}") from None
+
+
+_load = read_toml  # the lab's scenario loader reads its files with the config's errors too
 
 
 def _endpoint(sec: _Section, key: str, value: Any) -> tuple[str, int]:
@@ -210,8 +249,8 @@ def _common(sec: _Section) -> dict:
     if not 0 < len(tun) <= 15 or "/" in tun or " " in tun:
         raise sec.error("tun", f"{tun!r} is not a valid interface name (1-15 chars)")
     control = sec.get("control", str, None)
-    probe = sec.seconds("probe_interval", 0.1)
-    dead = sec.seconds("dead_interval", 0.3)
+    probe = sec.seconds("probe_interval", PROBE_INTERVAL)
+    dead = sec.seconds("dead_interval", DEAD_INTERVAL)
     if dead < 2 * probe:
         raise sec.error("dead_interval", f"{dead} s must be at least twice probe_interval ({probe} s)")
     policy = sec.file("policy") if "policy" in sec.table else None
@@ -223,13 +262,13 @@ def _common(sec: _Section) -> dict:
             metrics = parse_metrics_address(metrics)
         except ValueError as exc:
             raise sec.error("metrics", str(exc)) from None
-    timeout = sec.seconds("timeout", 3.0)
+    timeout = sec.seconds("timeout", TIMEOUT)
     if timeout < dead:
         raise sec.error("timeout", f"{timeout} s must not be shorter than dead_interval ({dead} s)")
     # idle: the dead interval stretches with the probe interval and must stay below timeout
     # (half of it by default; a given value is checked, the default is fitted)
     if "idle_probe_interval" in sec.table:
-        idle = sec.seconds("idle_probe_interval", 0.5)
+        idle = sec.seconds("idle_probe_interval", IDLE_PROBE_INTERVAL)
         if idle < probe:
             raise sec.error("idle_probe_interval", f"{idle} s must not be shorter than probe_interval ({probe} s)")
         idle_dead = round(idle * dead / probe, 6)
@@ -237,7 +276,7 @@ def _common(sec: _Section) -> dict:
             raise sec.error("idle_probe_interval", f"{idle} s makes an idle path's dead interval "
                             f"{idle_dead:g} s (x dead_interval / probe_interval), not below timeout ({timeout} s)")
     else:
-        idle = max(probe, min(0.5, probe * timeout / (2 * dead)))
+        idle = fitted_idle_probe_interval(probe, dead, timeout)
     return {
         "certificate": sec.file("certificate"),
         "key": sec.file("key"),
@@ -247,7 +286,7 @@ def _common(sec: _Section) -> dict:
         "dead_interval": dead,
         "idle_probe_interval": idle,
         "timeout": timeout,
-        "dedup_window": sec.integer("dedup_window", 4096, 64, 1 << 20),
+        "dedup_window": sec.integer("dedup_window", DEDUP_WINDOW, 64, 1 << 20),
         "policy": policy,
         "metrics": metrics,
         "log_format": sec.choice("log_format", "text", ("text", "json")),
@@ -286,16 +325,39 @@ def _only_tables(path: Path, data: dict, allowed: set[str]) -> None:
             raise ConfigError(f"{path}: unknown table or key '{key}' (expected {', '.join(sorted(allowed))})")
 
 
-def load_server_config(path: str | Path) -> ServerConfig:
+def _main_table(path: str | Path, name: str, allowed: set[str]) -> tuple[Path, dict, _Section]:
+    """The file, its tables, and the one table that must be there (``[server]``, ``[client]``)."""
     p, data = _load(path)
-    _only_tables(p, data, {"server", "clients"})
-    if "server" not in data:
-        raise ConfigError(f"{p}: missing [server] table")
-    sec = _Section(p, "server", data["server"])
-    listen_raw = sec.get("listen", (str, list), what='"host:port" or a list of them')
-    listen = [_endpoint(sec, "listen", v) for v in (listen_raw if isinstance(listen_raw, list) else [listen_raw])]
-    if not listen:
-        raise sec.error("listen", "empty list")
+    _only_tables(p, data, allowed | {name})
+    if name not in data:
+        raise ConfigError(f"{p}: missing [{name}] table")
+    return p, data, _Section(p, name, data[name])
+
+
+def _endpoints(sec: _Section, key: str) -> list[tuple[str, int]]:
+    """A "host:port" or a non-empty list of them."""
+    raw = sec.get(key, (str, list), what='"host:port" or a list of them')
+    out = [_endpoint(sec, key, v) for v in (raw if isinstance(raw, list) else [raw])]
+    if not out:
+        raise sec.error(key, "empty list")
+    return out
+
+
+def _prefixes(sec: _Section, key: str, pool6: Optional[ipaddress.IPv6Network]) -> list:
+    """A list of prefixes; IPv6 ones only with pool6 (the tunnel carries IPv6 only then)."""
+    out = []
+    for r in sec.get(key, list, []):
+        try:
+            out.append(ipaddress.IPv4Network(r) if pool6 is None else ipaddress.ip_network(r))
+        except (ValueError, TypeError) as exc:
+            raise sec.error(key, f"{r!r}: {exc}" + ("" if pool6 is not None or ":" not in str(r)
+                                                    else " (IPv6 routes need pool6)")) from None
+    return out
+
+
+def load_server_config(path: str | Path) -> ServerConfig:
+    p, data, sec = _main_table(path, "server", {"clients"})
+    listen = _endpoints(sec, "listen")
     for host, _ in listen:
         try:
             ipaddress.ip_address(host)
@@ -332,28 +394,22 @@ def load_server_config(path: str | Path) -> ServerConfig:
             raise sec.error("pool6", f"{pool6} has no room for clients (at most /126)")
         if mtu is not None and mtu < 1280:
             raise sec.error("mtu", f"{mtu} is below 1280, the smallest MTU IPv6 allows (pool6 is set)")
-    routes = []
-    for r in sec.get("routes", list, []):
-        try:
-            routes.append(ipaddress.IPv4Network(r) if pool6 is None else ipaddress.ip_network(r))
-        except (ValueError, TypeError) as exc:
-            raise sec.error("routes", f"{r!r}: {exc}" + ("" if pool6 is not None or ":" not in str(r)
-                                                          else " (IPv6 routes need pool6)")) from None
+    routes = _prefixes(sec, "routes", pool6)
     allow = sec.get("allow_unlisted_clients", bool, True)
-    mode = sec.choice("mode", "client", ("client",) + MODES)
-    linger = sec.seconds("linger", 30.0)
-    limits = {
-        "client_to_client": sec.get("client_to_client", bool, False),
-        "unknown_destination": sec.choice("unknown_destination", "drop", ("drop", "icmp")),
-        "max_tunnels": sec.integer("max_tunnels", 1024, 1, 1_000_000),
-        "max_paths": sec.integer("max_paths", 8, 1, 64),
-        "handshake_rate": float(sec.get("handshake_rate", (int, float), 10.0, what="handshakes per second")),
-        "max_handshakes": sec.integer("max_handshakes", 256, 1, 1_000_000),
-        "pending_queue": sec.integer("pending_queue", 3, 0, 1024),
-        "pending_expiry": sec.seconds("pending_expiry", 10.0),
-    }
-    if not 0 < limits["handshake_rate"] <= 100_000:
-        raise sec.error("handshake_rate", f"{limits['handshake_rate']} is out of range (more than 0, at most 100000)")
+    mode = sec.choice("mode", ServerSettings.mode, ("client",) + MODES)
+    linger = sec.seconds("linger", LINGER)
+    client_to_client = sec.get("client_to_client", bool, ServerSettings.client_to_client)
+    unknown_destination = sec.choice("unknown_destination", ServerSettings.unknown_destination, ("drop", "icmp"))
+    limits = Limits(
+        max_tunnels=sec.integer("max_tunnels", MAX_TUNNELS, 1, 1_000_000),
+        max_paths=sec.integer("max_paths", MAX_PATHS, 1, 64),
+        handshake_rate=float(sec.get("handshake_rate", (int, float), HANDSHAKE_RATE, what="handshakes per second")),
+        max_handshakes=sec.integer("max_handshakes", MAX_HANDSHAKES, 1, 1_000_000),
+        pending_queue=sec.integer("pending_queue", PENDING_QUEUE, 0, 1024),
+        pending_expiry=sec.seconds("pending_expiry", PENDING_EXPIRY),
+    )
+    if not 0 < limits.handshake_rate <= 100_000:
+        raise sec.error("handshake_rate", f"{limits.handshake_rate} is out of range (more than 0, at most 100000)")
     crl, deny, crl_expired = _revocation_keys(sec)
     common = _common(sec)
     sec.finish()
@@ -368,13 +424,8 @@ def load_server_config(path: str | Path) -> ServerConfig:
         csec = _Section(p, f"clients.{name}", entry)
         raw = csec.get("address", str, None)
         clients[name] = None
-        for r in csec.get("routes", list, []):
-            try:
-                client_routes.setdefault(name, []).append(
-                    ipaddress.IPv4Network(r) if pool6 is None else ipaddress.ip_network(r))
-            except (ValueError, TypeError) as exc:
-                raise csec.error("routes", f"{r!r}: {exc}" + ("" if pool6 is not None or ":" not in str(r)
-                                                               else " (IPv6 routes need pool6)")) from None
+        if own_routes := _prefixes(csec, "routes", pool6):
+            client_routes[name] = own_routes
         raw6 = csec.get("address6", str, None, what="an IPv6 address")
         if raw6 is not None:
             if pool6 is None:
@@ -423,7 +474,9 @@ def load_server_config(path: str | Path) -> ServerConfig:
         deny=deny,
         pool6=pool6,
         static_addresses6=static6,
-        **limits,
+        client_to_client=client_to_client,
+        unknown_destination=unknown_destination,
+        limits=limits,
         **common,
     )
 
@@ -485,15 +538,8 @@ def load_revocation_keys(path: str | Path) -> tuple[Optional[Path], list[str], s
 
 
 def load_client_config(path: str | Path) -> ClientConfig:
-    p, data = _load(path)
-    _only_tables(p, data, {"client"})
-    if "client" not in data:
-        raise ConfigError(f"{p}: missing [client] table")
-    sec = _Section(p, "client", data["client"])
-    raw = sec.get("server", (str, list), what='"host:port" or a list of them')
-    servers = [_endpoint(sec, "server", v) for v in (raw if isinstance(raw, list) else [raw])]
-    if not servers:
-        raise sec.error("server", "empty list")
+    p, data, sec = _main_table(path, "client", set())
+    servers = _endpoints(sec, "server")
     name = sec.get("server_name", str, what="the name in the server certificate")
     if not name:
         raise sec.error("server_name", "empty")
@@ -501,18 +547,10 @@ def load_client_config(path: str | Path) -> ClientConfig:
     for ifname in interfaces:
         if not isinstance(ifname, str) or not 0 < len(ifname) <= 15:
             raise sec.error("interfaces", f"{ifname!r} is not an interface name")
-    mode = sec.choice("mode", "duplicate", MODES)
-    redundancy = sec.integer("redundancy", 2, 1, 16)
-    pin_flows = sec.get("pin_flows", bool, False)
+    mode = sec.choice("mode", ClientSettings.mode, MODES)
+    redundancy = sec.integer("redundancy", ClientSettings.redundancy, 1, 16)
+    pin_flows = sec.get("pin_flows", bool, ClientSettings.pin_flows)
     common = _common(sec)
     sec.finish()
-    return ClientConfig(
-        path=p,
-        servers=servers,
-        server_name=name,
-        interfaces=interfaces,
-        mode=mode,
-        redundancy=redundancy,
-        pin_flows=pin_flows,
-        **common,
-    )
+    return ClientConfig(path=p, servers=servers, server_name=name, interfaces=interfaces, mode=mode,
+                        redundancy=redundancy, pin_flows=pin_flows, **common)

@@ -23,10 +23,6 @@ from typing import Any, Callable, Optional
 from tunnel.frames import HOLD_UNIT_MS
 from tunnel.scheduler import MODES
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 DSCP_NAMES = {
     "CS0": 0, "DF": 0, "BE": 0, "LE": 1,
@@ -175,22 +171,9 @@ class Policy:
 
 # -- loading -----------------------------------------------------------------
 def load_policy(path: str | Path) -> Policy:
-    p = Path(path)
-    try:
-        with open(p, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise PolicyError(f"{p}: file not found") from None
-    except PermissionError:
-        raise PolicyError(f"{p}: not readable") from None
-    except IsADirectoryError:
-        raise PolicyError(f"{p}: is a directory, not a policy file") from None
-    except OSError as exc:
-        raise PolicyError(f"{p}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise PolicyError(f"{p}: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"{p}: not valid TOML: {exc}") from None
+    from tunnel.config import read_toml  # the app layer's reader; the cores need only the classes
+
+    p, data = read_toml(path, PolicyError, "policy file")
     return parse_policy(data, str(p))
 
 
