@@ -283,7 +283,7 @@ def test_rolling_outage_keeps_the_ef_stream(lab, tmp_path):
     the daemons' stalls, which no tunnel can avoid) is under 200 ms, the issue's bound for a
     path to carry traffic again after its link works (one packet interval, 20 ms, is the
     ideal); lost at most what such a gap holds (10 packets at 50/s)."""
-    from tunnel.lab.bench import ROLLING_PPS, rolling_outage_stream
+    from tunnel.lab.bench.measure import ROLLING_PPS, rolling_outage_stream
     from tunnel.lab.impair import Impairments
 
     topo = MultipathTopology(lab, n_paths=2)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from tunnel import control
 from tunnel.lab.netns import Host, Lab, unique_prefix, wait_for
+from tunnel.lab.probes import cpu_seconds, tun_counter
 from tunnel.lab.stack import PORT, SERVER_INNER, SERVER_NAME, make_pki, mptun_argv, write_toml
 
 BASE_PORT = 5301  # iperf3 server of client i listens on BASE_PORT + i
@@ -38,14 +39,10 @@ SIZE = 100  # UDP payload bytes
 
 
 def _cpu_seconds(pid: int) -> float:
-    from tunnel.lab.bench import cpu_seconds
-
     return cpu_seconds([pid])
 
 
 def _tun_rx(host: Host, ifname: str) -> int:
-    from tunnel.lab.bench import tun_counter
-
     return tun_counter(host, ifname, "rx_packets")
 
 

@@ -29,8 +29,8 @@ datagram, for DSCP/ECN checks, and the kernel's drop counter of its socket
 
 The sub-commands import nothing heavy (the lab's pyroute2 only in the
 functions that drive namespaces), so they start quickly inside a namespace.
-:func:`percentile` is the same nearest-rank percentile as bench.py's, which
-can import it from here instead of keeping its own copy.
+:func:`percentile` is the nearest-rank percentile the benchmark's RTT figures use
+too (tunnel/lab/bench/traffic.py imports it from here).
 """
 
 from __future__ import annotations
