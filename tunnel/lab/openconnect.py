@@ -43,14 +43,14 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tunnel.lab.procs import check_alive, read_log, stop_processes, tail
 from tunnel.lab.netns import Host, wait_for
-from tunnel.lab.stack import SERVER_NAME, make_pki
+from tunnel.lab.stack import SERVER_NAME, DaemonPair
 
 PORT = 4443  # TCP (TLS/CSTP) and UDP (DTLS)
 NETWORK, NETMASK = "100.66.0.0", "255.255.255.0"  # inside 100.64.0.0/10, a different /24
@@ -129,34 +129,20 @@ class ChannelCounters:
 
 
 @dataclass
-class OpenConnectPair:
+class OpenConnectPair(DaemonPair):
     """ocserv in ``server_host`` listening on ``server_addr``; openconnect in ``client_host``."""
 
-    server_host: Host
-    client_host: Host
-    server_addr: str
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mptun-oc-")))
-    client_name: str = "alice"
     port: int = PORT
-    server_proc: Optional[subprocess.Popen] = None
-    client_proc: Optional[subprocess.Popen] = None
     counters: Optional[ChannelCounters] = None
+    log_names: ClassVar[tuple[str, str]] = ("ocserv.log", "openconnect.log")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # ocserv's workers run as nobody and must reach the sec-mod socket in here.
         self.workdir.chmod(0o755)
-        if not (self.workdir / "ca.crt").exists():
-            make_pki(self.workdir, clients=(self.client_name,))
         self.client_ifname = f"oc{os.getpid()}{next(_names)}"[-15:]
         self._server_inner: Optional[str] = None
-
-    @property
-    def server_log(self) -> Path:
-        return self.workdir / "ocserv.log"
-
-    @property
-    def client_log(self) -> Path:
-        return self.workdir / "openconnect.log"
 
     def server_config(self) -> Path:
         w = self.workdir

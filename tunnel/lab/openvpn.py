@@ -22,11 +22,11 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar
 
 from tunnel.lab.procs import check_alive, read_log, stop_processes, tail
 from tunnel.lab.netns import Host, wait_for
-from tunnel.lab.stack import SERVER_NAME, make_pki
+from tunnel.lab.stack import SERVER_NAME, DaemonPair
 
 PORT = 1194
 SUBNET = "100.65.0.0/24"  # inside 100.64.0.0/10 like mptun's, but a different /24
@@ -58,39 +58,22 @@ def _common_options() -> list[str]:
 
 
 @dataclass
-class OpenVpnPair:
+class OpenVpnPair(DaemonPair):
     """OpenVPN server in ``server_host`` listening on ``server_addr``, client in ``client_host``.
 
     ``workdir`` may already hold a PKI made by ``make_pki`` (e.g. the one of a
     TunnelStack); otherwise one is created there.
     """
 
-    server_host: Host
-    client_host: Host
-    server_addr: str
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mptun-ovpn-")))
-    client_name: str = "alice"
     subnet: str = SUBNET
     port: int = PORT
-    server_proc: Optional[subprocess.Popen] = None
-    client_proc: Optional[subprocess.Popen] = None
-
-    def __post_init__(self) -> None:
-        if not (self.workdir / "ca.crt").exists():
-            make_pki(self.workdir, clients=(self.client_name,))
+    log_names: ClassVar[tuple[str, str]] = ("openvpn-server.log", "openvpn-client.log")
 
     @property
     def server_inner(self) -> str:
         """The server's tunnel address: the first host of ``subnet`` (OpenVPN's ``server`` rule)."""
         return str(next(ipaddress.ip_network(self.subnet).hosts()))
-
-    @property
-    def server_log(self) -> Path:
-        return self.workdir / "openvpn-server.log"
-
-    @property
-    def client_log(self) -> Path:
-        return self.workdir / "openvpn-client.log"
 
     def server_config(self) -> Path:
         net = ipaddress.ip_network(self.subnet)

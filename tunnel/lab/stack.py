@@ -12,7 +12,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 from tunnel import certs, control
 from tunnel.lab.procs import stop_processes, tail
@@ -58,18 +58,23 @@ def mptun_argv(*args: str) -> list[str]:
 
 
 @dataclass
-class TunnelStack:
-    """Server in ``server_host`` listening on ``server_addr``, client in ``client_host``."""
+class DaemonPair:
+    """A server daemon in ``server_host`` listening on ``server_addr`` and its client in
+    ``client_host``, sharing ``workdir``: a throwaway PKI (made there unless it holds one,
+    e.g. a TunnelStack's), their configuration files and their logs.
+
+    The common ground of the lab's tunnel pairs (mptun, OpenVPN, OpenConnect), so each of
+    them only says how its daemons are configured and started.
+    """
 
     server_host: Host
     client_host: Host
     server_addr: str
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mptun-lab-")))
     client_name: str = "alice"
-    server_overrides: dict = field(default_factory=dict)
-    client_overrides: dict = field(default_factory=dict)
     server_proc: Optional[subprocess.Popen] = None
     client_proc: Optional[subprocess.Popen] = None
+    log_names: ClassVar[tuple[str, str]] = ("server.log", "client.log")  # in workdir
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -78,11 +83,20 @@ class TunnelStack:
 
     @property
     def server_log(self) -> Path:
-        return self.workdir / "server.log"
+        return self.workdir / self.log_names[0]
 
     @property
     def client_log(self) -> Path:
-        return self.workdir / "client.log"
+        return self.workdir / self.log_names[1]
+
+
+@dataclass
+class TunnelStack(DaemonPair):
+    """mptun: ``mptun server`` in ``server_host`` listening on ``server_addr``, ``mptun client``
+    in ``client_host``; ``*_overrides`` are added to (or replace) their config settings."""
+
+    server_overrides: dict = field(default_factory=dict)
+    client_overrides: dict = field(default_factory=dict)
 
     @property
     def server_socket(self) -> Path:
