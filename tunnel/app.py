@@ -106,3 +106,16 @@ def drop_target_and_key_check(cfg, log: logging.Logger):
     if (warning := key_mode_warning(cfg.key, own_groups)) is not None:
         log.warning("%s", warning)
     return target
+
+
+def equip_shell(shell, cfg, role: str, target, keep, name: str = "") -> None:
+    """What both daemons give their shell from the config: the warm-keeping pass, the metrics
+    server (``name``: the client's, for its labels) and the privilege drop once it has started
+    (to ``target``, keeping ``keep``: tunnel/privs.py)."""
+    from tunnel import privs
+    from tunnel.metrics import MetricsServer
+
+    shell.keep_warm = cfg.keep_warm
+    if cfg.metrics:
+        shell.metrics = MetricsServer(*cfg.metrics, shell.status, role, name=name)
+    shell.after_start = lambda: privs.after_setup(target, keep, logging.getLogger("mptun"))

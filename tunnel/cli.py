@@ -34,44 +34,34 @@ def _user(args: argparse.Namespace, cfg) -> None:
         cfg.user, cfg.group = args.user, args.group
 
 
-def _server(args: argparse.Namespace) -> int:
-    from tunnel import server
-    from tunnel.config import load_server_config
-
-    cfg = load_server_config(args.config)
+def _daemon(args: argparse.Namespace, load, check, run) -> int:
+    """`mptun server` / `mptun client`: the config file with the command line's overrides,
+    then ``check`` it (--check-config: everything that fails on bad input, nothing made) or ``run``."""
+    cfg = load(args.config)
     if args.policy:
         cfg.policy = args.policy
     if args.metrics:
         cfg.metrics = args.metrics
     _user(args, cfg)
     if args.check_config:
-        server.build(cfg)
+        check(cfg)
         print(f"{args.config}: ok")
         return 0
-    return server.run(cfg)
+    return run(cfg)
+
+
+def _server(args: argparse.Namespace) -> int:
+    from tunnel import server
+    from tunnel.config import load_server_config
+
+    return _daemon(args, load_server_config, server.build, server.run)
 
 
 def _client(args: argparse.Namespace) -> int:
     from tunnel import client
     from tunnel.config import load_client_config
 
-    cfg = load_client_config(args.config)
-    if args.policy:
-        cfg.policy = args.policy
-    if args.metrics:
-        cfg.metrics = args.metrics
-    _user(args, cfg)
-    if args.check_config:
-        client.resolve(cfg)
-        from tunnel.app import load_policy_or_none
-
-        load_policy_or_none(cfg.policy)
-        from tunnel.dtls import make_context
-
-        make_context("client", cfg.certificate, cfg.key, cfg.ca, server_name=cfg.server_name)
-        print(f"{args.config}: ok")
-        return 0
-    return client.run(cfg)
+    return _daemon(args, load_client_config, client.check, client.run)
 
 
 def _lab(args: argparse.Namespace) -> int:

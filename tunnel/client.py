@@ -7,12 +7,18 @@ import logging
 import socket
 
 from tunnel import events, mtu as mtu_math, netlink, privs
-from tunnel.app import drop_target_and_key_check, load_policy_or_none, reloader, setup_logging, udp_socket
+from tunnel.app import (
+    drop_target_and_key_check,
+    equip_shell,
+    load_policy_or_none,
+    reloader,
+    setup_logging,
+    udp_socket,
+)
 from tunnel.client_core import ClientCore
 from tunnel.config import ClientConfig, ConfigError
 from tunnel.control import default_path
 from tunnel.dtls import common_name, make_context
-from tunnel.metrics import MetricsServer
 from tunnel.shell import ClientShell
 from tunnel.tun import TunClone, TunDevice
 
@@ -77,6 +83,14 @@ def make_socket(key) -> socket.socket:
     s.bind((local, 0))
     s.connect(server)
     return s
+
+
+def check(cfg: ClientConfig) -> None:
+    """`--check-config`: what the client refuses at start for bad input (server names that do
+    not resolve, the policy, the certificates and key), without making anything."""
+    resolve(cfg)
+    load_policy_or_none(cfg.policy)
+    make_context("client", cfg.certificate, cfg.key, cfg.ca, server_name=cfg.server_name)
 
 
 def run(cfg: ClientConfig) -> int:
@@ -159,10 +173,7 @@ def run(cfg: ClientConfig) -> int:
         watcher=netlink.LinkWatcher(),
         on_reload=reloader(cfg.policy, core.set_policy, log),
     )
-    shell.keep_warm = cfg.keep_warm
-    if cfg.metrics:
-        shell.metrics = MetricsServer(*cfg.metrics, shell.status, "client", name=client_name(cfg))
-    shell.after_start = lambda: privs.after_setup(target, privs.CLIENT_KEEP, log)
+    equip_shell(shell, cfg, "client", target, privs.CLIENT_KEEP, name=client_name(cfg) if cfg.metrics else "")
     try:
         shell.run()
     finally:

@@ -11,7 +11,9 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
+
+from tunnel.loopconn import Conn, LoopServer
 
 DEFAULT_DIR = Path("/run/mptun")
 
@@ -20,19 +22,7 @@ def default_path(role: str, tun: str) -> Path:
     return DEFAULT_DIR / f"{role}-{tun}.sock"
 
 
-class _Conn:
-    __slots__ = ("sock", "fd", "buf", "out", "deadline", "retry")
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.buf = bytearray()
-        self.out: Optional[memoryview] = None  # the reply, as far as it is not sent yet
-        self.deadline = None
-        self.retry = None
-
-
-class ControlServer:
+class ControlServer(LoopServer):
     """Serves status requests from inside the shell's event loop, never blocking it.
 
     Everything is non-blocking: the request is read as it comes, the reply is sent as far
@@ -46,16 +36,14 @@ class ControlServer:
 
     MAX_REQUEST = 1024
     MAX_CONNS = 16  # connections served at once (`mptun status` uses one; a few for monitoring)
+    ACCEPT_BATCH = MAX_CONNS + 8
     TIMEOUT = 5.0  # a connection must be done (request read, reply written) within this; query()'s too
-    WRITE_RETRY = 0.01  # the socket buffer was full: try again after this
 
     def __init__(self, path: Path, status: Callable[[], dict], timeout: float = TIMEOUT):
+        super().__init__()
         self.path = Path(path)
         self._status = status
         self.timeout = timeout
-        self._loop = None
-        self._sock: Optional[socket.socket] = None
-        self._conns: dict[int, _Conn] = {}
         self.counters = {"served": 0, "refused": 0, "timed_out": 0}
 
     def start(self, loop) -> None:
@@ -70,28 +58,12 @@ class ControlServer:
             os.umask(old)
         sock.listen(8)
         sock.setblocking(False)
-        self._sock, self._loop = sock, loop
-        loop.add_reader(sock.fileno(), self._accept)
+        self._listen(sock, loop)
 
-    def _accept(self) -> None:
-        for _ in range(self.MAX_CONNS + 8):  # a bounded batch: the loop has other work
-            try:
-                conn, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:  # EMFILE and friends: try again on the next wakeup
-                return
-            if len(self._conns) >= self.MAX_CONNS:
-                self.counters["refused"] += 1
-                conn.close()
-                continue
-            conn.setblocking(False)
-            c = _Conn(conn)
-            self._conns[c.fd] = c
-            c.deadline = self._loop.call_later(self.timeout, lambda c=c: self._expire(c))
-            self._loop.add_reader(c.fd, self._read, c)
+    def _refused(self) -> None:
+        self.counters["refused"] += 1
 
-    def _read(self, c: _Conn) -> None:
+    def _read(self, c: Conn) -> None:
         if self._conns.get(c.fd) is not c:
             return
         try:
@@ -120,44 +92,13 @@ class ControlServer:
         c.out = memoryview(json.dumps(reply).encode() + b"\n")
         self._write(c)
 
-    def _write(self, c: _Conn) -> None:
-        c.retry = None
-        if self._conns.get(c.fd) is not c:
-            return
-        try:
-            n = c.sock.send(c.out)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError:  # the client went away
-            self._drop(c)
-            return
-        c.out = c.out[n:]
-        if len(c.out):
-            c.retry = self._loop.call_later(self.WRITE_RETRY, lambda: self._write(c))
-        else:
-            self._drop(c)
-
-    def _expire(self, c: _Conn) -> None:
+    def _expire(self, c: Conn) -> None:
         if self._conns.get(c.fd) is c:
             self.counters["timed_out"] += 1
             self._drop(c)
 
-    def _drop(self, c: _Conn) -> None:
-        if self._conns.get(c.fd) is not c:
-            return
-        del self._conns[c.fd]
-        self._loop.remove_reader(c.fd)
-        for timer in (c.deadline, c.retry):
-            if timer is not None:
-                timer.cancel()
-        c.sock.close()
-
     def close(self) -> None:
-        for c in list(self._conns.values()):
-            self._drop(c)
-        if self._sock is not None:
-            self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
+        self._stop_listening()
         try:
             self.path.unlink()
         except FileNotFoundError:

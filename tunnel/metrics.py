@@ -58,6 +58,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tunnel.loop import STALL
+from tunnel.loopconn import Conn, LoopServer
 
 log = logging.getLogger("mptun")
 STALL_MS = round(STALL * 1e3)
@@ -307,19 +308,14 @@ def parse_metrics_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class _Conn:
-    __slots__ = ("sock", "fd", "expires", "buf", "out", "answered", "eof", "deadline", "retry")
+class _Conn(Conn):
+    __slots__ = ("expires", "answered", "eof")
 
     def __init__(self, sock: socket.socket, expires: float):
-        self.sock = sock
+        super().__init__(sock)
         self.expires = expires
-        self.fd = sock.fileno()
-        self.buf = bytearray()
-        self.out: Optional[memoryview] = None
         self.answered = False
         self.eof = False  # the client half-closed while its answer was still being written
-        self.deadline = None
-        self.retry = None
 
 
 class _Fixed:
@@ -348,7 +344,7 @@ def _response(code: int, body: bytes, content_type: str = "text/plain; charset=u
     return head if head_only else head + body
 
 
-class MetricsServer:
+class MetricsServer(LoopServer):
     """`GET /metrics` on ``host:port``, served from inside the shell's event loop (never blocks it).
 
     The loop accepts, reads the request and takes the status snapshot (``status()``
@@ -360,9 +356,9 @@ class MetricsServer:
 
     MAX_REQUEST = 8192  # request line + headers
     MAX_CONNS = 32  # more at once are closed at accept
+    ACCEPT_BATCH = MAX_CONNS
     MAX_PENDING = 2  # scrapes being rendered or waiting for the worker; more get a 503
     TIMEOUT = 5.0  # a connection must be done (request read, answer written) within this
-    WRITE_RETRY = 0.01  # the socket buffer was full: try again after this
     LINGER = 0.5  # after the answer: how long the worker waits for the client to close
 
     def __init__(
@@ -375,6 +371,7 @@ class MetricsServer:
         name: str = "",
         timeout: float = TIMEOUT,
     ):
+        super().__init__()
         self.host = host
         self.port = port  # the bound port once started (port 0: the kernel's choice)
         self.timeout = timeout
@@ -384,9 +381,6 @@ class MetricsServer:
         self.scrapes = 0
         self.errors = 0
         self.busy = 0  # scrapes answered 503 (MAX_PENDING already being answered)
-        self._loop = None
-        self._sock: Optional[socket.socket] = None
-        self._conns: dict[int, _Conn] = {}
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._worker: Optional[threading.Thread] = None
         self._lock = threading.Lock()
@@ -408,33 +402,20 @@ class MetricsServer:
             sock.close()
             raise
         self.port = sock.getsockname()[1]
-        self._sock, self._loop = sock, loop
-        loop.add_reader(sock.fileno(), self._accept)
+        self._listen(sock, loop)
 
     def render(self) -> bytes:
         """The metrics body, as a scrape gets it (asks ``status()`` here, in the caller's thread)."""
         return generate_latest(self.registry)
 
     # -- connections ---------------------------------------------------
-    def _accept(self) -> None:
-        for _ in range(self.MAX_CONNS):
-            try:
-                sock, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and friends: try again on the next wakeup
-                log.warning("metrics: accept failed: %s", exc)
-                return
-            if len(self._conns) >= self.MAX_CONNS:
-                sock.close()
-                continue
-            sock.setblocking(False)
-            c = _Conn(sock, time.monotonic() + self.timeout)
-            self._conns[c.fd] = c
-            c.deadline = self._loop.call_later(self.timeout, lambda c=c: self._drop(c))
-            self._loop.add_reader(c.fd, self._on_readable, c)
+    def _conn(self, sock: socket.socket) -> _Conn:
+        return _Conn(sock, time.monotonic() + self.timeout)
 
-    def _on_readable(self, c: _Conn) -> None:
+    def _accept_failed(self, exc: OSError) -> None:
+        log.warning("metrics: accept failed: %s", exc)
+
+    def _read(self, c: _Conn) -> None:
         if self._conns.get(c.fd) is not c:
             return
         try:
@@ -555,21 +536,7 @@ class MetricsServer:
         c.out = memoryview(_response(code, body, content_type, head_only, extra))
         self._write(c)
 
-    def _write(self, c: _Conn) -> None:
-        c.retry = None
-        if self._conns.get(c.fd) is not c:
-            return
-        try:
-            n = c.sock.send(c.out)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError:
-            self._drop(c)
-            return
-        c.out = c.out[n:]
-        if len(c.out):
-            c.retry = self._loop.call_later(self.WRITE_RETRY, lambda: self._write(c))
-            return
+    def _sent(self, c: _Conn) -> None:
         if c.eof:
             self._drop(c)
             return
@@ -580,29 +547,10 @@ class MetricsServer:
         except OSError:
             self._drop(c)
 
-    def _release(self, c: _Conn) -> None:
-        """The loop forgets the connection (it is closed, or the worker owns it now)."""
-        del self._conns[c.fd]
-        self._loop.remove_reader(c.fd)
-        for timer in (c.deadline, c.retry):
-            if timer is not None:
-                timer.cancel()
-
-    def _drop(self, c: _Conn) -> None:
-        if self._conns.get(c.fd) is not c:
-            return
-        self._release(c)
-        c.sock.close()
-
     def close(self, wait: float = 1.0) -> None:
         """Stop listening and drop the connections; the worker finishes what it has (at most
         ``wait`` seconds are waited for it here; it is a daemon thread)."""
-        for c in list(self._conns.values()):
-            self._drop(c)
-        if self._sock is not None:
-            self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
+        self._stop_listening()
         if self._worker is not None:
             self._jobs.put(None)
             self._worker.join(wait)

@@ -9,12 +9,19 @@ import time
 from typing import Optional
 
 from tunnel import events, mtu as mtu_math, netlink, privs
-from tunnel.app import drop_target_and_key_check, fmt_addr, load_policy_or_none, reloader, setup_logging, udp_socket
+from tunnel.app import (
+    drop_target_and_key_check,
+    equip_shell,
+    fmt_addr,
+    load_policy_or_none,
+    reloader,
+    setup_logging,
+    udp_socket,
+)
 from tunnel.certs import CertError, crl_next_update, load_crl
 from tunnel.config import ConfigError, ServerConfig, load_revocation_keys
 from tunnel.control import default_path
 from tunnel.dtls import make_context
-from tunnel.metrics import MetricsServer
 from tunnel.pool import AddressPool, AddressPool6
 from tunnel.revocation import Revocation
 from tunnel.server_core import ServerCore
@@ -185,10 +192,7 @@ def run(cfg: ServerConfig) -> int:
             core, tun.fd, sockets, log_event, cfg.control or default_path("server", tun.name),
             on_reload=on_reload,
         )
-        shell.keep_warm = cfg.keep_warm
-        if cfg.metrics:
-            shell.metrics = MetricsServer(*cfg.metrics, shell.status, "server")
-        shell.after_start = lambda: privs.after_setup(target, privs.SERVER_KEEP, log)
+        equip_shell(shell, cfg, "server", target, privs.SERVER_KEEP)
         shell.run()
         log.info("stopped")
     finally:
