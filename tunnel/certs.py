@@ -285,12 +285,17 @@ def _issue(
     eku: x509.ObjectIdentifier,
     days: int,
     force: bool,
-    ca_dir: StrPath | None,
-    not_before: dt.datetime | None,
-    not_after: dt.datetime | None,
-    key_type: str,
-    rsa_bits: int,
+    *,
+    ca_dir: StrPath | None = None,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+    key_type: str = "ec",
+    rsa_bits: int = 3072,
 ) -> tuple[Path, Path]:
+    """Issue directory/<name>.crt/.key signed by the CA in ``ca_dir`` (default: ``directory``),
+    valid for ``days`` unless ``not_before``/``not_after`` say otherwise, with a new
+    ``key_type`` ("ec" or "rsa" of ``rsa_bits``) key.  These keywords are the options of
+    issue_server and issue_client too."""
     not_before, not_after = _validity(days, not_before, not_after)
     out = Path(directory)
     _refuse_overwrite((out / f"{name}.crt", out / f"{name}.key"), force)
@@ -323,45 +328,26 @@ def _issue(
 
 
 def issue_server(
-    directory: StrPath,
-    name: str,
-    sans: Iterable[str] = (),
-    days: int = 825,
-    force: bool = False,
-    *,
-    ca_dir: StrPath | None = None,
-    not_before: dt.datetime | None = None,
-    not_after: dt.datetime | None = None,
-    key_type: str = "ec",
-    rsa_bits: int = 3072,
+    directory: StrPath, name: str, sans: Iterable[str] = (), days: int = 825, force: bool = False, **options,
 ) -> tuple[Path, Path]:
-    """Issue directory/<name>.crt/.key for a server (serverAuth).
+    """Issue directory/<name>.crt/.key for a server (serverAuth); ``options`` as for _issue
+    (ca_dir, not_before, not_after, key_type, rsa_bits).
 
     Each SAN is an IP address if it parses as one, else a DNS name; with no SANs
     the name itself is used. Clients check their `server_name` against these.
     """
     _check_name(name)
     entries = [_san_entry(s) for s in (list(sans) or [name])]
-    return _issue(directory, name, entries, ExtendedKeyUsageOID.SERVER_AUTH, days, force,
-                  ca_dir, not_before, not_after, key_type, rsa_bits)
+    return _issue(directory, name, entries, ExtendedKeyUsageOID.SERVER_AUTH, days, force, **options)
 
 
 def issue_client(
-    directory: StrPath,
-    name: str,
-    days: int = 825,
-    force: bool = False,
-    *,
-    ca_dir: StrPath | None = None,
-    not_before: dt.datetime | None = None,
-    not_after: dt.datetime | None = None,
-    key_type: str = "ec",
-    rsa_bits: int = 3072,
+    directory: StrPath, name: str, days: int = 825, force: bool = False, **options,
 ) -> tuple[Path, Path]:
-    """Issue directory/<name>.crt/.key for a client (clientAuth); CN=name is its identity."""
+    """Issue directory/<name>.crt/.key for a client (clientAuth); CN=name is its identity.
+    ``options`` as for _issue (ca_dir, not_before, not_after, key_type, rsa_bits)."""
     _check_name(name)
-    return _issue(directory, name, [x509.DNSName(name)], ExtendedKeyUsageOID.CLIENT_AUTH, days,
-                  force, ca_dir, not_before, not_after, key_type, rsa_bits)
+    return _issue(directory, name, [x509.DNSName(name)], ExtendedKeyUsageOID.CLIENT_AUTH, days, force, **options)
 
 
 def load_identity(cert_path: StrPath, key_path: StrPath) -> None:

@@ -69,30 +69,30 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PATH_LABELS = ["client", "path", "name"]
 TUNNEL_LABELS = ["client", "address"]
 
-# (stats key, metric name without the mptun_tunnel_ prefix, help)
-TUNNEL_COUNTERS = (
-    ("delivered", "delivered", "Packets that passed the tunnel-wide de-duplication."),
-    ("duplicates", "duplicates", "Duplicate packets dropped by the tunnel-wide de-duplication."),
-    ("too_old", "too_old", "Packets dropped because they were older than the de-duplication window."),
-    ("spoofed", "spoofed", "Packets from the tunnel with a source address the client does not own (server)."),
-    ("malformed", "malformed", "Malformed frames received on the tunnel."),
-    ("ecn_dropped", "ecn_dropped", "Packets dropped because their ECN codepoint could not be carried."),
-)
-PATH_COUNTERS = (
-    ("tx_packets", "tx_packets", "Records sent on the path."),
-    ("rx_packets", "rx_packets", "Records received on the path."),
-    ("tx_bytes", "tx_bytes", "Bytes sent on the path."),
-    ("rx_bytes", "rx_bytes", "Bytes received on the path."),
-    ("dtls_dropped", "dtls_dropped", "DTLS records dropped on the path (replayed, forged, undecryptable)."),
-    ("malformed", "malformed", "Malformed frames received on the path."),
-)
-CLIENT_COUNTERS = (
-    ("dropped_no_path", "Packets from the TUN dropped because no path was up."),
-    ("not_ipv4", "Packets from the TUN dropped because they were not IPv4 (nor IPv6 with an IPv6 address)."),
-    ("local6", "IPv6 link-local or multicast packets from the TUN, kept off the tunnel."),
-    ("rebind_attempts", "Spare sessions started for silent paths (NAT rebinding)."),
-    ("rebinds", "Silent path sessions replaced by a spare from a new source port."),
-)
+# stats key (the metric is mptun_tunnel_<key>_total, mptun_path_<key>_total) -> help
+TUNNEL_COUNTERS = {
+    "delivered": "Packets that passed the tunnel-wide de-duplication.",
+    "duplicates": "Duplicate packets dropped by the tunnel-wide de-duplication.",
+    "too_old": "Packets dropped because they were older than the de-duplication window.",
+    "spoofed": "Packets from the tunnel with a source address the client does not own (server).",
+    "malformed": "Malformed frames received on the tunnel.",
+    "ecn_dropped": "Packets dropped because their ECN codepoint could not be carried.",
+}
+PATH_COUNTERS = {
+    "tx_packets": "Records sent on the path.",
+    "rx_packets": "Records received on the path.",
+    "tx_bytes": "Bytes sent on the path.",
+    "rx_bytes": "Bytes received on the path.",
+    "dtls_dropped": "DTLS records dropped on the path (replayed, forged, undecryptable).",
+    "malformed": "Malformed frames received on the path.",
+}
+CLIENT_COUNTERS = {  # mptun_client_<key>_total
+    "dropped_no_path": "Packets from the TUN dropped because no path was up.",
+    "not_ipv4": "Packets from the TUN dropped because they were not IPv4 (nor IPv6 with an IPv6 address).",
+    "local6": "IPv6 link-local or multicast packets from the TUN, kept off the tunnel.",
+    "rebind_attempts": "Spare sessions started for silent paths (NAT rebinding).",
+    "rebinds": "Silent path sessions replaced by a spare from a new source port.",
+}
 
 
 def _metric_name(text: str) -> str:
@@ -147,7 +147,7 @@ class StatusCollector:
             yield from self._counter_dict("mptun_server_", st.get("counters", {}), "Server counter {}.")
             yield from self._crl_families((st.get("revocation") or {}).get("crl") or {})
         else:
-            for key, help_text in CLIENT_COUNTERS:
+            for key, help_text in CLIENT_COUNTERS.items():
                 if _number(st.get(key)) is not None:
                     yield CounterMetricFamily(f"mptun_client_{key}", help_text, value=_number(st[key]))
         yield from self._counter_dict("mptun_io_", st.get("io", {}), "I/O counter {} of the shell.")
@@ -199,8 +199,8 @@ class StatusCollector:
 
     @staticmethod
     def _tunnel_families(tunnels: list[tuple[str, dict]]) -> Iterable:
-        for key, name, help_text in TUNNEL_COUNTERS:
-            fam = CounterMetricFamily(f"mptun_tunnel_{name}", help_text, labels=TUNNEL_LABELS)
+        for key, help_text in TUNNEL_COUNTERS.items():
+            fam = CounterMetricFamily(f"mptun_tunnel_{key}", help_text, labels=TUNNEL_LABELS)
             for client, t in tunnels:
                 if _number(t.get(key)) is not None:
                     fam.add_metric([client, t.get("address") or ""], _number(t[key]))
@@ -223,8 +223,8 @@ class StatusCollector:
     @staticmethod
     def _path_families(tunnels: list[tuple[str, dict]]) -> Iterable:
         counters = {
-            key: CounterMetricFamily(f"mptun_path_{name}", help_text, labels=PATH_LABELS)
-            for key, name, help_text in PATH_COUNTERS
+            key: CounterMetricFamily(f"mptun_path_{key}", help_text, labels=PATH_LABELS)
+            for key, help_text in PATH_COUNTERS.items()
         }
         rtt = GaugeMetricFamily("mptun_path_rtt_seconds", "Smoothed round-trip time of the path.", labels=PATH_LABELS)
         loss = GaugeMetricFamily("mptun_path_loss_ratio", "Estimated loss of the path (0..1).", labels=PATH_LABELS)
