@@ -594,8 +594,9 @@ def test_listed_client_without_address_is_admitted(tmp_path: Path) -> None:
         toml("server", {**SERVER_BASE, "listen": '"0.0.0.0:4433"', "allow_unlisted_clients": "false"})
         + '[clients.alice]\naddress = "100.64.0.10"\n[clients.carol]\n',
     )
-    core, _ = server_app.build(load_server_config(p))
-    assert core.allowed == {"alice", "carol"}
+    cfg = load_server_config(p)
+    server_app.build(cfg)
+    assert cfg.settings(1472, 1400).allowed_clients == {"alice", "carol"}  # what the server core is given
 
 
 # -- client routes: the networks behind a client, whose source addresses the server takes from it ---------
