@@ -25,6 +25,7 @@ from tunnel.dtls import ESTABLISHED, DtlsSession, make_context
 from tunnel.path import TICK
 from tunnel.pool import AddressPool
 from tunnel.server_core import ServerCore
+from tunnel.settings import ClientSettings, Limits, PathSettings, ServerSettings
 
 SERVER_ADDR = ("198.18.0.1", 4433)
 CLIENT_IP = "198.18.0.2"
@@ -36,6 +37,44 @@ ROUTES = [ipaddress.IPv4Network("10.9.0.0/16")]
 PROBE, DEAD, TIMEOUT, LINGER = 0.125, 0.375, 2.0, 5.0
 STEP = 1 / 64
 T0 = 1000.0
+
+
+def path_settings(probe_interval: float = PROBE, dead_interval: float = DEAD, timeout: float = TIMEOUT,
+                  idle_probe_interval: Optional[float] = None) -> PathSettings:
+    """The lab's path timing (binary fractions; no idle probing unless a test asks)."""
+    return PathSettings(probe_interval, dead_interval, idle_probe_interval, timeout)
+
+
+def client_settings(mode: str = "duplicate", redundancy: int = 2, pin_flows: bool = False,
+                    window: int = 4096, **path) -> ClientSettings:
+    return ClientSettings(mode, redundancy, pin_flows, window, path_settings(**path))
+
+
+def server_settings(mode: str = "client", window: int = 4096, linger: float = LINGER,
+                    allowed_clients=None, routes=ROUTES, client_routes=None, client_to_client: bool = False,
+                    unknown_destination: str = "drop", limits: Optional[dict] = None, **path) -> ServerSettings:
+    return ServerSettings(
+        DGRAM_MTU, INNER_MTU, tuple(routes), mode, window, linger,
+        None if allowed_clients is None else frozenset(allowed_clients), client_routes or {}, client_to_client,
+        unknown_destination, path_settings(**path), Limits(**(limits or {})),
+    )
+
+
+LIMIT_KEYS = ("max_tunnels", "max_paths", "handshake_rate", "max_handshakes", "pending_queue", "pending_expiry")
+
+
+def server_core(ctx, pool: Optional[AddressPool] = None, pool6=None, policy=None, revocation=None,
+                random_bytes=None, **kw) -> ServerCore:
+    """A ServerCore with the lab's settings; ``kw``: server_settings()'s, and the Limits fields."""
+    limits = {k: kw.pop(k) for k in LIMIT_KEYS if k in kw}
+    extra = {} if random_bytes is None else {"random_bytes": random_bytes}
+    return ServerCore(ctx, server_settings(limits=limits, **kw), pool or AddressPool(SERVER_INNER), pool6, policy,
+                      revocation, **extra)
+
+
+def client_core(ctx, policy=None, **kw) -> ClientCore:
+    """A ClientCore with the lab's settings; ``kw``: client_settings()'s."""
+    return ClientCore(ctx, client_settings(**kw), policy)
 
 
 def ipv4(src: str, dst: str, payload: bytes = b"payload", proto: int = 17) -> bytes:
@@ -72,6 +111,10 @@ class Client:
         self.deadline = DRIVE["mode"] == "deadline"
         self.armed = float("-inf")  # deadline mode: when handle_timer runs next
         self.timer_runs = 0
+        # deadline mode, when set: before the deadline, with no input since the timers last ran,
+        # running them must change nothing this snapshot shows (the deadline is never late)
+        self.invariant: Optional[Callable[[], object]] = None
+        self.checked = 0
 
     # network side
     def outgoing(self) -> list:
@@ -84,9 +127,9 @@ class Client:
     def check_timer(self) -> None:
         """Deadline mode, after input (the shell's _check_timer)."""
         core = self.core
-        if self.deadline and core.timer_dirty:
+        if self.deadline and core.timer_dirty:  # the shell runs the timers once the wakeup is done
             core.timer_dirty = False
-            self.armed = min(self.armed, core.next_timer(self.net.now))
+            self.armed = min(self.armed, self.net.now)
 
     def drain(self) -> None:
         self.check_timer()
@@ -105,12 +148,19 @@ class Client:
             self.timer_runs += 1
             return
         self.check_timer()
-        if now < self.armed:
-            return
-        core.handle_timer(now)
+        if now >= self.armed:
+            self.run_timer()
+        elif self.invariant is not None:
+            before = self.invariant()
+            core.handle_timer(now)
+            assert self.invariant() == before, f"the timers acted at {now}, before their deadline {self.armed}"
+            self.checked += 1
+
+    def run_timer(self) -> None:
+        """Deadline mode: what the shell's _tick does (it runs the timers, which say when next)."""
+        now = self.net.now
+        when = self.core.handle_timer(now)
         self.timer_runs += 1
-        core.timer_dirty = False  # the shell's _arm_timer after a timer run
-        when = core.next_timer(now)
         self.armed = now + TICK if when <= now else when
 
     # test helpers
@@ -210,42 +260,40 @@ class Net:
         self.sevents: list[tuple[float, object]] = []
         self.server_armed = float("-inf")  # deadline mode: when the server's handle_timer runs next
         self.server_timer_runs = 0
+        self.server_ran_at = float("-inf")
+        self.server_invariant: Optional[Callable[[], object]] = None  # as Client.invariant
+        self.server_checked = 0
 
     def check_server_timer(self) -> None:
-        """Deadline mode, after input.  The lab uses next_deadline(), the exact moment;
-        the shell uses next_timer(), the same but at most every TICK."""
+        """Deadline mode, after input (the shell's _check_timer)."""
         if DRIVE["mode"] == "deadline" and self.server.timer_dirty:
             self.server.timer_dirty = False
-            self.server_armed = min(self.server_armed, self.server.next_deadline(self.now))
+            self.server_armed = min(self.server_armed, self.now)
 
     def server_tick(self) -> None:
-        server, now = self.server, self.now
         if DRIVE["mode"] == "deadline":
             self.check_server_timer()
-            if now < self.server_armed:
+            if self.now < self.server_armed:
+                if self.server_invariant is not None:
+                    before = self.server_invariant()
+                    self.server.handle_timer(self.now)
+                    assert self.server_invariant() == before, f"the server's timers acted at {self.now}, early"
+                    self.server_checked += 1
                 return
-        server.handle_timer(now)
+        self.run_server_timer()
+
+    def run_server_timer(self) -> None:
+        when = self.server.handle_timer(self.now)
         self.server_timer_runs += 1
-        server.timer_dirty = False
-        when = server.next_deadline(now)
-        self.server_armed = now + TICK if when <= now else when
+        self.server_ran_at = self.now
+        self.server_armed = when
 
     def make_server(self) -> ServerCore:
         a, pki = self._server_args, self.pki
-        return ServerCore(
+        return server_core(
             make_context("server", pki / "srv.crt", pki / "srv.key", pki / "ca.crt"),
-            DGRAM_MTU,
-            a["pool"] or AddressPool(SERVER_INNER, a["static"]),
-            INNER_MTU,
-            routes=ROUTES,
-            mode=a["mode"],
-            probe_interval=PROBE,
-            dead_interval=DEAD,
-            timeout=TIMEOUT,
-            allowed_clients=a["allowed"],
-            linger=LINGER,
-            random_bytes=lambda n: next(self._ids).to_bytes(n, "big"),
-            idle_probe_interval=a["idle_probe"],
+            a["pool"] or AddressPool(SERVER_INNER, a["static"]), mode=a["mode"], allowed_clients=a["allowed"],
+            idle_probe_interval=a["idle_probe"], random_bytes=lambda n: next(self._ids).to_bytes(n, "big"),
         )
 
     def restart_server(self) -> ServerCore:
@@ -256,12 +304,9 @@ class Net:
         return self.server
 
     def client(self, name: str = "alice", client_pki: Optional[Path] = None, **kw) -> Client:
-        kw.setdefault("probe_interval", PROBE)
-        kw.setdefault("dead_interval", DEAD)
-        kw.setdefault("timeout", TIMEOUT)
         d = client_pki or self.pki
         ctx = make_context("client", d / f"{name}.crt", d / f"{name}.key", self.pki / "ca.crt", "srv")
-        c = Client(self, ClientCore(ctx, **kw))
+        c = Client(self, client_core(ctx, **kw))
         self.endpoints.append(c)
         return c
 
@@ -316,7 +361,7 @@ class Net:
                 self.queue = [q for q in self.queue if q[0] > self.now]
             for _, _, direction, ep, key, addr, d in due:
                 if direction == "up":
-                    self.server.receive_datagram(d, addr, self.now)
+                                self.server.receive_datagram(addr, d, self.now)
                 elif (owner := self.owner.get(addr)) is not None and owner[0] is ep and ep.addrs.get(owner[1]) == addr:
                     ep.deliver(owner[1], d)  # the socket's key now (a promoted spare's socket is its path's)
                 else:

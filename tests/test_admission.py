@@ -24,10 +24,11 @@ from tunnel.admission import (
 )
 from tunnel.certs import issue_client
 from tunnel.dtls import ESTABLISHED, DtlsSession, make_context
+from tunnel.path import TICK
 from tunnel.pool import AddressPool
 from tunnel.server_core import ServerCore
 
-from tests.corelab import DGRAM_MTU, INNER_MTU, SERVER_INNER, T0
+from tests.corelab import DGRAM_MTU, INNER_MTU, SERVER_INNER, T0, server_core
 from test_hostile import _verified_hello
 
 
@@ -80,8 +81,7 @@ def test_log_limiter_one_line_per_prefix_per_interval_and_a_burst_in_all() -> No
 # -- the server core ------------------------------------------------------------------------------------
 def server(pki: Path, **kw) -> ServerCore:  # noqa: F811
     kw.setdefault("handshake_rate", 1000.0)
-    return ServerCore(make_context("server", pki / "srv.crt", pki / "srv.key", pki / "ca.crt"), DGRAM_MTU,
-                      AddressPool(SERVER_INNER), INNER_MTU, **kw)
+    return server_core(make_context("server", pki / "srv.crt", pki / "srv.key", pki / "ca.crt"), **kw)
 
 
 def client_ctx(pki: Path, name: str = "alice", where: str = ""):  # noqa: F811
@@ -98,7 +98,7 @@ def exchange(core: ServerCore, s: DtlsSession, addr, now: float, rounds: int = 8
         if not out:
             break
         for d in out:
-            core.receive_datagram(d, addr, now)
+            core.receive_datagram(addr, d, now)
         for to, d, _ in core.datagrams_to_send():
             if to == addr:
                 got += [frames.parse(r) for r in s.receive_datagram(d, now)]
@@ -162,7 +162,8 @@ def test_half_open_handshakes_time_out_after_half_open_timeout(pki) -> None:  # 
     assert verified_silent_hello(core, client_ctx(pki, "bob"), ("198.19.0.1", 1), T0)
     core.handle_timer(T0 + HALF_OPEN_TIMEOUT - 0.01)
     assert core.stats()["handshaking"] == 1
-    assert core.next_deadline(T0 + HALF_OPEN_TIMEOUT - 0.01) <= T0 + HALF_OPEN_TIMEOUT
+    assert core.handle_timer(T0 + HALF_OPEN_TIMEOUT - 0.01) <= T0 + HALF_OPEN_TIMEOUT - 0.01 + TICK
+    assert core.stats()["handshaking"] == 1
     core.handle_timer(T0 + HALF_OPEN_TIMEOUT)
     assert core.stats()["handshaking"] == 0 and core.paths == {}
 
@@ -202,7 +203,7 @@ def test_established_paths_must_hello_and_are_capped_per_name(pki) -> None:  # n
     s0 = kept[0]
     s0.out.append(s0.send(frames.encode(frames.Hello(1, frames.NEW_TUNNEL))))
     assert configs(exchange(core, s0, ("198.18.9.1", 6000), T0 + 1.0))
-    assert core.next_deadline(T0 + 1.0) <= T0 + HELLO_DEADLINE
+    assert core.handle_timer(T0 + 1.0) <= T0 + HELLO_DEADLINE
     core.handle_timer(T0 + HELLO_DEADLINE)
     assert core.counters["hello_timeouts"] == 1 and len(core.paths) == 1  # the silent one is closed
     assert list(core.paths) == [("198.18.9.1", 6000)] and "alice" in core.by_name

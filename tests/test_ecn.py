@@ -180,7 +180,7 @@ def down_to_client(net: Net, c, tos_of) -> None:
 
 def up_to_server(net: Net, c, tos_of) -> None:
     for key, d, tos in c.core.datagrams_to_send():
-        net.server.receive_datagram(d, c.addr(key), net.now, tos=tos_of(key, tos))
+        net.server.receive_datagram(c.addr(key), d, net.now, tos=tos_of(key, tos))
 
 
 def test_client_marks_ce_on_an_ect_packet_that_came_with_outer_ce(pki: Path) -> None:
@@ -190,7 +190,7 @@ def test_client_marks_ce_on_an_ect_packet_that_came_with_outer_ce(pki: Path) -> 
     down_to_client(net, c, lambda key, tos: 3)
     assert c.core.to_tun == [v4((EF << 2) | CE, UP_DST, UP_SRC)]
     assert header_ok(c.core.to_tun[0])
-    assert c.core.ecn_dropped == 0 and c.core.stats()["ecn_dropped"] == 0
+    assert c.core.engine.ecn_dropped == 0 and c.core.stats()["ecn_dropped"] == 0
 
 
 def test_client_drops_and_counts_a_not_ect_packet_with_outer_ce(pki: Path) -> None:
@@ -199,7 +199,7 @@ def test_client_drops_and_counts_a_not_ect_packet_with_outer_ce(pki: Path) -> No
     net.server.send_packet(v4(ECT1, UP_DST, UP_SRC), net.now)
     down_to_client(net, c, lambda key, tos: (EF << 2) | CE)
     assert c.core.to_tun == [v4(CE, UP_DST, UP_SRC)]
-    assert c.core.ecn_dropped == 1 and c.core.stats()["ecn_dropped"] == 1
+    assert c.core.engine.ecn_dropped == 1 and c.core.stats()["ecn_dropped"] == 1
     assert c.core.stats()["delivered"] == 2  # dedup accepted both; ECN dropped one after it
 
 
@@ -209,7 +209,7 @@ def test_client_without_outer_ce_delivers_unchanged(pki: Path) -> None:
     for p in pkts:
         net.server.send_packet(p, net.now)
     down_to_client(net, c, lambda key, tos: ECT0)
-    assert c.core.to_tun == pkts and c.core.ecn_dropped == 0
+    assert c.core.to_tun == pkts and c.core.engine.ecn_dropped == 0
 
 
 def test_server_marks_ce_and_drops_not_ect(pki: Path) -> None:
@@ -299,8 +299,8 @@ def test_client_outer_tos_per_class_with_the_webrtc_policy(pki: Path) -> None:
         bulk_keys.append(key)
     assert sorted(bulk_keys) == ["a"] * 3 + ["b"] * 3
 
-    assert c.core.class_packets[media] == 5 and c.core.class_copies[media] == 10
-    assert c.core.class_packets[default] == 6 and c.core.class_copies[default] == 6
+    assert c.core.engine.class_packets[media] == 5 and c.core.engine.class_copies[media] == 10
+    assert c.core.engine.class_packets[default] == 6 and c.core.engine.class_copies[default] == 6
     stats = {s["name"]: s for s in c.core.stats()["classes"]}
     assert (stats["media"]["packets"], stats["media"]["copies"]) == (5, 10)
     assert (stats["default"]["packets"], stats["default"]["copies"]) == (6, 6)
@@ -319,7 +319,7 @@ def test_client_without_policy_leaks_no_dscp(pki: Path) -> None:
         before = len(c.core.outbox)
         c.core.send_packet(v4((EF << 2) | ecn, UP_SRC, UP_DST), net.now)
         assert sorted(data_tos(c.core.outbox[before:])) == [("a", ecn), ("b", ecn)]
-    assert (c.core.class_packets, c.core.class_copies) == ([4], [8])
+    assert (c.core.engine.class_packets, c.core.engine.class_copies) == ([4], [8])
 
 
 def test_control_datagrams_go_out_unmarked(pki: Path) -> None:
@@ -367,9 +367,9 @@ def test_set_policy_resets_class_counters_and_keeps_the_tunnel(pki: Path) -> Non
     net, c = two_paths(pki)
     c.core.set_policy(load_policy(WEBRTC))
     c.core.send_packet(v4(EF << 2, UP_SRC, UP_DST), net.now)
-    assert c.core.class_packets == [1, 0, 0, 0]
+    assert c.core.engine.class_packets == [1, 0, 0, 0]
     c.core.set_policy(Policy.single("backup"))
-    assert c.core.class_packets == [0] and c.core.state == "up"
+    assert c.core.engine.class_packets == [0] and c.core.state == "up"
     before = len(c.core.outbox)
     c.core.send_packet(v4((EF << 2) | ECT1, UP_SRC, UP_DST), net.now)
     assert data_tos(c.core.outbox[before:]) == [("a", ECT1)]  # backup: priority 0 path only, DSCP 0

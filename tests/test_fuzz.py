@@ -375,7 +375,7 @@ def test_server_takes_any_datagram_from_an_unknown_address(live, data: bytes, to
     server = net.server
     before = dict(server.counters)
     n_paths = len(server.paths)
-    server.receive_datagram(data, ("203.0.113.7", 9999), net.now, tos)
+    server.receive_datagram(("203.0.113.7", 9999), data, net.now, tos)
     delta = {k: v - before[k] for k, v in server.counters.items() if v != before[k]}
     # one datagram, one count: junk, or a cookie sent (a well-formed ClientHello); no state kept
     assert delta in ({"junk": 1}, {"cookies_sent": 1}), delta
@@ -391,7 +391,7 @@ def test_cores_take_any_datagram_on_a_live_path(live, data: bytes, tos: int) -> 
     net, c = live
     server, spath, cpath = net.server, net.spath(c, "a"), c.path("a")
     before = (spath.dtls.records_dropped, cpath.dtls.records_dropped)
-    server.receive_datagram(data, c.addr("a"), net.now, tos)
+    server.receive_datagram(c.addr("a"), data, net.now, tos)
     c.core.receive_datagram("a", data, net.now, tos)
     c.core.receive_datagram("no such path", data, net.now, tos)
     assert c.core.state == C_UP and spath.alive and server.paths[c.addr("a")] is spath and c.path("a") is cpath
@@ -408,9 +408,9 @@ def test_server_delivers_only_packets_from_the_client_address(live, payload: byt
     net, c = live
     server, tunnel, dtls = net.server, net.tunnel(), c.path("a").dtls
     before = (tunnel.spoofed, tunnel.ecn_dropped, tunnel.malformed)
-    c.core._seq += 1
-    dgram = dtls.send(frames.encode_data(c.core._seq, payload))
-    server.receive_datagram(dgram, c.addr("a"), net.now, tos)
+    c.core.engine.seq += 1
+    dgram = dtls.send(frames.encode_data(c.core.engine.seq, payload))
+    server.receive_datagram(c.addr("a"), dgram, net.now, tos)
     got, server.to_tun = server.to_tun, []
     legit = len(payload) >= 20 and payload[0] >> 4 == 4 and payload[12:16] == CLIENT_INNER
     if not payload:
@@ -430,7 +430,7 @@ def test_server_takes_any_record_inside_a_live_session(live, rec: bytes) -> None
     assume(parse_or_error(rec) is None)  # a valid frame may legitimately end the path (CLOSE, foreign HELLO)
     server, tunnel, spath = net.server, net.tunnel(), net.spath(c, "a")
     before = spath.malformed + tunnel.malformed + tunnel.spoofed
-    server.receive_datagram(c.path("a").dtls.send(rec), c.addr("a"), net.now)
+    server.receive_datagram(c.addr("a"), c.path("a").dtls.send(rec), net.now)
     assert server.to_tun == [] and spath.alive
     assert spath.malformed + tunnel.malformed + tunnel.spoofed == before + 1
 

@@ -31,7 +31,7 @@ from tunnel.lab.stream import run_stream
 from tunnel.pool import AddressPool
 
 from conftest import STREAM_PORT
-from tests.corelab import DGRAM_MTU, INNER_MTU, SERVER_INNER as CORE_INNER, T0
+from tests.corelab import DGRAM_MTU, INNER_MTU, SERVER_INNER as CORE_INNER, T0, server_core
 
 ATTACK_LINK = "198.18.20.0/30"  # server .1, attacker .2
 ATTACK_SOURCES = "198.18.21.0/24"
@@ -77,19 +77,17 @@ def _verified_hello(core, ctx, addr, now) -> int:
     of datagrams the server answers that with (its first flight, or nothing)."""
     s = DtlsSession.client(ctx, DGRAM_MTU, now)
     for d in s.datagrams_to_send():
-        core.receive_datagram(d, addr, now)
+        core.receive_datagram(addr, d, now)
     for _, d, _ in core.datagrams_to_send():
         s.receive_datagram(d, now)
     for d in s.datagrams_to_send():
-        core.receive_datagram(d, addr, now)
+        core.receive_datagram(addr, d, now)
     return len(core.datagrams_to_send())
 
 
 def test_max_handshakes_caps_verified_handshakes_in_progress(pki) -> None:  # noqa: F811
-    from tunnel.server_core import ServerCore
-
-    core = ServerCore(make_context("server", pki / "srv.crt", pki / "srv.key", pki / "ca.crt"), DGRAM_MTU,
-                      AddressPool(CORE_INNER), INNER_MTU, max_handshakes=3, handshake_rate=1000)
+    core = server_core(make_context("server", pki / "srv.crt", pki / "srv.key", pki / "ca.crt"),
+                       AddressPool(CORE_INNER), max_handshakes=3, handshake_rate=1000)
     ctx = make_context("client", pki / "alice.crt", pki / "alice.key", pki / "ca.crt", "srv")
     flights = [_verified_hello(core, ctx, ("198.18.21.1", 1000 + port), T0) for port in range(5)]
     assert core.stats()["handshaking"] == 3  # the cookie was valid for all five: two were refused

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.corelab import DEAD, DGRAM_MTU, INNER_MTU, LINGER, PROBE, ROUTES, SERVER_INNER, TIMEOUT, Net, ipv4
+from tests.corelab import DGRAM_MTU, INNER_MTU, SERVER_INNER, Net, ipv4, server_core
 from tunnel import frames
 from tunnel.client_core import C_UP
 from tunnel.config import ConfigError, load_server_config
@@ -51,11 +51,9 @@ class Net6(Net):
 
     def make_server(self) -> ServerCore:
         pki = self.pki
-        return ServerCore(
+        return server_core(
             make_context("server", pki / "srv.crt", pki / "srv.key", pki / "ca.crt"),
-            DGRAM_MTU, AddressPool(SERVER_INNER), INNER_MTU, routes=ROUTES,
-            probe_interval=PROBE, dead_interval=DEAD, timeout=TIMEOUT, linger=LINGER,
-            random_bytes=lambda n: next(self._ids).to_bytes(n, "big"),
+            AddressPool(SERVER_INNER), random_bytes=lambda n: next(self._ids).to_bytes(n, "big"),
             pool6=AddressPool6(POOL6, self._static6), **self._extra,
         )
 
@@ -132,7 +130,7 @@ def test_ipv6_both_ways_and_forged_source_dropped(pki: Path) -> None:
     forged = [ipv6("fd00:6d70::99", SERVER6), ipv6("2001:db8::1", SERVER6), ipv6(SERVER6, ALICE6)]
     for i, p in enumerate(forged):  # a client that does not filter: frames built by hand
         path = c.path("a")
-        net.server.receive_datagram(path.encrypt(frames.encode_data(100 + i, p), net.now), c.addr("a"), net.now)
+        net.server.receive_datagram(c.addr("a"), path.encrypt(frames.encode_data(100 + i, p), net.now), net.now)
     net.pump()
     assert net.server.to_tun == good
     assert net.tunnel().spoofed == 3
@@ -154,7 +152,7 @@ def test_client_keeps_link_local_and_multicast_ipv6_to_itself(pki: Path) -> None
     assert c.send_up(ipv6("fe80::1", "fe80::2")) == []  # from a link-local address
     assert c.send_up(ipv6("::", "ff02::1:ff00:2", nh=58)) == []  # DAD / MLD to multicast
     assert c.send_up(ipv6(ALICE6, "ff02::16", nh=0)) == []
-    assert c.core.local6 == 3 and c.core.stats()["local6"] == 3
+    assert c.core.counters["local6"] == 3 and c.core.stats()["local6"] == 3
 
 
 def test_without_pool6_ipv6_is_not_carried(pki: Path) -> None:
@@ -162,7 +160,7 @@ def test_without_pool6_ipv6_is_not_carried(pki: Path) -> None:
     c = net.client()
     c.add("a")
     assert not c.core.ipv6 and c.core.stats()["address6"] is None
-    assert c.send_up(ipv6("fd00::2", "fd00::1")) == [] and c.core.not_ipv4 == 1
+    assert c.send_up(ipv6("fd00::2", "fd00::1")) == [] and c.core.counters["not_ipv4"] == 1
     net.server.send_packet(ipv6("fd00::1", "fd00::2"), net.now)
     assert net.server.counters["not_ipv4"] == 1 and net.server.counters["no_route"] == 0
 
@@ -259,7 +257,7 @@ def test_outer_ce_marks_an_ect_ipv6_packet_at_the_server(pki: Path) -> None:
     not_ect = ipv6(ALICE6, SERVER6, b"not", tc=0)
     path = c.path("a")
     for i, p in enumerate((ect0, not_ect), start=50):
-        net.server.receive_datagram(path.encrypt(frames.encode_data(i, p), net.now), c.addr("a"), net.now, tos=3)
+        net.server.receive_datagram(c.addr("a"), path.encrypt(frames.encode_data(i, p), net.now), net.now, tos=3)
     (got,) = net.server.to_tun
     assert (got[1] >> 4) & 3 == 3 and got[2:] == ect0[2:]  # CE in the traffic class, the rest unchanged
     assert net.tunnel().ecn_dropped == 1

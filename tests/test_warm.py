@@ -19,8 +19,8 @@ def _visible(net, c) -> tuple:
     return (
         path.tx_records, path.rx_records, path.dtls.records_dropped,
         spath.tx_records, spath.rx_records, spath.dtls.records_dropped,
-        c.core._dedup.highest, c.core._dedup.delivered, tunnel.dedup.highest, tunnel.dedup.delivered,
-        tunnel.seq, c.core._seq, len(c.core.outbox), len(net.server.outbox), len(c.core.to_tun), len(net.server.to_tun),
+        c.core.engine.dedup.highest, c.core.engine.dedup.delivered, tunnel.dedup.highest, tunnel.dedup.delivered,
+        tunnel.seq, c.core.engine.seq, len(c.core.outbox), len(net.server.outbox), len(c.core.to_tun), len(net.server.to_tun),
     )
 
 

@@ -100,18 +100,7 @@ def run(cfg: ClientConfig) -> int:
     finder = PathFinder(cfg, resolve(cfg))
     if not finder.servers:
         raise ConfigError(f"{cfg.path}: [client] server: no IPv4 server address (IPv6 underlay is not supported yet)")
-    core = ClientCore(
-        ctx,
-        mode=cfg.mode,
-        redundancy=cfg.redundancy,
-        pin_flows=cfg.pin_flows,
-        probe_interval=cfg.probe_interval,
-        dead_interval=cfg.dead_interval,
-        idle_probe_interval=cfg.idle_probe_interval,
-        timeout=cfg.timeout,
-        window=cfg.dedup_window,
-        policy=load_policy_or_none(cfg.policy),
-    )
+    core = ClientCore(ctx, cfg.settings(), load_policy_or_none(cfg.policy))
     tun_holder: list[TunDevice] = []
     state = {"mtu": None}
     # the TUN is made on the first CONFIG, maybe after the privilege drop: /dev/net/tun

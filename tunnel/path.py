@@ -14,19 +14,21 @@ datagrams out, ``now`` passed in.
 
 from __future__ import annotations
 
-from typing import Hashable, Optional
+from typing import TYPE_CHECKING, Hashable, Optional
 
 from tunnel import frames
 from tunnel.dtls import CLOSED, ESTABLISHED, FAILED, DtlsSession
 from tunnel.estimator import DEGRADED, DOWN, UP, PathEstimator
+from tunnel.settings import PathSettings
+
+if TYPE_CHECKING:
+    from tunnel.engine import TunnelEngine
 
 # path states: handshaking, then the estimator's up/degraded/down, then closed
 P_HANDSHAKING, P_UP, P_DEGRADED, P_DOWN, P_CLOSED = "handshaking", UP, DEGRADED, DOWN, "closed"
 LIVE = (P_UP, P_DEGRADED, P_DOWN)  # established sessions
-HANDSHAKE_TIMEOUT = 10.0
-TICK = 0.02  # how soon a core's next_timer() asks to run when it does not compute the deadline exactly
-_PING_TYPE = frames.PING
-_PONG_TYPE = frames.PONG
+TICK = 0.02  # the shortest a core's timer sleeps after it ran (a round of extra copies waits this long)
+INF = float("inf")
 
 
 class Path:
@@ -35,26 +37,23 @@ class Path:
         dtls: DtlsSession,
         addr,
         now: float,
-        probe_interval: float = 0.1,
-        dead_interval: float = 0.3,
-        timeout: float = 10.0,
+        settings: PathSettings,
         key: Hashable = None,
         name: str = "",
-        idle_probe_interval: Optional[float] = None,
-        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        handshake_timeout: Optional[float] = None,
     ):
         self.dtls = dtls
         self.addr = addr  # the peer's underlay address
         self.key = key if key is not None else addr  # how the shell knows which socket
         self.name = name  # e.g. the client interface
-        self.probe_interval = probe_interval
-        self.dead_interval = dead_interval
-        self.idle_probe_interval = idle_probe_interval
-        self.timeout = timeout
-        self.silent_limit = timeout  # silence that ends the session; the owner raises it once the path joins
+        self.settings = settings
+        self.silent_limit = settings.timeout  # silence that ends the session; the owner raises it once the path joins
         self.seen_at = now  # the latest time the path was given (for the silence in stats)
+        self.heard = False  # the peer has sent anything on this session (a handshake that got an answer)
         self.heard_again = False  # a down path heard from the peer after a silence (``changed`` is set too)
-        self.handshake_timeout = handshake_timeout  # the server's half-open lifetime is shorter (tunnel/admission.py)
+        # the server's half-open lifetime is shorter (tunnel/admission.py)
+        self.handshake_timeout = settings.handshake_timeout if handshake_timeout is None else handshake_timeout
+        self.tunnel: Optional[TunnelEngine] = None  # the tunnel this path carries (set by TunnelEngine.attach)
         self.created = now
         self.state = P_HANDSHAKING
         self.reason = ""
@@ -93,7 +92,9 @@ class Path:
 
     # -- input --------------------------------------------------------
     def receive(self, data: bytes, now: float) -> list[bytes]:
-        """Feed one datagram; return the records the tunnel core must handle."""
+        """Feed one datagram; return its records (the core dispatches them, PING and PONG
+        included: see :data:`FRAME_HANDLERS`)."""
+        self.heard = True
         dtls = self.dtls
         records = dtls.receive_datagram(data, now)
         if dtls.out:
@@ -106,30 +107,16 @@ class Path:
         if self.state == P_DOWN and now - est.last_rx >= est.dead_interval:
             self._heard_again(now)
         est.last_rx = now  # PathEstimator.on_receive, inlined: this runs per packet
-        if len(records) == 1:  # the common case: one record, usually DATA
-            rec = records[0]
-            self.rx_records += 1
-            self.rx_bytes += len(rec)
-            if rec[0] == _PING_TYPE or rec[0] == _PONG_TYPE:
-                self._on_ping_pong(rec, now)
-                return []
-            return records
-        out = []
+        self.rx_records += len(records)
         for rec in records:
-            self.rx_records += 1
             self.rx_bytes += len(rec)
-            if rec[0] == _PING_TYPE or rec[0] == _PONG_TYPE:
-                self._on_ping_pong(rec, now)
-            else:
-                out.append(rec)
-        return out
+        return records
 
     def _follow_dtls_state(self, now: float) -> None:
         dtls = self.dtls
         if self.state == P_HANDSHAKING and dtls.state == ESTABLISHED:
-            self.est = PathEstimator(
-                now, self.probe_interval, self.dead_interval, idle_probe_interval=self.idle_probe_interval
-            )
+            st = self.settings
+            self.est = PathEstimator(now, st.probe_interval, st.dead_interval, idle_probe_interval=st.idle_probe_interval)
             self._set(P_UP)
         elif dtls.state in (FAILED, CLOSED):
             self._end(dtls.error)
@@ -142,18 +129,28 @@ class Path:
         self.heard_again = self.changed = True  # the owner may have held packets for it
         self.ping(now)
 
-    def _on_ping_pong(self, rec: bytes, now: float) -> None:
+    def on_ping(self, rec: bytes, tos: int, now: float) -> None:
+        """PING: answered at once with this side's receive counters (a frame handler)."""
         try:
             frame = frames.parse(rec)
         except frames.FrameError:
             self.malformed += 1
             return
-        if isinstance(frame, frames.Ping):
-            self.send(frames.encode(frames.Pong(frame.token, self.rx_records, self.rx_bytes)), now)
-        else:
-            self.est.on_pong(frame.token, now, frame.rx_records, frame.rx_bytes)
-            self.updated = True
-            self._sync_state()
+        self.send(frames.encode(frames.Pong(frame.token, self.rx_records, self.rx_bytes)), now)
+
+    def on_pong(self, rec: bytes, tos: int, now: float) -> None:
+        """PONG: a round-trip sample and the peer's receive counters (a frame handler)."""
+        try:
+            frame = frames.parse(rec)
+        except frames.FrameError:
+            self.malformed += 1
+            return
+        if self.est is None:
+            self.malformed += 1
+            return
+        self.est.on_pong(frame.token, now, frame.rx_records, frame.rx_bytes)
+        self.updated = True
+        self._sync_state()
 
     def set_idle(self, idle: bool, now: float) -> None:
         """Probe slowly while the tunnel carries no traffic (tunnel/estimator.py)."""
@@ -189,36 +186,39 @@ class Path:
             self.out.extend(dgrams)
 
     # -- timers -------------------------------------------------------
-    def get_timer(self) -> Optional[float]:
+    def service(self, now: float) -> float:
+        """Run what is due (a handshake retransmission or its time limit, a probe, the dead
+        interval, the silence limit) and return when something is due next."""
         if self.state == P_HANDSHAKING:
-            t = self.dtls.get_timer()
             limit = self.created + self.handshake_timeout
-            return limit if t is None else min(t, limit)
-        if self.est is not None and self.state != P_CLOSED:
-            return min(self.est.next_timer(), self.est.last_rx + self.silent_limit)
-        return None
-
-    def handle_timer(self, now: float) -> None:
-        if self.state == P_HANDSHAKING:
-            if now >= self.created + self.handshake_timeout:
+            if now >= limit:
                 self._end("handshake timed out")
-                return
-            self.dtls.handle_timer(now)
-            self._pull_dtls_output()
-            if self.dtls.state == FAILED:
-                self._end(self.dtls.error)
-            return
-        if self.state == P_CLOSED:
-            return
+                return INF
+            dtls = self.dtls
+            t = dtls.get_timer()
+            if t is not None and now >= t:
+                dtls.handle_timer(now)
+                self._pull_dtls_output()
+                if dtls.state == FAILED:
+                    self._end(dtls.error)
+                    return INF
+                t = dtls.get_timer()
+            return limit if t is None else min(t, limit)
         est = self.est
+        if est is None or self.state == P_CLOSED:
+            return INF
+        due = min(est.next_timer(), est.last_rx + self.silent_limit)
+        if now < due:
+            return due
         self.seen_at = now
         if now - est.last_rx >= self.silent_limit:
             self._end(f"nothing received for {now - est.last_rx:.1f} s")
-            return
+            return INF
         if est.probe_due(now):
             self.ping(now)
         est.update(now)
         self._sync_state()
+        return min(est.next_timer(), est.last_rx + self.silent_limit)
 
     def _sync_state(self) -> None:
         if self.est.state != self.state and self.state in LIVE:
@@ -264,3 +264,16 @@ class Path:
             "malformed": self.malformed,
             "cipher": self.dtls.cipher,
         }
+
+
+def frame_handlers(default, handlers: dict) -> list:
+    """The frame-handler table of a core: one handler per record type (the record's first
+    byte), each called as ``handler(path, record, outer_tos, now)``.  PING and PONG are
+    the path's own; ``handlers`` maps the other types the core accepts; every other byte
+    goes to ``default`` (a frame the core does not take, or no frame at all)."""
+    table = [default] * 256
+    table[frames.PING] = Path.on_ping
+    table[frames.PONG] = Path.on_pong
+    for kind, handler in handlers.items():
+        table[kind] = handler
+    return table

@@ -215,16 +215,16 @@ class ExtraCopies:
             self.dropped += 1
             del self.pending[0]
 
-    def send(self, now: float, outbox: list, key) -> None:
+    def send(self, now: float, outbox: list) -> None:
         """Encrypt this tick's round of every waiting packet into ``outbox`` (as
-        ``(key(path), datagram, tos)``); keep the later rounds for the next tick."""
+        ``(path.key, datagram, tos)``); keep the later rounds for the next tick."""
         later = []
         for rounds, record, tos in self.pending:
             for path in rounds[0]:
                 if path.alive:
                     dgram = path.encrypt(record, now)
                     if dgram is not None:
-                        outbox.append((key(path), dgram, tos))
+                        outbox.append((path.key, dgram, tos))
             if len(rounds) > 1:
                 later.append((rounds[1:], record, tos))
         self.pending = later

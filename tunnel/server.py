@@ -127,37 +127,13 @@ def build(cfg: ServerConfig):
         log.warning("mtu %d is larger than the underlay allows (%d): packets will fragment", inner, mtu_math.inner_mtu(link_mtu, family))
     pool = AddressPool(cfg.address, cfg.static_addresses, cfg.pool_first, cfg.pool_last)
     pool6 = AddressPool6(cfg.pool6, cfg.static_addresses6) if cfg.pool6 is not None else None
-    allowed = None if cfg.allow_unlisted_clients else set(cfg.clients)
     try:
         serials, next_update = load_serials(cfg, cfg.crl)
     except CertError as exc:
         raise ConfigError(f"{cfg.path}: [server] crl: {exc}") from None
     core = ServerCore(
-        ctx,
-        mtu_math.datagram_mtu(link_mtu, family),
-        pool,
-        inner,
-        routes=cfg.routes,
-        mode=cfg.mode,
-        probe_interval=cfg.probe_interval,
-        dead_interval=cfg.dead_interval,
-        idle_probe_interval=cfg.idle_probe_interval,
-        timeout=cfg.timeout,
-        allowed_clients=allowed,
-        window=cfg.dedup_window,
-        linger=cfg.linger,
-        policy=load_policy_or_none(cfg.policy),
-        client_routes=cfg.client_routes,
-        client_to_client=cfg.client_to_client,
-        unknown_destination=cfg.unknown_destination,
-        max_tunnels=cfg.max_tunnels,
-        max_paths=cfg.max_paths,
-        handshake_rate=cfg.handshake_rate,
-        max_handshakes=cfg.max_handshakes,
-        pending_size=cfg.pending_queue,
-        pending_expiry=cfg.pending_expiry,
-        revocation=make_revocation(cfg, serials, next_update),
-        pool6=pool6,
+        ctx, cfg.settings(mtu_math.datagram_mtu(link_mtu, family), inner), pool, pool6,
+        policy=load_policy_or_none(cfg.policy), revocation=make_revocation(cfg, serials, next_update),
     )
     return core, inner
 

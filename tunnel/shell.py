@@ -118,29 +118,28 @@ class Shell:
 
     # -- timers, events, signals --------------------------------------
     def _tick(self) -> None:
-        self.core.handle_timer(self.loop.time())
-        self.flush()
-        self._arm_timer(self.loop.time(), after_timer=True)
-
-    def _arm_timer(self, now: float, after_timer: bool = False) -> None:
-        """Arm the loop timer for the core's next deadline."""
-        core = self.core
-        core.timer_dirty = False
-        when = core.next_timer(now)
-        if when <= now and after_timer:  # still due right after it ran: retry on the old tick, do not spin
+        """Run the core's timers; they say when to run again (the loop timer is re-armed)."""
+        now = self.loop.time()
+        when = self.core.handle_timer(now)
+        if when <= now:  # still due right after it ran: retry on the old tick, do not spin
             when = now + TICK
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         self._tick_at = when
         self._tick_handle = self.loop.call_later(max(0.0, when - now), self._tick)
+        self.flush()
 
     def _check_timer(self) -> None:
-        """After input: re-arm if the core now needs its timer sooner."""
-        if self.core.timer_dirty and self._tick_handle is not None:
-            now = self.loop.time()
-            self.core.timer_dirty = False
-            if self.core.next_timer(now) < self._tick_at:
-                self._arm_timer(now)
+        """After input that may need the core's timers sooner (``timer_dirty``): run them as
+        soon as this wakeup's fds are drained (they act only on what is due, and say when
+        they are due next)."""
+        core = self.core
+        if core.timer_dirty and self._tick_handle is not None:
+            core.timer_dirty = False
+            if self._tick_at > self.loop.time():
+                self._tick_handle.cancel()
+                self._tick_at = self.loop.time()
+                self._tick_handle = self.loop.call_later(0.0, self._tick)
 
     def handle_events(self) -> None:
         while (ev := self.core.next_event()) is not None:
@@ -176,7 +175,7 @@ class Shell:
             self.control.start(self.loop)
         if self.metrics is not None:
             self.metrics.start(self.loop)
-        self._arm_timer(self.loop.time())
+        self._tick()
         try:
             if self.after_start is not None:
                 self.after_start()
@@ -242,7 +241,7 @@ class ServerShell(Shell):
             if record and addr not in sock_of:
                 sock_of[addr] = sock
             for data in dgrams:
-                receive(data, addr, now, tos)
+                receive(addr, data, now, tos)
             if n == 0:
                 self.write_tun()  # latency: the first packet is delivered before we look for more
             n += len(dgrams)

@@ -34,13 +34,14 @@ def rss_kib(pid: int) -> int:
 def simulate(workdir: Path, names: list[str], seconds: float) -> None:
     """Keep one tunnel per name up for ``seconds`` (run inside the server's namespace)."""
     from tunnel.client_core import ClientCore
+    from tunnel.settings import ClientSettings, PathSettings
     from tunnel.dtls import make_context
 
     sel = selectors.DefaultSelector()
     cores = []
     for name in names:
         ctx = make_context("client", workdir / f"{name}.crt", workdir / f"{name}.key", workdir / "ca.crt", SERVER_NAME)
-        core = ClientCore(ctx, timeout=30.0)
+        core = ClientCore(ctx, ClientSettings(path=PathSettings(timeout=30.0, idle_probe_interval=None)))
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.connect(("127.0.0.1", PORT))
         sock.setblocking(False)
