@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: a test PKI and record/PONG logs for the in-memory core lab
+"""Shared pytest fixtures: a test PKI and a wire tap for the in-memory core lab
 (tests/corelab.py), and network-namespace labs (see tunnel/lab/netns.py).
 
 Tests marked ``netns`` are skipped, with the reason, unless we are root and
@@ -19,11 +19,12 @@ import pytest
 import time
 
 from tunnel.certs import create_ca, issue_client, issue_server
-from tunnel.dtls import DtlsSession
-from tunnel.estimator import PathEstimator
 from tunnel.lab.netns import Host, Lab, Link, unique_prefix, wait_for
 from tunnel.lab.stack import PORT, SERVER_INNER, TunnelStack
 from tunnel.lab.stream import run_stream
+
+from tests import corelab
+from tests.wiretap import Tap
 
 STREAM_PORT = 5004
 
@@ -61,34 +62,12 @@ def pki(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def plain(monkeypatch) -> list[tuple[str, object, bytes]]:
-    """Every decrypted record, as (receiving side, DTLS session, record)."""
-    log: list = []
-    orig = DtlsSession.receive_datagram
-
-    def spy(self, data, now):
-        recs = orig(self, data, now)
-        log.extend(("client" if self.is_client else "server", self, r) for r in recs)
-        return recs
-
-    monkeypatch.setattr(DtlsSession, "receive_datagram", spy)
-    return log
-
-
-@pytest.fixture
-def pongs(monkeypatch) -> list[tuple[PathEstimator, float, str]]:
-    """Every PONG an estimator took, as (estimator, time, its state right after)."""
-    log: list = []
-    orig = PathEstimator.on_pong
-
-    def spy(self, token, now, peer_rx, peer_rx_bytes):
-        n = len(self._pings)
-        orig(self, token, now, peer_rx, peer_rx_bytes)
-        if len(self._pings) < n:  # a PONG for a PING it knew
-            log.append((self, now, self.state))
-
-    monkeypatch.setattr(PathEstimator, "on_pong", spy)
-    return log
+def plain() -> Iterator[Tap]:
+    """A wire tap on the in-memory lab (tests/corelab.py): every record each side decrypted.
+    Read it with ``corelab.frames_seen`` or the Tap's own ``frames``/``seen``."""
+    tap = corelab.TAP["tap"] = Tap()
+    yield tap
+    corelab.TAP["tap"] = None
 
 
 @pytest.fixture

@@ -27,6 +27,8 @@ from tunnel.pool import AddressPool
 from tunnel.server_core import ServerCore
 from tunnel.settings import ClientSettings, Limits, PathSettings, ServerSettings
 
+from tests.wiretap import Tap
+
 SERVER_ADDR = ("198.18.0.1", 4433)
 CLIENT_IP = "198.18.0.2"
 SERVER_INNER = ipaddress.IPv4Interface("100.64.0.1/24")
@@ -98,6 +100,10 @@ def down_pkt(i: int = 0, dst: str = "100.64.0.2") -> bytes:
 # ``drive`` fixture sets this), so a deadline that next_timer() misses shows up as a
 # changed outcome or timing.  Other modules run in "step" mode.
 DRIVE = {"mode": "step"}
+
+# The wire tap of the lab's Nets (tests/wiretap.py), when a test asked for one (the ``plain``
+# fixture sets it): every Net then decrypts what it delivers into it.  Off, it costs nothing.
+TAP: dict = {"tap": None}
 
 
 # -- the in-memory lab --------------------------------------------------------------------
@@ -202,7 +208,7 @@ class RawClient:
 
     def __init__(self, net: "Net", pki: Path, name: str = "alice", key: str = "raw", established: bool = True):
         self.net, self.key = net, key
-        ctx = make_context("client", pki / f"{name}.crt", pki / f"{name}.key", pki / "ca.crt", "srv")
+        ctx = net.context("client", pki / f"{name}.crt", pki / f"{name}.key", pki / "ca.crt", "srv")
         self.dtls = DtlsSession.client(ctx, DGRAM_MTU, net.now)
         self.frames: list = []
         self.pending: list[bytes] = []
@@ -243,6 +249,7 @@ class Net:
     def __init__(self, pki: Path, *, allowed: Optional[set] = None, static: Optional[dict] = None,
                  pool: Optional[AddressPool] = None, mode: str = "client", idle_probe: Optional[float] = None):
         self.pki = pki
+        self.tap: Optional[Tap] = TAP["tap"]
         self.now = T0
         self._ids = itertools.count(1)  # tunnel ids 1, 2, ... (also across server restarts)
         self._server_args = dict(allowed=allowed, static=static, pool=pool, mode=mode, idle_probe=idle_probe)
@@ -291,10 +298,17 @@ class Net:
     def make_server(self) -> ServerCore:
         a, pki = self._server_args, self.pki
         return server_core(
-            make_context("server", pki / "srv.crt", pki / "srv.key", pki / "ca.crt"),
+            self.context("server", pki / "srv.crt", pki / "srv.key", pki / "ca.crt"),
             a["pool"] or AddressPool(SERVER_INNER, a["static"]), mode=a["mode"], allowed_clients=a["allowed"],
             idle_probe_interval=a["idle_probe"], random_bytes=lambda n: next(self._ids).to_bytes(n, "big"),
         )
+
+    def context(self, *args):
+        """A DTLS context whose keys the tap (if any) learns."""
+        ctx = make_context(*args)
+        if self.tap is not None:
+            ctx.set_keylog_callback(self.tap.keylog)
+        return ctx
 
     def restart_server(self) -> ServerCore:
         """The server process restarts: all its state is gone, same address."""
@@ -305,7 +319,7 @@ class Net:
 
     def client(self, name: str = "alice", client_pki: Optional[Path] = None, **kw) -> Client:
         d = client_pki or self.pki
-        ctx = make_context("client", d / f"{name}.crt", d / f"{name}.key", self.pki / "ca.crt", "srv")
+        ctx = self.context("client", d / f"{name}.crt", d / f"{name}.key", self.pki / "ca.crt", "srv")
         c = Client(self, client_core(ctx, **kw))
         self.endpoints.append(c)
         return c
@@ -361,8 +375,12 @@ class Net:
                 self.queue = [q for q in self.queue if q[0] > self.now]
             for _, _, direction, ep, key, addr, d in due:
                 if direction == "up":
-                                self.server.receive_datagram(addr, d, self.now)
+                    if self.tap is not None:
+                        self.tap.delivered(self.now, True, addr, d)
+                    self.server.receive_datagram(addr, d, self.now)
                 elif (owner := self.owner.get(addr)) is not None and owner[0] is ep and ep.addrs.get(owner[1]) == addr:
+                    if self.tap is not None:
+                        self.tap.delivered(self.now, False, addr, d)
                     ep.deliver(owner[1], d)  # the socket's key now (a promoted spare's socket is its path's)
                 else:
                     self.stray.append((addr, d))
@@ -435,16 +453,8 @@ def two_paths(pki: Path, net: Optional[Net] = None, **kw) -> tuple[Net, Client]:
     return net, c
 
 
-def frames_seen(log, side: str, cls, session=None) -> list:
-    """The frames of class ``cls`` among the records ``side`` decrypted (the ``plain`` log)."""
-    out = []
-    for who, sess, rec in log:
-        if who == side and (session is None or sess is session):
-            try:
-                f = frames.parse(rec)
-            except frames.FrameError:
-                continue
-            if isinstance(f, cls):
-                out.append(f)
-    return out
+def frames_seen(tap: Tap, side: str, cls, addr: Optional[tuple] = None) -> list:
+    """The frames of class ``cls`` that ``side`` decrypted (the ``plain`` fixture's tap); only
+    those of the session of the client address ``addr``, if given."""
+    return tap.frames(side, cls, addr)
 

@@ -212,27 +212,23 @@ def test_server_restart_one_unknown_tunnel_restarts_every_silent_path(pki: Path)
     assert len(net.tunnel().paths) == 2
 
 
-def test_spare_that_lost_the_race_is_closed_on_the_server(pki: Path, monkeypatch) -> None:
+def test_spare_that_lost_the_race_is_closed_on_the_server(pki: Path, plain) -> None:
     """The spare is established on the server (its JOIN unanswered) when the old session answers
     again: the client keeps the old one and ends the spare with CLOSE_PATH, so the server does
     not keep a session nobody uses."""
-    from tunnel.path import Path as TunnelPath
-    from tunnel.server_core import ServerCore
-
     net, c = two_paths(pki)
     net.advance(0.5)
-    old = c.path("b")
-    blocked = {"pongs": True, "join": True}
-    receive, on_join = TunnelPath.receive, ServerCore._on_join
-    # the old session hears nothing (its datagrams are lost before DTLS sees them); the spare's do arrive
-    monkeypatch.setattr(TunnelPath, "receive",
-                        lambda self, data, now: [] if blocked["pongs"] and self is old else receive(self, data, now))
-    monkeypatch.setattr(ServerCore, "_on_join",
-                        lambda self, path, hello, now: None if blocked["join"] else on_join(self, path, hello, now))
+    old, old_addr = c.path("b"), c.addr("b")
+    blocked = {"join": True}
+    # the old session hears nothing (the server's datagrams to it are lost); the spare's handshake
+    # gets through, but its JOIN (a HELLO naming the tunnel) is lost on the way up
+    del net.owner[old_addr]
+    net.drop = lambda direction, link, d: blocked["join"] and direction == "up" and any(
+        isinstance(f, frames.Hello) and f.tunnel_id != frames.NEW_TUNNEL for f in plain.peek(True, d))
     net.run_until(lambda: (s := c.core.slots["b"].spare) is not None and s.established, 1.0)
     spare_addr = c.addrs[events.SpareKey("b")]
     assert spare_addr in net.server.paths  # the server holds the spare's session
-    blocked["pongs"] = False
+    net.owner[old_addr] = (c, "b")
     net.run_until(lambda: c.core.slots["b"].spare is None, 1.0)  # at the old session's first PONG
     blocked["join"] = False
     net.pump()
