@@ -30,9 +30,9 @@ from OpenSSL import SSL
 
 from tunnel import events, frames
 from tunnel.dtls import DtlsSession, common_name
-from tunnel.engine import Outputs, TunnelEngine
+from tunnel.engine import CoreOutputs, Outputs, TunnelEngine, frame_handlers
 from tunnel.events import SpareKey
-from tunnel.path import P_CLOSED, P_DOWN, P_HANDSHAKING, Path, frame_handlers
+from tunnel.path import P_CLOSED, P_DOWN, P_HANDSHAKING, Path
 from tunnel.policy import Policy
 from tunnel.scheduler import MODES
 from tunnel.settings import ClientSettings
@@ -87,7 +87,7 @@ class PathSlot:
         return self.path is not None and self.path.tunnel is not None
 
 
-class ClientCore:
+class ClientCore(CoreOutputs):
     def __init__(self, ctx: SSL.Context, settings: ClientSettings = ClientSettings(), policy: Optional[Policy] = None):
         self.ctx = ctx
         self.settings = settings
@@ -113,41 +113,16 @@ class ClientCore:
         self.ipv6 = False  # the CONFIG gave an IPv6 address: IPv6 packets are carried too
         self._spares: dict = {}  # SpareKey -> slot
         self._promoted: dict = {}  # SpareKey -> slot whose path is that spare now
-        self._handlers = frame_handlers(self._on_control, {
-            frames.DATA: self._on_data, frames.DATA_ORDERED: self._on_data_ordered})
-        self._spare_handlers = frame_handlers(self._on_spare_control, {
-            frames.DATA: self._ignore, frames.DATA_ORDERED: self._ignore})  # the server sends no DATA before CONFIG
+        self._handlers = frame_handlers(self._unexpected, {
+            frames.CONFIG: self._on_config_record, frames.CLOSE: self._on_close})
+        # a spare session until its CONFIG promotes it (the server sends no DATA before CONFIG)
+        self._spare_handlers = frame_handlers(self._unexpected, {
+            frames.DATA: self._ignore, frames.DATA_ORDERED: self._ignore,
+            frames.CONFIG: self._on_spare_config, frames.CLOSE: self._on_spare_close})
 
     def _new_engine(self, policy: Policy) -> TunnelEngine:
         st = self.settings
         return TunnelEngine(self.out, policy, st.dedup_window, st.path.idle_probe_interval, st.pin_flows)
-
-    # -- what the shell reads and writes --------------------------------
-    @property
-    def to_tun(self) -> list[bytes]:
-        return self.out.packets
-
-    @to_tun.setter
-    def to_tun(self, packets: list[bytes]) -> None:
-        self.out.packets = packets
-
-    @property
-    def timer_dirty(self) -> bool:
-        return self.out.timer_dirty
-
-    @timer_dirty.setter
-    def timer_dirty(self, dirty: bool) -> None:
-        self.out.timer_dirty = dirty
-
-    @property
-    def outbox(self) -> list:
-        return self.out.datagrams
-
-    def datagrams_to_send(self) -> list[tuple[Hashable, bytes, int]]:
-        return self.out.take_datagrams()
-
-    def next_event(self):
-        return self._events.popleft() if self._events else None
 
     @property
     def policy(self) -> Policy:
@@ -273,20 +248,6 @@ class ClientCore:
             self.timer_dirty = True
             self._path_changed(slot, now)
 
-    def _on_data(self, path: Path, rec: bytes, tos: int, now: float) -> None:
-        engine = path.tunnel
-        if engine is None:
-            self.counters["malformed"] += 1  # DATA before the path joined
-        else:
-            engine.on_data(path, rec, tos, now)
-
-    def _on_data_ordered(self, path: Path, rec: bytes, tos: int, now: float) -> None:
-        engine = path.tunnel
-        if engine is None:
-            self.counters["malformed"] += 1
-        else:
-            engine.on_data_ordered(path, rec, tos, now)
-
     def _ignore(self, path: Path, rec: bytes, tos: int, now: float) -> None:
         pass
 
@@ -315,27 +276,35 @@ class ClientCore:
         self.out.collect(path)
         slot.hello_at = now
 
-    def _on_control(self, path: Path, rec: bytes, tos: int, now: float) -> None:
-        slot = self.slots.get(path.key)
+    def _parse(self, rec: bytes) -> Optional[frames.Frame]:
         try:
-            frame = frames.parse(rec)
+            return frames.parse(rec)
         except frames.FrameError:
             self.counters["malformed"] += 1
+            return None
+
+    def _unexpected(self, path: Path, rec: bytes, tos: int, now: float) -> None:
+        """HELLO, an unknown type, or DATA before the path joined: not for a client."""
+        self.counters["malformed"] += 1
+
+    def _on_config_record(self, path: Path, rec: bytes, tos: int, now: float) -> None:
+        frame = self._parse(rec)
+        if frame is not None:
+            self._on_config(self.slots[path.key], frame, now)
+
+    def _on_close(self, path: Path, rec: bytes, tos: int, now: float) -> None:
+        frame = self._parse(rec)
+        if frame is None:
             return
-        if isinstance(frame, frames.Config):
-            self._on_config(slot, frame, now)
-        elif isinstance(frame, frames.Close):
-            path.close(None, now)
-            backoff = None
-            if frame.code == frames.CLOSE_REFUSED:
-                backoff = BACKOFF_REFUSED
-            elif frame.code == frames.CLOSE_UNKNOWN_TUNNEL:
-                self._forget_tunnel()
-                backoff = 0.0
-            reason = frames.printable(frame.reason) or frame.code  # the server's words, escaped for the log
-            self._lost(slot, f"server closed the path: {reason}", now, backoff=backoff)
-        else:
-            self.counters["malformed"] += 1  # HELLO: not for a client
+        path.close(None, now)
+        backoff = None
+        if frame.code == frames.CLOSE_REFUSED:
+            backoff = BACKOFF_REFUSED
+        elif frame.code == frames.CLOSE_UNKNOWN_TUNNEL:
+            self._forget_tunnel()
+            backoff = 0.0
+        reason = frames.printable(frame.reason) or frame.code  # the server's words, escaped for the log
+        self._lost(self.slots[path.key], f"server closed the path: {reason}", now, backoff=backoff)
 
     def _on_config(self, slot: PathSlot, config: frames.Config, now: float) -> None:
         new_tunnel = config.tunnel_id != self.tunnel_id
@@ -566,20 +535,24 @@ class ClientCore:
         if not spare.alive and slot.spare is spare:
             self._drop_spare(slot, now, SILENT_BACKOFF)
 
-    def _on_spare_control(self, spare: Path, rec: bytes, tos: int, now: float) -> None:
-        slot = self._spares[spare.key]
-        try:
-            frame = frames.parse(rec)
-        except frames.FrameError:
+    def _on_spare_config(self, spare: Path, rec: bytes, tos: int, now: float) -> None:
+        frame = self._parse(rec)
+        if frame is None:
+            return
+        if frame.tunnel_id != self.tunnel_id:
             self.counters["malformed"] += 1
             return
-        if isinstance(frame, frames.Config) and frame.tunnel_id == self.tunnel_id:
-            old = slot.path
-            if old is not None and old.est is not None and old.est.last_ack > spare.created:
-                self._drop_spare(slot, now)  # the old session got a PONG meanwhile: it stays
-            else:
-                self._promote(slot, now)
-        elif isinstance(frame, frames.Close):
+        slot = self._spares[spare.key]
+        old = slot.path
+        if old is not None and old.est is not None and old.est.last_ack > spare.created:
+            self._drop_spare(slot, now)  # the old session got a PONG meanwhile: it stays
+        else:
+            self._promote(slot, now)
+
+    def _on_spare_close(self, spare: Path, rec: bytes, tos: int, now: float) -> None:
+        frame = self._parse(rec)
+        if frame is not None:
+            slot = self._spares[spare.key]
             spare.close(None, now)
             self._drop_spare(slot, now, SILENT_BACKOFF)
             if frame.code == frames.CLOSE_UNKNOWN_TUNNEL:  # the server forgot the tunnel: start over
@@ -587,8 +560,6 @@ class ClientCore:
                 for other in list(self.slots.values()):  # and silent sessions belong to the old server
                     if other.path is not None and other.path.alive and (other is slot or other.path.state == P_DOWN):
                         self._abandon(other, "the server no longer knows the tunnel", now, 0.0)
-        else:
-            self.counters["malformed"] += 1
 
     def _spare_join(self, slot: PathSlot, now: float) -> None:
         if self.tunnel_id == frames.NEW_TUNNEL:

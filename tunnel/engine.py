@@ -24,6 +24,7 @@ next deadline), so no pair of functions must agree by hand.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Optional
 
 from tunnel import frames
@@ -64,6 +65,42 @@ class Outputs:
         for d in path.out:
             out.append((key, d, 0))
         path.out.clear()
+
+
+class CoreOutputs:
+    """What the shell takes out of a core, the same for both roles: datagrams to send
+    (:meth:`datagrams_to_send`), packets for the TUN (``to_tun``), events
+    (:meth:`next_event`) and ``timer_dirty``.  A core sets ``out`` and ``_events``."""
+
+    out: Outputs
+    _events: deque
+
+    @property
+    def to_tun(self) -> list[bytes]:
+        return self.out.packets
+
+    @to_tun.setter
+    def to_tun(self, packets: list[bytes]) -> None:
+        self.out.packets = packets
+
+    @property
+    def timer_dirty(self) -> bool:
+        return self.out.timer_dirty
+
+    @timer_dirty.setter
+    def timer_dirty(self, dirty: bool) -> None:
+        self.out.timer_dirty = dirty
+
+    @property
+    def outbox(self) -> list:
+        """The datagrams produced so far (not taken)."""
+        return self.out.datagrams
+
+    def datagrams_to_send(self) -> list[tuple]:
+        return self.out.take_datagrams()
+
+    def next_event(self):
+        return self._events.popleft() if self._events else None
 
 
 class TunnelEngine:
@@ -288,3 +325,29 @@ class TunnelEngine:
             "reorder": self.reorder.stats(),
             "malformed": self.malformed,
         }
+
+
+def frame_handlers(default, handlers: dict) -> list:
+    """The frame-handler table of a core: one handler per record type (the record's first
+    byte), each called as ``handler(path, record, outer_tos, now)``.  PING and PONG are
+    the path's own; DATA and DATA_ORDERED go to the tunnel the path carries (to ``default``
+    if it carries none yet); ``handlers`` maps the other types the core takes (and may
+    override these); every other byte goes to ``default`` (no frame for this role)."""
+    table = [default] * 256
+    table[frames.PING] = Path.on_ping
+    table[frames.PONG] = Path.on_pong
+    table[frames.DATA] = _to_tunnel(TunnelEngine.on_data, default)
+    table[frames.DATA_ORDERED] = _to_tunnel(TunnelEngine.on_data_ordered, default)
+    for kind, handler in handlers.items():
+        table[kind] = handler
+    return table
+
+
+def _to_tunnel(method, default):
+    def handler(path: Path, rec: bytes, tos: int, now: float) -> None:
+        tunnel = path.tunnel
+        if tunnel is None:
+            default(path, rec, tos, now)
+        else:
+            method(tunnel, path, rec, tos, now)
+    return handler

@@ -129,21 +129,24 @@ class Path:
         self.heard_again = self.changed = True  # the owner may have held packets for it
         self.ping(now)
 
-    def on_ping(self, rec: bytes, tos: int, now: float) -> None:
-        """PING: answered at once with this side's receive counters (a frame handler)."""
+    def parse(self, rec: bytes) -> Optional[frames.Frame]:
+        """The record's frame, or None (counted as malformed on this path)."""
         try:
-            frame = frames.parse(rec)
+            return frames.parse(rec)
         except frames.FrameError:
             self.malformed += 1
-            return
-        self.send(frames.encode(frames.Pong(frame.token, self.rx_records, self.rx_bytes)), now)
+            return None
+
+    def on_ping(self, rec: bytes, tos: int, now: float) -> None:
+        """PING: answered at once with this side's receive counters (a frame handler)."""
+        frame = self.parse(rec)
+        if frame is not None:
+            self.send(frames.encode(frames.Pong(frame.token, self.rx_records, self.rx_bytes)), now)
 
     def on_pong(self, rec: bytes, tos: int, now: float) -> None:
         """PONG: a round-trip sample and the peer's receive counters (a frame handler)."""
-        try:
-            frame = frames.parse(rec)
-        except frames.FrameError:
-            self.malformed += 1
+        frame = self.parse(rec)
+        if frame is None:
             return
         if self.est is None:
             self.malformed += 1
@@ -265,15 +268,3 @@ class Path:
             "cipher": self.dtls.cipher,
         }
 
-
-def frame_handlers(default, handlers: dict) -> list:
-    """The frame-handler table of a core: one handler per record type (the record's first
-    byte), each called as ``handler(path, record, outer_tos, now)``.  PING and PONG are
-    the path's own; ``handlers`` maps the other types the core accepts; every other byte
-    goes to ``default`` (a frame the core does not take, or no frame at all)."""
-    table = [default] * 256
-    table[frames.PING] = Path.on_ping
-    table[frames.PONG] = Path.on_pong
-    for kind, handler in handlers.items():
-        table[kind] = handler
-    return table

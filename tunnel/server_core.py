@@ -26,9 +26,9 @@ from tunnel.admission import (
 )
 from tunnel.dtls import DTLS_HEADER, DtlsListener, common_name, key_id
 from tunnel.ecn import decapsulate
-from tunnel.engine import Outputs, TunnelEngine
+from tunnel.engine import CoreOutputs, Outputs, TunnelEngine, frame_handlers
 from tunnel.icmp import unreachable, unreachable6
-from tunnel.path import P_CLOSED, P_DOWN, P_HANDSHAKING, TICK, Path, frame_handlers
+from tunnel.path import P_CLOSED, P_DOWN, P_HANDSHAKING, TICK, Path
 from tunnel.policy import Policy
 from tunnel.pool import AddressPool, AddressPool6, PoolExhausted
 from tunnel.revocation import Revocation
@@ -123,7 +123,7 @@ def _from(prefixes: list[tuple[int, int]], src: bytes) -> bool:
     return any(n & mask == net for net, mask in prefixes)
 
 
-class ServerCore:
+class ServerCore(CoreOutputs):
     def __init__(
         self,
         ctx: SSL.Context,
@@ -160,8 +160,8 @@ class ServerCore:
         self.by_name: dict[str, ServerTunnel] = {}
         self.out = Outputs()
         self._events: deque = deque()
-        self._handlers = frame_handlers(self._on_control, {
-            frames.DATA: self._on_data, frames.DATA_ORDERED: self._on_data_ordered})
+        self._handlers = frame_handlers(self._unexpected, {
+            frames.HELLO: self._on_hello_record, frames.CLOSE: self._on_close})
         self.counters = {
             "junk": 0,  # datagrams from unknown addresses that were no handshake
             "cookies_sent": 0,
@@ -184,33 +184,6 @@ class ServerCore:
             "refusals_unlogged": 0,  # refusals counted but not logged (rate limit of the refusal lines)
             "paths_replaced": 0,  # stale paths a JOIN replaced (NAT rebinding, reconnect after an outage)
         }
-
-    # -- what the shell reads and writes --------------------------------
-    @property
-    def to_tun(self) -> list[bytes]:
-        return self.out.packets
-
-    @to_tun.setter
-    def to_tun(self, packets: list[bytes]) -> None:
-        self.out.packets = packets
-
-    @property
-    def timer_dirty(self) -> bool:
-        return self.out.timer_dirty
-
-    @timer_dirty.setter
-    def timer_dirty(self, dirty: bool) -> None:
-        self.out.timer_dirty = dirty
-
-    @property
-    def outbox(self) -> list:
-        return self.out.datagrams
-
-    def datagrams_to_send(self) -> list[tuple[tuple, bytes, int]]:
-        return self.out.take_datagrams()
-
-    def next_event(self):
-        return self._events.popleft() if self._events else None
 
     def tunnel_of(self, addr: tuple) -> Optional[ServerTunnel]:
         """The tunnel the path from ``addr`` carries (None: no path, or not joined yet)."""
@@ -344,36 +317,25 @@ class ServerCore:
         allowed = self.settings.allowed_clients
         return allowed is None or name in allowed
 
-    def _on_data(self, path: Path, rec: bytes, tos: int, now: float) -> None:
-        tunnel = path.tunnel
-        if tunnel is None:
-            path.malformed += 1  # DATA before HELLO
-        else:
-            tunnel.on_data(path, rec, tos, now)
-
-    def _on_data_ordered(self, path: Path, rec: bytes, tos: int, now: float) -> None:
-        tunnel = path.tunnel
-        if tunnel is None:
-            path.malformed += 1
-        else:
-            tunnel.on_data_ordered(path, rec, tos, now)
-
-    def _on_control(self, path: Path, rec: bytes, tos: int, now: float) -> None:
-        tunnel = path.tunnel
-        try:
-            frame = frames.parse(rec)
-        except frames.FrameError:
-            path.malformed += 1
-            return
-        if isinstance(frame, frames.Hello):
+    def _on_hello_record(self, path: Path, rec: bytes, tos: int, now: float) -> None:
+        frame = path.parse(rec)
+        if frame is not None:
             self._on_hello(path, frame, now)
-        elif isinstance(frame, frames.Close):
-            path.close(None, now)
-            path.reason = f"client closed: {frames.printable(frame.reason) or frame.code}"
-            if frame.code == frames.CLOSE_NORMAL and tunnel is not None:  # the client is going away
-                self._remove_tunnel(tunnel, path.reason, now, frames.CLOSE_NORMAL)
-        else:
-            path.malformed += 1
+
+    def _on_close(self, path: Path, rec: bytes, tos: int, now: float) -> None:
+        frame = path.parse(rec)
+        if frame is None:
+            return
+        tunnel = path.tunnel
+        path.close(None, now)
+        path.reason = f"client closed: {frames.printable(frame.reason) or frame.code}"
+        if frame.code == frames.CLOSE_NORMAL and tunnel is not None:  # the client is going away
+            self._remove_tunnel(tunnel, path.reason, now, frames.CLOSE_NORMAL)
+
+    @staticmethod
+    def _unexpected(path: Path, rec: bytes, tos: int, now: float) -> None:
+        """CONFIG, an unknown type, or DATA before HELLO: not for a server."""
+        path.malformed += 1
 
     def _refuse(self, path: Path, code: int, reason: str, now: float, peer_reason: Optional[str] = None) -> None:
         """Close ``path`` with CLOSE ``code``; ``reason`` is logged, ``peer_reason`` (default: the

@@ -52,6 +52,7 @@ class Shell:
         self._last_io = 0.0
         self._tun_written = 0  # packets written to the TUN (a drain that wrote some carried data)
         self.after_start: Optional[Callable[[], None]] = None  # once everything is set up (privilege drop)
+        self._sock_of: dict = {}  # server: sender address -> the socket it was heard on (other than the first)
 
     # -- TUN ----------------------------------------------------------
     def _on_tun_readable(self) -> None:
@@ -115,6 +116,40 @@ class Shell:
 
     def _drain_all(self) -> None:
         raise NotImplementedError
+
+    def _drain_socket(self, sock: BatchSocket, key: Optional[Hashable], source: Hashable, record: bool = False) -> None:
+        """Drain one UDP socket into the core.  ``key``: the path's key (a client's socket is
+        connected to one server), or None: the sender's address is the key (the server's);
+        ``source``: what keep_warm knows the socket as; ``record``: remember which socket a
+        sender was heard on (the server's replies leave by the same one)."""
+        receive, recv = self.core.receive_datagram, sock.recv_batch
+        sock_of = self._sock_of
+        now = self.loop.time()
+        written = self._tun_written
+        n = 0
+        while True:
+            try:
+                dgrams, addr, tos = recv()
+            except BlockingIOError:
+                break
+            except OSError:  # counted (e.g. an ICMP port unreachable on a client's connected socket);
+                self.counters["recv_errors"] += 1  # stop this drain: an error that repeats must not spin the loop
+                break
+            if record and addr not in sock_of:
+                sock_of[addr] = sock
+            k = addr if key is None else key
+            for data in dgrams:
+                receive(k, data, now, tos)
+            if n == 0 and self.tun_fd is not None:
+                self.write_tun()  # latency: the first packet is delivered before we look for more
+            n += len(dgrams)
+            if n >= BATCH:
+                self.flush()
+                n = 1
+        self.flush()
+        self._last_io = now
+        if self._tun_written != written and self.keep_warm:
+            self._arrived(source, now)
 
     # -- timers, events, signals --------------------------------------
     def _tick(self) -> None:
@@ -209,7 +244,6 @@ class ServerShell(Shell):
     ):
         super().__init__(core, tun_fd, control_path, on_reload)
         self.sockets = [BatchSocket(s) for s in sockets]
-        self._sock_of: dict[tuple, BatchSocket] = {}
         self._on_event = on_event
 
     def start(self) -> None:
@@ -224,34 +258,8 @@ class ServerShell(Shell):
             self._on_sock_readable(sock)
 
     def _on_sock_readable(self, sock: BatchSocket) -> None:
-        receive, recv = self.core.receive_datagram, sock.recv_batch
-        sock_of = self._sock_of
-        record = sock is not self.sockets[0]  # replies go out on sockets[0] unless recorded otherwise
-        now = self.loop.time()
-        written = self._tun_written
-        n = 0
-        while True:
-            try:
-                dgrams, addr, tos = recv()
-            except BlockingIOError:
-                break
-            except OSError:  # counted; stop this drain (an error that repeats must not spin the loop)
-                self.counters["recv_errors"] += 1
-                break
-            if record and addr not in sock_of:
-                sock_of[addr] = sock
-            for data in dgrams:
-                receive(addr, data, now, tos)
-            if n == 0:
-                self.write_tun()  # latency: the first packet is delivered before we look for more
-            n += len(dgrams)
-            if n >= BATCH:
-                self.flush()
-                n = 1
-        self.flush()
-        self._last_io = now
-        if self._tun_written != written and self.keep_warm:
-            self._arrived(sock, now)
+        # replies go out on sockets[0] unless the sender was heard on another socket
+        self._drain_socket(sock, None, sock, sock is not self.sockets[0])
 
     def send_out(self) -> None:
         out = self.core.datagrams_to_send()
@@ -377,30 +385,7 @@ class ClientShell(Shell):
                 self._on_sock_readable(key, sock)
 
     def _on_sock_readable(self, key: Hashable, sock: BatchSocket) -> None:
-        receive, recv = self.core.receive_datagram, sock.recv_batch
-        now = self.loop.time()
-        written = self._tun_written
-        n = 0
-        while True:
-            try:
-                dgrams, _, tos = recv()
-            except BlockingIOError:
-                break
-            except OSError:  # ICMP port unreachable on a connected socket: the server is not there (yet)
-                self.counters["recv_errors"] += 1
-                break
-            for data in dgrams:
-                receive(key, data, now, tos)
-            if n == 0 and self.tun_fd is not None:
-                self.write_tun()  # latency: the first packet is delivered before we look for more
-            n += len(dgrams)
-            if n >= BATCH:
-                self.flush()
-                n = 1
-        self.flush()
-        self._last_io = now
-        if self._tun_written != written and self.keep_warm:
-            self._arrived(key, now)
+        self._drain_socket(sock, key, key)
 
     def flush(self) -> None:
         self.handle_events()  # first: a Connecting event opens the socket, TunnelUp makes the TUN

@@ -156,8 +156,9 @@ class TunnelStack(DaemonPair):
         self.server_proc = self.server_host.popen(
             mptun_argv("server", "-c", str(cfg)), stdout=subprocess.DEVNULL, stderr=open(self.server_log, "ab")
         )
-        wait_for(
-            lambda: "listening on" in self.server_log.read_text() or self.server_proc.poll() is not None,
+        wait_for(  # the log line comes before the control socket: wait for both
+            lambda: ("listening on" in self.server_log.read_text() and self.server_socket.exists())
+            or self.server_proc.poll() is not None,
             10,
             message=f"server did not start; log: {self.server_log}",
         )
