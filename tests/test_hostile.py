@@ -114,7 +114,7 @@ def test_max_handshakes_config_key(pki, value, ok) -> None:  # noqa: F811
         "listen": "198.18.0.1:4433", "address": "100.64.0.1/24", "certificate": "srv.crt", "key": "srv.key",
         "ca": "ca.crt", "max_handshakes": value}})
     if ok:
-        assert load_server_config(path).max_handshakes == value
+        assert load_server_config(path).limits.max_handshakes == value
     else:
         with pytest.raises(ConfigError, match=r"limits.toml: \[server\] max_handshakes: "):
             load_server_config(path)

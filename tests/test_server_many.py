@@ -47,7 +47,8 @@ class Fleet:
         cfg = write_toml(self.workdir / "server.toml", {"server": table})
         self.server_log = self.workdir / "server.log"
         self.server_proc = self.server.popen(mptun_argv("server", "-c", str(cfg)), stderr=open(self.server_log, "ab"))
-        wait_for(lambda: "listening on" in self.server_log.read_text(), 10, message="server did not start")
+        wait_for(lambda: "listening on" in self.server_log.read_text() and (self.workdir / "server.sock").exists(),
+                 10, message="server did not start")  # the log line comes before the control socket
 
     def start_client(self, name: str) -> None:
         i = self.names.index(name) + 1

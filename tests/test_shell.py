@@ -119,16 +119,13 @@ class Pair:
 
     def open(self, shell) -> None:
         """What Shell.run() does before its loop runs, less the signal handlers."""
-        shell.start()
-        shell._tick()
+        shell.open()
         self.opened.append(shell)
 
     def close(self) -> None:
         """What Shell.run() does after its loop stopped."""
         for shell in self.opened:
-            shell.core.close(self.loop.time())
-            shell.flush()
-            shell.shutdown()
+            shell.close()
         self.loop.close()
         self.server_tun.close()
         self.client_tun.close()

@@ -8,6 +8,9 @@ import socket
 import sys
 from datetime import datetime, timezone
 
+# imported with the daemons, not once they start: prometheus-client takes a while to load
+from tunnel.metrics import MetricsServer
+
 SOCKET_BUFFER = 4 * 1024 * 1024
 LOG_FORMATS = ("text", "json")
 
@@ -113,7 +116,6 @@ def equip_shell(shell, cfg, role: str, target, keep, name: str = "") -> None:
     server (``name``: the client's, for its labels) and the privilege drop once it has started
     (to ``target``, keeping ``keep``: tunnel/privs.py)."""
     from tunnel import privs
-    from tunnel.metrics import MetricsServer
 
     shell.keep_warm = cfg.keep_warm
     if cfg.metrics:

@@ -99,13 +99,6 @@ class ServerConfig(_DaemonConfig):
     pool6: Optional[ipaddress.IPv6Network] = None  # IPv6 inside the tunnel: one /128 per client from this prefix
     static_addresses6: dict[str, ipaddress.IPv6Address] = field(default_factory=dict)  # [clients.NAME] address6
 
-    def __getattr__(self, name: str):
-        """``cfg.max_tunnels`` and the other limits, as before they moved into ``limits``."""
-        limits = self.__dict__.get("limits")
-        if limits is not None and name in Limits.__dataclass_fields__:
-            return getattr(limits, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
     @property
     def static_addresses(self) -> dict[str, ipaddress.IPv4Address]:
         return {name: a for name, a in self.clients.items() if a is not None}

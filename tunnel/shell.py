@@ -205,28 +205,38 @@ class Shell:
             self.loop.add_signal_handler(sig, self.stop)
         if self.on_reload is not None:
             self.loop.add_signal_handler(signal.SIGHUP, self.on_reload)
+        self.open()
+        try:
+            if self.after_start is not None:
+                self.after_start()
+            self.loop.run_forever()
+        finally:
+            self.close()
+            self.loop.close()
+
+    def open(self) -> None:
+        """Register the fds, the control socket and the metrics server; run the timers once
+        (they arm themselves).  :meth:`run` calls it; tests drive the loop themselves."""
         self.start()
         if self.control is not None:
             self.control.start(self.loop)
         if self.metrics is not None:
             self.metrics.start(self.loop)
         self._tick()
-        try:
-            if self.after_start is not None:
-                self.after_start()
-            self.loop.run_forever()
-        finally:
+
+    def close(self) -> None:
+        """Tell the peer (CLOSE), send it, and release every fd (the loop itself stays)."""
+        if self._tick_handle is not None:
             self._tick_handle.cancel()
-            if self._warm_handle is not None:
-                self._warm_handle.cancel()
-            if self.control is not None:
-                self.control.close()
-            if self.metrics is not None:
-                self.metrics.close()
-            self.core.close(self.loop.time())
-            self.flush()
-            self.shutdown()
-            self.loop.close()
+        if self._warm_handle is not None:
+            self._warm_handle.cancel()
+        if self.control is not None:
+            self.control.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        self.core.close(self.loop.time())
+        self.flush()
+        self.shutdown()
 
     def status(self) -> dict:
         return {**self.core.stats(), "io": dict(self.counters), "loop": self.loop.stall_stats()}
