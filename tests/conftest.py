@@ -18,7 +18,7 @@ import pytest
 
 import time
 
-from tunnel.certs import create_ca, issue_client, issue_server
+from tunnel.app.certs import create_ca, issue_client, issue_server
 from tunnel.lab.netns import Host, Lab, Link, unique_prefix, wait_for
 from tunnel.lab.stack import PORT, SERVER_INNER, TunnelStack
 from tunnel.lab.stream import run_stream

@@ -19,13 +19,15 @@ import itertools
 from pathlib import Path
 from typing import Callable, Optional
 
-from tunnel import events, frames, mtu
-from tunnel.client_core import C_UP, ClientCore
-from tunnel.dtls import ESTABLISHED, DtlsSession, make_context
-from tunnel.path import TICK
-from tunnel.pool import AddressPool
-from tunnel.server_core import ServerCore
-from tunnel.settings import ClientSettings, Limits, PathSettings, ServerSettings
+from tunnel.core import events
+
+from tunnel.wire import frames, mtu
+from tunnel.core.client import C_UP, ClientCore
+from tunnel.wire.dtls import ESTABLISHED, DtlsSession, make_context
+from tunnel.core.path import TICK
+from tunnel.core.pool import AddressPool
+from tunnel.core.server import ServerCore
+from tunnel.core.settings import ClientSettings, Limits, PathSettings, ServerSettings
 
 from tests.wiretap import Tap
 

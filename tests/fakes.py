@@ -11,7 +11,7 @@ in epoll; nothing here knows the tunnel protocol or the cores.
   "from the kernel" and reads what the shell wrote.  :meth:`FakeTun.fill` makes the
   shell's writes fail with EAGAIN, as on a TUN whose queue is full.
 - :class:`Wire` and :class:`FakeUdpSocket`: what ``socket.socket`` offers the
-  shell and ``tunnel.udp.BatchSocket`` (bind/connect, send/sendto/sendmsg with the
+  shell and ``tunnel.io.udp.BatchSocket`` (bind/connect, send/sendto/sendmsg with the
   IP_TOS and UDP_SEGMENT control messages, recvmsg with IP_TOS), carried by a
   wire that delivers by address and logs every send call.
 """

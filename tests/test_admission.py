@@ -2,7 +2,7 @@
 real clients out, rates and refusal log lines count per source prefix, established paths must
 HELLO or JOIN, and a tunnel belongs to its certificate's key, not only to its CN.
 
-Unit tests of tunnel/admission.py and of the server core with a manual clock, over real DTLS
+Unit tests of tunnel/core/admission.py and of the server core with a manual clock, over real DTLS
 handshakes (pyOpenSSL memory BIOs); the netns test with real daemons is in test_hostile.py.
 """
 
@@ -17,22 +17,24 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tunnel import events, frames
-from tunnel.admission import (
+from tunnel.core import events
+
+from tunnel.wire import frames
+from tunnel.core.admission import (
     HALF_OPEN_TIMEOUT, HELLO_DEADLINE, REFUSAL_LOG_BURST, REFUSAL_LOG_INTERVAL, HalfOpenTable, LogLimiter,
     PrefixRateLimiter, source_prefix,
 )
-from tunnel.certs import issue_client
-from tunnel.dtls import ESTABLISHED, DtlsSession, make_context
-from tunnel.path import TICK
-from tunnel.pool import AddressPool
-from tunnel.server_core import ServerCore
+from tunnel.app.certs import issue_client
+from tunnel.wire.dtls import ESTABLISHED, DtlsSession, make_context
+from tunnel.core.path import TICK
+from tunnel.core.pool import AddressPool
+from tunnel.core.server import ServerCore
 
 from tests.corelab import DGRAM_MTU, INNER_MTU, SERVER_INNER, T0, server_core
 from test_hostile import _verified_hello
 
 
-# -- tunnel/admission.py ---------------------------------------------------------------------------------
+# -- tunnel/core/admission.py ---------------------------------------------------------------------------------
 def test_source_prefix_groups_ipv4_by_24_and_ipv6_by_64() -> None:
     assert source_prefix("198.51.100.7") == source_prefix("198.51.100.200") == "198.51.100.0/24"
     assert source_prefix("198.51.101.7") != source_prefix("198.51.100.7")

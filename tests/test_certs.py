@@ -1,4 +1,4 @@
-"""Tests for tunnel.certs: CA/server/client issuing, checks and the `certs` CLI."""
+"""Tests for tunnel.app.certs: CA/server/client issuing, checks and the `certs` CLI."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 
-from tunnel import certs
-from tunnel.certs import CertError, create_ca, issue_client, issue_server, load_identity
+from tunnel.app import certs
+from tunnel.app.certs import CertError, create_ca, issue_client, issue_server, load_identity
 
 UTC = dt.timezone.utc
 

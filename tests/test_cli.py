@@ -97,7 +97,8 @@ def test_missing_and_invalid_config_files(tmp_path):
 def test_netlink_trouble_is_one_line_not_a_traceback(monkeypatch, capsys):
     """A netlink failure while setting up the TUN (e.g. no such device, a route the kernel
     refuses) ends the command with one line and exit 1."""
-    from tunnel import cli, netlink
+    from tunnel.app import cli
+    from tunnel.io import netlink
 
     def fail(args):
         netlink.configure_interface("mptun-no-such-dev", [], 1400)
@@ -114,7 +115,7 @@ def test_netlink_trouble_is_one_line_not_a_traceback(monkeypatch, capsys):
 
 
 def test_other_errors_are_not_swallowed(monkeypatch):
-    from tunnel import cli
+    from tunnel.app import cli
 
     parser = cli.build_parser()
     args = parser.parse_args(["status"])

@@ -1,4 +1,4 @@
-"""Tests for tunnel.config: TOML loading, validation and error messages."""
+"""Tests for tunnel.app.config: TOML loading, validation and error messages."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tunnel.config import ConfigError, ServerConfig, load_client_config, load_server_config
+from tunnel.app.config import ConfigError, ServerConfig, load_client_config, load_server_config
 
 FILES = ("ca.crt", "srv.crt", "srv.key", "alice.crt", "alice.key")
 
@@ -584,8 +584,8 @@ def test_client_table_without_address_is_valid(cfgdir: Path) -> None:
 
 
 def test_listed_client_without_address_is_admitted(tmp_path: Path) -> None:
-    from tunnel import server as server_app
-    from tunnel.certs import create_ca, issue_server
+    from tunnel.app import server as server_app
+    from tunnel.app.certs import create_ca, issue_server
 
     create_ca(tmp_path)
     issue_server(tmp_path, "srv")
@@ -683,9 +683,9 @@ def test_check_config_refuses_overlapping_client_routes_with_exit_2(cfgdir: Path
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
 
 
-# -- settings objects for the cores (tunnel/settings.py) ------------------------
+# -- settings objects for the cores (tunnel/core/settings.py) ------------------------
 def test_server_settings_carry_every_key(cfgdir: Path) -> None:
-    from tunnel.settings import Limits, PathSettings, ServerSettings
+    from tunnel.core.settings import Limits, PathSettings, ServerSettings
 
     extra = (
         '[clients.alice]\naddress = "100.64.0.10"\nroutes = ["192.168.7.0/24"]\n'
@@ -717,9 +717,9 @@ def test_server_settings_carry_every_key(cfgdir: Path) -> None:
 
 
 def test_server_settings_defaults(cfgdir: Path) -> None:
-    """Without the keys in the file, the settings are tunnel/settings.py's defaults (only the
+    """Without the keys in the file, the settings are tunnel/core/settings.py's defaults (only the
     idle probe interval is fitted to the timeout: 0.5 s with the default timings)."""
-    from tunnel.settings import ServerSettings, fitted_idle_probe_interval
+    from tunnel.core.settings import ServerSettings, fitted_idle_probe_interval
 
     settings = load_server_config(server(cfgdir)).settings(1472, 1400)
     assert settings == ServerSettings(datagram_mtu=1472, inner_mtu=1400)
@@ -729,7 +729,7 @@ def test_server_settings_defaults(cfgdir: Path) -> None:
 
 
 def test_client_settings(cfgdir: Path) -> None:
-    from tunnel.settings import ClientSettings, PathSettings
+    from tunnel.core.settings import ClientSettings, PathSettings
 
     assert load_client_config(client(cfgdir)).settings() == ClientSettings()
     cfg = load_client_config(client(
@@ -743,7 +743,7 @@ def test_client_settings(cfgdir: Path) -> None:
 
 
 def test_fitted_idle_default_is_the_settings_one(cfgdir: Path) -> None:
-    from tunnel.settings import fitted_idle_probe_interval
+    from tunnel.core.settings import fitted_idle_probe_interval
 
     cfg = load_client_config(client(cfgdir, timeout="0.6"))
     assert cfg.idle_probe_interval == fitted_idle_probe_interval(0.1, 0.3, 0.6) == 0.1

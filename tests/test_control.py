@@ -1,4 +1,4 @@
-"""The control socket (tunnel/control.py) served from a real EventLoop on a thread, over real
+"""The control socket (tunnel/app/control.py) served from a real EventLoop on a thread, over real
 Unix sockets: slow or silent clients never block the loop, and connections are capped."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tunnel import control
-from tunnel.control import ControlServer
-from tunnel.loop import EventLoop
+from tunnel.app import control
+from tunnel.app.control import ControlServer
+from tunnel.io.loop import EventLoop
 
 BIG = {"tunnels": [], "handshaking": 0, "counters": {}, "padding": "x" * 4_000_000}  # a reply no socket buffer holds
 

@@ -18,15 +18,16 @@ from tests.corelab import (
     DEAD, DRIVE, FIRST_CLIENT, INNER_MTU, LINGER, PROBE, ROUTES, STEP, T0, TIMEOUT, Client, Net, RawClient, down_pkt,
     client_core, frames_seen, ipv4, one_path, two_paths, up_pkt,
 )
-from tunnel import events, frames
-from tunnel.client_core import (
+from tunnel.core import events
+from tunnel.wire import frames
+from tunnel.core.client import (
     BACKOFF_MIN, BACKOFF_REFUSED, C_CLOSED, C_CONNECTING, C_UP, REBIND_AFTER, SILENT_ATTEMPT, SILENT_BACKOFF, ClientCore,
 )
-from tunnel.dtls import ESTABLISHED
-from tunnel.estimator import RECOVER_PROBES
-from tunnel.path import P_DEGRADED, P_DOWN, P_UP, TICK
-from tunnel.settings import HANDSHAKE_TIMEOUT
-from tunnel.pool import AddressPool
+from tunnel.wire.dtls import ESTABLISHED
+from tunnel.core.estimator import RECOVER_PROBES
+from tunnel.core.path import P_DEGRADED, P_DOWN, P_UP, TICK
+from tunnel.core.settings import HANDSHAKE_TIMEOUT
+from tunnel.core.pool import AddressPool
 
 
 @pytest.fixture(autouse=True, params=["step", "deadline"])
@@ -76,7 +77,7 @@ def test_static_address_from_pool(pki: Path) -> None:
 
 
 def test_hello_mode_numbers(pki: Path) -> None:
-    from tunnel.scheduler import MODES
+    from tunnel.core.scheduler import MODES
 
     for i, mode in enumerate(MODES, start=1):
         assert client_core(None, mode=mode).hello_mode == i
@@ -1298,7 +1299,7 @@ REORDER_POLICY = {"class": [{"name": "bulk", "mode": "balance", "reorder": True,
 
 
 def _reorder_pair(pki: Path):
-    from tunnel.policy import parse_policy
+    from tunnel.core.policy import parse_policy
 
     policy = parse_policy(REORDER_POLICY, "test")
     net, c = two_paths(pki, mode="balance", policy=policy)
@@ -1458,7 +1459,7 @@ def test_the_client_timers_cover_hello_retries(pki: Path, lost: str, drive) -> N
     c.add("a", pump=False)
     t_joined = net.run_until(lambda: c.joined() == ["a"], 3.0)
     assert len(dropped) == 1
-    from tunnel.client_core import HELLO_RETRY
+    from tunnel.core.client import HELLO_RETRY
 
     assert dropped[0] + HELLO_RETRY <= t_joined < dropped[0] + HELLO_RETRY + 2 * STEP  # retried on time
     assert c.checked > 10 or drive == "step"
@@ -1517,7 +1518,7 @@ def probes(c: Client, net: Net) -> list[int]:
 
 
 def test_an_idle_tunnel_probes_slowly_and_traffic_brings_fast_probes_back_at_once(pki: Path) -> None:
-    from tunnel.engine import IDLE_AFTER
+    from tunnel.core.engine import IDLE_AFTER
 
     net, c = idle_pair(pki)
     net.advance(IDLE_AFTER + 0.5)  # no DATA: both ends go idle

@@ -1,4 +1,4 @@
-"""Tests for tunnel.dedup.DedupWindow: the tunnel-wide duplicate/too-old filter."""
+"""Tests for tunnel.core.dedup.DedupWindow: the tunnel-wide duplicate/too-old filter."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunnel.dedup import DEFAULT_WINDOW, DedupWindow
+from tunnel.core.dedup import DEFAULT_WINDOW, DedupWindow
 
 
 class Model:

@@ -1,4 +1,4 @@
-"""Tests for tunnel.dtls: the sans-IO DTLS 1.2 layer, driven entirely in memory."""
+"""Tests for tunnel.wire.dtls: the sans-IO DTLS 1.2 layer, driven entirely in memory."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 
-from tunnel import dtls, frames
-from tunnel.certs import create_ca, issue_client, issue_server
-from tunnel.dtls import (
+from tunnel.wire import dtls, frames
+from tunnel.app.certs import create_ca, issue_client, issue_server
+from tunnel.wire.dtls import (
     CLOSED,
     ESTABLISHED,
     FAILED,

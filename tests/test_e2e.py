@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tunnel import certs
+from tunnel.app import certs
 from tunnel.lab.netns import wait_for
 from tunnel.lab.stack import PORT, SERVER_INNER, mptun_argv
 

@@ -11,7 +11,7 @@ import signal
 import pytest
 from cryptography import x509
 
-from tunnel import certs
+from tunnel.app import certs
 from tunnel.lab.netns import wait_for
 from tunnel.lab.procs import tail
 from tunnel.lab.stack import SERVER_INNER, SERVER_NAME

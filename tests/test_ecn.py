@@ -1,4 +1,4 @@
-"""Tests for tunnel/ecn.py (RFC 6040 decapsulation) and for ECN/DSCP in the cores.
+"""Tests for tunnel/wire/ecn.py (RFC 6040 decapsulation) and for ECN/DSCP in the cores.
 
 The first half is pure: the RFC 6040 table for IPv4 and IPv6, the incremental
 IPv4 checksum update (property-tested against a full recomputation).  The
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tests.corelab import Net, one_path, two_paths
-from tunnel.ecn import CE, ECT0, ECT1, NOT_ECT, decapsulate, ipv4_checksum
-from tunnel.policy import Policy, load_policy
+from tunnel.wire.ecn import CE, ECT0, ECT1, NOT_ECT, decapsulate, ipv4_checksum
+from tunnel.core.policy import Policy, load_policy
 
 WEBRTC = Path(__file__).resolve().parent.parent / "policies" / "webrtc.toml"
 ECNS = {"Not-ECT": NOT_ECT, "ECT(1)": ECT1, "ECT(0)": ECT0, "CE": CE}

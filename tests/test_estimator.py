@@ -1,4 +1,4 @@
-"""Tests for tunnel.estimator: RTT, loss and rate from PING/PONG, and the up/degraded/down states.
+"""Tests for tunnel.core.estimator: RTT, loss and rate from PING/PONG, and the up/degraded/down states.
 
 Pure: a manual clock, PINGs and PONGs are method calls.  Times are multiples
 of 1/64 s and the intervals powers-of-two fractions, so every comparison with
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from tunnel import estimator
-from tunnel.estimator import DEGRADED, DOWN, UP, PathEstimator
+from tunnel.core import estimator
+from tunnel.core.estimator import DEGRADED, DOWN, UP, PathEstimator
 
 PROBE, DEAD = 0.125, 0.375
 T0 = 1000.0

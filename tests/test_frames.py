@@ -1,4 +1,4 @@
-"""Tests for tunnel.frames: encoding, parsing and rejection of every frame type."""
+"""Tests for tunnel.wire.frames: encoding, parsing and rejection of every frame type."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunnel import frames
-from tunnel.frames import (
+from tunnel.wire import frames
+from tunnel.wire.frames import (
     CLOSE,
     CONFIG,
     DATA,
@@ -524,7 +524,7 @@ def test_protocol_doc_small_examples() -> None:
 
 
 def test_protocol_doc_mode_numbers() -> None:
-    from tunnel.scheduler import MODES
+    from tunnel.core.scheduler import MODES
 
     doc = _doc()
     for i, mode in enumerate(MODES, start=1):

@@ -18,15 +18,15 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tunnel import frames
-from tunnel.client_core import C_UP
-from tunnel.config import ConfigError, load_client_config, load_server_config
-from tunnel.dtls import client_hello_cookie
-from tunnel.ecn import CE, decapsulate, ipv4_checksum
-from tunnel.icmp import unreachable
+from tunnel.wire import frames
+from tunnel.core.client import C_UP
+from tunnel.app.config import ConfigError, load_client_config, load_server_config
+from tunnel.wire.dtls import client_hello_cookie
+from tunnel.wire.ecn import CE, decapsulate, ipv4_checksum
+from tunnel.wire.icmp import unreachable
 from tunnel.lab.attack import client_hello, dtls_context
-from tunnel.policy import MATCH_KEYS, Policy, PolicyError, TrafficClass, load_policy, parse_policy
-from tunnel.routes import RouteTable
+from tunnel.core.policy import MATCH_KEYS, Policy, PolicyError, TrafficClass, load_policy, parse_policy
+from tunnel.core.routes import RouteTable
 
 from tests.corelab import one_path
 

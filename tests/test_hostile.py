@@ -21,14 +21,14 @@ import pytest
 
 from OpenSSL import SSL
 
-from tunnel.dtls import DtlsListener, DtlsSession, _ConnState, client_hello_cookie, make_context
+from tunnel.wire.dtls import DtlsListener, DtlsSession, _ConnState, client_hello_cookie, make_context
 from tunnel.lab import starve
 from tunnel.lab.attack import client_hello, dtls_context
 from tunnel.lab.netns import Host, Lab
 from tunnel.lab.servermem import rss_kib
 from tunnel.lab.stack import PORT, SERVER_INNER
 from tunnel.lab.stream import run_stream
-from tunnel.pool import AddressPool
+from tunnel.core.pool import AddressPool
 
 from conftest import STREAM_PORT
 from tests.corelab import DGRAM_MTU, INNER_MTU, SERVER_INNER as CORE_INNER, T0, server_core
@@ -107,7 +107,7 @@ def test_max_handshakes_caps_verified_handshakes_in_progress(pki) -> None:  # no
 
 @pytest.mark.parametrize("value, ok", [(1, True), (256, True), (0, False), (-5, False), ("many", False), (1.5, False)])
 def test_max_handshakes_config_key(pki, value, ok) -> None:  # noqa: F811
-    from tunnel.config import ConfigError, load_server_config
+    from tunnel.app.config import ConfigError, load_server_config
     from tunnel.lab.stack import write_toml
 
     path = write_toml(pki / "limits.toml", {"server": {
@@ -338,7 +338,7 @@ STARVE_RATE, STARVE_SOURCES = 80, 16  # silent half-open handshakes/s, from this
 def test_a_real_client_gets_its_tunnel_within_a_second_while_silent_handshakes_fill_the_server(tunnel_stack) -> None:
     """Senders that answer the cookie, take the server's flight and go silent, at 80/s from 16
     addresses: before, they held all of max_handshakes (256) and a new client was refused for up
-    to 10 s; now the newcomer takes the oldest slot of the busiest prefix (tunnel/admission.py)."""
+    to 10 s; now the newcomer takes the oldest slot of the busiest prefix (tunnel/core/admission.py)."""
     hosts = tunnel_stack.hosts
     atk = add_attacker(hosts.lab, hosts.server)
     res = starve.time_to_tunnel(tunnel_stack, atk, STARVE_RATE, STARVE_SOURCES)

@@ -31,8 +31,8 @@ pytestmark = pytest.mark.netns
 SEND_SCRIPT = r"""
 import errno, json, socket, sys
 from collections import Counter
-from tunnel.shell import ClientShell
-from tunnel.udp import BatchSocket
+from tunnel.io.shell import ClientShell
+from tunnel.io.udp import BatchSocket
 
 IP_RECVERR = 11
 dst, recverr = (sys.argv[1], 9), sys.argv[2] == "1"
@@ -69,8 +69,8 @@ print(json.dumps({"counters": shell.counters, "errnos": seen}))
 
 TUN_SCRIPT = r"""
 import json, os, subprocess
-from tunnel.shell import Shell
-from tunnel.tun import TunDevice
+from tunnel.io.shell import Shell
+from tunnel.io.tun import TunDevice
 
 def ipv4(payload=b"x" * 20):
     total = 20 + len(payload)

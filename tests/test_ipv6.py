@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from tests.corelab import DGRAM_MTU, INNER_MTU, SERVER_INNER, Net, ipv4, server_core
-from tunnel import frames
-from tunnel.client_core import C_UP
-from tunnel.config import ConfigError, load_server_config
-from tunnel.dtls import make_context
-from tunnel.ecn import ipv4_checksum
-from tunnel.icmp import unreachable6
-from tunnel.pool import AddressPool, AddressPool6
-from tunnel.server_core import ServerCore
+from tunnel.wire import frames
+from tunnel.core.client import C_UP
+from tunnel.app.config import ConfigError, load_server_config
+from tunnel.wire.dtls import make_context
+from tunnel.wire.ecn import ipv4_checksum
+from tunnel.wire.icmp import unreachable6
+from tunnel.core.pool import AddressPool, AddressPool6
+from tunnel.core.server import ServerCore
 
 POOL6 = ipaddress.IPv6Network("fd00:6d70::/64")
 SERVER6 = "fd00:6d70::1"

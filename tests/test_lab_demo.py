@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tunnel.cli import main as mptun
+from tunnel.app.cli import main as mptun
 from tunnel.lab.netns import NETNS_DIR
 from tunnel.lab.scenario import (MAX_PATHS, Outage, PathSpec, Scenario, ScenarioError,
                                  load_scenario, with_overrides)

@@ -5,7 +5,7 @@ import signal
 import socket
 import time
 
-from tunnel.loop import EventLoop
+from tunnel.io.loop import EventLoop
 
 
 def test_timers_fire_in_order_and_cancelled_ones_do_not():
@@ -81,7 +81,7 @@ def test_timerfd_is_readable_only_after_it_fired():
     import select
     import time
 
-    from tunnel import timerfd
+    from tunnel.io import timerfd
 
     t = timerfd.create()
     assert t is not None

@@ -1,4 +1,4 @@
-"""Tests for the Prometheus endpoint (tunnel/metrics.py) and the JSON log format (tunnel/app.py).
+"""Tests for the Prometheus endpoint (tunnel/app/metrics.py) and the JSON log format (tunnel/app/daemon.py).
 
 The MetricsServer runs in a real EventLoop on a background thread; the tests
 scrape it over HTTP with urllib and parse the answer with prometheus_client's
@@ -25,9 +25,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.corelab import down_pkt, ipv4, one_path, up_pkt
-from tunnel.app import setup_logging
-from tunnel.loop import EventLoop
-from tunnel.metrics import CONTENT_TYPE, MetricsServer, parse_metrics_address
+from tunnel.app.daemon import setup_logging
+from tunnel.io.loop import EventLoop
+from tunnel.app.metrics import CONTENT_TYPE, MetricsServer, parse_metrics_address
 
 
 # -- a MetricsServer in a loop on a thread -------------------------------------------------

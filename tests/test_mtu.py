@@ -1,4 +1,4 @@
-"""Tests for tunnel.mtu: the arithmetic, checked against real DTLS records."""
+"""Tests for tunnel.wire.mtu: the arithmetic, checked against real DTLS records."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tunnel import frames, mtu
-from tunnel.certs import create_ca, issue_client, issue_server
-from tunnel.dtls import ESTABLISHED, RECORD_OVERHEAD, DtlsListener, DtlsSession, make_context
+from tunnel.wire import frames, mtu
+from tunnel.app.certs import create_ca, issue_client, issue_server
+from tunnel.wire.dtls import ESTABLISHED, RECORD_OVERHEAD, DtlsListener, DtlsSession, make_context
 
 MAX_SEQ = 2**62 - 1  # the largest DATA header (9 bytes)
 

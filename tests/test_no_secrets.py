@@ -24,7 +24,7 @@ pytestmark = pytest.mark.netns
 SEED = b"mptun-no-secrets-test-%d"
 WRAPPER = f'''
 import hashlib, itertools, sys
-from tunnel import server_core
+from tunnel.core import server as server_core
 _n = itertools.count()
 def known_random(n):
     return hashlib.sha256({SEED!r} % next(_n)).digest()[:n]
@@ -33,7 +33,7 @@ def init(self, *a, **kw):
     kw["random_bytes"] = known_random
     _init(self, *a, **kw)
 server_core.ServerCore.__init__ = init
-from tunnel import cli
+from tunnel.app import cli
 sys.exit(cli.main(sys.argv[1:]))
 '''
 

@@ -1,4 +1,4 @@
-"""Tests for tunnel/policy.py: policy files -> a compiled packet classifier.
+"""Tests for tunnel/core/policy.py: policy files -> a compiled packet classifier.
 
 Pure: packets are built here byte by byte (IPv4 with a correct header
 checksum, IPv6 with the traffic class split across bytes 0 and 1).
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tunnel.app import reloader
-from tunnel.ecn import ipv4_checksum
-from tunnel.policy import (
+from tunnel.app.daemon import reloader
+from tunnel.wire.ecn import ipv4_checksum
+from tunnel.core.policy import (
     DSCP_NAMES,
     INHERIT,
     Policy,
@@ -26,7 +26,7 @@ from tunnel.policy import (
     load_policy,
     parse_policy,
 )
-from tunnel.scheduler import MODES
+from tunnel.core.scheduler import MODES
 
 WEBRTC = Path(__file__).resolve().parent.parent / "policies" / "webrtc.toml"
 TCP, UDP, ICMP, SCTP, GRE, ICMPV6 = 6, 17, 1, 132, 47, 58
@@ -545,7 +545,7 @@ def test_directory_is_a_policy_error(tmp_path: Path) -> None:
         load_policy(tmp_path)
 
 
-# -- SIGHUP reload (tunnel/app.py reloader) -----------------------------------------------------------
+# -- SIGHUP reload (tunnel/app/daemon.py reloader) -----------------------------------------------------------
 class Recorder(logging.Handler):
     def __init__(self) -> None:
         super().__init__()

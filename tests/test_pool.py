@@ -1,4 +1,4 @@
-"""Tests for tunnel.pool.AddressPool: static, sticky and dynamic inner addresses."""
+"""Tests for tunnel.core.pool.AddressPool: static, sticky and dynamic inner addresses."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from ipaddress import IPv4Interface as I
 
 import pytest
 
-from tunnel.pool import AddressPool, PoolExhausted
+from tunnel.core.pool import AddressPool, PoolExhausted
 
 SERVER = I("100.64.0.1/24")
 
@@ -138,7 +138,7 @@ from ipaddress import IPv6Address as A6  # noqa: E402
 from ipaddress import IPv6Interface as I6  # noqa: E402
 from ipaddress import IPv6Network as N6  # noqa: E402
 
-from tunnel.pool import AddressPool6  # noqa: E402
+from tunnel.core.pool import AddressPool6  # noqa: E402
 
 
 def test_pool6_server_first_clients_next_with_prefix_length() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tunnel import cli, privs
+from tunnel.app import cli, privs
 from tunnel.lab import stack as lab_stack
 from tunnel.lab.netns import wait_for
 from tunnel.lab.procs import tail
@@ -159,7 +159,7 @@ def test_switching_user_needs_root(monkeypatch):
 
 
 def test_unknown_user_or_group_is_a_config_error(tmp_path, capsys):
-    from tunnel.config import ConfigError, load_client_config
+    from tunnel.app.config import ConfigError, load_client_config
     from tunnel.lab.stack import make_pki, write_toml
 
     make_pki(tmp_path)
@@ -184,7 +184,7 @@ def test_unknown_user_or_group_is_a_config_error(tmp_path, capsys):
 
 _NARROW = """
 import logging, sys
-from tunnel import privs
+from tunnel.app import privs
 logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
 privs.after_setup(None, getattr(privs, sys.argv[1]), logging.getLogger("t"))
 st = privs.proc_status()

@@ -12,9 +12,10 @@ from pathlib import Path
 from tests.corelab import (
     CLIENT_IP, DEAD, FIRST_CLIENT, STEP, TIMEOUT, Net, down_pkt, one_path, two_paths, up_pkt,
 )
-from tunnel import events, frames
-from tunnel.client_core import C_UP, REBIND_AFTER, SILENT_ATTEMPT, SILENT_BACKOFF
-from tunnel.path import P_DOWN, P_UP
+from tunnel.core import events
+from tunnel.wire import frames
+from tunnel.core.client import C_UP, REBIND_AFTER, SILENT_ATTEMPT, SILENT_BACKOFF
+from tunnel.core.path import P_DOWN, P_UP
 
 NAT_PORTS = iter(range(60000, 61000))
 

@@ -1,11 +1,11 @@
-"""Receiver-side reordering (tunnel/reorder.py), driven with a manual clock."""
+"""Receiver-side reordering (tunnel/core/reorder.py), driven with a manual clock."""
 from __future__ import annotations
 
 import struct
 
 import pytest
 
-from tunnel.reorder import QSEQ_MOD, Reorderer, floor, queue_of
+from tunnel.core.reorder import QSEQ_MOD, Reorderer, floor, queue_of
 
 HOLD = 0.05
 NO_FLOOR = -1  # no path has proven anything lost

@@ -1,4 +1,4 @@
-"""Revocation: CRL files (tunnel.certs.load_crl / revoke), the deny list, and the
+"""Revocation: CRL files (tunnel.app.certs.load_crl / revoke), the deny list, and the
 server core refusing revoked clients at handshake and closing them on reload."""
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from tests.corelab import Net, frames_seen
-from tunnel import certs, cli, events, frames
-from tunnel.certs import CertError, load_crl, revoke
-from tunnel.revocation import Revocation
+from tunnel.app import certs, cli
+from tunnel.core import events
+from tunnel.wire import frames
+from tunnel.app.certs import CertError, load_crl, revoke
+from tunnel.core.revocation import Revocation
 
 
 def serial(pki: Path, name: str) -> int:
@@ -273,8 +275,8 @@ def expired_crl(ca_dir: Path) -> Path:
 
 
 def test_crl_expired_config_key(tmp_path: Path, capsys, caplog) -> None:
-    from tunnel import server as server_app
-    from tunnel.config import load_server_config
+    from tunnel.app import server as server_app
+    from tunnel.app.config import load_server_config
     from tunnel.lab.stack import make_pki, write_toml
 
     make_pki(tmp_path)
@@ -307,7 +309,7 @@ def time_ago(t: float) -> float:
 
 
 def test_status_shows_the_crl_and_its_expiry() -> None:
-    from tunnel.status import format_status
+    from tunnel.app.status import format_status
 
     st = {"tunnels": [], "handshaking": 0, "counters": {}, "revocation": stale("refuse").stats()}
     text = format_status("s.sock", st)
@@ -317,8 +319,8 @@ def test_status_shows_the_crl_and_its_expiry() -> None:
 
 
 def test_sighup_reloads_crl_expired_and_a_fresh_crl(tmp_path: Path) -> None:
-    from tunnel import server as server_app
-    from tunnel.config import load_server_config
+    from tunnel.app import server as server_app
+    from tunnel.app.config import load_server_config
     from tunnel.lab.stack import make_pki, write_toml
 
     make_pki(tmp_path)

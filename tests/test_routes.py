@@ -2,7 +2,7 @@
 
 import ipaddress
 
-from tunnel.routes import RouteTable
+from tunnel.core.routes import RouteTable
 
 
 def net(text):

@@ -1,4 +1,4 @@
-"""Tests for tunnel.scheduler: which paths carry a packet, in every mode.
+"""Tests for tunnel.core.scheduler: which paths carry a packet, in every mode.
 
 Pure: the paths are fake objects with the attributes the scheduler reads.
 """
@@ -12,9 +12,9 @@ from typing import Optional
 
 import pytest
 
-from tunnel import scheduler
-from tunnel.estimator import DEGRADED, DOWN, UP
-from tunnel.scheduler import MODES, RATE_FLOOR, Scheduler, SchedulerError, flow_hash
+from tunnel.core import scheduler
+from tunnel.core.estimator import DEGRADED, DOWN, UP
+from tunnel.core.scheduler import MODES, RATE_FLOOR, Scheduler, SchedulerError, flow_hash
 
 
 @dataclass(eq=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tunnel import control
+from tunnel.app import control
 from tunnel.lab.netns import wait_for
 from tunnel.lab.stack import PORT, SERVER_INNER, SERVER_NAME, make_pki, mptun_argv, write_toml
 

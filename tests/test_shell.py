@@ -1,4 +1,4 @@
-"""Unit tests of the I/O shell (tunnel/shell.py): a ServerShell and a ClientShell with
+"""Unit tests of the I/O shell (tunnel/io/shell.py): a ServerShell and a ClientShell with
 real cores, on one EventLoop, over the doubles of tests/fakes.py (a TUN and UDP
 sockets on a wire).  No namespaces, no root: the shell's own logic (drains, flush
 order, error counting, timer re-arming) is what is tested.
@@ -21,9 +21,9 @@ import pytest
 
 from tests.corelab import DGRAM_MTU, SERVER_ADDR, Net, ipv4
 from tests.fakes import FakeTun, FakeUdpSocket, Wire
-from tunnel import events
-from tunnel.loop import EventLoop
-from tunnel.shell import ClientShell, ServerShell
+from tunnel.core import events
+from tunnel.io.loop import EventLoop
+from tunnel.io.shell import ClientShell, ServerShell
 
 
 def up(i: int) -> bytes:
@@ -114,7 +114,7 @@ class Pair:
 
     def _client_event(self, ev) -> None:
         self.cevents.append(ev)
-        if isinstance(ev, events.TunnelUp):  # as tunnel/client.py does
+        if isinstance(ev, events.TunnelUp):  # as tunnel/app/client.py does
             self.client.ensure_tun()
 
     def open(self, shell) -> None:

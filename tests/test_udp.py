@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from tunnel.udp import BatchSocket, _runs
+from tunnel.io.udp import BatchSocket, _runs
 
 
 def _pair():

@@ -7,10 +7,10 @@ import time
 import pytest
 
 from tests.corelab import down_pkt, one_path, up_pkt
-from tunnel import dtls
+from tunnel.wire import dtls
 from tunnel.lab.netns import wait_for
 from tunnel.lab.stack import SERVER_INNER
-from tunnel.warm import MAX_INTERVAL, MIN_INTERVAL, TRAIN, Warmer
+from tunnel.core.warm import MAX_INTERVAL, MIN_INTERVAL, TRAIN, Warmer
 
 
 def _visible(net, c) -> tuple:

@@ -23,12 +23,12 @@ from typing import Optional
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from tunnel import frames
+from tunnel.wire import frames
 
 APPLICATION_DATA, HANDSHAKE = 23, 22
 CLIENT_HELLO, SERVER_HELLO = 1, 2
 
-# cipher suite -> (AEAD, key length, fixed IV length, PRF hash); mptun's list (tunnel/dtls.py CIPHERS)
+# cipher suite -> (AEAD, key length, fixed IV length, PRF hash); mptun's list (tunnel/wire/dtls.py CIPHERS)
 SUITES = {
     0xC02B: (AESGCM, 16, 4, hashlib.sha256),  # ECDHE-ECDSA-AES128-GCM-SHA256
     0xC02C: (AESGCM, 32, 4, hashlib.sha384),  # ECDHE-ECDSA-AES256-GCM-SHA384

@@ -1,3 +1,3 @@
-from tunnel.cli import main
+from tunnel.app.cli import main
 
 raise SystemExit(main())

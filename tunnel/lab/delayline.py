@@ -79,7 +79,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
-from tunnel.tun import TunDevice
+from tunnel.io.tun import TunDevice
 
 MAX_QUEUE = 100_000  # packets held per line before new ones are dropped ("queue")
 READ_BATCH = 64  # packets read from one TUN per wakeup, so releases stay on time
@@ -368,7 +368,7 @@ class DelayLine:
 def _disable_ipv6(ifname: str) -> None:
     """Keep the kernel's IPv6 chatter (router solicitations, MLD) out of the line.
 
-    Written to procfs like tunnel.netlink does, not imported from there: that
+    Written to procfs like tunnel.io.netlink does, not imported from there: that
     would pull in pyroute2 and add 0.3 s to the start-up.
     """
     try:

@@ -464,7 +464,7 @@ def format_showcase(result: dict[str, Any], scenario: Scenario) -> str:
 
 
 # --------------------------------------------------------------------------
-# Command line (the `lab` sub-parser lives in tunnel/cli.py)
+# Command line (the `lab` sub-parser lives in tunnel/app/cli.py)
 # --------------------------------------------------------------------------
 
 SHOWCASE_OPTIONS = ("modes", "paths", "delay", "loss", "rate", "scenario")

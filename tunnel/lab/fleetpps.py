@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tunnel import control
+from tunnel.app import control
 from tunnel.lab.netns import Host, Lab, unique_prefix, wait_for
 from tunnel.lab.probes import cpu_seconds, tun_counter
 from tunnel.lab.stack import PORT, SERVER_INNER, SERVER_NAME, make_pki, mptun_argv, write_toml

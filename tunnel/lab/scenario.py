@@ -6,7 +6,7 @@ links or five, short or long, with or without an outage.  A :class:`Scenario`
 holds all of it; it comes from the built-in defaults (``scenarios/default.toml``
 spells them out), from a TOML file (``mptun lab --scenario FILE``), and from
 command-line options, which override the file.  Files are validated like the
-tunnel's own configs (:mod:`tunnel.config`): every error is one line naming
+tunnel's own configs (:mod:`tunnel.app.config`): every error is one line naming
 the file, the table and the key.
 
 File format (every key optional; an empty file is the default scenario)::
@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 # The lab reuses the tunnel config's TOML loading and per-key error reporting.
-from tunnel.config import ConfigError, _load, _only_tables, _Section
-from tunnel.scheduler import MODES
+from tunnel.app.config import ConfigError, _load, _only_tables, _Section
+from tunnel.core.scheduler import MODES
 
 if TYPE_CHECKING:  # imported where used: `mptun`'s parser imports this module, pyroute2 is slow
     from tunnel.lab.impair import Impairment
@@ -270,7 +270,7 @@ def load_scenario(path: str | Path) -> Scenario:
         return replace(scenario, outage=outage)
     except ScenarioError:
         raise
-    except ConfigError as exc:  # from tunnel.config's helpers: same message, our type
+    except ConfigError as exc:  # from tunnel.app.config's helpers: same message, our type
         raise ScenarioError(str(exc)) from None
 
 

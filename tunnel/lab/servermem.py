@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tunnel import control
+from tunnel.app import control
 from tunnel.lab.stack import PORT, SERVER_INNER, SERVER_NAME, make_pki, mptun_argv, write_toml
 
 
@@ -33,9 +33,9 @@ def rss_kib(pid: int) -> int:
 
 def simulate(workdir: Path, names: list[str], seconds: float) -> None:
     """Keep one tunnel per name up for ``seconds`` (run inside the server's namespace)."""
-    from tunnel.client_core import ClientCore
-    from tunnel.settings import ClientSettings, PathSettings
-    from tunnel.dtls import make_context
+    from tunnel.core.client import ClientCore
+    from tunnel.core.settings import ClientSettings, PathSettings
+    from tunnel.wire.dtls import make_context
 
     sel = selectors.DefaultSelector()
     cores = []

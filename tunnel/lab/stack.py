@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Optional
 
-from tunnel import certs, control
+from tunnel.app import certs, control
 from tunnel.lab.procs import stop_processes, tail
 from tunnel.lab.netns import Host, wait_for
 
@@ -114,7 +114,7 @@ class TunnelStack(DaemonPair):
 
     def stalls(self, since: float) -> list[tuple[float, float, str]]:
         """(start, end, "client"|"server") in monotonic seconds: the stalls of both daemons
-        that began after ``since``, time the OS did not run one of them (tunnel/loop.py).
+        that began after ``since``, time the OS did not run one of them (tunnel/io/loop.py).
         Packets through the tunnel waited meanwhile, whatever mptun does."""
         out = []
         for who, query in (("client", self.client_status), ("server", self.server_status)):

@@ -900,7 +900,7 @@ class CallLab:
     def tunnel_stalls(self, since: float) -> list[list]:
         """The stalls of the tunnel's processes since ``since`` (monotonic): [start, end, who]
         in wall-clock seconds, the clock of the peers' captures.  A stall is time the OS did
-        not run that mptun process although its timer was due (tunnel/loop.py)."""
+        not run that mptun process although its timer was due (tunnel/io/loop.py)."""
         wall = time.time() - time.monotonic()  # CLOCK_MONOTONIC is shared by every namespace
         return [[start + wall, end + wall, who] for start, end, who in self.stack.stalls(since)]
 

@@ -570,7 +570,7 @@ def section_method(report: Report) -> list[str]:
   iperf3 client and server under `mptcpize run`; joins checked in /proc/net/netstat.
 - mptun: `mptun server`/`mptun client` via TunnelStack, `log_level = "info"`,
   defaults otherwise (mode and `interfaces` as stated per section).
-- mptun-nowarm: the same with `keep_warm = false` on both ends (by default, tunnel/warm.py runs
+- mptun-nowarm: the same with `keep_warm = false` on both ends (by default, tunnel/core/warm.py runs
   a dummy pass over the packet path 1.5 ms before the next packet of a periodic flow is due).
 """),
     ]
@@ -596,7 +596,7 @@ jitter is getStats' (RFC 3550) over the clock rate; the longest gap is between a
 arrivals (kernel timestamps), less any pause of the sender itself; the video pause is the
 longest time between two frames the receiving app decoded (WebRTC counts a freeze above
 max(3 x frame interval, interval + 150 ms), about 183 ms here).  The last column is the longest
-time the OS did not run an mptun process during the call (tunnel/loop.py: a stall; the gaps
+time the OS did not run an mptun process during the call (tunnel/io/loop.py: a stall; the gaps
 include it, the packets waited).
 """),
         *_not_run(report, "webrtc"),

@@ -274,7 +274,7 @@ class MptunSetup(PairSetup):
 
 
 class MptunNoWarmSetup(MptunSetup):
-    """mptun with ``keep_warm = false`` on both ends: what tunnel/warm.py is worth."""
+    """mptun with ``keep_warm = false`` on both ends: what tunnel/core/warm.py is worth."""
 
     name = "mptun-nowarm"
     server_settings: ClassVar[dict] = {"keep_warm": False}

@@ -1,0 +1,1 @@
+"""The app layer: CLI, configuration, the two daemons, certificates, control socket, metrics, status."""
