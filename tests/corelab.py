@@ -1,7 +1,9 @@
 """The in-memory lab for the sans-IO cores: ClientCores and a ServerCore wired together in memory.
 
-Shared by the core tests (test_cores, test_rebind, test_ipv6, test_ecn, ...); the
-fixtures that go with it (``pki``, ``plain``, ``pongs``) are in conftest.py.
+Shared by the core tests (test_client_core, test_server_core, test_engine, test_path,
+test_rebind, test_ipv6, test_ecn, ...); the fixtures that go with it (``pki``, ``plain``)
+are in conftest.py, except ``drive`` (below), which a module imports to run all its tests
+in both clock modes.
 
 A manual clock (``Net.now``) drives everything; datagrams move only when the
 test pumps them.  The in-memory network knows every client path by its key: it
@@ -18,6 +20,8 @@ import ipaddress
 import itertools
 from pathlib import Path
 from typing import Callable, Optional
+
+import pytest
 
 from tunnel.core import events
 
@@ -98,10 +102,20 @@ def down_pkt(i: int = 0, dst: str = "100.64.0.2") -> bytes:
 
 # How the lab drives the clients' timers: "step" calls handle_timer at every step of the
 # clock; "deadline" only when ClientCore.next_timer() said, re-asked after input that set
-# timer_dirty -- as the shell does.  test_cores runs every test both ways (its autouse
-# ``drive`` fixture sets this), so a deadline that next_timer() misses shows up as a
-# changed outcome or timing.  Other modules run in "step" mode.
+# timer_dirty -- as the shell does.  The core test modules (test_client_core, test_server_core,
+# test_engine, test_path) run every test both ways (they import the autouse ``drive`` fixture
+# below), so a deadline that next_timer() misses shows up as a changed outcome or timing.
+# Other modules run in "step" mode.
 DRIVE = {"mode": "step"}
+
+
+@pytest.fixture(autouse=True, params=["step", "deadline"])
+def drive(request):
+    """Run the test in both clock modes (DRIVE).  Autouse only in the modules that import it:
+    defined here rather than in conftest.py, where it would double every test of the suite."""
+    DRIVE["mode"] = request.param
+    yield request.param
+    DRIVE["mode"] = "step"
 
 # The wire tap of the lab's Nets (tests/wiretap.py), when a test asked for one (the ``plain``
 # fixture sets it): every Net then decrypts what it delivers into it.  Off, it costs nothing.
@@ -460,3 +474,35 @@ def frames_seen(tap: Tap, side: str, cls, addr: Optional[tuple] = None) -> list:
     those of the session of the client address ``addr``, if given."""
     return tap.frames(side, cls, addr)
 
+
+def handshake_only(net: Net, c: Client) -> list[bytes]:
+    """Run the DTLS handshake of path "a"; return the client's HELLO datagram(s), not yet delivered."""
+    c.add("a", pump=False)
+    for _ in range(10):
+        out = c.core.datagrams_to_send()
+        if c.core.slots["a"].hello_at is not None:
+            return [d for _, d, _ in out]
+        for _, d, _ in out:
+            net.server.receive_datagram(c.addr("a"), d, net.now)
+        for _, d, _ in net.server.datagrams_to_send():
+            c.core.receive_datagram("a", d, net.now)
+        c.drain()
+    raise AssertionError("handshake did not finish")
+
+
+def client_snapshot(c: Client) -> Callable[[], object]:
+    """What the client's timers change, for Client.invariant."""
+    core = c.core
+    return lambda: (
+        len(core.outbox), len(core._events), len(core.to_tun),
+        [(k, s.path and s.path.state, s.joined, s.hello_at, s.spare is not None, s.retry_at)
+         for k, s in core.slots.items()])
+
+
+def server_snapshot(net: Net) -> Callable[[], object]:
+    """What the server's timers change, for Net.server_invariant."""
+    server = net.server
+    return lambda: (
+        len(server.outbox), len(server._events), len(server.to_tun),
+        sorted((str(a), p.state) for a, p in server.paths.items()),
+        sorted((t.name, len(t.paths), t.idle_since) for t in server.tunnels.values()))

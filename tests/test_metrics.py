@@ -3,7 +3,7 @@
 The MetricsServer runs in a real EventLoop on a background thread; the tests
 scrape it over HTTP with urllib and parse the answer with prometheus_client's
 own parser.  The status it serves is built from real cores (the in-memory lab
-of test_cores.py) or, for the corner cases, a literal dict of the same shape.
+of tests/corelab.py) or, for the corner cases, a literal dict of the same shape.
 """
 
 from __future__ import annotations

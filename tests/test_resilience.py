@@ -10,7 +10,7 @@
 - A rolling outage (path 0 back as path 1 dies) loses no media.
 
 - Client restart: the new process's HELLO replaces the old tunnel (also in
-  tests/test_server_many.py and tests/test_cores.py).
+  tests/test_server_many.py and tests/test_server_core.py).
 """
 
 from __future__ import annotations
