@@ -17,7 +17,8 @@ from hypothesis import given, settings, strategies as st
 
 from tests.corelab import Net, one_path, two_paths
 from tunnel.wire.ecn import CE, ECT0, ECT1, NOT_ECT, decapsulate, ipv4_checksum
-from tunnel.core.policy import Policy, load_policy
+from tunnel.app.config import load_policy
+from tunnel.core.policy import Policy
 
 WEBRTC = Path(__file__).resolve().parent.parent / "policies" / "webrtc.toml"
 ECNS = {"Not-ECT": NOT_ECT, "ECT(1)": ECT1, "ECT(0)": ECT0, "CE": CE}

@@ -23,9 +23,9 @@ from tunnel.core.policy import (
     PolicyError,
     TrafficClass,
     inner_dscp,
-    load_policy,
     parse_policy,
 )
+from tunnel.app.config import load_policy
 from tunnel.core.scheduler import MODES
 
 WEBRTC = Path(__file__).resolve().parent.parent / "policies" / "webrtc.toml"

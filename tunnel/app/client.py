@@ -23,7 +23,6 @@ from tunnel.app.daemon import (
 )
 from tunnel.core.client import ClientCore
 from tunnel.app.config import ClientConfig, ConfigError
-from tunnel.app.control import default_path
 from tunnel.wire.dtls import common_name, make_context
 from tunnel.io.shell import ClientShell
 from tunnel.io.tun import TunClone, TunDevice
@@ -164,11 +163,10 @@ def run(cfg: ClientConfig) -> int:
         make_socket,
         finder,
         on_event,
-        cfg.control or default_path("client", cfg.tun),
         watcher=netlink.LinkWatcher(),
         on_reload=reloader(cfg.policy, core.set_policy, log),
     )
-    equip_shell(shell, cfg, "client", target, privs.CLIENT_KEEP, name=client_name(cfg) if cfg.metrics else "")
+    equip_shell(shell, cfg, "client", cfg.tun, target, privs.CLIENT_KEEP, name=client_name(cfg) if cfg.metrics else "")
     try:
         shell.run()
     finally:

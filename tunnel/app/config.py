@@ -18,6 +18,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from tunnel.core.policy import Policy, PolicyError, parse_policy
 from tunnel.core.scheduler import MODES
 from tunnel.core.settings import (
     DEAD_INTERVAL,
@@ -217,6 +218,12 @@ def read_toml(path: str | Path, error: type[Exception] = ConfigError, kind: str 
 
 
 _load = read_toml  # the lab's scenario loader reads its files with the config's errors too
+
+
+def load_policy(path: str | Path) -> Policy:
+    """A policy file (docs/POLICY.md); a bad one raises PolicyError naming the file and key."""
+    p, data = read_toml(path, PolicyError, "policy file")
+    return parse_policy(data, str(p))
 
 
 def _endpoint(sec: _Section, key: str, value: Any) -> tuple[str, int]:

@@ -65,7 +65,7 @@ def load_policy_or_none(path):
     """The policy at ``path`` (None: no policy file). Raises PolicyError naming file, class and key."""
     if path is None:
         return None
-    from tunnel.core.policy import load_policy
+    from tunnel.app.config import load_policy
 
     return load_policy(path)
 
@@ -77,7 +77,8 @@ def reloader(path, apply, log: logging.Logger):
         if path is None:
             log.info("SIGHUP: no policy file configured; nothing to reload")
             return
-        from tunnel.core.policy import PolicyError, load_policy
+        from tunnel.app.config import load_policy
+        from tunnel.core.policy import PolicyError
 
         try:
             policy = load_policy(path)
@@ -111,12 +112,15 @@ def drop_target_and_key_check(cfg, log: logging.Logger):
     return target
 
 
-def equip_shell(shell, cfg, role: str, target, keep, name: str = "") -> None:
-    """What both daemons give their shell from the config: the warm-keeping pass, the metrics
-    server (``name``: the client's, for its labels) and the privilege drop once it has started
-    (to ``target``, keeping ``keep``: tunnel/app/privs.py)."""
+def equip_shell(shell, cfg, role: str, tun: str, target, keep, name: str = "") -> None:
+    """What both daemons give their shell from the config: the control socket (its default
+    path names the role and the TUN ``tun``), the warm-keeping pass, the metrics server
+    (``name``: the client's, for its labels) and the privilege drop once it has started (to
+    ``target``, keeping ``keep``: tunnel/app/privs.py)."""
     from tunnel.app import privs
+    from tunnel.app.control import ControlServer, default_path
 
+    shell.control = ControlServer(cfg.control or default_path(role, tun), shell.status)
     shell.keep_warm = cfg.keep_warm
     if cfg.metrics:
         shell.metrics = MetricsServer(*cfg.metrics, shell.status, role, name=name)

@@ -26,7 +26,6 @@ from tunnel.app.daemon import (
 )
 from tunnel.app.certs import CertError, crl_next_update, load_crl
 from tunnel.app.config import ConfigError, ServerConfig, load_revocation_keys
-from tunnel.app.control import default_path
 from tunnel.wire.dtls import make_context
 from tunnel.core.pool import AddressPool, AddressPool6
 from tunnel.core.revocation import Revocation
@@ -170,11 +169,8 @@ def run(cfg: ServerConfig) -> int:
             reload_policy()
             reload_revocation()
 
-        shell = ServerShell(
-            core, tun.fd, sockets, log_event, cfg.control or default_path("server", tun.name),
-            on_reload=on_reload,
-        )
-        equip_shell(shell, cfg, "server", target, privs.SERVER_KEEP)
+        shell = ServerShell(core, tun.fd, sockets, log_event, on_reload=on_reload)
+        equip_shell(shell, cfg, "server", tun.name, target, privs.SERVER_KEEP)
         shell.run()
         log.info("stopped")
     finally:

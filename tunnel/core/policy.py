@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tunnel.wire.frames import HOLD_UNIT_MS
@@ -170,13 +169,6 @@ class Policy:
 
 
 # -- loading -----------------------------------------------------------------
-def load_policy(path: str | Path) -> Policy:
-    from tunnel.app.config import read_toml  # the app layer's reader; the cores need only the classes
-
-    p, data = read_toml(path, PolicyError, "policy file")
-    return parse_policy(data, str(p))
-
-
 def parse_policy(data: dict, source: str) -> Policy:
     unknown = set(data) - {"class"}
     if unknown:

@@ -187,11 +187,6 @@ class ServerCore(CoreOutputs):
             "paths_replaced": 0,  # stale paths a JOIN replaced (NAT rebinding, reconnect after an outage)
         }
 
-    def tunnel_of(self, addr: tuple) -> Optional[ServerTunnel]:
-        """The tunnel the path from ``addr`` carries (None: no path, or not joined yet)."""
-        path = self.paths.get(addr)
-        return None if path is None else path.tunnel  # type: ignore[return-value]
-
     # -- datagrams from the network ----------------------------------
     def receive_datagram(self, addr: tuple, data: bytes, now: float, tos: int = 0) -> None:
         """One datagram from ``addr`` (the path's key); ``tos``: its outer TOS byte (for ECN)."""

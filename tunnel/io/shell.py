@@ -20,7 +20,6 @@ import socket
 from typing import Callable, Hashable, Optional
 
 from tunnel.core import events
-from tunnel.app.control import ControlServer
 from tunnel.io.loop import EventLoop, TimerHandle
 from tunnel.core.path import TICK
 from tunnel.io.udp import BatchSocket
@@ -36,12 +35,12 @@ _TRANSIENT = (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM, errno.ECONNREFUSED, err
 class Shell:
     """Common parts: the loop, the tick, signals, the TUN reader and writer."""
 
-    def __init__(self, core, tun_fd: Optional[int], control_path=None, on_reload: Optional[Callable[[], None]] = None):
+    def __init__(self, core, tun_fd: Optional[int], on_reload: Optional[Callable[[], None]] = None):
         self.core = core
         self.on_reload = on_reload  # SIGHUP
         self.metrics = None  # a MetricsServer, started and closed with the loop
         self.tun_fd = tun_fd
-        self.control = ControlServer(control_path, self.status) if control_path else None
+        self.control = None  # the control socket's server (tunnel/app/control.py), set by the app like metrics
         self.loop = EventLoop()
         self.counters = {"send_errors": 0, "tun_write_errors": 0, "recv_errors": 0, "warm_passes": 0}
         self._tick_handle: Optional[TimerHandle] = None
@@ -250,9 +249,9 @@ class Shell:
 
 class ServerShell(Shell):
     def __init__(
-        self, core, tun_fd: int, sockets: list[socket.socket], on_event: Callable, control_path=None, on_reload=None
+        self, core, tun_fd: int, sockets: list[socket.socket], on_event: Callable, on_reload=None
     ):
-        super().__init__(core, tun_fd, control_path, on_reload)
+        super().__init__(core, tun_fd, on_reload)
         self.sockets = [BatchSocket(s) for s in sockets]
         self._on_event = on_event
 
@@ -317,11 +316,10 @@ class ClientShell(Shell):
         make_socket: Callable[[Hashable], socket.socket],
         discover: Callable[[], dict],
         on_event: Callable,
-        control_path=None,
         watcher=None,
         on_reload=None,
     ):
-        super().__init__(core, None, control_path, on_reload)
+        super().__init__(core, None, on_reload)
         self._tun_factory = tun_factory
         self._make_socket = make_socket
         self._discover = discover

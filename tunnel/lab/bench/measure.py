@@ -402,7 +402,8 @@ def run_fleet(args: argparse.Namespace, results: Results) -> None:
 def _marking_rates(n: int) -> dict[str, float]:
     """Packets/s of: plain send, sendmsg with an IP_TOS cmsg (one socket, loopback, 200 B),
     and classification + outer TOS with no policy and with the shipped WebRTC policy."""
-    from tunnel.core.policy import Policy, load_policy
+    from tunnel.app.config import load_policy
+    from tunnel.core.policy import Policy
     from tunnel.io.udp import _pack_int
 
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
