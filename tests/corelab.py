@@ -101,10 +101,10 @@ def down_pkt(i: int = 0, dst: str = "100.64.0.2") -> bytes:
 
 
 # How the lab drives the clients' timers: "step" calls handle_timer at every step of the
-# clock; "deadline" only when ClientCore.next_timer() said, re-asked after input that set
-# timer_dirty -- as the shell does.  The core test modules (test_client_core, test_server_core,
+# clock; "deadline" only when the deadline handle_timer() returned has come, or right after
+# input that set timer_dirty -- as the shell does.  The core test modules (test_client_core, test_server_core,
 # test_engine, test_path) run every test both ways (they import the autouse ``drive`` fixture
-# below), so a deadline that next_timer() misses shows up as a changed outcome or timing.
+# below), so a deadline that handle_timer() returns too late shows up as a changed outcome or timing.
 # Other modules run in "step" mode.
 DRIVE = {"mode": "step"}
 

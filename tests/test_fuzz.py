@@ -25,7 +25,8 @@ from tunnel.wire.dtls import client_hello_cookie
 from tunnel.wire.ecn import CE, decapsulate, ipv4_checksum
 from tunnel.wire.icmp import unreachable
 from tunnel.lab.attack import client_hello, dtls_context
-from tunnel.core.policy import MATCH_KEYS, Policy, PolicyError, TrafficClass, load_policy, parse_policy
+from tunnel.app.config import load_policy
+from tunnel.core.policy import MATCH_KEYS, Policy, PolicyError, TrafficClass, parse_policy
 from tunnel.core.routes import RouteTable
 
 from tests.corelab import one_path

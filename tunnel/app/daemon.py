@@ -1,4 +1,6 @@
-"""Shared app-layer plumbing: logging set-up and socket creation."""
+"""What both daemons share: logging set-up, socket creation, policy loading and its SIGHUP
+reloader, and equipping the shell from the config (control socket, metrics, keep_warm,
+the privilege drop)."""
 
 from __future__ import annotations
 

@@ -13,9 +13,10 @@ tunnel (:attr:`paths`; each of them has ``path.tunnel`` set to the engine).
 Both cores write their output to one :class:`Outputs` object that the shell
 empties: datagrams as ``(path key, datagram, outer TOS)`` and packets for the
 TUN.  What a packet from the tunnel must pass before it reaches the TUN differs
-by role, so the engine calls two methods a role may override: :meth:`admit`
-(the server checks the inner source address; both decapsulate ECN) and
-:meth:`forward` (the server routes to another client or to its TUN).
+by role, so the engine calls methods a role may override: :meth:`admit` (the
+server checks the inner source address; both decapsulate ECN), :meth:`forward`
+(the server routes to another client or to its TUN) and :meth:`deliver`, the
+two in one (the server's short way for the common packet).
 
 Timers follow one rule here and in the cores: the code that acts on a deadline
 is the code that computes it (:meth:`service` runs what is due and returns the

@@ -93,7 +93,7 @@ class Path:
     # -- input --------------------------------------------------------
     def receive(self, data: bytes, now: float) -> list[bytes]:
         """Feed one datagram; return its records (the core dispatches them, PING and PONG
-        included: see :data:`FRAME_HANDLERS`)."""
+        included: see :func:`tunnel.core.engine.frame_handlers`)."""
         self.heard = True
         dtls = self.dtls
         records = dtls.receive_datagram(data, now)

@@ -2,9 +2,9 @@
 
 Each readable fd is drained until EAGAIN in one wakeup (one packet per wakeup
 costs ~1.8x), outputs are flushed in batches, and one loop timer drives the
-core's timers: it fires when the core's ``next_timer()`` says (an idle client
-wakes only to probe its paths), and input that may need it sooner
-(``core.timer_dirty``) makes the shell ask again.  Nothing here knows the
+core's timers: it fires when the core's ``handle_timer()`` last said (an idle
+client wakes only to probe its paths), and input that may need it sooner
+(``core.timer_dirty``) makes the shell run them again once the wakeup is drained.  Nothing here knows the
 protocol; everything here is I/O.
 Write errors (EAGAIN/ENOBUFS on a full socket or TUN queue) are counted, not
 fatal.
