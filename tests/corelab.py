@@ -506,3 +506,14 @@ def server_snapshot(net: Net) -> Callable[[], object]:
         len(server.outbox), len(server._events), len(server.to_tun),
         sorted((str(a), p.state) for a, p in server.paths.items()),
         sorted((t.name, len(t.paths), t.idle_since) for t in server.tunnels.values()))
+
+
+def backup_pair(pki: Path) -> tuple[Net, Client]:
+    """A backup-mode client with paths "a" (priority 1) and "b" (priority 0), both joined."""
+    net = Net(pki)
+    c = net.client(mode="backup")
+    c.add("a", priority=1, pump=False)
+    c.add("b", priority=0, pump=False)
+    net.run_until(lambda: c.joined() == ["a", "b"], 2.0)
+    net.advance(0.5)
+    return net, c

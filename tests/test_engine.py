@@ -17,7 +17,7 @@ import pytest
 
 from tests.corelab import drive  # noqa: F401  (autouse here: every test runs in both clock modes)
 from tests.corelab import (
-    DEAD, INNER_MTU, PROBE, STEP, T0, Client, Net, client_snapshot, down_pkt, frames_seen, ipv4, one_path,
+    DEAD, INNER_MTU, PROBE, STEP, T0, Client, Net, backup_pair, client_snapshot, down_pkt, frames_seen, ipv4, one_path,
     server_snapshot, two_paths, up_pkt,
 )
 from tunnel.wire import frames
@@ -156,12 +156,7 @@ def test_lowest_rtt_moves_to_a_path_that_turns_out_faster(pki: Path) -> None:
 
 
 def test_backup_mode_uses_priority_order(pki: Path) -> None:
-    net = Net(pki)
-    c = net.client(mode="backup")
-    c.add("a", priority=1, pump=False)
-    c.add("b", priority=0, pump=False)
-    net.run_until(lambda: c.joined() == ["a", "b"], 2.0)
-    net.advance(0.5)
+    net, c = backup_pair(pki)
     t = net.tunnel()
     assert t.scheduler.mode == "backup"
     assert {p.addr: p.priority for p in t.paths} == {c.addr("a"): 1, c.addr("b"): 0}  # from the HELLOs

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from tunnel.wire import frames, mtu
-from tunnel.app.certs import create_ca, issue_client, issue_server
 from tunnel.wire.dtls import ESTABLISHED, RECORD_OVERHEAD, DtlsListener, DtlsSession, make_context
 
 MAX_SEQ = 2**62 - 1  # the largest DATA header (9 bytes)
@@ -42,16 +41,7 @@ def test_unknown_family() -> None:
         mtu.datagram_mtu(1500, 5)
 
 
-# -- checked with real DTLS records ---------------------------------------------------
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("pki")
-    create_ca(d)
-    issue_server(d, "srv")
-    issue_client(d, "alice")
-    return d
-
-
+# -- checked with real DTLS records (the pki fixture is conftest.py's) ----------------------
 def session_pair(pki: Path, datagram_mtu: int, ciphers: bytes | None) -> tuple[DtlsSession, DtlsSession]:
     sctx = make_context("server", pki / "srv.crt", pki / "srv.key", pki / "ca.crt")
     cctx = make_context("client", pki / "alice.crt", pki / "alice.key", pki / "ca.crt", "srv")

@@ -19,7 +19,7 @@ import pytest
 from tests.corelab import drive  # noqa: F401  (autouse here: every test runs in both clock modes)
 from tests.corelab import (
     CLIENT_IP, DEAD, DGRAM_MTU, PROBE, SERVER_ADDR, STEP, T0, TIMEOUT, Net, down_pkt, frames_seen, one_path, two_paths,
-    up_pkt,
+    backup_pair, up_pkt,
 )
 from tunnel.core import events
 from tunnel.wire import frames
@@ -172,12 +172,7 @@ def test_down_path_comes_back_after_recover_probes_pongs(pki: Path, plain) -> No
 
 @pytest.mark.parametrize("direction", ["up", "down"])
 def test_one_way_loss_moves_traffic_off_the_path_quickly(pki: Path, direction: str) -> None:
-    net = Net(pki)
-    c = net.client(mode="backup")
-    c.add("a", priority=1, pump=False)
-    c.add("b", priority=0, pump=False)
-    net.run_until(lambda: c.joined() == ["a", "b"], 2.0)
-    net.advance(0.5)
+    net, c = backup_pair(pki)
     if direction == "up":
         def on_b() -> bool:  # the client still sends upstream on b
             return [p.key for p in c.core.scheduler.select(up_pkt())] == ["b"]
