@@ -241,6 +241,10 @@ def test_showcase_json_end_to_end() -> None:
     assert namespaces(result["lab_prefix"]) == []
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.netns
 @pytest.mark.parametrize("signum, code, moment, wait", [
     (signal.SIGINT, 130, "mode duplicate: streaming", 3.0),  # Ctrl-C with everything running
@@ -248,9 +252,11 @@ def test_showcase_json_end_to_end() -> None:
 ], ids=["ctrl-c-while-streaming", "sigterm-while-starting"])
 def test_interrupt_tears_everything_down(signum: int, code: int, moment: str, wait: float) -> None:
     # Its own process group, so that Ctrl-C can go to the whole group, as a terminal sends it.
+    # SIGINT as a terminal's process has it: a suite started in the background of a script
+    # (`./scripts/test &`) ignores SIGINT, and an ignored signal stays ignored across exec.
     proc = subprocess.Popen(lab_argv("--duration", "30", "--modes", "duplicate"), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
     try:
         prefix = read_until(proc, r"building lab (\w+):", 30).group(1)
         read_until(proc, moment, 30)
