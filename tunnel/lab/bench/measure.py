@@ -20,7 +20,7 @@ from typing import Callable, Optional
 from tunnel.lab import mptcp
 from tunnel.lab.bench.plan import LARGE, MODES, REPO_ROOT, SMALL, STREAM_PORT, Plan
 from tunnel.lab.bench.results import Results, progress
-from tunnel.lab.bench.setups import SETUPS, MptcpSetup, MptunSetup, RawSetup, Setup, lab_topology
+from tunnel.lab.bench.setups import SETUPS, MptcpSetup, MptunSetup, RawSetup, Setup, lab_topology, started
 from tunnel.lab.bench.traffic import CpuProbe, echo_rtt, sleep_until, tcp_throughput, udp_load
 from tunnel.lab.impair import Impairment, Impairments
 from tunnel.lab.netns import Host, Lab, unique_prefix
