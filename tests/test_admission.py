@@ -27,10 +27,9 @@ from tunnel.core.admission import (
 from tunnel.app.certs import issue_client
 from tunnel.wire.dtls import ESTABLISHED, DtlsSession, make_context
 from tunnel.core.path import TICK
-from tunnel.core.pool import AddressPool
 from tunnel.core.server import ServerCore
 
-from tests.corelab import DGRAM_MTU, INNER_MTU, SERVER_INNER, T0, server_core
+from tests.corelab import DGRAM_MTU, T0, server_core
 from test_hostile import _verified_hello
 
 

@@ -31,7 +31,7 @@ from tunnel.lab.stream import run_stream
 from tunnel.core.pool import AddressPool
 
 from conftest import STREAM_PORT
-from tests.corelab import DGRAM_MTU, INNER_MTU, SERVER_INNER as CORE_INNER, T0, server_core
+from tests.corelab import DGRAM_MTU, SERVER_INNER as CORE_INNER, T0, server_core
 
 ATTACK_LINK = "198.18.20.0/30"  # server .1, attacker .2
 ATTACK_SOURCES = "198.18.21.0/24"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.corelab import DGRAM_MTU, INNER_MTU, SERVER_INNER, Net, ipv4, server_core
+from tests.corelab import INNER_MTU, SERVER_INNER, Net, ipv4, server_core
 from tunnel.wire import frames
 from tunnel.core.client import C_UP
 from tunnel.app.config import ConfigError, load_server_config
