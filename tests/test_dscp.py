@@ -127,7 +127,7 @@ def test_policy_reload_on_sighup_keeps_the_tunnel(multipath, tmp_path):
     mp.stack.client_proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "policy not reloaded" in mp.stack.client_log.read_text(), 5, message="no reload error logged")
     assert "unknown DSCP name 'NOPE'" in mp.stack.client_log.read_text()
-    assert [c["name"] for c in mp.stack.client_status()["classes"]] == ["media", "media-ports", "signalling", "default"]
+    assert [c["name"] for c in mp.stack.client_status()["classes"]] == ["media", "media-unmarked", "signalling", "default"]
     policy.write_text('[[class]]\nname = "all"\nmode = "duplicate"\nouter_dscp = "CS1"\n')
     mp.stack.client_proc.send_signal(signal.SIGHUP)
     wait_for(lambda: [c["name"] for c in mp.stack.client_status()["classes"]] == ["all"], 5, message="not reloaded")

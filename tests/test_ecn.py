@@ -305,7 +305,7 @@ def test_client_outer_tos_per_class_with_the_webrtc_policy(pki: Path) -> None:
     stats = {s["name"]: s for s in c.core.stats()["classes"]}
     assert (stats["media"]["packets"], stats["media"]["copies"]) == (5, 10)
     assert (stats["default"]["packets"], stats["default"]["copies"]) == (6, 6)
-    assert (stats["signalling"]["packets"], stats["media-ports"]["packets"]) == (0, 0)
+    assert (stats["signalling"]["packets"], stats["media-unmarked"]["packets"]) == (0, 0)
     assert c.core.stats()["policy"] == str(WEBRTC)
 
     net.pump()  # and they all arrive, once each
@@ -352,12 +352,13 @@ def test_server_outer_tos_per_class_with_the_webrtc_policy(pki: Path) -> None:
         return sorted((net.owner[a][1], tos) for a, _, tos in net.server.outbox[before:])
 
     assert sent(v4((EF << 2) | ECT0, UP_DST, UP_SRC)) == [("a", 0xBA), ("b", 0xBA)]
-    assert sent(v4(ECT1, UP_DST, UP_SRC, proto=17, payload=b"\x0b\xb8\x2e\xe0rtp")) == [("a", 0xB9), ("b", 0xB9)]  # 3000 -> 12000
+    stun = b"\x0b\xb8\x2e\xe0" + b"\x00\x1c\x00\x00" + b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12)  # 3000 -> 12000
+    assert sent(v4(ECT1, UP_DST, UP_SRC, proto=17, payload=stun)) == [("a", 0xB9), ("b", 0xB9)]  # unmarked STUN
     assert sent(v4((24 << 2) | CE, UP_DST, UP_SRC, proto=6)) == [("a", 0x63), ("b", 0x63)]  # CS3: redundant over 2
     (bulk,) = sent(v4(ECT0, UP_DST, UP_SRC, proto=6))
     assert bulk[1] == ECT0
     stats = {s["name"]: (s["packets"], s["copies"]) for s in t.stats()["classes"]}
-    assert stats == {"media": (1, 2), "media-ports": (1, 2), "signalling": (1, 2), "default": (1, 1)}
+    assert stats == {"media": (1, 2), "media-unmarked": (1, 2), "signalling": (1, 2), "default": (1, 1)}
     # back to no policy: one class in the client's mode, outer DSCP 0
     net.server.set_policy(None)
     assert sent(v4((EF << 2) | ECT0, UP_DST, UP_SRC)) == [("a", ECT0), ("b", ECT0)]

@@ -20,6 +20,9 @@ from tunnel.core.policy import (
     DSCP_NAMES,
     INHERIT,
     Policy,
+    SSRC_FLOWS,
+    STUN_COOKIE,
+    PayloadKind,
     PolicyError,
     TrafficClass,
     inner_dscp,
@@ -76,7 +79,7 @@ def test_webrtc_example_loads(webrtc: Policy) -> None:
     got = [(c.name, c.index, c.mode, c.outer_dscp) for c in webrtc.classes]
     assert got == [
         ("media", 0, "duplicate", EF),
-        ("media-ports", 1, "duplicate", EF),
+        ("media-unmarked", 1, "duplicate", EF),
         ("signalling", 2, "redundant", CS3),
         ("default", 3, "balance", 0),
     ]
@@ -94,18 +97,42 @@ def test_webrtc_marked_media(webrtc: Policy, dscp: str, ecn: int, proto: int) ->
     assert webrtc.outer_tos(c, pkt) == 0xB8 | ecn  # EF, and the inner ECN field copied
 
 
-@pytest.mark.parametrize("port", [3478, 5349, 10000, 12000, 20000])
-@pytest.mark.parametrize("side", ["d", "s"])
-def test_webrtc_unmarked_udp_on_media_ports(webrtc: Policy, port: int, side: str) -> None:
-    pkt = v4(proto=UDP, ecn=2, **{f"{side}port": port})
+def udp_payload(payload: bytes) -> bytes:
+    """What follows the ports in v4()/v6(): the UDP length and checksum, then ``payload``."""
+    return (8 + len(payload)).to_bytes(2, "big") + bytes(2) + payload
+
+
+RTP = bytes([0x80, 111]) + (7).to_bytes(2, "big") + (160).to_bytes(4, "big") + b"\x0a\x0b\x0c\x0d" + bytes(60)
+RTCP_SR = bytes([0x81, 200]) + (12).to_bytes(2, "big") + b"\x0a\x0b\x0c\x0d" + bytes(48)
+STUN = bytes([0x00, 0x01, 0x00, 0x08]) + STUN_COOKIE + bytes(12) + bytes(8)
+TURN_CHANNEL = bytes([0x40, 0x01]) + (len(RTP)).to_bytes(2, "big") + RTP
+DTLS = bytes([22, 0xFE, 0xFD]) + bytes(8) + (40).to_bytes(2, "big") + bytes(40)
+
+
+@pytest.mark.parametrize("ports", [(50123, 61987), (3478, 40000), (40000, 10000)])
+@pytest.mark.parametrize("kind, payload", [("rtcp", RTCP_SR), ("stun", STUN), ("turn-channel", TURN_CHANNEL)])
+def test_webrtc_unmarked_media_by_payload_on_any_port(webrtc: Policy, ports, kind: str, payload: bytes) -> None:
+    pkt = v4(proto=UDP, ecn=2, sport=ports[0], dport=ports[1], payload=udp_payload(payload))
     c = webrtc.classify(pkt)
-    assert c.name == "media-ports"
+    assert c.name == "media-unmarked", kind
     assert webrtc.outer_tos(c, pkt) == 0xB8 | 2
+
+
+def test_webrtc_unmarked_rtp_is_media_from_the_second_packet_of_a_stream(webrtc: Policy) -> None:
+    pkt = v4(proto=UDP, sport=51001, dport=62002, payload=udp_payload(RTP))
+    assert [webrtc.classify(pkt).name for _ in range(3)] == ["default", "media-unmarked", "media-unmarked"]
+    other_flow = v4(proto=UDP, sport=51001, dport=62003, payload=udp_payload(RTP))
+    assert webrtc.classify(other_flow).name == "default"  # an SSRC is remembered per flow
+
+
+def test_webrtc_dtls_is_default(webrtc: Policy) -> None:
+    """DTLS carries data channels after the handshake (maybe bulk): not duplicated."""
+    assert webrtc.classify(v4(proto=UDP, payload=udp_payload(DTLS))).name == "default"
 
 
 @pytest.mark.parametrize("pkt", [
     v4(proto=UDP, dport=9999), v4(proto=UDP, dport=20001), v4(proto=UDP, dport=3479),
-    v4(proto=TCP, dport=12000),  # the media ports are UDP only
+    v4(proto=TCP, dport=12000, payload=udp_payload(STUN)),  # media-unmarked is UDP only
     v4(proto=TCP, dport=443), v4(proto=ICMP),
 ])
 def test_webrtc_everything_else_is_default(webrtc: Policy, pkt: bytes) -> None:
@@ -166,8 +193,9 @@ def test_ipv6_webrtc(webrtc: Policy, ecn: int) -> None:
     cases = [
         (v6(EF, ecn), "media", 0xB8),
         (v6(AF41, ecn, TCP), "media", 0xB8),
-        (v6(0, ecn, UDP, dport=12000), "media-ports", 0xB8),
-        (v6(0, ecn, UDP, sport=3478), "media-ports", 0xB8),
+        (v6(0, ecn, UDP, dport=12000, payload=udp_payload(STUN)), "media-unmarked", 0xB8),
+        (v6(0, ecn, UDP, sport=3478, payload=udp_payload(RTCP_SR)), "media-unmarked", 0xB8),
+        (v6(0, ecn, UDP, dport=12000), "default", 0),
         (v6(CS3, ecn, TCP), "signalling", CS3 << 2),
         (v6(0, ecn, TCP, dport=12000), "default", 0),
         (v6(10, ecn, ICMPV6), "default", 0),
@@ -573,7 +601,7 @@ def test_reload_applies_a_good_file(tmp_path: Path, log: logging.Logger) -> None
     applied: list[Policy] = []
     reload = reloader(f, applied.append, log)
     reload()
-    assert len(applied) == 1 and [c.name for c in applied[0].classes] == ["media", "media-ports", "signalling", "default"]
+    assert len(applied) == 1 and [c.name for c in applied[0].classes] == ["media", "media-unmarked", "signalling", "default"]
     f.write_text('[[class]]\nname = "everything"\nmode = "backup"\n')
     reload()
     assert len(applied) == 2 and [c.mode for c in applied[1].classes] == ["backup"]
@@ -654,3 +682,70 @@ def test_target_loss_is_a_percentage_for_copying_modes() -> None:
             policy_of({"name": "m", "mode": "duplicate", "target_loss": bad})
     with pytest.raises(PolicyError, match="class 'm': target_loss: only duplicate and redundant"):
         policy_of({"name": "m", "mode": "balance", "target_loss": 1})
+
+
+# -- match.payload: what the UDP payload is (RFC 7983) ----------------------------------------------
+@pytest.mark.parametrize("payload, kind", [
+    (RTCP_SR, "rtcp"), (STUN, "stun"), (TURN_CHANNEL, "turn-channel"), (DTLS, "dtls"),
+    (bytes([0x81, 201]) + (1).to_bytes(2, "big") + bytes(4), "rtcp"),  # an RR with no report block
+])
+def test_payload_kinds(payload: bytes, kind: str) -> None:
+    k = PayloadKind()
+    assert k.of(v4(payload=udp_payload(payload))) == kind
+    assert k.of(v6(payload=udp_payload(payload))) == kind
+
+
+def test_rtp_needs_its_ssrc_seen_before_on_the_same_flow() -> None:
+    k = PayloadKind()
+    pkt = v4(payload=udp_payload(RTP))
+    assert (k.of(pkt), k.of(pkt)) == (None, "rtp")
+    video = RTP[:8] + b"\x01\x02\x03\x04" + RTP[12:]  # a second stream bundled on the flow
+    assert [k.of(v4(payload=udp_payload(p))) for p in (video, RTP, video)] == [None, "rtp", "rtp"]
+    v6pkt = v6(payload=udp_payload(RTP))
+    assert (k.of(v6pkt), k.of(v6pkt)) == (None, "rtp")
+
+
+def test_rtp_behind_ipv4_options() -> None:
+    pkt = v4(payload=udp_payload(RTP))
+    opts = bytearray(pkt[:20] + bytes(4) + pkt[20:])  # a 24-byte header: IHL 6
+    opts[0] = 0x46
+    k = PayloadKind()
+    assert (k.of(bytes(opts)), k.of(bytes(opts))) == (None, "rtp")
+
+
+@pytest.mark.parametrize("what, payload", [
+    ("WireGuard data (type 4)", bytes([4, 0, 0, 0]) + bytes(28)),
+    ("WireGuard handshake (type 1): no STUN cookie", bytes([1, 0, 0, 0]) + bytes(144)),
+    ("QUIC short header", bytes([0x43]) + bytes(40)),
+    ("QUIC long header", bytes([0xC3, 0, 0, 0, 1]) + bytes(40)),
+    ("OpenVPN P_DATA_V2 (0x48): no TURN length", bytes([0x48, 0, 0, 1]) + bytes(60)),
+    ("a TLS record (23, 0x03): not DTLS", bytes([23, 3, 3, 0, 20]) + bytes(20)),
+    ("RTCP type with a length past the datagram", bytes([0x80, 200, 0, 200]) + bytes(20)),
+    ("RTP version 1", bytes([0x40, 111]) + bytes(20)),
+    ("RTP payload type 72 (the RTCP range)", bytes([0x80, 72]) + bytes(20)),
+    ("too short", bytes([0x80, 111, 0])),
+])
+def test_what_is_not_media(what: str, payload: bytes) -> None:
+    k = PayloadKind()
+    pkt = v4(payload=udp_payload(payload))
+    assert (k.of(pkt), k.of(pkt)) == (None, None), what
+
+
+def test_payload_needs_udp() -> None:
+    k = PayloadKind()
+    tcp = v4(proto=TCP, payload=udp_payload(RTCP_SR))
+    assert k.of(tcp) is None and k.of(v6(nh=TCP, payload=udp_payload(STUN))) is None
+
+
+def test_the_ssrc_memory_is_bounded() -> None:
+    k = PayloadKind()
+    for port in range(SSRC_FLOWS + 10):
+        k.of(v4(sport=port % 65536, dport=(port // 65536) + 1, payload=udp_payload(RTP)))
+    assert len(k._ssrcs) <= SSRC_FLOWS
+
+
+def test_payload_match_compiles_and_names_a_bad_kind() -> None:
+    p = policy_of({"name": "m", "match": {"payload": ["rtcp", "stun"]}, "mode": "duplicate"}, {"name": "d"})
+    assert name_of(p, v4(payload=udp_payload(STUN))) == "m" and name_of(p, v4()) == "d"
+    with pytest.raises(PolicyError, match=r"test.toml: class 'm': match.payload: unknown payload 'srtp'"):
+        policy_of({"name": "m", "match": {"payload": ["srtp"]}}, {"name": "d"})

@@ -34,8 +34,9 @@ def _call(cl: CallLab, via: str, **kw) -> tuple[dict, Optional[str]]:
 
 
 def _media_class(status: dict) -> dict:
-    """The shipped policy's class the call falls into (aiortc sets no DSCP: the port class)."""
-    return next(c for c in status["classes"] if c["name"] == "media-ports")
+    """The shipped policy's class the call falls into (aiortc sets no DSCP and takes the
+    ports the OS gives: the class that recognises RTP by its payload)."""
+    return next(c for c in status["classes"] if c["name"] == "media-unmarked")
 
 
 def test_call_through_mptun_duplicate_hides_random_loss(lab, tmp_path):
@@ -45,7 +46,7 @@ def test_call_through_mptun_duplicate_hides_random_loss(lab, tmp_path):
         cl.direct(True)
         raw, _ = _call(cl, "raw")
         cl.direct(False)
-        cl.start_tunnel(policy=WEBRTC)  # media-ports class: duplicate, outer EF, target_loss 0.2 %
+        cl.start_tunnel(policy=WEBRTC)  # media-unmarked class: duplicate, outer EF, target_loss 0.2 %
         dup, starved_why = _call(cl, "tunnel")
         media_up = _media_class(cl.stack.client_status())
     finally:

@@ -1,7 +1,8 @@
 """DSCP policy: which traffic class a packet is in, and what that class gets.
 
 A policy file (TOML) is an ordered list of ``[[class]]`` tables; each has a
-``match`` (inner DSCP values or names, IP protocol, ports, addresses) and
+``match`` (inner DSCP values or names, IP protocol, ports, addresses, what the
+UDP payload is: :class:`PayloadKind`) and
 actions: scheduling ``mode`` (with ``redundancy`` for redundant mode),
 ``outer_dscp`` (a value, a name, or ``"inherit"`` = copy the inner DSCP) and,
 for balance mode, ``reorder``/``reorder_ms``.  The first matching class wins;
@@ -35,7 +36,11 @@ DSCP_NAMES = {
 PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
 INHERIT = -1
 CLASS_KEYS = {"name", "match", "mode", "redundancy", "outer_dscp", "reorder", "reorder_ms", "target_loss"}
-MATCH_KEYS = {"dscp", "protocol", "ports", "src_ports", "dst_ports", "cidrs", "src", "dst"}
+MATCH_KEYS = {"dscp", "protocol", "ports", "src_ports", "dst_ports", "cidrs", "src", "dst", "payload"}
+PAYLOAD_KINDS = ("rtp", "rtcp", "stun", "dtls", "turn-channel")  # match.payload (RFC 7983 demultiplexing)
+STUN_COOKIE = b"\x21\x12\xa4\x42"  # RFC 5389: bytes 4-7 of every STUN message
+SSRC_FLOWS = 4096  # flows whose RTP SSRCs the payload check remembers (all forgotten when full)
+SSRCS_PER_FLOW = 16  # SSRCs remembered per flow (a bundled call has a few: audio, video, RTX)
 
 
 class PolicyError(Exception):
@@ -124,6 +129,82 @@ def _cidr_check(nets: list, which: str) -> Callable[[bytes], bool]:
 
 def _proto_check(protos: frozenset) -> Callable[[bytes], bool]:
     return lambda pkt: _proto_and_l4(pkt)[0] in protos
+
+
+class PayloadKind:
+    """What a UDP payload is, from its first bytes (RFC 7983's demultiplexing, tightened).
+
+    Why a check of its own: WebRTC stacks mark no DSCP by default and take ephemeral
+    ports, so neither a DSCP nor a port match finds a call; its packets are recognised by
+    what they are.  The first byte says which protocol may follow (STUN 0-3, DTLS 20-63,
+    TURN channel 64-79, RTP/RTCP 128-191) and one more cheap test per protocol makes a
+    false positive unlikely: STUN's magic cookie, DTLS's version byte, a TURN channel's
+    length field, RTCP's packet type and length, and for RTP an SSRC already seen on the
+    same flow (the first packet of a stream is not RTP yet: one packet per stream goes to
+    a later class).  Only the first bytes are read; the SSRC memory is bounded.  What else
+    can look like these is in docs/POLICY.md.
+    """
+
+    __slots__ = ("_ssrcs",)
+
+    def __init__(self) -> None:
+        self._ssrcs: dict[bytes, list[bytes]] = {}  # flow (addresses and ports) -> SSRCs seen
+
+    def of(self, pkt: bytes) -> Optional[str]:
+        """The payload's kind (one of PAYLOAD_KINDS), or None; ``pkt`` is an IP packet."""
+        v = pkt[0] >> 4
+        if v == 4:
+            if pkt[9] != 17:
+                return None
+            l4 = (pkt[0] & 0x0F) * 4
+        elif v == 6:
+            if pkt[6] != 17:
+                return None
+            l4 = 40
+        else:
+            return None
+        p = l4 + 8
+        n = len(pkt) - p  # the UDP payload's length
+        if n < 4:
+            return None
+        b0 = pkt[p]
+        if b0 >= 128:
+            if b0 > 191 or n < 8:
+                return None
+            b1 = pkt[p + 1]
+            if 192 <= b1 <= 223:  # RTCP packet types (RFC 5761 section 4), its length in 32-bit words - 1
+                return "rtcp" if ((pkt[p + 2] << 8 | pkt[p + 3]) + 1) * 4 <= n else None
+            if 64 <= b1 & 0x7F <= 95 or n < 12:  # RTP payload types may not be 64-95 beside RTCP
+                return None
+            # the flow: addresses and ports (one slice when there are no IPv4 options)
+            flow = pkt[8:44] if v == 6 else pkt[12:24] if l4 == 20 else pkt[12:20] + pkt[l4:l4 + 4]
+            return "rtp" if self._seen(flow, pkt[p + 8:p + 12]) else None
+        if b0 < 4:
+            return "stun" if n >= 20 and pkt[p + 4:p + 8] == STUN_COOKIE else None
+        if 20 <= b0 <= 63:
+            return "dtls" if n >= 13 and pkt[p + 1] == 0xFE else None  # DTLS 1.0/1.2: 0xFEFF/0xFEFD
+        if 64 <= b0 <= 79:  # a channel number 0x4000-0x4FFF; over UDP the padding may be left out
+            return "turn-channel" if n - 7 <= (pkt[p + 2] << 8 | pkt[p + 3]) + 4 <= n else None
+        return None
+
+    def _seen(self, flow: bytes, ssrc: bytes) -> bool:
+        ssrcs = self._ssrcs.get(flow)
+        if ssrcs is None:
+            if len(self._ssrcs) >= SSRC_FLOWS:
+                self._ssrcs.clear()
+            self._ssrcs[flow] = [ssrc]
+            return False
+        if ssrc in ssrcs:
+            return True
+        ssrcs.append(ssrc)
+        if len(ssrcs) > SSRCS_PER_FLOW:
+            del ssrcs[0]
+        return False
+
+
+def _payload_check(kinds: frozenset) -> Callable[[bytes], bool]:
+    kind_of = PayloadKind().of
+    return lambda pkt: kind_of(pkt) in kinds
 
 
 class Policy:
@@ -308,3 +389,9 @@ def _compile_match(c: TrafficClass, match: dict, err: Callable[[str, str], Polic
                 except (ValueError, TypeError):
                     raise err(key, f"bad address or CIDR {v!r} (expected a string like \"10.0.0.0/8\")") from None
             c.checks.append(_cidr_check(nets, which))
+    if "payload" in match:
+        kinds = _as_list(match["payload"])
+        for v in kinds:
+            if v not in PAYLOAD_KINDS:
+                raise err("payload", f"unknown payload {v!r} (known: {', '.join(PAYLOAD_KINDS)})")
+        c.checks.append(_payload_check(frozenset(kinds)))

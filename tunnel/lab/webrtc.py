@@ -54,7 +54,6 @@ PACKET_OUTGOING = 4
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 WARMUP_S = 1.0  # gaps are measured from this long after the connection is up
 EVENT_WINDOW_S = 1.0  # event_gap_ms: the gaps this close after the event (a cut: detection is 0.3 s)
-MEDIA_PORTS = (10000, 20000)  # the media port range of policies/webrtc.toml
 
 
 # --------------------------------------------------------------------------
@@ -772,9 +771,8 @@ class CallLab:
         self.server_far_addr = link.a_addr
         self.server.sysctl("net.ipv4.ip_forward", 1)
         self.far.add_route("default", self.server_far_addr)
-        # aiortc binds its ICE sockets to port 0: give the client's media the ports the
-        # shipped policy (policies/webrtc.toml, class media-ports) recognises.
-        self.client.sysctl("net.ipv4.ip_local_port_range", f"{MEDIA_PORTS[0]} {MEDIA_PORTS[1]}")
+        # aiortc binds its ICE sockets to port 0 and marks nothing, like a browser: the shipped
+        # policy (policies/webrtc.toml, class media-unmarked) recognises its RTP by the payload.
         self.imp = Impairments(self.topo)
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="mptun-webrtc-"))
         self.stack = None
@@ -835,12 +833,13 @@ class CallLab:
             self.stack = None
 
     def mark_client_media(self, dscp: int) -> None:
-        """Mark the client's outgoing media (UDP from the media ports into mptun0) with ``dscp``,
-        as an OS QoS policy would for a stack that does not mark (aiortc does not)."""
+        """Mark the client's outgoing media (the call's UDP into mptun0: nothing else in this lab
+        sends UDP there) with ``dscp``, as an OS QoS policy would for a stack that does not mark
+        (aiortc does not)."""
         rules = (
             "add table inet wrtcmark\n"
             "add chain inet wrtcmark out { type filter hook output priority mangle; }\n"
-            f"add rule inet wrtcmark out oifname mptun0 udp sport {MEDIA_PORTS[0]}-{MEDIA_PORTS[1]} ip dscp set {dscp}\n"
+            f"add rule inet wrtcmark out oifname mptun0 meta l4proto udp ip dscp set {dscp}\n"
         )
         path = self.workdir / "mark.nft"
         path.write_text(rules)

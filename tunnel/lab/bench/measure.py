@@ -484,7 +484,7 @@ def _webrtc_call(cl, row: str, scenario: str, seconds: float) -> tuple[dict, Opt
     if row == "raw":
         cl.direct(True)
     elif row == "duplicate":
-        cl.start_tunnel(policy=WEBRTC_POLICY)  # RTP in the media-ports class: duplicate, EF
+        cl.start_tunnel(policy=WEBRTC_POLICY)  # RTP in the media-unmarked class: duplicate, EF
     else:
         cl.start_tunnel(mode=row)
     try:

@@ -586,7 +586,7 @@ def section_webrtc(report: Report) -> list[str]:
 in a namespace behind the server (host candidates only) for {p.webrtc_seconds:g} s, sending Opus audio (50 packets/s) and
 VP8 video (30 frames/s, full-size packets) both ways.  Rows: the same call over path 0 directly (no
 tunnel; the router gets a route to the far peer), and through mptun: `duplicate` with
-`policies/webrtc.toml` (the call is in its media-ports class), `balance` and `lowest-rtt` without a
+`policies/webrtc.toml` (the call, on the ports the OS gives and unmarked, is in its media-unmarked class: RTP recognised by its payload), `balance` and `lowest-rtt` without a
 policy.  *loss*: 10 % random loss on both paths, both directions, at the router.  *blackhole*:
 halfway through, the path carrying the call (path 0 for the raw link; for mptun the one with more
 client tx packets in the 300 ms before) drops everything for {WEBRTC_OUTAGE_S:g} s.
