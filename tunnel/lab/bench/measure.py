@@ -424,11 +424,17 @@ def _marking_rates(n: int) -> dict[str, float]:
     pkts = [bytes([0x45, tos, 0, 228]) + bytes(5) + bytes([proto]) + bytes(2) + bytes([100, 64, 0, 2, 100, 64, 0, 1])
             + port.to_bytes(2, "big") + (443).to_bytes(2, "big") + bytes(200)
             for tos, proto, port in ((0xB8, 17, 5000), (0, 17, 12000), (0x60, 6, 4000), (0, 6, 50000))]
+    # unmarked SRTP on ports the OS gave (a browser's or aiortc's call): found by its payload
+    rtp = [bytes([0x45, 0, 0, 228]) + bytes(5) + bytes([17]) + bytes(2) + bytes([100, 64, 0, 2, 100, 64, 0, 1])
+           + (54321).to_bytes(2, "big") + (61000).to_bytes(2, "big") + (208).to_bytes(2, "big") + bytes(2)
+           + bytes([0x80, 111]) + i.to_bytes(2, "big") + bytes(4) + b"\x0a\x0b\x0c\x0d" + bytes(188)
+           for i in range(4)]
     webrtc = load_policy(REPO_ROOT / "policies" / "webrtc.toml")
-    for name, policy in (("classify_none", Policy.single("duplicate")), ("classify_webrtc", webrtc)):
+    for name, policy, mix in (("classify_none", Policy.single("duplicate"), pkts), ("classify_webrtc", webrtc, pkts),
+                              ("classify_webrtc_rtp", webrtc, rtp)):
         t = time.perf_counter()
         for i in range(n):
-            p = pkts[i & 3]
+            p = mix[i & 3]
             policy.outer_tos(policy.classify(p), p)
         out[name] = n / (time.perf_counter() - t)
     return out

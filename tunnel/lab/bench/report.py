@@ -506,14 +506,16 @@ In one process, one core: 200-byte datagrams on a connected loopback UDP socket 
 `send` and with `sendmsg` carrying an IP_TOS control message (how mptun marks each outer
 datagram; runs of equal marks share one GSO `sendmsg`, and a mark of 0 needs no control
 message); and `Policy.classify` + `outer_tos` over a mix of four packet kinds without a
-policy file and with `policies/webrtc.toml`.
+policy file and with `policies/webrtc.toml`, and over unmarked RTP on ports the OS gave (the
+policy's payload match finds it: docs/POLICY.md).
 """),
         *_not_run(report, "marking"),
     ]
     results = report.results
     if results.tables.get("marking"):
         keys = (("send", "plain send"), ("sendmsg_tos", "sendmsg + IP_TOS"),
-                ("classify_none", "classify, no policy"), ("classify_webrtc", "classify, webrtc policy"))
+                ("classify_none", "classify, no policy"), ("classify_webrtc", "classify, webrtc policy"),
+                ("classify_webrtc_rtp", "classify, webrtc policy, unmarked RTP"))
         lines += ["", "| | packets/s | µs/packet | / plain send |", "|---|--:|--:|--:|"]
         base = results.median("marking", "packets/s", "send")
         for key, label in keys:
