@@ -731,6 +731,17 @@ def test_what_is_not_media(what: str, payload: bytes) -> None:
     assert (k.of(pkt), k.of(pkt)) == (None, None), what
 
 
+def test_a_later_ipv4_fragment_is_not_read_as_udp() -> None:
+    """A later fragment has no UDP header: its bytes are the middle of some datagram."""
+    pkt = bytearray(v4(payload=udp_payload(RTCP_SR)))
+    k = PayloadKind()
+    assert k.of(bytes(pkt)) == "rtcp"
+    pkt[6], pkt[7] = 0x00, 0xB9  # fragment offset 185 (x 8 bytes)
+    assert k.of(bytes(pkt)) is None
+    pkt[6], pkt[7] = 0x20, 0x00  # more fragments, offset 0: the first fragment has the header
+    assert k.of(bytes(pkt)) == "rtcp"
+
+
 def test_payload_needs_udp() -> None:
     k = PayloadKind()
     tcp = v4(proto=TCP, payload=udp_payload(RTCP_SR))

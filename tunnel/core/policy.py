@@ -154,7 +154,7 @@ class PayloadKind:
         """The payload's kind (one of PAYLOAD_KINDS), or None; ``pkt`` is an IP packet."""
         v = pkt[0] >> 4
         if v == 4:
-            if pkt[9] != 17:
+            if pkt[9] != 17 or (pkt[6] & 0x1F) | pkt[7]:  # not UDP, or a later fragment (no UDP header)
                 return None
             l4 = (pkt[0] & 0x0F) * 4
         elif v == 6:
