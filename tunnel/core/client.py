@@ -472,7 +472,7 @@ class ClientCore(CoreOutputs):
             if now < due:
                 return due
             self._abandon(slot, "no answer from the server", now, SILENT_BACKOFF, report=False)
-            return slot.retry_at
+            return INF if slot.retry_at is None else slot.retry_at
         spare = slot.spare
         if not slot.joined or (spare is not None and path.est.last_ack > spare.created):
             if spare is not None:  # the old session answers again (a PONG: both ways): it stays
