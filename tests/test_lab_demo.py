@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from tunnel.app.cli import main as mptun
+from tunnel.lab import mptcp
+from tunnel.lab.demo import format_showcase
 from tunnel.lab.netns import NETNS_DIR
 from tunnel.lab.scenario import (MAX_PATHS, Outage, PathSpec, Scenario, ScenarioError,
                                  load_scenario, with_overrides)
@@ -238,6 +240,29 @@ def test_showcase_json_end_to_end() -> None:
     assert dup["media_longest_gap_ms"] < 250, dup
     assert dup["media_loss_percent"] < 12, dup
     assert dup["media_latency_p50_ms"] >= 30  # the shorter path's delay is a floor
+    assert namespaces(result["lab_prefix"]) == []
+
+
+@pytest.mark.netns
+def test_mptcp_reference_row_end_to_end() -> None:
+    """`--modes mptcp`: the bulk flow with Linux MPTCP over the raw paths, reported like a mode."""
+    if why := mptcp.available():
+        pytest.skip(f"the MPTCP row needs mptcpize and kernel MPTCP: {why}")
+    argv = ["--duration", "5", "--modes", "mptcp", "--loss", "0", "--no-outage"]
+    res = subprocess.run(lab_argv("--json", *argv), capture_output=True, text=True, timeout=90, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    row = result["modes"]["mptcp"]
+    # A second subflow joined (the kernel's MIB), and the one flow got more than one
+    # 20 Mbit/s path could carry: MPTCP really used both paths.
+    assert row["not_run"] is None and row["mptcp_joined"] is True and row["mptcp_extra_subflows"] >= 1, row
+    assert row["bulk_tcp_mbps"] > 21, row
+    assert row["media_sent"] is None and row["media_loss_percent"] is None and row["tunnel_up_s"] is None
+    scenario = with_overrides(Scenario(), duration=5, modes=["mptcp"], loss=[0], no_outage=True)
+    table = format_showcase(result, scenario)
+    line = next(x for x in table.splitlines() if x.strip().startswith("mptcp "))
+    assert line.split()[1:5] == ["-"] * 4 and line.endswith(f"{row['bulk_tcp_mbps']:.1f} Mbit/s"), line
+    assert "this run: a second subflow joined" in " ".join(table.split())
     assert namespaces(result["lab_prefix"]) == []
 
 

@@ -114,7 +114,10 @@ loss, one-way latency p50/p99, longest gap without media, bulk TCP goodput.
 Default scenario (scenarios/default.toml): 2 paths, 30 ms and 60 ms delay,
 2 % random loss and 20 Mbit/s each, each way; modes duplicate, lowest-rtt and
 balance, plus a run with policies/webrtc.toml ("webrtc": media duplicated,
-bulk balanced and reordered), 15 s each: about 85 s in all.  Options override the scenario file,
+bulk balanced and reordered), 15 s each: about 85 s in all.  "--modes
+balance,lowest-rtt,mptcp" adds a reference row: the same bulk flow with Linux
+MPTCP (mptcpize run) over the raw paths, no tunnel and no media stream, with
+whether a second subflow joined.  Options override the scenario file,
 which overrides the defaults.  Per-path lists (--delay, --loss, --rate)
 repeat their last value for further paths.
 
@@ -128,7 +131,8 @@ through the tunnel and over the raw link (takes only --duration and --json).""",
     lab.add_argument("--duration", type=float, metavar="SECONDS",
                      help="seconds of traffic per mode (default 15; --quick: per iperf3 run, default 3)")
     lab.add_argument("--modes", type=mode_list, metavar="M,M",
-                     help="scheduler modes to compare, or webrtc for policies/webrtc.toml "
+                     help="scheduler modes to compare, or webrtc for policies/webrtc.toml, or mptcp "
+                          "for Linux MPTCP over the raw paths (bulk flow only, no tunnel) "
                           "(default duplicate,lowest-rtt,balance,webrtc)")
     lab.add_argument("--paths", type=int, metavar="N", help="number of paths (default 2)")
     lab.add_argument("--delay", type=number_list, metavar="MS,MS",

@@ -39,10 +39,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from tunnel.lab import mptcp
 from tunnel.lab.impair import DIRECTIONS, Direction, Impairment, Impairments
 from tunnel.lab.netns import Host, Lab, unique_prefix, wait_for
-from tunnel.lab.scenario import (CLI, POLICY_RUNS, Scenario, ScenarioError, load_scenario,
-                                 range_error, with_overrides)
+from tunnel.lab.scenario import (CLI, POLICY_RUNS, REFERENCE_RUNS, Scenario, ScenarioError,
+                                 load_scenario, range_error, with_overrides)
 from tunnel.lab.stack import SERVER_INNER, TunnelStack
 from tunnel.lab.stream import StreamResult, run_stream
 from tunnel.lab.topology import MultipathTopology
@@ -76,6 +77,9 @@ MODE_NOTES = {
               "audio) duplicated on every path and marked EF outside, everything else "
               "balanced; the lab's router queues are plain FIFOs that "
               "ignore the EF mark, so the media still waits behind the bulk flow on each path",
+    "mptcp": "Linux MPTCP, no tunnel, for reference: the same bulk flow under `mptcpize run` over "
+             "the raw paths (one subflow endpoint per path), through the same outage; no media "
+             "stream runs (MPTCP carries TCP, not the UDP stream), so its media columns are \"-\"",
 }
 MEDIA_TOS = 0xB8  # the media stream is marked EF, as a WebRTC stack marks audio (RFC 8837)
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
@@ -137,9 +141,11 @@ def lab_and_workdir(tag: str) -> Iterator[tuple[Lab, Path]]:
 # iperf3
 # --------------------------------------------------------------------------
 
-def start_iperf3_server(host: Host, bind: str) -> subprocess.Popen:
-    """A one-shot iperf3 server in ``host`` on ``bind``, listening when this returns."""
-    proc = host.popen(["iperf3", "-s", "-1", "-B", bind, "-p", str(IPERF_PORT)],
+def start_iperf3_server(host: Host, bind: str,
+                        wrap: Callable[[list[str]], list[str]] = list) -> subprocess.Popen:
+    """A one-shot iperf3 server in ``host`` on ``bind``, listening when this returns;
+    ``wrap`` makes its command line (e.g. :func:`tunnel.lab.mptcp.argv`)."""
+    proc = host.popen(wrap(["iperf3", "-s", "-1", "-B", bind, "-p", str(IPERF_PORT)]),
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: host.is_listening(IPERF_PORT) or proc.poll() is not None, 5,
              message="iperf3 server did not start")
@@ -267,6 +273,25 @@ class ModeFigures:
                    tunnel_up_s=round(tunnel_up_s, 2))
 
 
+@dataclass
+class MptcpFigures:
+    """What the ``mptcp`` reference row achieved; its JSON object has the modes' keys, with
+    None for the media figures (no media stream runs: MPTCP carries TCP, not that UDP stream)
+    and for the tunnel's start-up (there is no tunnel)."""
+
+    bulk_tcp_mbps: Optional[float]
+    mptcp_joined: Optional[bool]  # a second subflow really joined (kernel MIB): MPTCP used 2 paths
+    mptcp_extra_subflows: Optional[int]  # subflows the client saw join (MPJoinSynAckRx)
+    not_run: Optional[str] = None  # why the row has no figures
+    media_sent: Optional[int] = None
+    media_lost: Optional[int] = None
+    media_loss_percent: Optional[float] = None
+    media_latency_p50_ms: Optional[float] = None
+    media_latency_p99_ms: Optional[float] = None
+    media_longest_gap_ms: Optional[float] = None
+    tunnel_up_s: Optional[float] = None
+
+
 def _rounded(value: Optional[float]) -> Optional[float]:
     return None if value is None else round(value, 2)
 
@@ -302,16 +327,18 @@ def start_tunnel(topo: MultipathTopology, mode: str, workdir: Path) -> TunnelSta
 
 
 class BulkFlow:
-    """An iperf3 TCP flow client -> server through the tunnel; the server listens at once."""
+    """An iperf3 TCP flow client -> server through the tunnel (or to ``target``, run through
+    ``wrap``: the MPTCP row's raw paths); the server listens at once."""
 
-    def __init__(self, topo: MultipathTopology, seconds: float) -> None:
-        self.topo, self.seconds = topo, seconds
-        self.server = start_iperf3_server(topo.server, SERVER_INNER)
+    def __init__(self, topo: MultipathTopology, seconds: float, target: str = SERVER_INNER,
+                 wrap: Callable[[list[str]], list[str]] = list) -> None:
+        self.topo, self.seconds, self.target, self.wrap = topo, seconds, target, wrap
+        self.server = start_iperf3_server(topo.server, target, wrap)
         self.client: Optional[subprocess.Popen] = None
 
     def start(self) -> None:
         """Start the flow; it runs :data:`BULK_WARMUP` seconds unmeasured, then ``seconds``."""
-        argv = iperf3_client_argv(SERVER_INNER, self.seconds) + ["--omit", f"{BULK_WARMUP:g}"]
+        argv = self.wrap(iperf3_client_argv(self.target, self.seconds) + ["--omit", f"{BULK_WARMUP:g}"])
         self.client = self.topo.client.popen(argv, stdout=subprocess.PIPE,
                                              stderr=subprocess.DEVNULL, text=True)
 
@@ -328,6 +355,12 @@ class BulkFlow:
                 proc.wait()
 
 
+def start_outage(imp: Impairments, scenario: Scenario) -> None:
+    """Start the scenario's outage schedule now (once the media sender runs, or where it would)."""
+    imp.restart_schedule()
+    imp.apply(impairment_plan(scenario, with_outage=True))
+
+
 def measure_mode(topo: MultipathTopology, imp: Impairments, scenario: Scenario,
                  workdir: Path) -> tuple[StreamResult, Optional[float]]:
     """Bulk flow, then media stream and outage; (media result, bulk bit/s or None).
@@ -337,18 +370,13 @@ def measure_mode(topo: MultipathTopology, imp: Impairments, scenario: Scenario,
     TCP's slow start overflowing every queue at once.
     """
     bulk = BulkFlow(topo, scenario.duration) if scenario.bulk else None
-
-    def start_outage() -> None:  # called once the media sender runs: the outage counts from here
-        imp.restart_schedule()
-        imp.apply(impairment_plan(scenario, with_outage=True))
-
     try:
         if bulk:
             bulk.start()
             time.sleep(BULK_WARMUP)
         media = run_stream(topo.client, topo.server, SERVER_INNER, MEDIA_PORT,
                            scenario.media_rate, scenario.media_size, scenario.media_count(),
-                           workdir, tos=MEDIA_TOS, during=start_outage)
+                           workdir, tos=MEDIA_TOS, during=lambda: start_outage(imp, scenario))
         bulk_bps = bulk.result() if bulk else None
     finally:
         if bulk:
@@ -359,9 +387,12 @@ def measure_mode(topo: MultipathTopology, imp: Impairments, scenario: Scenario,
 
 def describe_run(scenario: Scenario, mode: str) -> str:
     """The progress line of one mode's run."""
-    text = f"mode {mode}: streaming {scenario.duration:g} s"
-    if scenario.bulk:
-        text += f" beside an iperf3 TCP flow (started {BULK_WARMUP:g} s earlier)"
+    if mode in REFERENCE_RUNS:
+        text = f"mode {mode}: bulk flow alone for {scenario.duration:g} s (after {BULK_WARMUP:g} s unmeasured)"
+    else:
+        text = f"mode {mode}: streaming {scenario.duration:g} s"
+        if scenario.bulk:
+            text += f" beside an iperf3 TCP flow (started {BULK_WARMUP:g} s earlier)"
     if (window := scenario.outage_window()) and scenario.outage:
         text += (f", path {scenario.outage.path} blackholed at {window[0]:g} s"
                  f" for {window[1] - window[0]:g} s")
@@ -388,6 +419,43 @@ def run_mode(topo: MultipathTopology, imp: Impairments, scenario: Scenario, mode
     return figures
 
 
+def run_mptcp(topo: MultipathTopology, imp: Impairments, scenario: Scenario) -> MptcpFigures:
+    """The ``mptcp`` reference row: the modes' bulk flow with Linux MPTCP over the raw paths.
+
+    Same iperf3 flow, warm-up and outage as a mode's run, so its figure compares with the
+    modes' bulk column; no tunnel, no media stream.  A machine without mptcpize or kernel
+    MPTCP gets a row saying so, not a failed lab.
+    """
+    why = mptcp.available() or ("" if scenario.bulk else "--no-bulk (this row is the bulk flow alone)")
+    if not why:
+        try:
+            mptcp.enable(topo)
+        except (OSError, subprocess.SubprocessError) as exc:
+            why = f"could not set up MPTCP: {' '.join(str(exc).split())}"
+    if why:
+        progress(f"mode mptcp: not run: {why}")
+        return MptcpFigures(None, None, None, not_run=why)
+    try:
+        progress("mode mptcp: Linux MPTCP over the raw paths, one subflow endpoint per path, no tunnel")
+        before = mptcp.mib(topo.client)
+        bulk = BulkFlow(topo, scenario.duration, target=topo.server_addr, wrap=mptcp.argv)
+        try:
+            bulk.start()
+            time.sleep(BULK_WARMUP)
+            progress(describe_run(scenario, "mptcp"))
+            start_outage(imp, scenario)
+            bulk_bps = bulk.result()
+        finally:
+            bulk.stop()
+            imp.apply(impairment_plan(scenario, with_outage=False))
+        extra = mptcp.joined_subflows(before, mptcp.mib(topo.client))
+    finally:
+        mptcp.disable(topo)
+    figures = MptcpFigures(round(bulk_bps / 1e6, 2), extra > 0, extra)
+    progress(f"mode mptcp: bulk {figures.bulk_tcp_mbps:.1f} Mbit/s, {extra} extra subflows joined")
+    return figures
+
+
 def run_showcase(scenario: Scenario) -> dict[str, Any]:
     """Every mode of ``scenario`` over one lab; the JSON output."""
     t0 = time.monotonic()
@@ -399,7 +467,9 @@ def run_showcase(scenario: Scenario) -> dict[str, Any]:
         imp = Impairments(topo, seed=IMPAIRMENT_SEED)
         imp.apply(impairment_plan(scenario, with_outage=False))
         for mode in scenario.modes:
-            modes[mode] = asdict(run_mode(topo, imp, scenario, mode, workdir))
+            figures = run_mptcp(topo, imp, scenario) if mode in REFERENCE_RUNS else \
+                run_mode(topo, imp, scenario, mode, workdir)
+            modes[mode] = asdict(figures)
         progress("tearing the lab down")
     return {"scenario": scenario.to_json(), "lab_prefix": lab.prefix, "modes": modes,
             "elapsed_s": round(time.monotonic() - t0, 1)}
@@ -432,7 +502,8 @@ def _ms(value: Optional[float]) -> str:
 
 def _row(mode: str, f: dict[str, Any]) -> list[str]:
     bulk = "-" if f["bulk_tcp_mbps"] is None else f"{f['bulk_tcp_mbps']:.1f} Mbit/s"
-    return [mode, f"{f['media_loss_percent']:.2f} %", _ms(f["media_latency_p50_ms"]),
+    loss = "-" if f["media_loss_percent"] is None else f"{f['media_loss_percent']:.2f} %"
+    return [mode, loss, _ms(f["media_latency_p50_ms"]),
             _ms(f["media_latency_p99_ms"]), _ms(f["media_longest_gap_ms"]), bulk]
 
 
@@ -459,8 +530,20 @@ def format_showcase(result: dict[str, Any], scenario: Scenario) -> str:
                  + (", bulk = the TCP flow's goodput beside it (--no-bulk: media alone)"
                     if scenario.bulk else "")
                  + "; random loss makes runs differ."),
-        *(_wrapped(f"{mode}: {MODE_NOTES[mode]}", "  ") for mode in result["modes"]),
+        *(_wrapped(f"{mode}: {MODE_NOTES[mode]}{_run_note(f)}", "  ")
+          for mode, f in result["modes"].items()),
     ])
+
+
+def _run_note(f: dict[str, Any]) -> str:
+    """What this run of a reference row did: not run and why, or whether MPTCP used 2 paths."""
+    if f.get("not_run"):
+        return f"; not run here: {f['not_run']}"
+    if f.get("mptcp_joined") is None:
+        return ""
+    if f["mptcp_joined"]:
+        return f"; this run: a second subflow joined ({f['mptcp_extra_subflows']} extra in all)"
+    return "; this run: NO second subflow joined (MPTCP fell back to one path)"
 
 
 # --------------------------------------------------------------------------

@@ -68,6 +68,12 @@ def enable(topo: MultipathTopology, paths: Sequence[int] | None = None) -> None:
                          "subflow"])
 
 
+def disable(topo: MultipathTopology) -> None:
+    """Remove the client's subflow endpoints again (what :func:`enable` added), so the lab
+    that goes on after an MPTCP measurement is as it was for plain TCP."""
+    topo.client.run(["ip", "mptcp", "endpoint", "flush"])
+
+
 def argv(command: Sequence[str]) -> list[str]:
     """``command`` run with its TCP sockets turned into MPTCP ones."""
     return ["mptcpize", "run", *command]

@@ -15,7 +15,8 @@ File format (every key optional; an empty file is the default scenario)::
     name = "default"
     description = "..."
     duration = 15                 # seconds of traffic per mode
-    modes = ["duplicate", "lowest-rtt", "balance", "webrtc"]  # webrtc: policies/webrtc.toml
+    modes = ["duplicate", "lowest-rtt", "balance", "webrtc"]  # webrtc: policies/webrtc.toml;
+                                  # mptcp: Linux MPTCP over the raw paths, bulk flow only
     bulk = true                   # an iperf3 TCP flow beside the media stream
 
     [media]
@@ -162,15 +163,17 @@ def range_error(key: str, value: float) -> Optional[str]:
 
 # Runs that use a policy file instead of one mode for everything (name -> file in policies/).
 POLICY_RUNS = {"webrtc": "webrtc.toml"}
+# Runs with no mptun at all, for reference: the bulk flow with Linux MPTCP over the raw paths.
+REFERENCE_RUNS = ("mptcp",)
 
 
 def mode_error(modes: Sequence[str]) -> Optional[str]:
     """Why ``modes`` is not a usable list of scheduler modes (or policy runs), or None."""
     if not modes:
         return "no mode given"
-    unknown = [m for m in modes if m not in MODES and m not in POLICY_RUNS]
+    unknown = [m for m in modes if m not in MODES and m not in POLICY_RUNS and m not in REFERENCE_RUNS]
     if unknown:
-        return f"{unknown[0]!r} is not one of {', '.join((*MODES, *POLICY_RUNS))}"
+        return f"{unknown[0]!r} is not one of {', '.join((*MODES, *POLICY_RUNS, *REFERENCE_RUNS))}"
     if len(set(modes)) != len(modes):
         return "a mode is listed twice"
     return None
