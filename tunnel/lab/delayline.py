@@ -1,4 +1,4 @@
-"""User-space delay line: delay, jitter, reordering, burst loss and outages for IP packets.
+"""User-space delay line: delay, jitter, reordering, burst loss, outages, trace-driven rates.
 
 Why: the lab kernel has no netem, so whatever a link's delay, jitter,
 reordering, Gilbert-Elliott burst loss or scheduled outages are, something in
@@ -24,12 +24,20 @@ Per line (one TUN = one path and direction) and per packet, in this order:
 1. outage: dropped if it arrives inside an outage window;
 2. burst loss: the Gilbert-Elliott chain makes one transition, then the
    packet is lost with the loss probability of the state it is now in;
-3. due time = arrival + delay + uniform(-jitter, +jitter) (never before the
+3. trace (if the line has one): the packet joins a drop-tail queue served
+   at a cellular trace's opportunities (:mod:`tunnel.lab.linktrace`); it is
+   dropped if the queue is full, else it leaves when the trace lets its last
+   byte through, and that departure counts as its arrival for step 4.  So
+   the bottleneck queue comes first and the delay after it, like mahimahi's
+   ``mm-link ... mm-delay`` order for the packets going out: the queue sits
+   at the sender's end of the radio link, the propagation delay is behind it.
+   Steps 1-2 come before the queue: a lost packet uses no opportunity;
+4. due time = arrival + delay + uniform(-jitter, +jitter) (never before the
    arrival).  With probability ``reorder`` the packet is *held back*: its due
    time grows by ``reorder_gap_ms`` and later packets may overtake it.  All
    other packets keep FIFO order: due = max(sampled, previous due), so jitter
    alone never reorders;
-4. at its due time it is dropped if that moment lies inside an outage window
+5. at its due time it is dropped if that moment lies inside an outage window
    (it was "on the wire" when the link went down), else written back.
 
 Outage windows ``(t1, t2)`` are seconds relative to the *schedule start*, a
@@ -47,16 +55,25 @@ lose theirs (queued packets are discarded), existing ones keep their TUN and
 queue and take the new settings.  ``schedule_start`` is optional.
 LINE is ``{"tun": "dl0u", "delay_ms": 20, "jitter_ms": 0, "reorder": 0,
 "reorder_gap_ms": 10, "burst": null or {"p_good_to_bad": .., "p_bad_to_good": ..,
-"loss_in_bad": 1, "loss_in_good": 0}, "outages": [[t1, t2], ...]}``.
+"loss_in_bad": 1, "loss_in_good": 0}, "outages": [[t1, t2], ...], "trace": null or
+"/abs/path", "trace_scale": 1, "trace_queue_ms": 200, "trace_queue_packets": null}``
+(a trace's clock starts at the schedule start, like the outages; a line that
+keeps its trace keeps its queued packets across a ``configure``).
 The TUNs are created down, without address and with IPv6 off; whoever
 routes into them brings them up.
 
 Counters per line: packets in, out, dropped by cause (``outage``, ``burst``,
-``queue`` = already MAX_QUEUE packets held, ``write`` = the TUN refused it),
-held back, currently queued, and the lateness (actual release - due time) in
-ms: max, mean, p50, p99 (10 us buckets).  Arrival is when the process reads
+``queue`` = already MAX_QUEUE packets held, ``trace_queue`` = the trace's
+drop-tail queue was full, ``write`` = the TUN refused it), held back,
+currently queued (trace queue included), and the lateness (actual release -
+due time) in ms: max, mean, p50, p99 (10 us buckets).  Arrival is when the process reads
 the packet, so time spent in the TUN's kernel queue before that (under
-overload) does not show as lateness; an end-to-end probe sees it.  On SIGTERM or SIGINT the process prints
+overload) does not show as lateness; an end-to-end probe sees it.  A line
+with a trace also reports ``"trace"``: its queue (packets, bytes, the most
+packets seen, the limits), the opportunities used and wasted (passed with
+nothing queued), the bytes sent, and the drops by a full queue.  Time spent in
+the trace queue is not lateness: lateness is measured from the due time
+computed after the queue.  On SIGTERM or SIGINT the process prints
 ``{"stats": {...}}`` as its last stdout line (and to ``--stats FILE``).
 
 Run it in the router namespace: ``python -m tunnel.lab.delayline
@@ -80,6 +97,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
 from tunnel.io.tun import TunDevice
+from tunnel.lab.linktrace import TRACE_QUEUE_MS, TraceQueue, load_trace
 
 MAX_QUEUE = 100_000  # packets held per line before new ones are dropped ("queue")
 READ_BATCH = 64  # packets read from one TUN per wakeup, so releases stay on time
@@ -115,6 +133,14 @@ class LineSettings:
     reorder_gap_ms: float = 10.0
     burst: Optional[GilbertElliott] = None
     outages: tuple[tuple[float, float], ...] = ()
+    trace: Optional[str] = None  # an absolute path: the delay line may run in another cwd
+    trace_scale: float = 1.0
+    trace_queue_ms: Optional[float] = TRACE_QUEUE_MS
+    trace_queue_packets: Optional[int] = None  # if set, replaces the ms limit
+
+    def trace_key(self) -> tuple[Any, ...]:
+        """What the line's trace queue is built from (a change rebuilds it)."""
+        return (self.trace, self.trace_scale, self.trace_queue_ms, self.trace_queue_packets)
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> LineSettings:
@@ -134,7 +160,7 @@ class LineStats:
     sent: int = 0
     held_back: int = 0
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("outage", "burst", "queue", "write"), 0))
+        ("outage", "burst", "queue", "trace_queue", "write"), 0))
     late_sum: float = 0.0
     late_max: float = 0.0
     hist: list[int] = field(default_factory=lambda: [0] * (HIST_BUCKETS + 1))
@@ -184,21 +210,38 @@ class Line:
         self.last_due = 0.0
         self.bad = False  # Gilbert-Elliott state
         self._outages: tuple[tuple[float, float], ...] = ()
+        self.trace: Optional[TraceQueue] = None  # the bottleneck queue of step 3, if any
 
-    def configure(self, settings: LineSettings, schedule_start: float) -> None:
+    def configure(self, settings: LineSettings, schedule_start: float, now: float) -> None:
         if settings.tun != self.settings.tun:
             raise ValueError(f"a line cannot change its TUN ({self.settings.tun} -> {settings.tun})")
+        old_trace = self.trace
+        if settings.trace is None:
+            self.trace = None
+        elif (old_trace is None or old_trace.start != schedule_start
+              or settings.trace_key() != self.settings.trace_key()):
+            self.trace = TraceQueue(load_trace(settings.trace), settings.trace_scale, schedule_start,
+                                    queue_ms=settings.trace_queue_ms,
+                                    queue_packets=settings.trace_queue_packets)
+            if old_trace is not None:
+                self.trace.take_over(old_trace, now)
         self.settings = settings
         self._outages = tuple((schedule_start + a, schedule_start + b) for a, b in settings.outages)
+        if old_trace is not None and self.trace is None:  # the trace is gone: its queue moves on now
+            for packet in old_trace.packets:
+                self._delay(packet, now)
 
     def in_outage(self, t: float) -> bool:
         return bool(self._outages) and any(a <= t < b for a, b in self._outages)
 
     def queued(self) -> int:
-        return len(self.fifo) + len(self.held)
+        n = len(self.fifo) + len(self.held)
+        return n + len(self.trace.packets) if self.trace is not None else n
 
     def next_due(self) -> Optional[float]:
         dues = [q[0][0] for q in (self.fifo, self.held) if q]
+        if self.trace is not None and (t := self.trace.next_time()) is not None:
+            dues.append(t)
         return min(dues) if dues else None
 
     def read(self, now: float) -> None:
@@ -211,12 +254,18 @@ class Line:
             self.accept(packet, now)
 
     def accept(self, packet: bytes, now: float) -> None:
-        """Drop ``packet`` or queue it with its due time (steps 1-3 of the module doc)."""
+        """Drop ``packet`` or queue it (steps 1-4 of the module doc)."""
         self.stats.received += 1
         cause = self._loss_cause(now)
         if cause:
             self.stats.dropped[cause] += 1
-            return
+        elif self.trace is None:
+            self._delay(packet, now)
+        elif not self.trace.enqueue(packet, now):
+            self.stats.dropped["trace_queue"] += 1
+
+    def _delay(self, packet: bytes, now: float) -> None:
+        """Give ``packet``, leaving the loss checks or the trace queue at ``now``, its due time."""
         s = self.settings
         delay = s.delay_ms + self.rng.uniform(-s.jitter_ms, s.jitter_ms) if s.jitter_ms else s.delay_ms
         due = now + max(0.0, delay) / 1e3
@@ -243,7 +292,9 @@ class Line:
         return None
 
     def release(self, now: float) -> None:
-        """Write back every packet due by ``now``, in due-time order."""
+        """Serve the trace queue, then write back every packet due by ``now``, in due-time order."""
+        if self.trace is not None:
+            self.trace.serve(now, self._delay)
         fifo, held = self.fifo, self.held
         while True:
             if fifo and (not held or fifo[0][0] <= held[0][0]):
@@ -292,19 +343,30 @@ class DelayLine:
         if schedule_start is not None:
             self.schedule_start = float(schedule_start)
         wanted = {name: LineSettings.from_json(obj) for name, obj in lines.items()}
+        for settings in wanted.values():  # a bad trace fails the command before anything changes
+            if settings.trace is not None:
+                load_trace(settings.trace)
         for name in list(self.lines):
             if name not in wanted or wanted[name].tun != self.lines[name].settings.tun:
                 self.lines.pop(name).close()
         for name, settings in wanted.items():
             if name not in self.lines:
                 self.lines[name] = Line(name, settings, self.rng)
-            self.lines[name].configure(settings, self.schedule_start)
+            self.lines[name].configure(settings, self.schedule_start, time.monotonic())
 
     def stats(self, reset: bool = False) -> dict[str, Any]:
-        out = {name: line.stats.to_json(line.queued()) for name, line in self.lines.items()}
+        now = time.monotonic()
+        out = {}
+        for name, line in self.lines.items():
+            out[name] = line.stats.to_json(line.queued())
+            if line.trace is not None:
+                line.trace.catch_up(now)
+                out[name]["trace"] = line.trace.counters()
         if reset:
             for line in self.lines.values():
                 line.stats = LineStats()
+                if line.trace is not None:
+                    line.trace.reset_counters()
         return out
 
     def handle(self, msg: dict[str, Any]) -> dict[str, Any]:

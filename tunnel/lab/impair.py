@@ -1,4 +1,4 @@
-"""Impair the paths of a MultipathTopology: delay, jitter, loss, reordering, rate, outages.
+"""Impair the paths of a MultipathTopology: delay, jitter, loss, reordering, rate, outages, traces.
 
 Why: a multipath tunnel earns its keep when paths are bad in different ways:
 slow, lossy, bursty, narrow, or gone for a while.  Tests and benchmarks need
@@ -21,9 +21,14 @@ Each mechanism goes where it is cheapest and most faithful:
 - ``loss`` (independent random loss) and :meth:`Impairments.blackhole`
   (instant outage): nftables in the router's forward chain, table
   ``inet mptunlab``, with ``numgen random`` for the loss;
-- ``delay_ms``, ``jitter_ms``, ``reorder``, ``burst`` (Gilbert-Elliott) and
-  scheduled ``outages``: the user-space delay line (:mod:`tunnel.lab.delayline`),
-  one process in the router namespace, started when first needed.
+- ``delay_ms``, ``jitter_ms``, ``reorder``, ``burst`` (Gilbert-Elliott),
+  scheduled ``outages`` and a time-varying rate from a cellular ``trace``
+  (mahimahi's format, :mod:`tunnel.lab.linktrace`): the user-space delay line
+  (:mod:`tunnel.lab.delayline`), one process in the router namespace, started
+  when first needed.  A trace is a rate that changes every millisecond, which
+  tbf cannot follow; the delay line serves its drop-tail queue at the
+  trace's opportunities, then applies the delay.  A fixed ``rate_mbit`` stays
+  with tbf (cheaper, in the kernel); a path direction has one or the other.
 
 Packets reach the delay line by policy routing (rule priorities and tables
 ``1000 + 2*i`` upstream, ``1001 + 2*i`` downstream, for path ``i``)::
@@ -66,10 +71,11 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import TC_H_ROOT
 
 from tunnel.lab.delayline import GilbertElliott, LineSettings
+from tunnel.lab.linktrace import TRACE_QUEUE_MS, load_trace, resolve_trace
 from tunnel.lab.netns import Host, Lab, unique_prefix, wait_for
 from tunnel.lab.topology import MultipathTopology, echo_server_argv, probe_argv, rtts_ms
 
-__all__ = ["Direction", "GilbertElliott", "Impairment", "Impairments", "tun_name"]
+__all__ = ["Direction", "GilbertElliott", "Impairment", "Impairments", "trace_pair", "tun_name"]
 
 Direction = Literal["up", "down"]
 DIRECTIONS: tuple[Direction, ...] = ("up", "down")
@@ -92,6 +98,16 @@ class Impairment:
     ``(t1, t2)`` pairs of seconds after the schedule start.
     ``force_delay_line`` routes through the delay line even when nothing
     needs it (to measure its overhead).
+
+    ``trace`` names a capacity trace in mahimahi's format: a path (relative to
+    the working directory) or the file name of one shipped in
+    ``tunnel/lab/traces/``; it is resolved to an absolute path and read here,
+    so a bad one fails at construction (:class:`~tunnel.lab.linktrace.TraceError`,
+    a ValueError naming the file).  Each opportunity carries ``trace_scale`` x
+    1500 bytes.  The drop-tail queue in front of it holds ``trace_queue_ms``
+    at the trace's scaled mean rate, or ``trace_queue_packets`` packets if
+    that is set.  E.g. "ATT-LTE up x8 with a 200 ms queue":
+    ``Impairment(trace="ATT-LTE-driving-2016.up", trace_scale=8, trace_queue_ms=200)``.
     """
 
     delay_ms: float = 0.0
@@ -104,6 +120,10 @@ class Impairment:
     rate_queue_ms: float = 50.0
     outages: tuple[tuple[float, float], ...] = ()
     force_delay_line: bool = False
+    trace: Optional[str] = None
+    trace_scale: float = 1.0
+    trace_queue_ms: float = TRACE_QUEUE_MS
+    trace_queue_packets: Optional[int] = None
 
     def __post_init__(self) -> None:
         probabilities = [self.loss, self.reorder]
@@ -119,18 +139,42 @@ class Impairment:
         if any(not 0 <= a < b for a, b in self.outages):
             raise ValueError(f"outages must be (t1, t2) with 0 <= t1 < t2: {self.outages}")
         object.__setattr__(self, "outages", tuple((float(a), float(b)) for a, b in self.outages))
+        if self.trace is not None:
+            self._check_trace()
+
+    def _check_trace(self) -> None:
+        if self.rate_mbit is not None:
+            raise ValueError(f"a trace and rate_mbit exclude each other (the trace is the rate): {self}")
+        if not self.trace_scale > 0:
+            raise ValueError(f"trace_scale must be positive: {self.trace_scale}")
+        if self.trace_queue_ms < 0 or (self.trace_queue_packets is not None
+                                       and self.trace_queue_packets < 1):
+            raise ValueError(f"the trace queue must hold something: {self}")
+        path = str(resolve_trace(str(self.trace)))
+        load_trace(path)
+        object.__setattr__(self, "trace", path)
 
     def needs_delay_line(self) -> bool:
         return bool(self.delay_ms or self.jitter_ms or self.reorder or self.burst
-                    or self.outages or self.force_delay_line)
+                    or self.outages or self.trace or self.force_delay_line)
 
     def line_settings(self, tun: str) -> LineSettings:
         """This impairment's share of the delay line's work."""
         return LineSettings(tun, self.delay_ms, self.jitter_ms, self.reorder, self.reorder_gap_ms,
-                            self.burst, self.outages)
+                            self.burst, self.outages, self.trace, self.trace_scale,
+                            self.trace_queue_ms, self.trace_queue_packets)
 
 
 NO_IMPAIRMENT = Impairment()
+
+
+def trace_pair(name: str, scale: float = 1.0, **fields: Any) -> dict[Direction, Impairment]:
+    """Both directions of a recorded link: ``name + ".up"`` and ``name + ".down"``.
+
+    E.g. ``trace_pair("ATT-LTE-driving-2016", 8, trace_queue_ms=200, delay_ms=20)``;
+    ``fields`` are further :class:`Impairment` fields, the same both ways.
+    """
+    return {d: Impairment(trace=f"{name}.{d}", trace_scale=scale, **fields) for d in DIRECTIONS}
 Key = tuple[int, Direction]
 
 

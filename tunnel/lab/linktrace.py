@@ -38,7 +38,7 @@ import os
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -58,6 +58,11 @@ class Trace:
 
     path: str
     times_ms: tuple[int, ...]
+
+    @cached_property
+    def times_s(self) -> list[float]:
+        """The times in seconds, computed once per trace and shared by the queues that use it."""
+        return [t / 1e3 for t in self.times_ms]
 
     @property
     def period_ms(self) -> int:
@@ -169,7 +174,7 @@ class TraceQueue:
             raise ValueError(f"trace scale must be positive, not {scale}")
         self.trace = trace
         self.scale = scale
-        self._times = [t / 1e3 for t in trace.times_ms]
+        self._times = trace.times_s
         self._n = len(self._times)
         self._period = trace.period_ms / 1e3
         self._op_bytes = scale * OPPORTUNITY_BYTES
