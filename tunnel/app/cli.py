@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
     certs.register(sub)
     status.register(sub)
-    from tunnel.lab.scenario import mode_list, number_list
+    from tunnel.lab.scenario import mode_list, number_list, trace_list
 
     lab = sub.add_parser(
         "lab",
@@ -118,8 +118,11 @@ bulk balanced and reordered), 15 s each: about 85 s in all.  "--modes
 balance,lowest-rtt,mptcp" adds a reference row: the same bulk flow with Linux
 MPTCP (mptcpize run) over the raw paths, no tunnel and no media stream, with
 whether a second subflow joined.  Options override the scenario file,
-which overrides the defaults.  Per-path lists (--delay, --loss, --rate)
-repeat their last value for further paths.
+which overrides the defaults.  Per-path lists (--delay, --loss, --rate,
+--trace-up, --trace-down, --trace-scale) repeat their last value for further
+paths.  A trace (--trace-up/--trace-down, or trace_up/trace_down in a scenario's
+[[path]]) makes that direction's rate follow a recorded cellular link: see
+tunnel/lab/traces/README.md.
 
 --quick runs a ~15 s smoke test instead: one link, ping, iperf3 up and down
 through the tunnel and over the raw link (takes only --duration and --json).""",
@@ -141,6 +144,15 @@ through the tunnel and over the raw link (takes only --duration and --json).""",
                      help="random loss per path in %%, each way (default 2,2)")
     lab.add_argument("--rate", type=number_list, metavar="MBIT,MBIT",
                      help="rate limit per path in Mbit/s, each way, 0 for none (default 20,20)")
+    lab.add_argument("--trace-up", type=trace_list, metavar="TRACE,TRACE",
+                     help="cellular capacity trace per path, client -> server (mahimahi format: a file, "
+                          "or a name in tunnel/lab/traces/, e.g. ATT-LTE-driving-2016.up; 'none' or "
+                          "empty: no trace); replaces --rate in that direction")
+    lab.add_argument("--trace-down", type=trace_list, metavar="TRACE,TRACE",
+                     help="the same, server -> client (e.g. ATT-LTE-driving-2016.down)")
+    lab.add_argument("--trace-scale", type=number_list, metavar="K,K",
+                     help="bytes per trace opportunity x K, per path (default 1: 1500 bytes); the "
+                          "queue is 200 ms at the scaled mean rate unless the scenario says otherwise")
     lab.add_argument("--no-outage", action="store_true", help="do not blackhole a path mid-run")
     lab.add_argument("--no-bulk", action="store_true", help="media stream only, no iperf3 TCP flow")
     lab.set_defaults(func=_lab)

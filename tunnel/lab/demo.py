@@ -297,8 +297,8 @@ def _rounded(value: Optional[float]) -> Optional[float]:
 
 
 def impairment_plan(scenario: Scenario, with_outage: bool) -> dict[tuple[int, Direction], Impairment]:
-    """The scenario's paths as an :meth:`Impairments.apply` plan (same both ways)."""
-    return {(i, d): imp for i, imp in scenario.impairments(with_outage).items() for d in DIRECTIONS}
+    """The scenario's paths as an :meth:`Impairments.apply` plan (same both ways but the traces)."""
+    return {(i, d): imp for d in DIRECTIONS for i, imp in scenario.impairments(with_outage, d).items()}
 
 
 def start_tunnel(topo: MultipathTopology, mode: str, workdir: Path) -> TunnelStack:
@@ -550,7 +550,8 @@ def _run_note(f: dict[str, Any]) -> str:
 # Command line (the `lab` sub-parser lives in tunnel/app/cli.py)
 # --------------------------------------------------------------------------
 
-SHOWCASE_OPTIONS = ("modes", "paths", "delay", "loss", "rate", "scenario")
+SHOWCASE_OPTIONS = ("modes", "paths", "delay", "loss", "rate", "trace_up", "trace_down",
+                    "trace_scale", "scenario")
 
 
 def scenario_from_args(args: argparse.Namespace) -> Scenario:
@@ -558,11 +559,12 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
     base = load_scenario(args.scenario) if args.scenario else Scenario()
     return with_overrides(base, duration=args.duration, modes=args.modes, paths=args.paths,
                           delay=args.delay, loss=args.loss, rate=args.rate,
-                          no_outage=args.no_outage, no_bulk=args.no_bulk)
+                          no_outage=args.no_outage, no_bulk=args.no_bulk, trace_up=args.trace_up,
+                          trace_down=args.trace_down, trace_scale=args.trace_scale)
 
 
 def _quick_conflicts(args: argparse.Namespace) -> list[str]:
-    used = [f"--{name}" for name in SHOWCASE_OPTIONS if getattr(args, name) is not None]
+    used = [f"--{name.replace('_', '-')}" for name in SHOWCASE_OPTIONS if getattr(args, name) is not None]
     return used + [flag for flag, on in (("--no-outage", args.no_outage), ("--no-bulk", args.no_bulk))
                    if on]
 

@@ -34,6 +34,14 @@ File format (every key optional; an empty file is the default scenario)::
     jitter_ms = 0
     loss_percent = 2              # each way, independent random loss
     rate_mbit = 20                # each way; leave out for no limit
+    trace_up = "ATT-LTE-driving-2016.up"   # a cellular capacity trace (mahimahi's format)
+    trace_down = "ATT-LTE-driving-2016.down"  # per direction; replaces rate_mbit there
+    trace_scale = 8               # each opportunity carries 8 x 1500 bytes
+    trace_queue_ms = 200          # drop-tail queue: 200 ms at the scaled mean rate (default)
+    trace_queue_packets = 300     # or this many packets (replaces trace_queue_ms)
+
+A trace is a path relative to the scenario file or the name of one shipped in
+tunnel/lab/traces/ (see its README and :mod:`tunnel.lab.linktrace`).
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 # The lab reuses the tunnel config's TOML loading and per-key error reporting.
 from tunnel.app.config import ConfigError, _load, _only_tables, _Section
 from tunnel.core.scheduler import MODES
+from tunnel.lab.linktrace import TRACE_QUEUE_MS, TraceError, load_trace, resolve_trace
 
 if TYPE_CHECKING:  # imported where used: `mptun`'s parser imports this module, pyroute2 is slow
     from tunnel.lab.impair import Impairment
@@ -61,6 +70,9 @@ LIMITS: dict[str, tuple[float, float]] = {
     "jitter_ms": (0.0, 5000.0),
     "loss_percent": (0.0, 100.0),
     "rate_mbit": (0.1, 10000.0),
+    "trace_scale": (0.01, 1000.0),
+    "trace_queue_ms": (0.0, 60000.0),
+    "trace_queue_packets": (1, 1_000_000),
     "media_rate": (1.0, 5000.0),
     "media_size": (16, 1400),  # 16: the stream tool's header
     "start": (0.0, 1.0),
@@ -74,28 +86,54 @@ class ScenarioError(ConfigError):
 
 @dataclass(frozen=True)
 class PathSpec:
-    """How one path is impaired, the same in both directions."""
+    """How one path is impaired: the same in both directions, except for the traces.
+
+    ``trace_up``/``trace_down`` are absolute paths of capacity traces; a
+    direction with a trace takes its rate from it instead of ``rate_mbit``.
+    """
 
     delay_ms: float = 0.0
     jitter_ms: float = 0.0
     loss_percent: float = 0.0
     rate_mbit: Optional[float] = None
+    trace_up: Optional[str] = None
+    trace_down: Optional[str] = None
+    trace_scale: float = 1.0
+    trace_queue_ms: float = TRACE_QUEUE_MS
+    trace_queue_packets: Optional[int] = None
 
-    def impairment(self, outages: Sequence[tuple[float, float]] = ()) -> Impairment:
-        """This path as an :class:`Impairment`, with ``outages`` in seconds of the schedule."""
+    def trace(self, direction: str) -> Optional[str]:
+        return self.trace_up if direction == "up" else self.trace_down
+
+    def impairment(self, outages: Sequence[tuple[float, float]] = (),
+                   direction: str = "up") -> Impairment:
+        """This path's ``direction`` as an :class:`Impairment`; ``outages`` in seconds of the schedule."""
         from tunnel.lab.impair import Impairment
 
+        trace = self.trace(direction)
         return Impairment(delay_ms=self.delay_ms, jitter_ms=self.jitter_ms,
-                          loss=self.loss_percent / 100, rate_mbit=self.rate_mbit,
-                          outages=tuple(outages))
+                          loss=self.loss_percent / 100,
+                          rate_mbit=self.rate_mbit if trace is None else None,
+                          outages=tuple(outages), trace=trace, trace_scale=self.trace_scale,
+                          trace_queue_ms=self.trace_queue_ms,
+                          trace_queue_packets=self.trace_queue_packets)
 
     def describe(self) -> str:
-        """E.g. ``"30 ms, 2 % loss, 20 Mbit/s"``."""
+        """E.g. ``"30 ms, 2 % loss, 20 Mbit/s"`` or ``"30 ms, up: trace X x8 (15.3 Mbit/s mean), ..."``."""
         parts = [f"{self.delay_ms:g} ms" + (f" ± {self.jitter_ms:g}" if self.jitter_ms else "")]
         if self.loss_percent:
             parts.append(f"{self.loss_percent:g} % loss")
-        if self.rate_mbit is not None:
-            parts.append(f"{self.rate_mbit:g} Mbit/s")
+        traced = [d for d in ("up", "down") if self.trace(d)]
+        if self.rate_mbit is not None and len(traced) < 2:
+            parts.append(f"{self.rate_mbit:g} Mbit/s" + ("" if not traced else
+                                                         f" {'down' if traced == ['up'] else 'up'}"))
+        for d in traced:
+            trace = load_trace(self.trace(d) or "")
+            parts.append(f"{d}: trace {trace.name} x{self.trace_scale:g} "
+                         f"({trace.mean_mbit(self.trace_scale):.1f} Mbit/s mean)")
+        if traced:
+            parts.append(f"{self.trace_queue_packets} packets of queue" if self.trace_queue_packets
+                         else f"{self.trace_queue_ms:g} ms of queue")
         return ", ".join(parts)
 
 
@@ -136,11 +174,11 @@ class Scenario:
         """(t1, t2) seconds into each run during which the outage path is dead, if any."""
         return self.outage.window(self.duration) if self.outage else None
 
-    def impairments(self, with_outage: bool) -> dict[int, Impairment]:
-        """Each path's :class:`Impairment`; ``with_outage`` adds the outage to its path."""
+    def impairments(self, with_outage: bool, direction: str = "up") -> dict[int, Impairment]:
+        """Each path's :class:`Impairment` in ``direction``; ``with_outage`` adds the outage to its path."""
         window = self.outage_window() if with_outage else None
         return {i: spec.impairment([window] if window and self.outage and i == self.outage.path
-                                   else [])
+                                   else [], direction)
                 for i, spec in enumerate(self.paths)}
 
     def media_count(self) -> int:
@@ -227,12 +265,30 @@ def _media_table(path: Path, table: Any, base: Scenario) -> Scenario:
     return replace(base, media_rate=rate, media_size=size)
 
 
+def _trace(sec: _Section, key: str) -> Optional[str]:
+    """A trace key: the file, resolved against the scenario file's folder and read."""
+    value = sec.get(key, str, None, what="a trace file path or a shipped trace's name")
+    if value is None:
+        return None
+    try:
+        found = resolve_trace(value, sec.path.parent)
+        load_trace(found)
+    except TraceError as exc:
+        raise sec.error(key, str(exc)) from None
+    return str(found)
+
+
 def _path_table(path: Path, index: int, table: Any) -> PathSpec:
     sec = _Section(path, f"path {index}", table)
     spec = PathSpec(delay_ms=_number(sec, "delay_ms", 0.0),
                     jitter_ms=_number(sec, "jitter_ms", 0.0),
                     loss_percent=_number(sec, "loss_percent", 0.0),
-                    rate_mbit=_number(sec, "rate_mbit", None))
+                    rate_mbit=_number(sec, "rate_mbit", None),
+                    trace_up=_trace(sec, "trace_up"),
+                    trace_down=_trace(sec, "trace_down"),
+                    trace_scale=_number(sec, "trace_scale", 1.0),
+                    trace_queue_ms=_number(sec, "trace_queue_ms", TRACE_QUEUE_MS),
+                    trace_queue_packets=_number(sec, "trace_queue_packets", None, kind=int))
     sec.finish()
     return spec
 
@@ -289,6 +345,15 @@ def number_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
 
 
+def trace_list(text: str) -> list[Optional[str]]:
+    """argparse type of --trace-up/--trace-down: ``"a.up,,b.up"`` -> ``["a.up", None, "b.up"]``.
+
+    An empty entry or ``none`` is a path without a trace; the files are checked later
+    (:func:`with_overrides`), so that a bad one is a scenario error (exit 2).
+    """
+    return [None if v.strip().lower() in ("", "none") else v.strip() for v in text.split(",")]
+
+
 def mode_list(text: str) -> list[str]:
     """argparse type of --modes: ``"duplicate,balance"`` -> ``["duplicate", "balance"]``."""
     modes = [m.strip() for m in text.split(",") if m.strip()]
@@ -322,6 +387,19 @@ def _per_path(option: str, values: Sequence[float], n_paths: int, limit: str,
     return [checked[min(i, len(checked) - 1)] for i in range(n_paths)]
 
 
+def _per_path_traces(option: str, values: Sequence[Optional[str]], n_paths: int) -> list[Optional[str]]:
+    """Trace names stretched to ``n_paths`` like :func:`_per_path`, resolved and read."""
+    if len(values) > n_paths:
+        raise _cli_error(option, f"{len(values)} values for {n_paths} paths")
+    checked: list[Optional[str]] = []
+    for v in values:
+        try:
+            checked.append(None if v is None else str(load_trace(resolve_trace(v)).path))
+        except TraceError as exc:
+            raise _cli_error(option, str(exc)) from None
+    return [checked[min(i, len(checked) - 1)] for i in range(n_paths)]
+
+
 def _resized(paths: Sequence[PathSpec], n_paths: int) -> list[PathSpec]:
     """``paths`` cut or stretched to ``n_paths`` (added paths copy the last one)."""
     return [paths[min(i, len(paths) - 1)] for i in range(n_paths)]
@@ -331,11 +409,15 @@ def with_overrides(scenario: Scenario, *, duration: Optional[float] = None,
                    modes: Optional[Sequence[str]] = None, paths: Optional[int] = None,
                    delay: Optional[Sequence[float]] = None, loss: Optional[Sequence[float]] = None,
                    rate: Optional[Sequence[float]] = None, no_outage: bool = False,
-                   no_bulk: bool = False) -> Scenario:
+                   no_bulk: bool = False, trace_up: Optional[Sequence[Optional[str]]] = None,
+                   trace_down: Optional[Sequence[Optional[str]]] = None,
+                   trace_scale: Optional[Sequence[float]] = None) -> Scenario:
     """``scenario`` with the command line's options applied (None: not given).
 
-    ``delay`` (ms), ``loss`` (%) and ``rate`` (Mbit/s, 0 = no limit) are per
-    path; a list shorter than the number of paths repeats its last value.
+    ``delay`` (ms), ``loss`` (%), ``rate`` (Mbit/s, 0 = no limit), ``trace_up``
+    and ``trace_down`` (trace files or shipped names, None = no trace) and
+    ``trace_scale`` are per path; a list shorter than the number of paths
+    repeats its last value.
     Without ``paths``, the number of paths is the scenario's, or the longest
     list's.
     """
@@ -345,15 +427,22 @@ def with_overrides(scenario: Scenario, *, duration: Optional[float] = None,
         raise _cli_error("--modes", why)
     if paths is not None and (why := range_error("paths", paths)):
         raise _cli_error("--paths", why)
-    n = paths or max([len(scenario.paths)] + [len(v) for v in (delay, loss, rate) if v])
+    lists = (delay, loss, rate, trace_up, trace_down, trace_scale)
+    n = paths or max([len(scenario.paths)] + [len(v) for v in lists if v])
     if n > MAX_PATHS:
         raise _cli_error("--paths", f"{n} paths (1 to {MAX_PATHS} allowed)")
     specs = _resized(scenario.paths, n)
     for option, values, key in (("--delay", delay, "delay_ms"), ("--loss", loss, "loss_percent"),
-                                ("--rate", rate, "rate_mbit")):
+                                ("--rate", rate, "rate_mbit"),
+                                ("--trace-scale", trace_scale, "trace_scale")):
         if values is not None:
             stretched = _per_path(option, values, n, key, zero_is_none=key == "rate_mbit")
             specs = [replace(s, **{key: v}) for s, v in zip(specs, stretched)]
+    for option, names, key in (("--trace-up", trace_up, "trace_up"),
+                               ("--trace-down", trace_down, "trace_down")):
+        if names is not None:
+            specs = [replace(s, **{key: v})
+                     for s, v in zip(specs, _per_path_traces(option, names, n))]
     outage = None if no_outage else scenario.outage
     if outage and (problem := outage_error(outage, n)):
         raise _cli_error("--paths", f"{problem[1]} for the outage; add --no-outage")
