@@ -25,6 +25,10 @@ Sections (``--sections``):
 - ``aggregation``: one TCP flow through mptun's balance mode over two
   rate-limited paths, against the sum of the link rates, one raw link and
   Linux MPTCP on the same links;
+- ``unequal``: the same on two paths that differ (rates, delays, random or burst loss,
+  cellular traces; the profiles are data, tunnel/lab/bench/profiles.py): best single raw
+  path, Linux MPTCP, mptun ``balance`` and ``lowest-rtt``, and a UDP stream through
+  ``balance`` at 1.3x the faster path's capacity;
 - ``cpu``: CPU per packet of duplicate mode over two paths against one path
   at the same offered load.
 - ``server``: server memory per tunnel (tunnel/lab/servermem.py);
@@ -57,6 +61,7 @@ inside the namespaces: ``python -m tunnel.lab.bench echo-server PORT`` and
 Modules, each importing only those above it:
 
 - ``plan``: what a run sends (:class:`Plan`, ``--quick``'s plan), names, ports, sizes;
+- ``profiles``: the unequal-paths section's profiles (two paths each, as data);
 - ``results``: every figure of every run and its median/min/max; progress lines;
 - ``setups``: the peers and tunnels under test (raw, MPTCP, OpenVPN, WireGuard,
   OpenConnect, mptun), each started and stopped in a lab topology;

@@ -38,7 +38,7 @@ def needed_binaries(args: argparse.Namespace) -> list[str]:
     binaries = ["iperf3", "nft"]
     if "single" in args.sections:
         binaries += [b for name in args.only for b in SETUPS[name].binaries]
-    if "aggregation" in args.sections:
+    if "aggregation" in args.sections or "unequal" in args.sections:
         binaries += list(MptcpSetup.binaries)
     return sorted(set(binaries))
 
@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="A full run (no --quick/--sections/--only) rewrites docs/BENCH.md; a partial one prints"
                " its report on stdout unless --output is given.")
     p.add_argument("--runs", type=int, help=f"runs per figure (median reported; default {Plan.runs})")
-    p.add_argument("--duration", type=float, help=f"seconds per iperf3 test (default {Plan.duration:g})")
+    p.add_argument("--duration", type=float, help=f"seconds per iperf3 test (default {Plan.duration:g}; "
+                                                  f"the unequal section's: {Plan.unequal_duration:g})")
     p.add_argument("--echo-duration", type=float,
                    help=f"seconds of UDP echo (default {Plan.echo_duration:g})")
     p.add_argument("--quick", action="store_true",
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _plan(args: argparse.Namespace) -> Plan:
     plan = QUICK if args.quick else Plan()
     overrides = {k: v for k, v in (("runs", args.runs), ("duration", args.duration),
+                                   ("unequal_duration", args.duration),
                                    ("echo_duration", args.echo_duration)) if v is not None}
     return Plan(**{**vars(plan), **overrides})
 

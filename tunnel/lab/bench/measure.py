@@ -19,9 +19,10 @@ from typing import Callable, Optional
 
 from tunnel.lab import mptcp
 from tunnel.lab.bench.plan import LARGE, MODES, REPO_ROOT, SMALL, STREAM_PORT, Plan
+from tunnel.lab.bench.profiles import PROFILES, Profile
 from tunnel.lab.bench.results import Results, progress
 from tunnel.lab.bench.setups import SETUPS, MptcpSetup, MptunSetup, RawSetup, Setup, lab_topology, started
-from tunnel.lab.bench.traffic import CpuProbe, echo_rtt, sleep_until, tcp_throughput, udp_load
+from tunnel.lab.bench.traffic import CpuProbe, echo_rtt, iperf, sleep_until, tcp_throughput, udp_load
 from tunnel.lab.impair import Impairment, Impairments
 from tunnel.lab.netns import Host, Lab, unique_prefix
 from tunnel.lab.probes import cpu_seconds
@@ -294,6 +295,80 @@ def run_aggregation(args: argparse.Namespace, results: Results) -> None:
                                           for row in results.tables.get("aggregation", {})) + " Mbit/s")
         except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError, LookupError) as exc:
             results.failed("aggregation", f"round {i + 1}", exc)
+
+
+UNEQUAL_MODES = ("balance", "lowest-rtt")  # mptun's rows in the unequal-paths section
+UNEQUAL_UDP_SIZE = LARGE  # payload bytes of its UDP stream
+
+
+def measure_unequal(profile: Profile, plan: Plan, results: Results) -> None:
+    """One round of one profile in a fresh two-path lab: TCP over each raw path alone, Linux
+    MPTCP, mptun per mode, then a UDP stream through `balance` at 1.3x the faster path.
+
+    Every flow starts the delay line's schedule anew, so on a traced profile each row
+    sees the same stretch of the traces (from their beginning).
+    """
+    seconds = plan.unequal_duration
+    said: list[str] = []  # this round's figures, for the progress line
+
+    def add(name: str, figures: dict[str, float]) -> None:
+        results.add("unequal", f"{profile.name}|{name}", figures)
+        if "mbps" in figures:
+            said.append(f"{name} {figures['mbps']:.1f}")
+
+    with lab_topology("bune", 2) as (topo, imp), tempfile.TemporaryDirectory(prefix="mptun-bench-") as tmp:
+        imp.apply(profile.plan())
+
+        def tcp(setup: Setup, extra: tuple[str, ...] = ()) -> float:
+            imp.restart_schedule()
+            return iperf(setup, seconds, extra)["sum_received"]["bits_per_second"] / 1e6
+
+        with started(RawSetup(topo)) as raw:  # a socket bound to path k's address leaves through path k
+            single = [tcp(raw, ("-B", path.client_addr)) for path in topo.paths]
+        best = max(range(len(single)), key=single.__getitem__)
+        add("single", {"mbps": single[best], "best_path": best, **{f"path{k}_mbps": v for k, v in enumerate(single)}})
+        if why := mptcp.available():
+            results.note("unequal", f"Linux MPTCP: not measured: {why}")
+        else:
+            try:
+                with started(MptcpSetup(topo)) as mp:
+                    before = mptcp.mib(topo.client)
+                    mbps = tcp(mp)
+                    add("mptcp", {"mbps": mbps, "joined": mptcp.joined_subflows(before, mptcp.mib(topo.client))})
+            except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
+                results.failed("unequal", f"{profile.name}: MPTCP", exc)
+        for mode in UNEQUAL_MODES:
+            with started(MptunSetup(topo, mode=mode)) as setup:
+                setup.wait_paths(2)
+                add(mode, {"mbps": tcp(setup)})
+                if mode != "balance":
+                    continue
+                mbit = profile.udp_mbit()
+                pps = mbit * 1e6 / (8 * UNEQUAL_UDP_SIZE)
+                imp.restart_schedule()
+                res = run_stream(topo.client, topo.server, SERVER_INNER, STREAM_PORT, pps, UNEQUAL_UDP_SIZE,
+                                 max(1, round(pps * seconds / 2)), tmp)
+                latency = {k: v for k, v in (("p50_ms", res.latency_p50_ms), ("p99_ms", res.latency_p99_ms))
+                           if v is not None}  # none if nothing arrived
+                add("udp", {"offered_mbps": mbit, "loss_pct": 100 * res.loss_ratio, **latency})
+                said.append(f"UDP at {mbit:.1f} Mbit/s {100 * res.loss_ratio:.1f} % lost")
+    progress("  " + ", ".join(said) + " (TCP in Mbit/s; single = the better raw path)")
+
+
+def run_unequal(args: argparse.Namespace, results: Results) -> None:
+    """Aggregation on unequal paths: every profile of :data:`~tunnel.lab.bench.profiles.PROFILES`,
+    round by round (interleaved), each round in fresh labs."""
+    plan: Plan = args.plan
+    for i in range(plan.runs):
+        for profile in PROFILES:
+            if why := profile.unavailable():
+                results.note("unequal", f"{profile.name}: not run: {why}")
+                continue
+            progress(f"unequal paths: {profile.name}, round {i + 1}/{plan.runs}")
+            try:
+                measure_unequal(profile, plan, results)
+            except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError, LookupError) as exc:
+                results.failed("unequal", f"{profile.name} (round {i + 1})", exc)
 
 
 REORDER_DELAYS_MS = (5, 25)  # one-way delay of path 0 and path 1 in the reorder section
@@ -580,6 +655,6 @@ def run_hostile(args: argparse.Namespace, results: Results) -> None:
 
 RUNNERS: dict[str, Callable[[argparse.Namespace, Results], None]] = {
     "single": run_single, "loss": run_loss, "failover": run_failover,
-    "aggregation": run_aggregation, "reorder": run_reorder, "cpu": run_cpu, "server": run_server,
+    "aggregation": run_aggregation, "unequal": run_unequal, "reorder": run_reorder, "cpu": run_cpu, "server": run_server,
     "fleet": run_fleet, "hostile": run_hostile, "marking": run_marking, "webrtc": run_webrtc,
 }

@@ -21,8 +21,8 @@ SMALL, LARGE = 100, 1200  # UDP payload sizes
 SETUP_NAMES = ("raw", "openvpn", "wireguard", "openconnect", "mptun", "mptun-nowarm")
 PEERS = ("openvpn", "wireguard", "openconnect")  # what mptun is compared with
 MODES = ("duplicate", "redundant", "lowest-rtt", "balance", "backup")
-SECTION_NAMES = ("single", "loss", "failover", "aggregation", "reorder", "cpu", "server", "fleet", "hostile",
-                 "marking", "webrtc")
+SECTION_NAMES = ("single", "loss", "failover", "aggregation", "unequal", "reorder", "cpu", "server", "fleet",
+                 "hostile", "marking", "webrtc")
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,11 @@ class Plan:
     failover_pps: float = 100.0
     failover_cut_s: float = 1.5
     link_mbit: float = 20.0  # rate limit of each path for the aggregation test
+    unequal_duration: float = 10.0  # seconds of each TCP flow of the unequal-paths section (its UDP stream: half)
     cpu_pps: int = 5000  # offered load of the CPU test ...
     cpu_size: int = LARGE  # ... in datagrams of this size
     webrtc_seconds: float = 10.0  # length of each WebRTC call
 
 
-QUICK = Plan(runs=1, duration=2.0, echo_duration=3.0, loss_count=1000, failover_count=250, webrtc_seconds=6.0)
+QUICK = Plan(runs=1, duration=2.0, echo_duration=3.0, loss_count=1000, failover_count=250, webrtc_seconds=6.0,
+             unequal_duration=4.0)

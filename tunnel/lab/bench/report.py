@@ -9,7 +9,9 @@ from typing import Callable, Optional
 
 from tunnel.lab.bench.measure import (METRIC, METRICS, REORDER_DELAYS_MS, REORDER_HOLD_MS, ROLLING_FIRST,
                                       ROLLING_PPS, ROLLING_ROW, ROLLING_SECONDS, WEBRTC_OUTAGE_S, Metric)
+from tunnel.lab.bench.measure import UNEQUAL_MODES, UNEQUAL_UDP_SIZE
 from tunnel.lab.bench.plan import ECHO_GRACE, ECHO_RATE, ECHO_SIZE, LARGE, PEERS, SETUP_NAMES, SMALL, Plan
+from tunnel.lab.bench.profiles import PROFILES, UDP_FACTOR, Profile
 from tunnel.lab.bench.results import Results, Stat
 from tunnel.lab.probes import CLK_TCK
 
@@ -128,10 +130,12 @@ def figures_table(report: Report) -> list[str]:
     return rows
 
 
-def targets_table(report: Report) -> list[str]:
+def targets_table(report: Report, targets: Optional[list[Target]] = None) -> list[str]:
+    """``targets`` (default: the foundation targets) as a table with their verdicts."""
     verdict = {True: "met", False: "**not met**", None: "not measured"}
     rows = ["| target | measured | |", "|---|---|---|"]
-    rows += [f"| {t.text} | {t.value} | {'-' if t.info else verdict[t.met]} |" for t in foundation_targets(report)]
+    rows += [f"| {t.text} | {t.value} | {'-' if t.info else verdict[t.met]} |"
+             for t in (foundation_targets(report) if targets is None else targets)]
     return rows
 
 
@@ -339,6 +343,106 @@ one after the other, in every run.
         if extra:
             lines += ["", *extra]
     return lines + _notes(report, "aggregation")
+
+
+UNEQUAL_VS_BEST, UNEQUAL_VS_MPTCP, EQUAL_VS_SUM = 1.0, 0.9, 0.95  # issue 18's targets for balance
+
+
+def _ratio_of(report: Report, section: str, num: str, den: str) -> Optional[float]:
+    a, b = (report.results.median(section, row, "mbps") for row in (num, den))
+    return a / b if a is not None and b else None
+
+
+def unequal_targets(report: Report) -> list[Target]:
+    """Issue 18's targets for `balance`: per profile >= the best single path and >= 0.9x Linux
+    MPTCP; on equal clean paths (the aggregation section's) >= 0.95x the sum of the link rates."""
+    targets = []
+    for factor, den, text in ((UNEQUAL_VS_BEST, "single", "balance >= best single path"),
+                              (UNEQUAL_VS_MPTCP, "mptcp", f"balance >= {UNEQUAL_VS_MPTCP:g}x Linux MPTCP")):
+        for p in PROFILES:
+            r = _ratio_of(report, "unequal", f"{p.name}|balance", f"{p.name}|{den}")
+            targets.append(Target(f"{text}: {p.name}", _fmt_ratio(r), None if r is None else r >= factor))
+    total = 2 * report.plan.link_mbit
+    mbps = report.results.median("aggregation", "mptun", "mbps")
+    r = mbps / total if mbps is not None else None
+    targets.append(Target(f"equal clean paths (aggregation section, 2 x {report.plan.link_mbit:g} Mbit/s): balance"
+                          f" >= {EQUAL_VS_SUM:g}x the sum of the link rates", _fmt_ratio(r),
+                          None if r is None else r >= EQUAL_VS_SUM))
+    return targets
+
+
+def _unequal_row(report: Report, profile: Profile) -> str:
+    results, name = report.results, profile.name
+
+    def cell(row: str, key: str = "mbps", spec: str = "{:.1f}") -> str:
+        return _cell(report, "unequal", f"{name}|{row}", key, spec)
+    paths = {int(k) for k in results.tables.get("unequal", {}).get(f"{name}|single", {}).get("best_path", [])}
+    best = cell("single") + (f" (path {paths.pop()})" if len(paths) == 1 else " (path 0 or 1)" if paths else "")
+    try:
+        total = f"{sum(profile.capacities()):.1f}"
+    except (ImportError, ValueError):  # a trace that cannot be read here
+        total = "-"
+    return _row(name, total, best, cell("mptcp"), *(cell(m) for m in UNEQUAL_MODES),
+                _fmt_ratio(_ratio_of(report, "unequal", f"{name}|balance", f"{name}|single")),
+                _fmt_ratio(_ratio_of(report, "unequal", f"{name}|balance", f"{name}|mptcp")),
+                cell("udp", "offered_mbps"), cell("udp", "loss_pct"),
+                cell("udp", "p50_ms", "{:.0f}") + " / " + cell("udp", "p99_ms", "{:.0f}"))
+
+
+def section_unequal(report: Report) -> list[str]:
+    p = report.plan
+    d = p.unequal_duration
+    lines = [
+        *_text(f"""
+## Multipath: aggregation on unequal paths
+
+Two paths that differ in rate, delay, random or burst loss, or that follow recorded cellular
+traces; one profile per row, listed below (each path the same in both directions, but for
+the traces, which have one file per direction).  Per profile and run, in a fresh lab, one
+after the other: one iperf3 TCP flow client -> server for {d:g} s over each raw path alone
+(iperf3 bound to that path's address; "best single path" is the better of the two in each
+run), with Linux MPTCP over both raw paths (`mptcpize run iperf3`, one subflow endpoint per
+path), and through mptun in `balance` and in `lowest-rtt` mode; then, through `balance`, a
+UDP stream of {UNEQUAL_UDP_SIZE} B datagrams for {d / 2:g} s at {UDP_FACTOR:g}x the faster path's capacity
+(payload bits: more than one path can carry, less than both): its loss and one-way latency.
+Fixed rates are tbf at the router (50 ms of queue); delays, burst loss and the traces are the
+lab's delay line (a trace with the lab's default drop-tail queue, tunnel/lab/linktrace.py); random loss
+is nftables.  The delay line's schedule starts anew before each flow, so on the traced profile
+every row sees the same stretch of the traces.  One round of the section takes about
+{len(PROFILES) * (5.5 * d + 7) / 60:.0f} min (per profile: five TCP flows, the stream, about 7 s of set-up).
+
+Targets (issue 18): `balance` gets at least the best single path in every profile, and at
+least {UNEQUAL_VS_MPTCP:g}x what Linux MPTCP gets on the same paths; on equal clean paths at least
+{EQUAL_VS_SUM:g}x the sum of the link rates (the aggregation section's profile, above).
+"""),
+        "",
+        *[f"- **{prof.name}**: {prof.describe() if not prof.unavailable() else prof.unavailable()}"
+          for prof in PROFILES],
+        *_not_run(report, "unequal"),
+    ]
+    table = report.results.tables.get("unequal", {})
+    if table:
+        lines += ["", "| profile | sum of the path rates (Mbit/s) | best single path (Mbit/s) | Linux MPTCP |"
+                      " mptun `balance` | mptun `lowest-rtt` | balance / best single | balance / MPTCP |"
+                      f" UDP at {UDP_FACTOR:g}x: offered (Mbit/s) | UDP loss (%) | UDP latency p50 / p99 (ms) |",
+                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        for prof in PROFILES:
+            if any(row.startswith(prof.name + "|") for row in table):
+                lines.append(_unequal_row(report, prof))
+            else:
+                why = prof.unavailable() or "no figures (see the notes)"
+                lines.append(_row(prof.name, f"not run: {why}", *["-"] * 9))
+        joins = {prof.name: table.get(f"{prof.name}|mptcp", {}).get("joined", []) for prof in PROFILES}
+        every = [int(v) for values in joins.values() for v in values]
+        if every:
+            lo, hi = min(every), max(every)
+            alone = [name for name, values in joins.items() if 0 in values]
+            lines += ["", f"MPTCP: the client saw {lo if lo == hi else f'{lo} to {hi}'} extra subflows join per run"
+                          " (iperf3's control and data connections each get one per extra path)"
+                          + (f"; none in a run of {', '.join(alone)}: MPTCP fell back to one path there."
+                             if alone else ".")]
+        lines += ["", "### Targets (issue 18)", "", *targets_table(report, unequal_targets(report))]
+    return lines + _notes(report, "unequal")
 
 
 def section_reorder(report: Report) -> list[str]:
@@ -629,7 +733,7 @@ include it, the packets waited).
 
 SECTIONS: list[Callable[[Report], list[str]]] = [
     section_header, section_single_path, section_loss, section_failover, section_aggregation,
-    section_reorder, section_cpu, section_server, section_fleet, section_hostile, section_marking, section_webrtc,
+    section_unequal, section_reorder, section_cpu, section_server, section_fleet, section_hostile, section_marking, section_webrtc,
     section_method]
 
 
@@ -651,4 +755,5 @@ def to_json(report: Report) -> dict:
                        "mptun/raw": report.ratio(k, "mptun", "raw")} for k in METRIC},
         "added_rtt_p50_ms": {s: report.added_rtt(s) for s in results.tables.get("single", {})},
         "targets": [vars(t) for t in foundation_targets(report)],
+        "unequal_targets": [vars(t) for t in unequal_targets(report)] if "unequal" in results.tables else [],
     }
