@@ -96,8 +96,14 @@ def up_pkt(i: int = 0, size: int = 0) -> bytes:
     return ipv4("100.64.0.2", "100.64.0.1", b"u%d" % i + bytes(size))
 
 
-def down_pkt(i: int = 0, dst: str = "100.64.0.2") -> bytes:
-    return ipv4("100.64.0.1", dst, b"d%d" % i)
+def down_pkt(i: int = 0, dst: str = "100.64.0.2", size: int = 0) -> bytes:
+    return ipv4("100.64.0.1", dst, b"d%d" % i + bytes(size))
+
+
+def flow_pkt(i: int, size: int = 1200, up: bool = True) -> bytes:
+    """Packet ``i`` of one UDP flow (fixed ports: one reordering queue), ``size`` bytes of payload."""
+    src, dst = ("100.64.0.2", "100.64.0.1") if up else ("100.64.0.1", "100.64.0.2")
+    return ipv4(src, dst, b"\x13\x88\x13\x89" + b"%06d" % i + bytes(size))
 
 
 # How the lab drives the clients' timers: "step" calls handle_timer at every step of the

@@ -192,7 +192,7 @@ def test_records_after_a_close_in_the_same_datagram_are_ignored(pki: Path, secon
     d = sp.encrypt(frames.encode(frames.Close(0, "bye")), net.now) + sp.encrypt(rec, net.now)
     c.core.receive_datagram("a", d, net.now)
     assert c.core.slots["a"].path is None and c.core.state == C_CONNECTING
-    assert c.core.scheduler.select(up_pkt()) == []
+    assert c.core.scheduler.select(up_pkt(), 0.0) == []
 
 
 # -- reconnecting: back-off, spares, a server that forgot the tunnel --------------------------------

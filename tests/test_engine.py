@@ -18,13 +18,15 @@ import pytest
 from tests.corelab import drive  # noqa: F401  (autouse here: every test runs in both clock modes)
 from tests.corelab import (
     DEAD, INNER_MTU, PROBE, STEP, T0, Client, Net, backup_pair, client_snapshot, down_pkt, frames_seen, ipv4, one_path,
-    server_snapshot, two_paths, up_pkt,
+    flow_pkt, server_snapshot, two_paths, up_pkt,
 )
 from tunnel.wire import frames
 from tunnel.core.client import C_UP
 from tunnel.core.engine import IDLE_AFTER, INF, Outputs, TunnelEngine
+from tunnel.core.bottleneck import Bottleneck
 from tunnel.core.path import P_CLOSED, P_DOWN, P_UP, TICK
 from tunnel.core.policy import Policy, TrafficClass
+from tunnel.core.reorder import HOLD_MARGIN
 
 
 # -- packets both ways, dedup across the paths ------------------------------------------------------
@@ -104,13 +106,16 @@ def test_balance_mode_spreads_packets_over_the_paths(pki: Path, plain) -> None:
     net, c = two_paths(pki, mode="balance")
     assert net.tunnel().scheduler.mode == "balance"
     keys = [k for i in range(10) for k in c.send_up(up_pkt(i))]
-    assert sorted(keys) == ["a"] * 5 + ["b"] * 5  # no measured rates yet: equal shares, one path per packet
+    # equal paths: each packet goes where it arrives first, which alternates (what one packet
+    # adds to a path's queue makes the other one earlier)
+    assert sorted(keys) == ["a"] * 5 + ["b"] * 5
     assert all(keys[i] != keys[i + 1] for i in range(9))
     net.pump()
     t = net.tunnel()
     assert net.server.to_tun == [up_pkt(i) for i in range(10)] and t.dedup.duplicates == 0
-    # the sequence numbers are the tunnel's: the two paths carried complementary halves
-    seqs = {k: [f.seq for f in frames_seen(plain, "server", frames.Data, c.addr(k))] for k in "ab"}
+    # the sequence numbers are the tunnel's: the two paths carried complementary halves (balance
+    # reorders by default: DATA_ORDERED)
+    seqs = {k: [f.seq for f in frames_seen(plain, "server", frames.DataOrdered, c.addr(k))] for k in "ab"}
     assert sorted(seqs["a"] + seqs["b"]) == list(range(1, 11))
 
 
@@ -187,30 +192,37 @@ def _reorder_pair(pki: Path):
 
 def test_balance_with_reorder_delivers_in_order_over_unequal_paths(pki: Path) -> None:
     net, c = _reorder_pair(pki)
-    ups = [up_pkt(i) for i in range(20)]
+    net.advance(0.5)  # the probes measure path b's extra 30 ms
+    # a burst larger than path a's queue budget: the rest spills to b, which arrives later
+    ups = [flow_pkt(i) for i in range(60)]
     keys = [k for p in ups for k in c.send_up(p)]
-    assert set(keys) == {"a", "b"}  # both paths carried some
-    net.advance(0.1)
-    assert net.server.to_tun == ups  # in the order sent, although b's half came 30 ms late
+    assert keys[0] == "a" and set(keys) == {"a", "b"}  # the fast path first, both carried some
+    net.advance(0.2)
+    assert net.server.to_tun == ups  # in the order sent, although b's share came 30 ms late
     st = net.tunnel().reorder.stats()
-    assert st["released"] > 0 and st["skipped"] == 0 and st["held"] == 0
+    assert st["released"] > 0 and st["skipped"] == 0 and st["held"] == 0 and st["timeouts"] == 0
     # and down: the server's reordering class sends DATA_ORDERED too
-    downs = [down_pkt(i) for i in range(20)]
-    for p in downs:
-        net.send_down(p)
-    net.advance(0.1)
+    downs = [flow_pkt(i, up=False) for i in range(60)]
+    keys = [k for p in downs for k in net.send_down(p)]
+    assert set(keys) == {"a", "b"}
+    net.advance(0.2)
     assert c.core.to_tun == downs
     assert c.core.stats()["reorder"]["released"] > 0
 
 
 def test_balance_without_reorder_delivers_out_of_order(pki: Path) -> None:
-    """The control for the test above: the same paths without ``reorder`` reorder packets."""
-    net, c = two_paths(pki, mode="balance")
+    """The control for the test above: the same paths and burst with ``reorder = false``
+    arrive out of order."""
+    from tunnel.core.policy import parse_policy
+
+    policy = parse_policy({"class": [{"name": "bulk", "mode": "balance", "reorder": False}]}, "test")
+    net, c = two_paths(pki, mode="balance", policy=policy)
     net.delay["b"] = 0.030
-    ups = [up_pkt(i) for i in range(20)]
+    net.advance(0.5)
+    ups = [flow_pkt(i) for i in range(60)]
     for p in ups:
         c.send_up(p)
-    net.advance(0.1)
+    net.advance(0.2)
     assert sorted(net.server.to_tun) == sorted(ups) and net.server.to_tun != ups
 
 
@@ -242,6 +254,7 @@ def test_reorder_gap_from_a_lost_packet_is_skipped_when_the_other_path_passes_it
 def test_reorder_hold_time_runs_out_when_no_path_proves_the_loss(pki: Path) -> None:
     net, c = _reorder_pair(pki)
     net.delay["b"] = 0.0
+    net.advance(0.5)  # the probes have measured both paths: no delay spread
     sent = []
 
     def drop(direction, key, data):  # DATA on a is lost while ``sent`` says so
@@ -259,7 +272,8 @@ def test_reorder_hold_time_runs_out_when_no_path_proves_the_loss(pki: Path) -> N
     assert net.server.to_tun == [up_pkt(0), up_pkt(1)] and t.reorder.held == 1
     start = net.now
     net.run_until(lambda: net.server.to_tun[-1] == up_pkt(3), 0.5)
-    assert 0.1 <= net.now - start <= 0.1 + 2 * STEP
+    # the hold is the paths' predicted delay spread (none here) plus a margin, not reorder_ms (100)
+    assert HOLD_MARGIN <= net.now - start <= HOLD_MARGIN + 2 * STEP
     assert t.reorder.stats()["timeouts"] == 1
 
 
@@ -380,10 +394,15 @@ class FakePath:
         self.rx_seq = -1
         self.updated = False
         self.idle = False
+        self.bottleneck = None
+        self.feedback_interval = 0.0
 
     @property
     def alive(self) -> bool:
         return self.state != P_CLOSED
+
+    def want_feedback(self, wanted: bool) -> None:
+        self.bottleneck = Bottleneck(0.0, self.srtt) if wanted else None
 
     def encrypt(self, record: bytes, now: float) -> bytes:
         return record
@@ -471,3 +490,45 @@ class TestEngineAlone:
         assert not e.idle and not a.idle
         never = engine(FakePath("b"))  # without idle_probe_interval: always probing fast
         assert never.service(T0 + 100) == INF and not never.idle
+
+
+# -- FEEDBACK: the receiver's report that balance's earliest-arrival choice runs on ----------------
+def test_balance_asks_for_feedback_and_its_models_learn_the_paths(pki: Path) -> None:
+    net, c = _reorder_pair(pki)  # path b 30 ms slower each way
+    net.advance(0.5)
+    for i in range(200):
+        c.send_up(flow_pkt(i))
+        net.advance(0.002)
+    net.advance(0.2)
+    sa, sb = net.spath(c, "a"), net.spath(c, "b")
+    assert sa.feedback_interval > 0 and sb.feedback_interval > 0  # asked for in FEEDBACK_WANTED
+    assert sa.feedbacks_sent > 0  # the server reported the DATA it got on a
+    ba, bb = c.path("a").bottleneck, c.path("b").bottleneck
+    assert ba.samples > 0
+    assert bb.base_rtt >= ba.base_rtt + 0.055  # b's extra 60 ms round trip is in its model
+
+
+def test_duplicate_mode_neither_asks_for_nor_sends_feedback(pki: Path) -> None:
+    net, c = two_paths(pki, mode="duplicate")
+    for i in range(50):
+        c.send_up(up_pkt(i))
+        net.advance(0.01)
+    assert c.path("a").bottleneck is None
+    assert net.spath(c, "a").feedback_interval == 0 and net.spath(c, "a").feedbacks_sent == 0
+
+
+def test_a_peer_that_predates_feedback_still_answers_the_probes(pki: Path) -> None:
+    """FEEDBACK_WANTED rides in the PING's datagram as a record of its own: a server that
+    does not know it drops that record (malformed) and still answers the PING."""
+    net, c = _reorder_pair(pki)
+    old = net.server._handlers
+    old[frames.FEEDBACK_WANTED] = old[0x7F]  # what an older server does with an unknown frame type
+    old[frames.FEEDBACK] = old[0x7F]
+    net.advance(2.0)
+    assert c.path("a").state == P_UP and c.path("b").state == P_UP
+    assert net.spath(c, "a").feedback_interval == 0  # it never learnt it was asked
+    ups = [flow_pkt(i) for i in range(20)]
+    for p in ups:
+        c.send_up(p)
+    net.advance(0.3)
+    assert sorted(net.server.to_tun) == sorted(ups)

@@ -80,6 +80,11 @@ CONTROL_FRAMES = [
     Config(TID, [ipaddress.ip_interface("100.64.0.2/24")], 65535, 2**62 - 1, 2**30, []),
     Ping(0),
     Ping(2**64 - 1),
+    frames.FeedbackWanted(0),
+    frames.FeedbackWanted(25),
+    frames.Feedback(0, 0, 0),
+    frames.Feedback(77, 123_456, 5, 900),
+    frames.Feedback(2**62 - 1, 2**62 - 1, frames.FEEDBACK_CLOCK - 1, 2**62 - 1),
     Pong(0x0123456789ABCDEF),
     Pong(7, 90, 123_456),
     Pong(2**64 - 1, 2**62 - 1, 2**62 - 1),
@@ -264,6 +269,21 @@ def test_trailing_bytes_rejected(frame) -> None:
             frames.parse(wire + extra)
 
 
+def test_feedback_wanted_wire_format() -> None:
+    assert frames.encode(frames.FeedbackWanted(20)) == b"\x09\x14"
+    assert frames.parse(b"\x09" + v(300)) == frames.FeedbackWanted(300)
+
+
+def test_feedback_wire_format() -> None:
+    # type, highest sequence number, bytes received, receive time (us mod 2**30), ack delay (us)
+    wire = frames.encode(frames.Feedback(77, 123_456, 5, 900))
+    assert wire == b"\x08" + v(77) + v(123_456) + v(5) + v(900)
+    with pytest.raises(FrameError, match="receive time"):
+        frames.parse(b"\x08" + v(1) + v(1) + v(frames.FEEDBACK_CLOCK) + v(0))
+    with pytest.raises(ValueError):
+        frames.encode(frames.Feedback(1, 1, frames.FEEDBACK_CLOCK))
+
+
 def test_empty_record_rejected() -> None:
     with pytest.raises(FrameError):
         frames.parse(b"")
@@ -290,7 +310,7 @@ def test_data_truncated_seq_rejected(seq: int) -> None:
 
 @pytest.mark.parametrize(
     "wire",
-    [b"\x00", b"\x08", b"\x3f", b"\x00" + bytes(20), b"\x08\x01\x02", b"\x41\x00", v(2**62 - 1) + b"x", v(0x1234)],
+    [b"\x00", b"\x0a", b"\x3f", b"\x00" + bytes(20), b"\x0a\x01\x02", b"\x41\x00", v(2**62 - 1) + b"x", v(0x1234)],
 )
 def test_unknown_type_rejected(wire: bytes) -> None:
     with pytest.raises(FrameError, match="unknown frame type"):
@@ -399,7 +419,7 @@ def _parse_or_frame_error(data: bytes):
         frame = frames.parse(data)
     except FrameError:
         return None
-    assert isinstance(frame, (Hello, Config, Data, frames.DataOrdered, Ping, Pong, Close))
+    assert isinstance(frame, (Hello, Config, Data, frames.DataOrdered, Ping, Pong, frames.Feedback, frames.FeedbackWanted, Close))
     return frame
 
 

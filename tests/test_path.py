@@ -175,12 +175,12 @@ def test_one_way_loss_moves_traffic_off_the_path_quickly(pki: Path, direction: s
     net, c = backup_pair(pki)
     if direction == "up":
         def on_b() -> bool:  # the client still sends upstream on b
-            return [p.key for p in c.core.scheduler.select(up_pkt())] == ["b"]
+            return [p.key for p in c.core.scheduler.select(up_pkt(), 0.0)] == ["b"]
     else:
         sb = net.spath(c, "b")
 
         def on_b() -> bool:  # the server still sends downstream on b
-            return net.tunnel().scheduler.select(down_pkt()) == [sb]
+            return net.tunnel().scheduler.select(down_pkt(), 0.0) == [sb]
     assert on_b()
     (net.drop_up if direction == "up" else net.drop_down).add("b")
     t_cut = net.now

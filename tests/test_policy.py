@@ -359,7 +359,10 @@ def test_class_defaults_and_reorder_on_balance() -> None:
     p = policy_of({"name": "bulk", "match": {"protocol": "tcp"}, "reorder": True, "reorder_ms": 20}, {"name": "d"})
     c, d = p.classes
     assert (c.mode, c.reorder, c.reorder_ms) == ("balance", True, 20)
-    assert (d.name, d.mode, d.redundancy, d.outer_dscp, d.reorder, d.reorder_ms) == ("d", "balance", 2, 0, False, 50)
+    # balance reorders unless told not to (the hold follows the paths; reorder_ms until they have models)
+    assert (d.name, d.mode, d.redundancy, d.outer_dscp, d.reorder, d.reorder_ms) == ("d", "balance", 2, 0, True, 50)
+    assert not policy_of({"name": "x", "reorder": False}).classes[0].reorder
+    assert not policy_of({"name": "x", "mode": "duplicate"}).classes[0].reorder
     unnamed = policy_of({"match": {"protocol": "tcp"}}, {})
     assert [x.name for x in unnamed.classes] == ["#1", "#2"]
 

@@ -141,7 +141,7 @@ def test_floor_ignores_down_paths() -> None:
 # -- end to end: real daemons over two paths with different delays ------------------------------------
 @pytest.fixture
 def unequal_paths(request, tmp_path):
-    """Two lab paths, 2 ms and 25 ms one way each; yields (topology, tmp_path)."""
+    """Two lab paths, 2 ms (4 Mbit/s) and 25 ms one way each; yields (topology, tmp_path)."""
     from tunnel.lab.impair import Impairment, Impairments
     from tunnel.lab.netns import Lab, unique_prefix
     from tunnel.lab.topology import MultipathTopology
@@ -149,7 +149,7 @@ def unequal_paths(request, tmp_path):
     with Lab(unique_prefix(request.node.name.removeprefix("test_"))) as lab:
         topo = MultipathTopology(lab, n_paths=2)
         with Impairments(topo, seed=3) as imp:
-            imp.set(0, Impairment(delay_ms=2))
+            imp.set(0, Impairment(delay_ms=2, rate_mbit=4))
             imp.set(1, Impairment(delay_ms=25))
             yield topo, tmp_path
 
@@ -161,7 +161,7 @@ def _balanced_stream(topo, tmp_path, reorder: bool):
 
     policy = tmp_path / f"policy-{reorder}.toml"
     policy.write_text('[[class]]\nname = "all"\nmode = "balance"\n'
-                      + ("reorder = true\nreorder_ms = 200\n" if reorder else ""))
+                      + ("reorder = true\n" if reorder else "reorder = false\n"))
     stack = TunnelStack(topo.server, topo.client, topo.server_addr, workdir=tmp_path / f"stack-{reorder}",
                         server_overrides={"policy": str(policy)},
                         client_overrides={"mode": "balance", "policy": str(policy)})
@@ -169,7 +169,8 @@ def _balanced_stream(topo, tmp_path, reorder: bool):
     try:
         wait_for(lambda: sum(p.get("joined", False) and p["state"] == "up"
                              for p in stack.client_status()["paths"]) == 2, 15, message="two paths")
-        res = run_stream(topo.client, topo.server, SERVER_INNER, 5006, rate=400, size=200, count=1200,
+        # 6.4 Mbit/s: more than the fast path carries, so balance spills onto the slow one
+        res = run_stream(topo.client, topo.server, SERVER_INNER, 5006, rate=800, size=1000, count=2400,
                          workdir=tmp_path)
         return res, stack.server_status()["tunnels"][0]
     finally:
@@ -178,8 +179,9 @@ def _balanced_stream(topo, tmp_path, reorder: bool):
 
 @pytest.mark.netns
 def test_balance_over_unequal_paths_is_put_back_in_order(unequal_paths) -> None:
-    """Without reordering, balance mode over 2 ms and 25 ms paths delivers much out of order;
-    with ``reorder = true`` the same stream arrives in order and nothing is lost on the way."""
+    """A stream above the fast path's rate spills onto the slow one (2 ms and 25 ms paths):
+    without reordering much arrives out of order; with ``reorder = true`` (balance's default)
+    the same stream arrives in order and nothing is lost on the way."""
     topo, tmp_path = unequal_paths
     plain, plain_tunnel = _balanced_stream(topo, tmp_path, reorder=False)
     ordered, tunnel = _balanced_stream(topo, tmp_path, reorder=True)

@@ -51,7 +51,7 @@ def sched(mode: str, paths: list, **kw) -> Scheduler:
 def counts(s: Scheduler, n: int, packet: bytes = PKT) -> Counter:
     c: Counter = Counter()
     for _ in range(n):
-        for p in s.select(packet):
+        for p in s.select(packet, 0.0):
             c[p.name] += 1
     return c
 
@@ -78,22 +78,22 @@ def test_defaults_and_redundancy_floor() -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_no_paths_selects_nothing(mode: str) -> None:
     s = Scheduler(mode)
-    assert s.select(PKT) == []
+    assert s.select(PKT, 0.0) == []
     s.refresh([])
-    assert s.select(PKT) == []
+    assert s.select(PKT, 0.0) == []
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_paths_that_are_not_live_are_never_chosen(mode: str) -> None:
     s = sched(mode, [FakePath("h", state="handshaking"), FakePath("c", state="closed")])
-    assert s.select(PKT) == []
+    assert s.select(PKT, 0.0) == []
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_one_path_every_mode(mode: str) -> None:
     a = FakePath("a")
     s = sched(mode, [a])
-    assert all(s.select(PKT) == [a] for _ in range(5))
+    assert all(s.select(PKT, 0.0) == [a] for _ in range(5))
 
 
 # -- duplicate ----------------------------------------------------------------------------
@@ -101,23 +101,23 @@ def test_duplicate_sends_on_every_established_path_down_ones_included() -> None:
     """Probes lost to random loss can make a live path look down: its copies still help."""
     a, b, c, d = FakePath("a"), FakePath("b", state=DEGRADED), FakePath("c", state=DOWN), FakePath("d", srtt=None)
     s = sched("duplicate", [a, b, c, d])
-    assert s.select(PKT) == [a, b, c, d]
+    assert s.select(PKT, 0.0) == [a, b, c, d]
     assert counts(s, 100) == {"a": 100, "b": 100, "c": 100, "d": 100}
 
 
 def test_duplicate_never_uses_a_path_that_is_not_established() -> None:
     a, b = FakePath("a", state=DOWN), FakePath("b", state=DOWN)
     s = sched("duplicate", [a, b, FakePath("h", state="handshaking"), FakePath("x", state="closed")])
-    assert s.select(PKT) == [a, b]
+    assert s.select(PKT, 0.0) == [a, b]
 
 
 def test_selection_is_fixed_until_refresh() -> None:
     a, b = FakePath("a"), FakePath("b")
     s = sched("backup", [a, b])
     a.state = DOWN
-    assert s.select(PKT) == [a]  # per-packet work does not look at the paths
+    assert s.select(PKT, 0.0) == [a]  # per-packet work does not look at the paths
     s.refresh([a, b])
-    assert s.select(PKT) == [b]
+    assert s.select(PKT, 0.0) == [b]
 
 
 # -- redundant ---------------------------------------------------------------------------------
@@ -127,15 +127,15 @@ def test_redundant_takes_the_k_best() -> None:
     c = FakePath("c", srtt=0.020)
     d = FakePath("d", srtt=0.005, loss=0.9)  # score 0.005 * (1 + 9) = 0.05: the fastest RTT, but lossy
     s = sched("redundant", [a, b, c, d], redundancy=2)
-    assert s.select(PKT) == [b, c]
+    assert s.select(PKT, 0.0) == [b, c]
     assert counts(s, 10) == {"b": 10, "c": 10}
-    assert sched("redundant", [a, b, c, d], redundancy=3).select(PKT) == [b, c, a]
-    assert len(sched("redundant", [a, b], redundancy=5).select(PKT)) == 2
+    assert sched("redundant", [a, b, c, d], redundancy=3).select(PKT, 0.0) == [b, c, a]
+    assert len(sched("redundant", [a, b], redundancy=5).select(PKT, 0.0)) == 2
 
 
 def test_redundant_unknown_rtt_counts_as_one_second() -> None:
     a, b, c = FakePath("a", srtt=None), FakePath("b", srtt=0.9), FakePath("c", srtt=1.5)
-    assert sched("redundant", [a, b, c], redundancy=2).select(PKT) == [b, a]
+    assert sched("redundant", [a, b, c], redundancy=2).select(PKT, 0.0) == [b, a]
 
 
 def test_redundant_prefers_up_over_degraded_over_down() -> None:
@@ -143,60 +143,60 @@ def test_redundant_prefers_up_over_degraded_over_down() -> None:
     up = FakePath("up", srtt=0.5)
     deg = FakePath("deg", state=DEGRADED, srtt=0.001)
     down = FakePath("down", state=DOWN, srtt=0.001)
-    assert sched("redundant", [up, deg, down], redundancy=2).select(PKT) == [up, deg]
-    assert sched("redundant", [up, deg, down], redundancy=1).select(PKT) == [up]
+    assert sched("redundant", [up, deg, down], redundancy=2).select(PKT, 0.0) == [up, deg]
+    assert sched("redundant", [up, deg, down], redundancy=1).select(PKT, 0.0) == [up]
     up.state = DOWN
-    assert sched("redundant", [up, deg, down], redundancy=2).select(PKT) == [deg]
+    assert sched("redundant", [up, deg, down], redundancy=2).select(PKT, 0.0) == [deg]
     deg.state = DOWN
-    assert sched("redundant", [up, deg, down], redundancy=2).select(PKT) == [deg, down]
+    assert sched("redundant", [up, deg, down], redundancy=2).select(PKT, 0.0) == [deg, down]
 
 
 # -- lowest-rtt --------------------------------------------------------------------------------
 def test_lowest_rtt_picks_the_fastest() -> None:
     a, b, c = FakePath("a", srtt=0.050), FakePath("b", srtt=0.020), FakePath("c", srtt=0.080)
     s = sched("lowest-rtt", [a, b, c])
-    assert s.select(PKT) == [b] and counts(s, 50) == {"b": 50}
+    assert s.select(PKT, 0.0) == [b] and counts(s, 50) == {"b": 50}
 
 
 def test_lowest_rtt_score_includes_loss() -> None:
     a = FakePath("a", srtt=0.020, loss=0.2)  # 0.020 * 3 = 0.060
     b = FakePath("b", srtt=0.050)
-    assert sched("lowest-rtt", [a, b]).select(PKT) == [b]
+    assert sched("lowest-rtt", [a, b]).select(PKT, 0.0) == [b]
 
 
 def test_lowest_rtt_hysteresis_ten_percent() -> None:
     a, b = FakePath("a", srtt=0.100), FakePath("b", srtt=0.120)
     s = sched("lowest-rtt", [a, b])
-    assert s.select(PKT) == [a]
+    assert s.select(PKT, 0.0) == [a]
     b.srtt = 0.095  # better, but not by 10 %: stay
     s.refresh([a, b])
-    assert s.select(PKT) == [a]
+    assert s.select(PKT, 0.0) == [a]
     b.srtt = 0.0905
     s.refresh([a, b])
-    assert s.select(PKT) == [a]
+    assert s.select(PKT, 0.0) == [a]
     b.srtt = 0.089  # more than 10 % faster: switch
     s.refresh([a, b])
-    assert s.select(PKT) == [b]
+    assert s.select(PKT, 0.0) == [b]
     a.srtt = 0.085  # and the same margin protects b now
     s.refresh([a, b])
-    assert s.select(PKT) == [b]
+    assert s.select(PKT, 0.0) == [b]
     a.srtt = 0.070
     s.refresh([a, b])
-    assert s.select(PKT) == [a]
+    assert s.select(PKT, 0.0) == [a]
 
 
 def test_lowest_rtt_switches_at_once_when_the_current_path_fails() -> None:
     a, b = FakePath("a", srtt=0.010), FakePath("b", srtt=0.200)
     s = sched("lowest-rtt", [a, b])
-    assert s.select(PKT) == [a]
+    assert s.select(PKT, 0.0) == [a]
     a.state = DOWN
     s.refresh([a, b])
-    assert s.select(PKT) == [b]
+    assert s.select(PKT, 0.0) == [b]
     a.state = UP  # back, and clearly faster: back to a
     s.refresh([a, b])
-    assert s.select(PKT) == [a]
+    assert s.select(PKT, 0.0) == [a]
     s.refresh([b])  # a removed
-    assert s.select(PKT) == [b]
+    assert s.select(PKT, 0.0) == [b]
 
 
 def test_lowest_rtt_degraded_current_gives_way_to_an_up_path() -> None:
@@ -204,7 +204,7 @@ def test_lowest_rtt_degraded_current_gives_way_to_an_up_path() -> None:
     s = sched("lowest-rtt", [a, b])
     a.state = DEGRADED
     s.refresh([a, b])
-    assert s.select(PKT) == [b]
+    assert s.select(PKT, 0.0) == [b]
 
 
 # -- backup -------------------------------------------------------------------------------------
@@ -213,35 +213,35 @@ def test_backup_uses_priority_order() -> None:
     b = FakePath("b", priority=0, srtt=0.5)
     c = FakePath("c", priority=1)
     s = sched("backup", [a, b, c])
-    assert s.select(PKT) == [b]
+    assert s.select(PKT, 0.0) == [b]
     b.state = DOWN
     s.refresh([a, b, c])
-    assert s.select(PKT) == [c]
+    assert s.select(PKT, 0.0) == [c]
     c.state = DEGRADED
     s.refresh([a, b, c])
-    assert s.select(PKT) == [a]  # an up path beats a degraded one of higher priority
+    assert s.select(PKT, 0.0) == [a]  # an up path beats a degraded one of higher priority
     a.state = DOWN
     s.refresh([a, b, c])
-    assert s.select(PKT) == [c]
+    assert s.select(PKT, 0.0) == [c]
     c.state = DOWN
     s.refresh([a, b, c])
-    assert s.select(PKT) == [b]  # all down: still the first choice
+    assert s.select(PKT, 0.0) == [b]  # all down: still the first choice
     b.state = UP
     s.refresh([a, b, c])
-    assert s.select(PKT) == [b]
+    assert s.select(PKT, 0.0) == [b]
 
 
 def test_fallback_up_degraded_down_in_single_path_modes() -> None:
     for mode in ("lowest-rtt", "backup", "redundant", "balance"):
         up, deg, down = FakePath("up"), FakePath("deg", state=DEGRADED), FakePath("down", state=DOWN)
         s = sched(mode, [down, deg, up], redundancy=1)
-        assert {p.name for _ in range(20) for p in s.select(PKT)} == {"up"}, mode
+        assert {p.name for _ in range(20) for p in s.select(PKT, 0.0)} == {"up"}, mode
         up.state = DOWN
         s.refresh([down, deg, up])
-        assert {p.name for _ in range(20) for p in s.select(PKT)} == {"deg"}, mode
+        assert {p.name for _ in range(20) for p in s.select(PKT, 0.0)} == {"deg"}, mode
         deg.state = DOWN
         s.refresh([down, deg, up])
-        got = {p.name for _ in range(20) for p in s.select(PKT)}
+        got = {p.name for _ in range(20) for p in s.select(PKT, 0.0)}
         assert got and got <= {"down", "deg", "up"}, mode
 
 
@@ -290,12 +290,12 @@ def test_balance_is_smooth() -> None:
     """Smooth weighted round robin: 1:1 alternates, 1:2 never sends three in a row to one path."""
     a, b = FakePath("a"), FakePath("b")
     s = sched("balance", [a, b])
-    seq = [s.select(PKT)[0].name for _ in range(10)]
+    seq = [s.select(PKT, 0.0)[0].name for _ in range(10)]
     assert seq in (["a", "b"] * 5, ["b", "a"] * 5)
     a.loss = 0.5  # both congested, delivering 1 : 2
     c2 = FakePath("c", rate=2 * RATE_FLOOR, loss=0.5)
     s = sched("balance", [a, c2])
-    seq = "".join(s.select(PKT)[0].name for _ in range(30))
+    seq = "".join(s.select(PKT, 0.0)[0].name for _ in range(30))
     assert seq.count("c") == 20 and "ccc" not in seq and "aa" not in seq
 
 
@@ -308,9 +308,9 @@ def test_balance_only_uses_the_best_state() -> None:
 def test_balance_keeps_credit_across_refresh() -> None:
     a, b = FakePath("a"), FakePath("b")
     s = sched("balance", [a, b])
-    first = s.select(PKT)[0]
+    first = s.select(PKT, 0.0)[0]
     s.refresh([a, b])  # an unchanged refresh does not restart the rotation
-    assert s.select(PKT)[0] is not first
+    assert s.select(PKT, 0.0)[0] is not first
 
 
 # -- pin_flows -----------------------------------------------------------------------------------------
@@ -319,7 +319,7 @@ def test_pin_flows_keeps_a_five_tuple_on_one_path() -> None:
     s = sched("balance", [a, b, c], pin_flows=True)
     for sport in range(1000, 1050):
         flow = [ipv4(sport=sport, payload=bytes([i]) * i) for i in range(1, 20)]
-        chosen = {s.select(p)[0].name for p in flow}
+        chosen = {s.select(p, 0.0)[0].name for p in flow}
         assert len(chosen) == 1, sport
 
 
@@ -329,7 +329,7 @@ def test_pin_flows_spreads_many_flows_by_weight() -> None:
     c: Counter = Counter()
     for i in range(10_000):
         src = f"100.64.{i // 250}.{i % 250 + 1}"
-        c[s.select(ipv4(src=src, proto=6, sport=1024 + i % 50000, dport=443))[0].name] += 1
+        c[s.select(ipv4(src=src, proto=6, sport=1024 + i % 50000, dport=443), 0.0)[0].name] += 1
     assert c["b"] / 10_000 == pytest.approx(0.75, abs=0.03)
 
 
@@ -342,7 +342,7 @@ def test_pin_flows_without_a_flow_falls_back_to_round_robin() -> None:
 
 def test_pin_flows_only_matters_for_balance() -> None:
     a, b = FakePath("a"), FakePath("b")
-    assert sched("duplicate", [a, b], pin_flows=True).select(PKT) == [a, b]
+    assert sched("duplicate", [a, b], pin_flows=True).select(PKT, 0.0) == [a, b]
 
 
 # -- flow_hash ----------------------------------------------------------------------------------------------
@@ -425,7 +425,7 @@ def test_target_loss_adds_copies_on_the_least_lossy_path_until_below_target() ->
     s = Scheduler("duplicate", target_loss=0.005)
     s.refresh([a, b])
     # 0.10 * 0.12 = 1.2 % > 0.5 %: one more copy on a (the less lossy) -> 0.12 %
-    assert s.select(b"") == [a, b]  # the first copies, sent at once
+    assert s.select(b"", 0.0) == [a, b]  # the first copies, sent at once
     assert s.extra == [[a]] and s.extra_copies == 1  # the extra one, sent a tick later
 
 
@@ -433,14 +433,14 @@ def test_target_loss_met_by_plain_duplicates_adds_nothing() -> None:
     a, b = FakePath("a", loss=0.02), FakePath("b", loss=0.02)
     s = Scheduler("duplicate", target_loss=0.005)
     s.refresh([a, b])
-    assert s.select(b"") == [a, b] and s.extra == [] and s.extra_copies == 0
+    assert s.select(b"", 0.0) == [a, b] and s.extra == [] and s.extra_copies == 0
 
 
 def test_target_loss_on_one_path_sends_up_to_max_copies() -> None:
     a = FakePath("a", loss=0.3)
     s = Scheduler("duplicate", target_loss=0.001)
     s.refresh([a])
-    assert s.select(b"") == [a]
+    assert s.select(b"", 0.0) == [a]
     assert s.extra == [[a]] * (scheduler.MAX_COPIES - 1)  # 2.7 % is still above, but copies are capped
 
 
@@ -448,7 +448,7 @@ def test_target_loss_ignores_down_and_dead_paths() -> None:
     a, b = FakePath("a", loss=0.10), FakePath("b", state=DOWN, loss=1.0)
     s = Scheduler("duplicate", target_loss=0.005)
     s.refresh([a, b])
-    assert s.select(b"") == [a, b]
+    assert s.select(b"", 0.0) == [a, b]
     assert s.extra == [[a], [a]]  # 10 % -> 1 % -> 0.1 %, none extra on b
 
 

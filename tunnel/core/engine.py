@@ -30,15 +30,16 @@ from typing import Optional
 
 from tunnel.wire import frames
 from tunnel.core.dedup import DedupWindow
-from tunnel.wire.ecn import decapsulate
+from tunnel.wire.ecn import CE, decapsulate
 from tunnel.core.path import TICK, Path
 from tunnel.core.policy import Policy
-from tunnel.core.reorder import Reorderer, floor, queue_of
+from tunnel.core.reorder import HOLD_MARGIN, Reorderer, floor, queue_of
 from tunnel.core.scheduler import ExtraCopies, Scheduler
 from tunnel.core.warm import warm_pass
 
 IDLE_AFTER = 1.0  # seconds without DATA before the paths probe every idle_probe_interval
 INF = float("inf")
+HOLD_UNITS_PER_S = 1000 / frames.HOLD_UNIT_MS
 
 
 class Outputs:
@@ -129,9 +130,14 @@ class TunnelEngine:
     def set_policy(self, policy: Policy) -> None:
         """Install a (new) policy: one scheduler per traffic class."""
         self.policy = policy
+        # balance predicts arrival per path: the paths model their bottleneck and ask for FEEDBACK
+        self.feedback = any(c.mode == "balance" for c in policy.classes)
+        for p in self.paths:
+            p.want_feedback(self.feedback)
         self.schedulers = [Scheduler(c.mode, c.redundancy, self.pin_flows, c.target_loss) for c in policy.classes]
         self.class_packets = [0] * len(policy.classes)  # packets per class
         self.class_copies = [0] * len(policy.classes)  # datagrams sent for them (duplicates count)
+        self.class_shed = [0] * len(policy.classes)  # balance: packets marked CE or dropped for a full queue
         self.refresh()
         self.out.timer_dirty = True
 
@@ -147,6 +153,7 @@ class TunnelEngine:
 
     def attach(self, path: Path) -> None:
         path.tunnel = self
+        path.want_feedback(self.feedback)
         self.paths.append(path)
         self.refresh()
 
@@ -170,9 +177,14 @@ class TunnelEngine:
         policy = self.policy
         c = policy.classify(pkt)
         sched = self.schedulers[c.index]
-        paths = sched.select(pkt)
+        paths = sched.select(pkt, now)
         if not paths:
             return False
+        if sched.over:  # balance: every path's queue is full enough; an AQM's verdict
+            self.class_shed[c.index] += 1
+            pkt = decapsulate(CE, pkt)  # ECN-capable: marked CE; else dropped
+            if pkt is None:
+                return True
         tos = policy.outer_tos(c, pkt)
         self.last_data = now
         if self.idle:
@@ -182,7 +194,9 @@ class TunnelEngine:
             q = queue_of(pkt)
             qseq = self.qseq[q]
             self.qseq[q] = (qseq + 1) & 0xFFFF
-            record = frames.encode_data_ordered(seq, q, qseq, c.hold_units, pkt)
+            hold = sched.hold  # the paths' delay spread, or None: the class's reorder_ms
+            units = c.hold_units if hold is None else min(255, int((hold + HOLD_MARGIN) * HOLD_UNITS_PER_S) + 1)
+            record = frames.encode_data_ordered(seq, q, qseq, units, pkt)
         else:
             record = frames.encode_data(seq, pkt)
         datagrams = self.out.datagrams
@@ -190,6 +204,8 @@ class TunnelEngine:
             dgram = path.encrypt(record, now)
             if dgram is not None:
                 datagrams.append((path.key, dgram, tos))
+                if path.bottleneck is not None:
+                    path.bottleneck.sent(seq, len(record), now)
         self.class_packets[c.index] += 1
         self.class_copies[c.index] += len(paths)
         if sched.extra:  # target_loss: more copies, one round per tick
@@ -197,7 +213,7 @@ class TunnelEngine:
             if not self.extra.pending:
                 self.extra_due = now + TICK
                 self.out.timer_dirty = True
-            self.extra.defer(sched.extra, record, tos)
+            self.extra.defer(sched.extra, record, tos, seq)
         return True
 
     # -- receiving -----------------------------------------------------
@@ -213,6 +229,8 @@ class TunnelEngine:
             return
         if seq > path.rx_seq:
             path.rx_seq = seq
+            if path.feedback_interval:
+                path.data_arrived(now)
         if self.dedup.accept(seq):  # first: copies of one packet count once below
             self.deliver(pkt, tos, now)
         if self.reorder.waiting:  # this packet may prove a gap in an ordered queue lost
@@ -230,6 +248,8 @@ class TunnelEngine:
             return
         if seq > path.rx_seq:
             path.rx_seq = seq
+            if path.feedback_interval:
+                path.data_arrived(now)
         if not self.dedup.accept(seq):
             return
         admitted = self.admit(pkt, tos)
@@ -316,8 +336,9 @@ class TunnelEngine:
         """What both roles report of a tunnel's data plane."""
         return {
             "classes": [
-                {"name": c.name, "mode": c.mode, "outer_dscp": c.outer_dscp, "packets": n, "copies": k}
-                for c, n, k in zip(self.policy.classes, self.class_packets, self.class_copies)
+                {"name": c.name, "mode": c.mode, "outer_dscp": c.outer_dscp, "packets": n, "copies": k,
+                 "shed": s}
+                for c, n, k, s in zip(self.policy.classes, self.class_packets, self.class_copies, self.class_shed)
             ],
             "ecn_dropped": self.ecn_dropped,
             "delivered": self.dedup.delivered,
@@ -337,6 +358,8 @@ def frame_handlers(default, handlers: dict) -> list:
     table = [default] * 256
     table[frames.PING] = Path.on_ping
     table[frames.PONG] = Path.on_pong
+    table[frames.FEEDBACK] = Path.on_feedback
+    table[frames.FEEDBACK_WANTED] = Path.on_feedback_wanted
     table[frames.DATA] = _to_tunnel(TunnelEngine.on_data, default)
     table[frames.DATA_ORDERED] = _to_tunnel(TunnelEngine.on_data_ordered, default)
     for kind, handler in handlers.items():

@@ -98,10 +98,11 @@ class PathEstimator:
             self.probes_lost += 1
         self._pings[token] = (now, tx_records)
 
-    def on_pong(self, token: int, now: float, peer_rx: int, peer_rx_bytes: int) -> None:
+    def on_pong(self, token: int, now: float, peer_rx: int, peer_rx_bytes: int) -> Optional[float]:
+        """A PONG; returns its round-trip sample (None: not a PONG for a PING we wait for)."""
         sent = self._pings.pop(token, None)
         if sent is None:
-            return
+            return None
         sent_at, tx = sent
         for older in [t for t in self._pings if t < token]:  # overtaken: those pings were lost
             del self._pings[older]
@@ -123,6 +124,7 @@ class PathEstimator:
                 self.rate += RATE_GAIN * ((peer_rx_bytes - bytes0) / (now - t0) - self.rate)
         self._last_ack = (now, tx, peer_rx, peer_rx_bytes)
         self._on_good_probe()
+        return rtt
 
     def _on_good_probe(self) -> None:
         if self.state == UP:

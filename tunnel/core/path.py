@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Hashable, Optional
 
 from tunnel.wire import frames
+from tunnel.core.bottleneck import CLOCK, US, Bottleneck
 from tunnel.wire.dtls import CLOSED, ESTABLISHED, FAILED, DtlsSession
 from tunnel.core.estimator import DEGRADED, DOWN, UP, PathEstimator
 from tunnel.core.settings import PathSettings
@@ -66,7 +67,15 @@ class Path:
         self._token = 0
         self.tx_records = self.rx_records = self.tx_bytes = self.rx_bytes = 0
         self.malformed = 0  # records that were not valid frames
-        self.rx_seq = -1  # highest tunnel sequence number of the DATA this path delivered (reordering)
+        self.rx_seq = -1  # highest tunnel sequence number of the DATA this path delivered (reordering, FEEDBACK)
+        self.rx_at = 0.0  # when it arrived
+        # sending: the model of the path's bottleneck (balance's earliest-arrival scheduling); None: not wanted
+        self.bottleneck: Optional[Bottleneck] = None
+        # receiving: FEEDBACK the peer asked for (in its PINGs) every ``feedback_interval`` s (0: none)
+        self.feedback_interval = 0.0
+        self.feedback_due = INF  # the next FEEDBACK may go at once after this
+        self.feedback_pending = False  # DATA arrived since the last FEEDBACK
+        self.feedbacks_sent = 0
         self._pull_dtls_output()
 
     # -- estimator views (what the scheduler reads) -------------------
@@ -143,6 +152,52 @@ class Path:
         if frame is not None:
             self.send(frames.encode(frames.Pong(frame.token, self.rx_records, self.rx_bytes)), now)
 
+    def on_feedback_wanted(self, rec: bytes, tos: int, now: float) -> None:
+        """FEEDBACK_WANTED (with each of the peer's PINGs): how often to send FEEDBACK here."""
+        frame = self.parse(rec)
+        if frame is None:
+            return
+        interval = frame.interval_ms / 1000.0
+        if interval != self.feedback_interval:
+            self.feedback_interval = interval
+            self.feedback_due = now if interval else INF
+            self.feedback_pending = False
+
+    # -- FEEDBACK (tunnel/core/bottleneck.py) -------------------------
+    def want_feedback(self, wanted: bool) -> None:
+        """Model this path's bottleneck (and ask the peer for FEEDBACK in the PINGs) or stop."""
+        if wanted and self.bottleneck is None:
+            self.bottleneck = Bottleneck(self.seen_at, self.srtt)
+        elif not wanted:
+            self.bottleneck = None
+
+    def data_arrived(self, now: float) -> None:
+        """DATA with a new highest sequence number arrived (only called while FEEDBACK is wanted)."""
+        self.rx_at = now
+        if now >= self.feedback_due:
+            self.send_feedback(now)
+        else:
+            self.feedback_pending = True
+
+    def send_feedback(self, now: float) -> None:
+        ack_delay = now - self.rx_at
+        frame = frames.Feedback(self.rx_seq, self.rx_bytes, int(self.rx_at * US) % CLOCK,
+                                int(ack_delay * US) if ack_delay > 0 else 0)
+        self.send(frames.encode(frame), now)
+        self.feedbacks_sent += 1
+        self.feedback_due = now + self.feedback_interval
+        self.feedback_pending = False
+
+    def on_feedback(self, rec: bytes, tos: int, now: float) -> None:
+        """FEEDBACK: the peer's report on the DATA we sent on this path (a frame handler)."""
+        frame = self.parse(rec)
+        if frame is None:
+            return
+        b = self.bottleneck
+        if b is not None:
+            b.on_feedback(frame.seq, frame.rx_bytes, frame.rx_time_us, frame.ack_delay_us, now,
+                          b.feedback_interval())
+
     def on_pong(self, rec: bytes, tos: int, now: float) -> None:
         """PONG: a round-trip sample and the peer's receive counters (a frame handler)."""
         frame = self.parse(rec)
@@ -151,7 +206,9 @@ class Path:
         if self.est is None:
             self.malformed += 1
             return
-        self.est.on_pong(frame.token, now, frame.rx_records, frame.rx_bytes)
+        rtt = self.est.on_pong(frame.token, now, frame.rx_records, frame.rx_bytes)
+        if rtt is not None and self.bottleneck is not None:
+            self.bottleneck.on_probe(rtt, now)
         self.updated = True
         self._sync_state()
 
@@ -179,9 +236,20 @@ class Path:
         return dgram
 
     def ping(self, now: float) -> None:
+        """A probe; while the path is modelled, FEEDBACK_WANTED rides in the same datagram
+        (a record of its own: a peer that predates it drops that record, not the PING)."""
         self._token += 1
-        if self.send(frames.encode(frames.Ping(self._token)), now):
-            self.est.on_probe_sent(self._token, now, self.tx_records)
+        dgram = self.encrypt(frames.encode(frames.Ping(self._token)), now)
+        if dgram is None:
+            return
+        b = self.bottleneck
+        if b is not None:
+            ms = max(1, round(b.feedback_interval() * 1000))
+            extra = self.encrypt(frames.encode(frames.FeedbackWanted(ms)), now)
+            if extra is not None:
+                dgram += extra
+        self.out.append(dgram)
+        self.est.on_probe_sent(self._token, now, self.tx_records)
 
     def _pull_dtls_output(self) -> None:
         dgrams = self.dtls.datagrams_to_send()
@@ -211,6 +279,11 @@ class Path:
         if est is None or self.state == P_CLOSED:
             return INF
         due = min(est.next_timer(), est.last_rx + self.silent_limit)
+        if self.feedback_pending:
+            if now >= self.feedback_due:
+                self.send_feedback(now)  # the last DATA of a burst is reported too
+            elif self.feedback_due < due:
+                due = self.feedback_due
         if now < due:
             return due
         self.seen_at = now
@@ -221,7 +294,8 @@ class Path:
             self.ping(now)
         est.update(now)
         self._sync_state()
-        return min(est.next_timer(), est.last_rx + self.silent_limit)
+        due = min(est.next_timer(), est.last_rx + self.silent_limit)
+        return min(due, self.feedback_due) if self.feedback_pending else due
 
     def _sync_state(self) -> None:
         if self.est.state != self.state and self.state in LIVE:
@@ -266,5 +340,8 @@ class Path:
             "dtls_dropped": self.dtls.records_dropped,
             "malformed": self.malformed,
             "cipher": self.dtls.cipher,
+            "feedbacks_sent": self.feedbacks_sent,
+            "feedback_ms": round(self.feedback_interval * 1000, 1),
+            "bottleneck": None if self.bottleneck is None else self.bottleneck.stats(),
         }
 

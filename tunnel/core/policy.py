@@ -221,7 +221,7 @@ class Policy:
     @classmethod
     def single(cls, mode: str, redundancy: int = 2) -> "Policy":
         """No policy file: one class for everything, outer DSCP 0 (no leak), ECN only."""
-        return cls([TrafficClass("default", 0, mode, redundancy, 0)])
+        return cls([TrafficClass("default", 0, mode, redundancy, 0, reorder=mode == "balance")])
 
     def classify(self, pkt: bytes) -> TrafficClass:
         if self._only is not None:
@@ -296,7 +296,7 @@ def _parse_class(table: Any, index: int, source: str) -> TrafficClass:
         raise err("redundancy", f"expected an integer from 1 to 16, got {redundancy!r}")
     outer = table.get("outer_dscp", 0)
     outer_dscp = INHERIT if outer == "inherit" else _dscp(outer, lambda m: err("outer_dscp", m))
-    reorder = table.get("reorder", False)
+    reorder = table.get("reorder", mode == "balance")  # balance reorders unless told not to
     if not isinstance(reorder, bool):
         raise err("reorder", f"expected true or false, got {reorder!r}")
     if reorder and mode != "balance":

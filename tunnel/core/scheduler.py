@@ -7,12 +7,16 @@ Modes (per traffic class; one mode for all traffic until the policy issue):
 - ``redundant``: the best ``k`` paths;
 - ``lowest-rtt``: one path, the one with the lowest smoothed RTT; it changes
   only when another is clearly better (10 %) or the current one fails;
-- ``balance``: one path per packet, smooth weighted round robin; paths share
-  equally until one shows congestion loss, then congested paths are weighted
-  by what they deliver (rate x (1 - loss)) and the others get at least as much
-  plus a probing margin (a path's measured rate is what it was given, not what
-  it could carry, so weighting loss-free paths by it would starve the path that
-  happened to get less); ``pin_flows`` keeps a 5-tuple on one path;
+- ``balance``: one path per packet, the one where it is predicted to arrive
+  first: queued bytes / rate + one-way base delay, from each path's
+  :class:`~tunnel.core.bottleneck.Bottleneck` (the receiver's FEEDBACK keeps
+  it true).  The fast path fills first; a slower one carries only what arrives
+  there no later than on the fast one, so the bond is never slower than its
+  best path by construction (ECF, BLEST and DEMS are relatives).  Until the
+  paths have models (and with ``pin_flows``), smooth weighted round robin:
+  paths share equally until one shows congestion loss, then congested paths
+  are weighted by what they deliver and the others get at least as much plus a
+  probing margin; ``pin_flows`` keeps a 5-tuple on one path;
 - ``backup``: the first usable path in priority order.
 
 ``target_loss`` (duplicate and redundant): when the estimated loss of the
@@ -45,6 +49,16 @@ RATE_FLOOR = 125_000.0  # 1 Mbit/s: a path with no measured rate yet still gets 
 PROBE_BOOST = 1.25  # an uncongested path gets 25 % more than it delivered, to find its capacity
 CONGESTED = 0.05  # smoothed loss from which a path counts as congested (random loss stays below)
 MAX_COPIES = 3  # target_loss: at most this many copies of a packet on one path
+# balance: a path whose bottleneck already holds this much (seconds) takes more only when every
+# path does; the rest spills to the others, which arrive later, and the receiver puts it back in
+# order.  A bond must keep every link busy: waiting for the fast path's queue to reach the slow
+# path's extra delay fills a drop-tail buffer (a tbf, a modem) first, and the flow backs off.
+QUEUE_BUDGET = 0.010
+# balance: when even the best path's bottleneck already holds this much, the packet is marked CE
+# (ECN-capable) or dropped at the tunnel's entry, as an AQM would: the flow backs off before the
+# links' own buffers (deep on cellular links) fill, so a media class beside it keeps its latency
+QUEUE_LIMIT = 0.050
+INF = float("inf")
 
 
 class SchedulerError(ValueError):
@@ -78,6 +92,10 @@ class Scheduler:
         self.extra_copies = 0  # copies per packet added for target_loss (at the last refresh)
         self._chosen: list = []  # what duplicate/redundant/lowest-rtt/backup send on
         self._wrr: list = []  # balance: [path, weight, current]
+        self._usable: list = []  # balance: the paths it may choose from
+        self._models: list = []  # balance: (path, its Bottleneck) for earliest arrival (empty: WRR)
+        self.hold = None  # balance: seconds the receiver may wait for this packet's predecessors (None: unknown)
+        self.over = False  # balance: the chosen path's queue is above QUEUE_LIMIT (mark or drop this packet)
         self._total = 0.0
         self._current = None  # lowest-rtt: the path in use
 
@@ -96,6 +114,11 @@ class Scheduler:
             self._chosen = sorted(usable, key=lambda p: p.priority)[:1]
         else:
             self._refresh_weights(usable)
+            models = [(p, getattr(p, "bottleneck", None)) for p in usable]
+            self._models = models if len(models) > 1 and all(b is not None for _, b in models) else []
+            if not self._models:
+                self.hold = None
+                self.over = False
         if self.target_loss is not None:
             self._add_copies()
 
@@ -143,7 +166,7 @@ class Scheduler:
             self._wrr.append([p, max(weight, 1e-3), old.get(id(p), 0.0)])
         self._total = sum(e[1] for e in self._wrr)
 
-    def select(self, packet: bytes) -> list:
+    def select(self, packet: bytes, now: float) -> list:
         """The paths that carry ``packet`` (empty if there is none)."""
         if self.mode != "balance":
             return self._chosen
@@ -154,6 +177,8 @@ class Scheduler:
             h = flow_hash(packet)
             if h is not None:
                 return [self._by_hash(h)]
+        if self._models:
+            return [self._earliest(len(packet), now)]
         # smooth weighted round robin (as in nginx): deterministic, evenly interleaved
         best = None
         for entry in wrr:
@@ -162,6 +187,36 @@ class Scheduler:
                 best = entry
         best[2] -= self._total
         return [best[0]]
+
+    def _earliest(self, size: int, now: float):
+        """balance: the path where a packet of ``size`` bytes arrives first, among those
+        whose queue is within :data:`QUEUE_BUDGET` (all of them if none is); sets
+        :attr:`hold` to when the packets already on the paths are predicted to have
+        arrived (from now): the longest the receiver may have to wait for them
+        (reordering classes put it in DATA_ORDERED)."""
+        best = spill = None
+        first = first_any = INF
+        latest = 0.0
+        budget = now + QUEUE_BUDGET
+        for p, b in self._models:
+            f = b.free_at
+            t = b.arrival(size, now)
+            if t < first_any:
+                spill, first_any = p, t
+            if f <= budget and t < first:
+                best, first = p, t
+            last = f + b.owd  # when the path's last packet arrives
+            if last > latest:
+                latest = last
+        if best is None:
+            best = spill
+            self.over = best.bottleneck.free_at - now > QUEUE_LIMIT
+        else:
+            self.over = False
+        # measured from now, not from this packet's predicted arrival: a path faster than its
+        # model delivers it early, and it must still wait for the packets on the slower paths
+        self.hold = latest - now if latest > now else 0.0
+        return best
 
     def _by_hash(self, h: int):
         point = (h % 1_000_003) / 1_000_003 * self._total
@@ -205,12 +260,12 @@ class ExtraCopies:
     __slots__ = ("pending", "limit", "dropped")
 
     def __init__(self, limit: int = 4096):
-        self.pending: list = []  # (rounds of paths, record, outer TOS)
+        self.pending: list = []  # (rounds of paths, record, outer TOS, tunnel sequence number)
         self.limit = limit
         self.dropped = 0
 
-    def defer(self, rounds: list, record: bytes, tos: int) -> None:
-        self.pending.append((rounds, record, tos))
+    def defer(self, rounds: list, record: bytes, tos: int, seq: int) -> None:
+        self.pending.append((rounds, record, tos, seq))
         if len(self.pending) > self.limit:
             self.dropped += 1
             del self.pending[0]
@@ -219,12 +274,14 @@ class ExtraCopies:
         """Encrypt this tick's round of every waiting packet into ``outbox`` (as
         ``(path.key, datagram, tos)``); keep the later rounds for the next tick."""
         later = []
-        for rounds, record, tos in self.pending:
+        for rounds, record, tos, seq in self.pending:
             for path in rounds[0]:
                 if path.alive:
                     dgram = path.encrypt(record, now)
                     if dgram is not None:
                         outbox.append((path.key, dgram, tos))
+                        if path.bottleneck is not None:
+                            path.bottleneck.sent(seq, len(record), now)
             if len(rounds) > 1:
-                later.append((rounds[1:], record, tos))
+                later.append((rounds[1:], record, tos, seq))
         self.pending = later

@@ -30,6 +30,8 @@ TUNNEL_ID_LEN = 16
 NEW_TUNNEL = bytes(TUNNEL_ID_LEN)
 
 HELLO, CONFIG, DATA, PING, PONG, CLOSE, DATA_ORDERED = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
+FEEDBACK, FEEDBACK_WANTED = 0x08, 0x09
+FEEDBACK_CLOCK = 1 << 30  # FEEDBACK's receive time counts microseconds modulo this (a 4-byte varint)
 # Largest DATA header: DATA_ORDERED's type (1 byte) + sequence number (varint, at
 # most 8 bytes) + queue (1) + queue sequence number (2) + hold time (1).  The inner
 # MTU leaves room for it, so any packet may be sent in either DATA frame.
@@ -101,12 +103,30 @@ class Pong:
 
 
 @dataclass
+class Feedback:
+    """What the receiver of a path's DATA tells its sender (tunnel/core/bottleneck.py)."""
+
+    seq: int  # highest tunnel sequence number of the DATA this path delivered
+    rx_bytes: int  # record bytes received on this path so far
+    rx_time_us: int  # when that packet arrived (the receiver's clock, microseconds modulo FEEDBACK_CLOCK)
+    ack_delay_us: int = 0  # how long after that arrival this FEEDBACK was sent
+
+
+@dataclass
+class FeedbackWanted:
+    """Send FEEDBACK on this path every ``interval_ms`` (0: stop).  Sent in the PING's datagram,
+    as a record of its own: a peer that predates FEEDBACK drops it and still answers the PING."""
+
+    interval_ms: int
+
+
+@dataclass
 class Close:
     code: int = CLOSE_NORMAL
     reason: str = ""
 
 
-Frame = Union[Hello, Config, Data, DataOrdered, Ping, Pong, Close]
+Frame = Union[Hello, Config, Data, DataOrdered, Ping, Pong, Feedback, FeedbackWanted, Close]
 
 
 # -- encoding ----------------------------------------------------------
@@ -202,6 +222,17 @@ def encode(frame: Frame) -> bytes:
         buf.push_uint64(frame.token)
         buf.push_uint_var(frame.rx_records)
         buf.push_uint_var(frame.rx_bytes)
+    elif isinstance(frame, Feedback):
+        if not 0 <= frame.rx_time_us < FEEDBACK_CLOCK:
+            raise ValueError(f"receive time {frame.rx_time_us} is not below {FEEDBACK_CLOCK}")
+        buf.push_uint_var(FEEDBACK)
+        buf.push_uint_var(frame.seq)
+        buf.push_uint_var(frame.rx_bytes)
+        buf.push_uint_var(frame.rx_time_us)
+        buf.push_uint_var(frame.ack_delay_us)
+    elif isinstance(frame, FeedbackWanted):
+        buf.push_uint_var(FEEDBACK_WANTED)
+        buf.push_uint_var(frame.interval_ms)
     elif isinstance(frame, Close):
         reason = frame.reason.encode()[:MAX_REASON]
         buf.push_uint_var(CLOSE)
@@ -244,6 +275,12 @@ def parse(data: bytes) -> Frame:
             frame: Frame = Ping(buf.pull_uint64())
         elif ftype == PONG:
             frame = Pong(buf.pull_uint64(), buf.pull_uint_var(), buf.pull_uint_var())
+        elif ftype == FEEDBACK:
+            frame = Feedback(buf.pull_uint_var(), buf.pull_uint_var(), buf.pull_uint_var(), buf.pull_uint_var())
+            if frame.rx_time_us >= FEEDBACK_CLOCK:
+                raise FrameError(f"FEEDBACK receive time {frame.rx_time_us} is not below {FEEDBACK_CLOCK}")
+        elif ftype == FEEDBACK_WANTED:
+            frame = FeedbackWanted(buf.pull_uint_var())
         elif ftype == HELLO:
             version, tid = buf.pull_uint_var(), buf.pull_bytes(TUNNEL_ID_LEN)
             frame = Hello(version, tid, buf.pull_uint_var(), buf.pull_uint_var(), buf.pull_uint_var())
