@@ -27,6 +27,9 @@ client role the ``name`` given to MetricsServer):
     mptun_path_{tx,rx}_{packets,bytes}_total{client,path,name}
     mptun_path_{dtls_dropped,malformed}_total{client,path,name}
     mptun_path_rtt_seconds, mptun_path_loss_ratio, mptun_path_rate_bytes_per_second{client,path,name}
+    mptun_path_capacity_bytes_per_second, mptun_path_base_rtt_seconds, mptun_path_queue_seconds
+        {client,path,name}: balance's model of the path (tunnel/core/bottleneck.py), when it has one
+    mptun_class_shed{client,class}: balance packets marked CE or dropped for full queues
     mptun_path_up{client,path,name}                        1 if state == "up"
     mptun_path_state{client,path,name,state}               1 (one series per path: its current state)
     mptun_path_joined{client,path,name}                    (client) 1 if the path joined the tunnel
@@ -85,6 +88,7 @@ PATH_COUNTERS = {
     "rx_bytes": "Bytes received on the path.",
     "dtls_dropped": "DTLS records dropped on the path (replayed, forged, undecryptable).",
     "malformed": "Malformed frames received on the path.",
+    "feedbacks_sent": "FEEDBACK frames sent on the path (the peer's balance asked for them).",
 }
 CLIENT_COUNTERS = {  # mptun_client_<key>_total
     "dropped_no_path": "Packets from the TUN dropped because no path was up.",
@@ -207,6 +211,8 @@ class StatusCollector:
             yield fam
         packets = CounterMetricFamily("mptun_class_packets", "Packets sent per traffic class.", labels=["client", "class"])
         copies = CounterMetricFamily("mptun_class_copies", "Copies sent per traffic class (all paths).", labels=["client", "class"])
+        shed = CounterMetricFamily("mptun_class_shed", "Balance packets marked CE or dropped because every path's queue was full.",
+                                   labels=["client", "class"])
         for client, t in tunnels:
             seen = set()
             for c in t.get("classes") or []:
@@ -217,8 +223,11 @@ class StatusCollector:
                     packets.add_metric([client, str(c.get("name"))], _number(c["packets"]))
                 if _number(c.get("copies")) is not None:
                     copies.add_metric([client, str(c.get("name"))], _number(c["copies"]))
+                if _number(c.get("shed")) is not None:
+                    shed.add_metric([client, str(c.get("name"))], _number(c["shed"]))
         yield packets
         yield copies
+        yield shed
 
     @staticmethod
     def _path_families(tunnels: list[tuple[str, dict]]) -> Iterable:
@@ -236,6 +245,13 @@ class StatusCollector:
             "mptun_path_state", "The path's current state (one series per path, value 1).", labels=PATH_LABELS + ["state"]
         )
         joined = GaugeMetricFamily("mptun_path_joined", "1 if the path joined the tunnel, else 0.", labels=PATH_LABELS)
+        capacity = GaugeMetricFamily(
+            "mptun_path_capacity_bytes_per_second", "balance: the modelled rate of the path's bottleneck (from FEEDBACK).",
+            labels=PATH_LABELS)
+        base = GaugeMetricFamily("mptun_path_base_rtt_seconds", "balance: the lowest round trip of the last 10 s.",
+                                 labels=PATH_LABELS)
+        queue = GaugeMetricFamily("mptun_path_queue_seconds", "balance: queue delay the latest FEEDBACK's packet met.",
+                                  labels=PATH_LABELS)
         idle = GaugeMetricFamily(
             "mptun_path_idle_probing", "1 while the path probes every idle_probe_interval (no traffic), else 0.",
             labels=PATH_LABELS,
@@ -265,8 +281,14 @@ class StatusCollector:
                     loss.add_metric(labels, _number(p["loss"]))
                 if _number(p.get("rate_kbps")) is not None:
                     rate.add_metric(labels, _number(p["rate_kbps"]) * 1000 / 8)
+                b = p.get("bottleneck")
+                if isinstance(b, dict):
+                    for fam, key, scale in ((capacity, "rate_kbps", 1000 / 8), (base, "base_rtt_ms", 1e-3),
+                                            (queue, "queue_ms", 1e-3)):
+                        if _number(b.get(key)) is not None:
+                            fam.add_metric(labels, _number(b[key]) * scale)
         yield from counters.values()
-        yield from (rtt, loss, rate, up, state, idle)
+        yield from (rtt, loss, rate, up, state, idle, capacity, base, queue)
         if any_joined:
             yield joined
 

@@ -23,8 +23,17 @@ def _path_rows(paths: list[dict], indent: str) -> list[str]:
             f"loss {100 * p.get('loss', 0):5.1f}%  rate {p.get('rate_kbps', 0):9.1f} kbit/s  "
             f"tx {p['tx_packets']} pkts/{p['tx_bytes']} B  rx {p['rx_packets']} pkts/{p['rx_bytes']} B  "
             f"dtls-dropped {p['dtls_dropped']}  malformed {p['malformed']}"
+            + _model(p.get("bottleneck"))
         )
     return rows
+
+
+def _model(b: object) -> str:
+    """balance's model of the path (tunnel/core/bottleneck.py), if it has one."""
+    if not isinstance(b, dict):
+        return ""
+    return (f"  model {b.get('rate_kbps', 0):.0f} kbit/s, base rtt {b.get('base_rtt_ms', 0):.1f} ms, "
+            f"queue {b.get('queue_ms', 0):.1f} ms")
 
 
 def _crl_row(crl: dict) -> str:
