@@ -298,6 +298,13 @@ def run_aggregation(args: argparse.Namespace, results: Results) -> None:
 
 
 UNEQUAL_MODES = ("balance", "lowest-rtt")  # mptun's rows in the unequal-paths section
+# The inner TCP's congestion control in the unequal-paths section: CUBIC, what Windows, macOS,
+# iOS and Android run, for every row.  BBR (this lab host's default) caps a flow's data in
+# flight at twice its bandwidth x *lowest* RTT, so one BBR flow cannot fill a path whose RTT is
+# many times its fastest path's, through any bond that keeps one flow one flow: the balance and
+# MPTCP rows are measured with BBR too (UNEQUAL_ALSO), to show that.
+UNEQUAL_CC = "cubic"
+UNEQUAL_ALSO = "bbr"
 UNEQUAL_UDP_SIZE = LARGE  # payload bytes of its UDP stream
 
 
@@ -319,9 +326,11 @@ def measure_unequal(profile: Profile, plan: Plan, results: Results) -> None:
     with lab_topology("bune", 2) as (topo, imp), tempfile.TemporaryDirectory(prefix="mptun-bench-") as tmp:
         imp.apply(profile.plan())
 
-        def tcp(setup: Setup, extra: tuple[str, ...] = ()) -> float:
+        def tcp(setup: Setup, extra: tuple[str, ...] = (), cc: str = UNEQUAL_CC) -> float:
             imp.restart_schedule()
-            return iperf(setup, seconds, extra)["sum_received"]["bits_per_second"] / 1e6
+            return iperf(setup, seconds, ("-C", cc, *extra))["sum_received"]["bits_per_second"] / 1e6
+
+        also = UNEQUAL_ALSO if _cc_available(UNEQUAL_ALSO) else None
 
         with started(RawSetup(topo)) as raw:  # a socket bound to path k's address leaves through path k
             single = [tcp(raw, ("-B", path.client_addr)) for path in topo.paths]
@@ -335,6 +344,8 @@ def measure_unequal(profile: Profile, plan: Plan, results: Results) -> None:
                     before = mptcp.mib(topo.client)
                     mbps = tcp(mp)
                     add("mptcp", {"mbps": mbps, "joined": mptcp.joined_subflows(before, mptcp.mib(topo.client))})
+                    if also:
+                        add(f"mptcp {also}", {"mbps": tcp(mp, cc=also)})
             except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
                 results.failed("unequal", f"{profile.name}: MPTCP", exc)
         for mode in UNEQUAL_MODES:
@@ -343,6 +354,8 @@ def measure_unequal(profile: Profile, plan: Plan, results: Results) -> None:
                 add(mode, {"mbps": tcp(setup)})
                 if mode != "balance":
                     continue
+                if also:
+                    add(f"balance {also}", {"mbps": tcp(setup, cc=also)})
                 mbit = profile.udp_mbit()
                 pps = mbit * 1e6 / (8 * UNEQUAL_UDP_SIZE)
                 imp.restart_schedule()
@@ -353,6 +366,14 @@ def measure_unequal(profile: Profile, plan: Plan, results: Results) -> None:
                 add("udp", {"offered_mbps": mbit, "loss_pct": 100 * res.loss_ratio, **latency})
                 said.append(f"UDP at {mbit:.1f} Mbit/s {100 * res.loss_ratio:.1f} % lost")
     progress("  " + ", ".join(said) + " (TCP in Mbit/s; single = the better raw path)")
+
+
+def _cc_available(name: str) -> bool:
+    try:
+        with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
+            return name in f.read().split()
+    except OSError:
+        return False
 
 
 def run_unequal(args: argparse.Namespace, results: Results) -> None:
@@ -378,7 +399,7 @@ REORDER_HOLD_MS = 100
 def _reorder_policy(workdir: Path, reorder: bool) -> str:
     path = Path(workdir) / f"reorder-{reorder}.toml"
     path.write_text('[[class]]\nname = "all"\nmode = "balance"\n'
-                    + (f"reorder = true\nreorder_ms = {REORDER_HOLD_MS}\n" if reorder else ""))
+                    + (f"reorder = true\nreorder_ms = {REORDER_HOLD_MS}\n" if reorder else "reorder = false\n"))
     return str(path)
 
 

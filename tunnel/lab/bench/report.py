@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 from tunnel.lab.bench.measure import (METRIC, METRICS, REORDER_DELAYS_MS, REORDER_HOLD_MS, ROLLING_FIRST,
                                       ROLLING_PPS, ROLLING_ROW, ROLLING_SECONDS, WEBRTC_OUTAGE_S, Metric)
-from tunnel.lab.bench.measure import UNEQUAL_MODES, UNEQUAL_UDP_SIZE
+from tunnel.lab.bench.measure import UNEQUAL_ALSO, UNEQUAL_CC, UNEQUAL_MODES, UNEQUAL_UDP_SIZE
 from tunnel.lab.bench.plan import ECHO_GRACE, ECHO_RATE, ECHO_SIZE, LARGE, PEERS, SETUP_NAMES, SMALL, Plan
 from tunnel.lab.bench.profiles import PROFILES, UDP_FACTOR, Profile
 from tunnel.lab.bench.results import Results, Stat
@@ -405,6 +405,11 @@ run), with Linux MPTCP over both raw paths (`mptcpize run iperf3`, one subflow e
 path), and through mptun in `balance` and in `lowest-rtt` mode; then, through `balance`, a
 UDP stream of {UNEQUAL_UDP_SIZE} B datagrams for {d / 2:g} s at {UDP_FACTOR:g}x the faster path's capacity
 (payload bits: more than one path can carry, less than both): its loss and one-way latency.
+Every TCP flow uses {UNEQUAL_CC.upper()} (`iperf3 -C {UNEQUAL_CC}`), the congestion control of Windows, macOS, iOS
+and Android.  The MPTCP and `balance` flows are run once more with {UNEQUAL_ALSO.upper()} (this lab host's
+default; second table): BBR keeps at most twice bandwidth x *lowest* RTT in flight, so a
+single BBR flow cannot fill a path whose RTT is many times its fastest path's through a bond
+that keeps it one flow, while MPTCP runs one BBR per subflow.
 Fixed rates are tbf at the router (50 ms of queue); delays, burst loss and the traces are the
 lab's delay line (a trace with the lab's default drop-tail queue, tunnel/lab/linktrace.py); random loss
 is nftables.  The delay line's schedule starts anew before each flow, so on the traced profile
@@ -432,6 +437,16 @@ least {UNEQUAL_VS_MPTCP:g}x what Linux MPTCP gets on the same paths; on equal cl
             else:
                 why = prof.unavailable() or "no figures (see the notes)"
                 lines.append(_row(prof.name, f"not run: {why}", *["-"] * 9))
+        if any(row.endswith(f"|balance {UNEQUAL_ALSO}") for row in table):
+            lines += ["", f"With {UNEQUAL_ALSO.upper()} as the inner congestion control (same paths, same run):", "",
+                      f"| profile | Linux MPTCP, {UNEQUAL_ALSO} | mptun `balance`, {UNEQUAL_ALSO} | balance / MPTCP |",
+                      "|---|--:|--:|--:|"]
+            for prof in PROFILES:
+                m, b = f"{prof.name}|mptcp {UNEQUAL_ALSO}", f"{prof.name}|balance {UNEQUAL_ALSO}"
+                if b in table:
+                    lines.append(_row(prof.name, _cell(report, "unequal", m, "mbps", "{:.1f}"),
+                                      _cell(report, "unequal", b, "mbps", "{:.1f}"),
+                                      _fmt_ratio(_ratio_of(report, "unequal", b, m))))
         joins = {prof.name: table.get(f"{prof.name}|mptcp", {}).get("joined", []) for prof in PROFILES}
         every = [int(v) for values in joins.values() for v in values]
         if every:
@@ -454,8 +469,9 @@ def section_reorder(report: Report) -> list[str]:
 
 Two paths, each rate-limited to {p.link_mbit:g} Mbit/s, with {d0} ms and {d1} ms of one-way delay
 (the lab's delay line, both directions), so balance mode's packets arrive out of order.
-mptun `balance` without and with `reorder = true` (`reorder_ms = {REORDER_HOLD_MS}`, policy file on the
-client): one iperf3 TCP flow client -> server for {p.duration:g} s, then a UDP stream of
+mptun `balance` with `reorder = false` and with `reorder = true` (balance's default; the hold
+follows the paths' predicted delay spread, `reorder_ms = {REORDER_HOLD_MS}` only until the paths have
+models; policy file on the client): one iperf3 TCP flow client -> server for {p.duration:g} s, then a UDP stream of
 {p.loss_count // 2} datagrams of {p.loss_size} B at {p.loss_pps:g}/s (share arriving out of order, and its
 one-way latency).  `raw` is TCP over path 0 alone (no tunnel), in the same lab and run.
 """),
