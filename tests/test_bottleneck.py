@@ -114,9 +114,22 @@ def test_the_rate_follows_a_busy_path_and_only_rises_on_an_idle_one() -> None:
     b.sent(3, 100_000, 0.04)
     b.on_feedback(3, 102_000, 50_000, 0, 0.06, 0.005)  # 5 MB/s, idle: the rate rises, at most doubling
     assert b.rate == pytest.approx(RATE_GROWTH * INITIAL_RATE) and not b.busy
+    b.sent(40, 50_000, 0.06)  # a backlog of ours before packet 4: its queue says the path is busy
     b.sent(4, 1000, 0.06)
     b.on_feedback(4, 103_000, 70_000 + 2 * BUSY_QUEUE * 1_000_000, 0, 0.06 + 0.02 + 2 * BUSY_QUEUE, 0.005)
     assert b.busy and b.rate < RATE_GROWTH * INITIAL_RATE  # queued: follows the measured rate down
+
+
+def test_a_queue_we_did_not_build_says_nothing_of_the_rate() -> None:
+    """A radio link's delay swings with little sent: a measured queue without a backlog of ours
+    in the model is not a capacity sample (the rate would follow what little was sent)."""
+    b = Bottleneck(0.0, 0.02)
+    for seq, t in ((1, 0.0), (2, 0.03)):
+        b.sent(seq, 1000, t)
+    b.on_feedback(1, 1000, 10_000, 0, 0.02, 0.005)
+    b.on_feedback(2, 2000, 10_000 + 30_000 + 20_000, 0, 0.07, 0.005)  # 20 ms more one-way delay
+    assert b.queue == pytest.approx(0.020) and not b.busy
+    assert b.rate == INITIAL_RATE
 
 
 def test_the_base_rtt_is_the_lowest_sample_and_ack_delay_is_left_out() -> None:

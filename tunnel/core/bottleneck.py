@@ -25,10 +25,11 @@ docs/PROTOCOL.md).  From each FEEDBACK:
   direction (the peer's own bulk traffic on the same link) is not taken for
   ours;
 - a delivery-rate sample: bytes between two FEEDBACKs over the receiver's
-  time between them.  It measures the path's capacity only while a queue
-  stood at the bottleneck (:data:`BUSY_QUEUE`): then the rate follows it.  An
-  idle bottleneck delivered what it was given, so the capacity is at least
-  that, and the rate never drops below it.
+  time between them.  It measures the path's capacity only while a queue of
+  ours stood at the bottleneck (measured above :data:`BUSY_QUEUE`, and the
+  model had a backlog when the packet left): then the rate follows it.
+  Otherwise the path delivered what it was given, so the capacity is at
+  least that, and the rate never drops below it.
 
 Each FEEDBACK also corrects the virtual queue: the packet really left the
 bottleneck at ``sent + queue delay``; the model said ``free_at`` then; the
@@ -76,7 +77,7 @@ class Bottleneck:
         "rate", "inv_rate", "free_at", "owd", "base_rtt", "base_at", "base_owd", "base_owd_at",
         "queue", "busy", "shift",
         "fb_at", "fb_seq", "sent_seq", "waiting_since", "patience", "samples",
-        "_seqs", "_sent", "_free", "_rx_bytes", "_rx_time",
+        "_seqs", "_sent", "_free", "_backlog", "_rx_bytes", "_rx_time",
     )
 
     def __init__(self, now: float, rtt: Optional[float] = None):
@@ -100,6 +101,7 @@ class Bottleneck:
         self._seqs = array("q", [-1]) * RING
         self._sent = array("d", [0.0]) * RING
         self._free = array("d", [0.0]) * RING  # predicted departure, net of ``shift`` at the time
+        self._backlog = array("d", [0.0]) * RING  # what the model said was queued before it (s)
         self._rx_bytes = -1  # the previous FEEDBACK's bytes and time (-1: none yet)
         self._rx_time = 0
 
@@ -116,9 +118,14 @@ class Bottleneck:
     def sent(self, seq: int, size: int, now: float) -> None:
         """A packet of ``size`` record bytes went out on the path."""
         f = self.free_at
-        f = (f if f > now else now) + size * self.inv_rate
-        self.free_at = f
         i = seq & MASK
+        if f > now:
+            self._backlog[i] = f - now
+        else:
+            f = now
+            self._backlog[i] = 0.0
+        f += size * self.inv_rate
+        self.free_at = f
         self._seqs[i] = seq
         self._sent[i] = now
         self._free[i] = f - self.shift
@@ -164,7 +171,9 @@ class Bottleneck:
             self.samples += 1
             queue = self._one_way_queue((rx_time_us - int(sent_at * US)) % CLOCK, now)
             self.queue = queue
-            self.busy = queue > BUSY_QUEUE
+            # busy: a queue stood, and it was ours (the model had given the path more than it
+            # drains); a radio link's own delay swings, with little sent, say nothing of its rate
+            self.busy = queue > BUSY_QUEUE and self._backlog[i] > BUSY_QUEUE
             error = sent_at + queue - (self._free[i] + self.shift)
             self.shift += error
             self.free_at += error

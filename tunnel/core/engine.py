@@ -33,7 +33,7 @@ from tunnel.core.dedup import DedupWindow
 from tunnel.wire.ecn import CE, decapsulate
 from tunnel.core.path import TICK, Path
 from tunnel.core.policy import Policy
-from tunnel.core.reorder import HOLD_MARGIN, Reorderer, floor, queue_of
+from tunnel.core.reorder import HOLD_FACTOR, HOLD_MARGIN, Reorderer, floor, queue_of
 from tunnel.core.scheduler import ExtraCopies, Scheduler
 from tunnel.core.warm import warm_pass
 
@@ -195,7 +195,8 @@ class TunnelEngine:
             qseq = self.qseq[q]
             self.qseq[q] = (qseq + 1) & 0xFFFF
             hold = sched.hold  # the paths' delay spread, or None: the class's reorder_ms
-            units = c.hold_units if hold is None else min(255, int((hold + HOLD_MARGIN) * HOLD_UNITS_PER_S) + 1)
+            units = (c.hold_units if hold is None
+                     else min(255, int((hold * HOLD_FACTOR + HOLD_MARGIN) * HOLD_UNITS_PER_S) + 1))
             record = frames.encode_data_ordered(seq, q, qseq, units, pkt)
         else:
             record = frames.encode_data(seq, pkt)

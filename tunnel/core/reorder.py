@@ -28,9 +28,12 @@ from tunnel.core.scheduler import flow_hash
 QSEQ_MOD = 1 << 16  # the per-queue sequence number is 16 bits on the wire
 HALF = QSEQ_MOD >> 1
 DEFAULT_MAX_HELD = 256
-# a packet is held for the gap before it at most the paths' predicted delay spread plus this
-# (jitter, estimate error); a gap that every path has passed is released sooner anyway
-HOLD_MARGIN = 0.010
+# a packet is held for the gap before it at most HOLD_FACTOR x the paths' predicted delay spread
+# plus HOLD_MARGIN: predictions err most where it matters (a radio link's capacity halves within
+# a round trip), a late packet whose gap was skipped costs the flow a retransmission, and a
+# generous hold costs little: a gap that every path has passed is released at once anyway
+HOLD_FACTOR = 1.5
+HOLD_MARGIN = 0.020
 DEFAULT_MAX_BYTES = 1 << 20  # packets held for reordering, per tunnel (1 MiB: ~700 full-size packets)
 
 

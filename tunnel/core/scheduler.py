@@ -54,7 +54,8 @@ MAX_COPIES = 3  # target_loss: at most this many copies of a packet on one path
 # order.  A bond must keep every link busy: waiting for the fast path's queue to reach the slow
 # path's extra delay fills a drop-tail buffer (a tbf, a modem) first, and the flow backs off.
 QUEUE_BUDGET = 0.010
-# balance: when even the best path's bottleneck already holds this much, the packet is marked CE
+# balance: when even the best path's bottleneck already holds this much (the model's queue and
+# the latest measured one), the packet is marked CE
 # (ECN-capable) or dropped at the tunnel's entry, as an AQM would: the flow backs off before the
 # links' own buffers (deep on cellular links) fill, so a media class beside it keeps its latency
 QUEUE_LIMIT = 0.050
@@ -210,7 +211,8 @@ class Scheduler:
                 latest = last
         if best is None:
             best = spill
-            self.over = best.bottleneck.free_at - now > QUEUE_LIMIT
+            b = best.bottleneck  # the model says so, and so did the latest FEEDBACK
+            self.over = b.free_at - now > QUEUE_LIMIT and b.queue > QUEUE_LIMIT
         else:
             self.over = False
         # measured from now, not from this packet's predicted arrival: a path faster than its
