@@ -93,7 +93,8 @@ def parse_or_error(data: bytes):
         f = frames.parse(data)
     except frames.FrameError:
         return None
-    assert isinstance(f, (frames.Hello, frames.Config, frames.Data, frames.DataOrdered, frames.Ping, frames.Pong, frames.Close))
+    assert isinstance(f, (frames.Hello, frames.Config, frames.Data, frames.DataOrdered, frames.Ping, frames.Pong,
+                          frames.Feedback, frames.FeedbackWanted, frames.Close))
     return f
 
 
