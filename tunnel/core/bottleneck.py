@@ -47,13 +47,15 @@ An answered probe ends that (:meth:`Bottleneck.on_probe`): packets whose
 FEEDBACK never comes (sent before the peer knew we wanted it) must not keep a
 working path out of use.
 
-Sans-IO: times are passed in; the only state is numbers and three arrays.
+Sans-IO: times are passed in; the only state is numbers and four arrays.
 """
 
 from __future__ import annotations
 
 from array import array
 from typing import Optional
+
+from tunnel.wire.frames import FEEDBACK_CLOCK as CLOCK  # FEEDBACK's receive-time field wraps here
 
 RING = 2048  # send times kept per path: a FEEDBACK for an older packet gives no sample
 MASK = RING - 1
@@ -68,7 +70,6 @@ BASE_WINDOW = 10.0  # seconds a base-RTT minimum is trusted (a path whose route 
 FEEDBACK_MIN, FEEDBACK_MAX = 0.002, 0.025  # the FEEDBACK interval asked for: a quarter of the RTT, within these
 STALL_GRACE = 0.01  # FEEDBACK may be this much later than expected before a path counts as stalled
 US = 1_000_000
-CLOCK = 1 << 30  # FEEDBACK's receive-time field wraps here (frames.FEEDBACK_CLOCK)
 HALF_CLOCK = CLOCK >> 1
 
 
@@ -133,10 +134,6 @@ class Bottleneck:
             self.sent_seq = seq
         if not self.waiting_since:
             self.waiting_since = now
-
-    def queue_delay(self, now: float) -> float:
-        """Seconds a packet given to the path now would wait in its bottleneck."""
-        return self.free_at - now if self.free_at > now else 0.0
 
     # -- feedback ------------------------------------------------------
     def on_probe(self, rtt: float, now: float) -> None:
