@@ -10,9 +10,13 @@ Modes (per traffic class; one mode for all traffic until the policy issue):
 - ``balance``: one path per packet, the one where it is predicted to arrive
   first: queued bytes / rate + one-way base delay, from each path's
   :class:`~tunnel.core.bottleneck.Bottleneck` (the receiver's FEEDBACK keeps
-  it true).  The fast path fills first; a slower one carries only what arrives
-  there no later than on the fast one, so the bond is never slower than its
-  best path by construction (ECF, BLEST and DEMS are relatives).  Until the
+  it true), among the paths whose queue is within :data:`QUEUE_BUDGET` (ECF,
+  BLEST and DEMS are relatives).  The fast path fills first; once its queue
+  reaches the budget the slower ones take the rest, although it arrives later
+  there, and the receiver puts each flow back in order (the hold,
+  :attr:`Scheduler.hold`).  Pure earliest arrival would wait for the fast
+  path's queue to reach the slow path's extra delay, and a drop-tail buffer
+  overflows before that (docs/BENCH.md, issue 18's figures).  Until the
   paths have models (and with ``pin_flows``), smooth weighted round robin:
   paths share equally until one shows congestion loss, then congested paths
   are weighted by what they deliver and the others get at least as much plus a
@@ -93,7 +97,6 @@ class Scheduler:
         self.extra_copies = 0  # copies per packet added for target_loss (at the last refresh)
         self._chosen: list = []  # what duplicate/redundant/lowest-rtt/backup send on
         self._wrr: list = []  # balance: [path, weight, current]
-        self._usable: list = []  # balance: the paths it may choose from
         self._models: list = []  # balance: (path, its Bottleneck) for earliest arrival (empty: WRR)
         self.hold = None  # balance: seconds the receiver may wait for this packet's predecessors (None: unknown)
         self.over = False  # balance: the chosen path's queue is above QUEUE_LIMIT (mark or drop this packet)
