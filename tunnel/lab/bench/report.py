@@ -653,7 +653,9 @@ def section_method(report: Report) -> list[str]:
 
 - Lab: `MultipathTopology` (client, router, server namespaces; path i = 198.18.i.0/30,
   server 198.18.250.2), `Impairments` for loss, rate limits and blackholes (nftables and
-  tbf in the router; no delay line is used here, so no delay-line overhead is added).
+  tbf in the router).  The user-space delay line (delay, burst loss, outages, cellular
+  traces) is used only where a section says so (rolling outage, unequal paths,
+  reordering); the single-path figures have no delay-line overhead.
   A fresh lab per setup and run (single path) or per run (multipath).
 - TCP: `iperf3 -t D` client -> server, bits/s as received.
 - UDP: `iperf3 -u -b 0 -l {SMALL}` and `-l {LARGE}` (unlimited rate), received packets/s =
