@@ -532,3 +532,64 @@ def test_a_peer_that_predates_feedback_still_answers_the_probes(pki: Path) -> No
         c.send_up(p)
     net.advance(0.3)
     assert sorted(net.server.to_tun) == sorted(ups)
+
+
+def test_leaving_balance_tells_the_peer_to_stop_its_feedback(pki: Path) -> None:
+    """A policy without balance drops the models and says FEEDBACK_WANTED 0 at once: the peer
+    would otherwise go on reporting on every path for as long as DATA flows."""
+    from tunnel.core.policy import Policy
+
+    net, c = _reorder_pair(pki)
+    net.advance(0.5)
+    assert net.spath(c, "a").feedback_interval > 0
+    c.core.set_policy(Policy.single("duplicate"))
+    net.advance(0.05)
+    assert c.path("a").bottleneck is None
+    assert net.spath(c, "a").feedback_interval == 0 and net.spath(c, "b").feedback_interval == 0
+    sent_before = net.spath(c, "a").feedbacks_sent
+    for i in range(20):
+        c.send_up(up_pkt(i))
+        net.advance(0.01)
+    assert net.spath(c, "a").feedbacks_sent == sent_before
+
+
+class TestShed:
+    """balance's AQM: when even the best path's queue (model and latest FEEDBACK) is above
+    QUEUE_LIMIT, an ECT packet goes out marked CE and a Not-ECT one is dropped, both counted."""
+
+    @pytest.fixture
+    def drive(self) -> None:
+        return None
+
+    def _full(self, *paths: FakePath, now: float) -> None:
+        from tunnel.core.scheduler import QUEUE_LIMIT
+
+        for p in paths:
+            p.bottleneck.free_at = now + 2 * QUEUE_LIMIT
+            p.bottleneck.queue = 2 * QUEUE_LIMIT
+
+    def test_full_queues_mark_ect_and_drop_the_rest(self) -> None:
+        a, b = FakePath("a"), FakePath("b")
+        e = engine(a, b, mode="balance")
+        assert a.bottleneck is not None
+        self._full(a, b, now=10.0)
+        plain = up_pkt(1)
+        ect = bytearray(up_pkt(2))
+        ect[1] = 0b10
+        assert e.send(plain, 10.0) is True  # handled: dropped on purpose, not "no path"
+        assert e.out.take_datagrams() == []
+        assert e.send(bytes(ect), 10.0) is True
+        [(_, dgram, tos)] = e.out.take_datagrams()
+        seq, inner = frames.parse_data(dgram)
+        assert inner[1] & 3 == 3  # marked CE
+        assert e.stats()["classes"][0]["shed"] == 2
+
+    def test_a_model_alone_does_not_shed(self) -> None:
+        """The latest FEEDBACK must agree: a model whose rate is too low must not drop."""
+        a, b = FakePath("a"), FakePath("b")
+        e = engine(a, b, mode="balance")
+        self._full(a, b, now=10.0)
+        a.bottleneck.queue = b.bottleneck.queue = 0.0
+        assert e.send(up_pkt(1), 10.0)
+        assert len(e.out.take_datagrams()) == 1
+        assert e.stats()["classes"][0]["shed"] == 0

@@ -165,11 +165,14 @@ class Path:
 
     # -- FEEDBACK (tunnel/core/bottleneck.py) -------------------------
     def want_feedback(self, wanted: bool) -> None:
-        """Model this path's bottleneck (and ask the peer for FEEDBACK in the PINGs) or stop."""
+        """Model this path's bottleneck (and ask the peer for FEEDBACK with the PINGs) or stop;
+        stopping tells the peer at once (FEEDBACK_WANTED 0), or it would go on reporting."""
         if wanted and self.bottleneck is None:
             self.bottleneck = Bottleneck(self.seen_at, self.srtt)
-        elif not wanted:
+        elif not wanted and self.bottleneck is not None:
             self.bottleneck = None
+            if self.established:
+                self.send(frames.encode(frames.FeedbackWanted(0)), self.seen_at)
 
     def data_arrived(self, now: float) -> None:
         """DATA with a new highest sequence number arrived (only called while FEEDBACK is wanted)."""
